@@ -1,0 +1,353 @@
+//! The account use cases. Inputs arrive as raw strings and are parsed here
+//! into the model's types; every violation of a request is reported at once.
+
+use std::sync::Arc;
+
+use secrecy::SecretString;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    AccountError,
+    model::{Email, LoginName, Password, Role, User, UserStatus, Username, normalise_roles},
+    password::PasswordHasher,
+    store::{InsertUserError, UserStore},
+};
+use crate::{
+    config::PasswordConfig,
+    error::{FieldViolation, Violations},
+    events::{OutboxEvent, RequestContext},
+    ratelimit::LoginLockout,
+    tokens::{Principal, TokenPair, TokenService},
+};
+
+/// Proof that the caller holds the admin role. Only [`AdminCaller::check`]
+/// makes one, and every admin operation takes one, so code that did not
+/// check cannot call them.
+#[derive(Debug, Clone)]
+pub struct AdminCaller(Principal);
+
+impl AdminCaller {
+    pub fn check(principal: Principal) -> Result<Self, AccountError> {
+        if principal.has_role(Role::ADMIN) {
+            Ok(Self(principal))
+        } else {
+            Err(AccountError::Forbidden)
+        }
+    }
+
+    pub fn user_id(&self) -> Uuid {
+        self.0.user_id
+    }
+}
+
+pub struct AccountService {
+    users: Arc<dyn UserStore>,
+    hasher: PasswordHasher,
+    lockout: LoginLockout,
+    tokens: Arc<TokenService>,
+    policy: PasswordConfig,
+}
+
+fn parse_user_id(raw: &str) -> Result<Uuid, AccountError> {
+    Uuid::parse_str(raw.trim())
+        .map_err(|_| AccountError::Invalid(vec![FieldViolation::new("user_id", "must be a UUID")]))
+}
+
+impl AccountService {
+    pub fn new(
+        users: Arc<dyn UserStore>,
+        hasher: PasswordHasher,
+        lockout: LoginLockout,
+        tokens: Arc<TokenService>,
+        policy: PasswordConfig,
+    ) -> Self {
+        Self {
+            users,
+            hasher,
+            lockout,
+            tokens,
+            policy,
+        }
+    }
+
+    fn new_password(&self, field: &'static str, raw: &str) -> Result<Password, FieldViolation> {
+        Password::parse(field, raw, self.policy.min_length, self.policy.max_length)
+    }
+
+    /// A password as typed at login: only the upper bound applies (a
+    /// too-short one is simply wrong, and saying so would leak the policy of
+    /// older accounts).
+    fn presented_password(
+        &self,
+        field: &'static str,
+        raw: &str,
+    ) -> Result<Password, FieldViolation> {
+        Password::parse(field, raw, 1, self.policy.max_length)
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn sign_up(
+        &self,
+        email: &str,
+        username: &str,
+        password: &str,
+        ctx: &RequestContext,
+    ) -> Result<User, AccountError> {
+        let mut violations = Violations::default();
+        let email = violations.check(Email::parse("email", email));
+        let username = violations.check(Username::parse("username", username));
+        let password = violations.check(self.new_password("password", password));
+        violations.finish().map_err(AccountError::Invalid)?;
+        let (Some(email), Some(username), Some(password)) = (email, username, password) else {
+            unreachable!("finish() fails when any field was refused")
+        };
+        let hash = self.hasher.hash(&password).await?;
+        let user = User {
+            id: Uuid::now_v7(),
+            email,
+            username,
+            roles: vec![Role::user()],
+            status: UserStatus::Active,
+            created_at: OffsetDateTime::now_utc(),
+        };
+        let event = OutboxEvent::user_created(&user, ctx);
+        match self.users.insert_user(&user, &hash, &event).await {
+            Ok(()) => {
+                tracing::info!(user_id = %user.id, "user created");
+                Ok(user)
+            }
+            Err(InsertUserError::Conflict(field)) => Err(AccountError::AlreadyExists(field)),
+            Err(InsertUserError::Backend(e)) => Err(e.into()),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(client_ip = ctx.client_ip.as_deref().unwrap_or("-")))]
+    pub async fn login(
+        &self,
+        login: &str,
+        password: &str,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, AccountError> {
+        let mut violations = Violations::default();
+        let login = violations.check(LoginName::parse("login", login));
+        let password = violations.check(self.presented_password("password", password));
+        violations.finish().map_err(AccountError::Invalid)?;
+        let (Some(login), Some(password)) = (login, password) else {
+            unreachable!("finish() fails when any field was refused")
+        };
+        let client_ip = ctx.client_ip.as_deref().unwrap_or("unknown");
+
+        if let Err(locked) = self.lockout.check(&login, client_ip).await {
+            metrics::counter!("login_attempts_total", "outcome" => "locked_out").increment(1);
+            return Err(locked.into());
+        }
+        let credentials = self.users.find_credentials(&login).await?;
+        // Verify even when there is no account (against a dummy hash) so
+        // both cases take the same time.
+        let verification = self
+            .hasher
+            .verify(
+                &password,
+                credentials.as_ref().map(|c| c.password_hash.as_str()),
+            )
+            .await?;
+        let Some(credentials) = credentials.filter(|_| verification.matches) else {
+            self.lockout.record_failure(&login, client_ip).await?;
+            let user_id = None;
+            self.users
+                .append_event(&OutboxEvent::login_failed(user_id, "bad_credentials", ctx))
+                .await?;
+            metrics::counter!("login_attempts_total", "outcome" => "bad_credentials").increment(1);
+            return Err(AccountError::InvalidCredentials);
+        };
+        self.lockout.record_success(&login, client_ip).await?;
+        let user = credentials.user;
+        if user.status != UserStatus::Active {
+            self.users
+                .append_event(&OutboxEvent::login_failed(
+                    Some(user.id),
+                    "account_not_active",
+                    ctx,
+                ))
+                .await?;
+            metrics::counter!("login_attempts_total", "outcome" => "disabled").increment(1);
+            return Err(AccountError::Disabled);
+        }
+        if verification.needs_rehash {
+            // Best effort: the login stands even if the upgrade fails.
+            match self.hasher.hash(&password).await {
+                Ok(new_hash) => {
+                    if let Err(error) = self
+                        .users
+                        .upgrade_password_hash(user.id, &credentials.password_hash, &new_hash)
+                        .await
+                    {
+                        tracing::warn!(user_id = %user.id, %error, "password hash upgrade failed");
+                    }
+                }
+                Err(error) => tracing::warn!(user_id = %user.id, %error, "password rehash failed"),
+            }
+        }
+        let pair = self.tokens.start_session(user, ctx).await?;
+        metrics::counter!("login_attempts_total", "outcome" => "success").increment(1);
+        tracing::info!(user_id = %pair.user.id, "login succeeded");
+        Ok(pair)
+    }
+
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, AccountError> {
+        if refresh_token.trim().is_empty() {
+            return Err(AccountError::Invalid(vec![FieldViolation::new(
+                "refresh_token",
+                "is required",
+            )]));
+        }
+        // 43 base64url characters; anything much longer is not ours.
+        if refresh_token.len() > 128 {
+            return Err(AccountError::Token(
+                crate::tokens::TokenError::InvalidRefresh,
+            ));
+        }
+        Ok(self
+            .tokens
+            .refresh(&SecretString::from(refresh_token.to_owned()), ctx)
+            .await?)
+    }
+
+    pub async fn me(&self, caller: &Principal) -> Result<User, AccountError> {
+        self.users
+            .find_user(caller.user_id)
+            .await?
+            .ok_or(AccountError::NotFound)
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %caller.user_id))]
+    pub async fn change_password(
+        &self,
+        caller: &Principal,
+        current: &str,
+        new: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), AccountError> {
+        let mut violations = Violations::default();
+        let current = violations.check(self.presented_password("current_password", current));
+        let new = violations.check(self.new_password("new_password", new));
+        violations.finish().map_err(AccountError::Invalid)?;
+        let (Some(current), Some(new)) = (current, new) else {
+            unreachable!("finish() fails when any field was refused")
+        };
+        let credentials = self
+            .users
+            .find_credentials_by_id(caller.user_id)
+            .await?
+            .ok_or(AccountError::NotFound)?;
+        if !self
+            .hasher
+            .verify(&current, Some(&credentials.password_hash))
+            .await?
+            .matches
+        {
+            return Err(AccountError::InvalidCredentials);
+        }
+        let hash = self.hasher.hash(&new).await?;
+        // Revoke first: if the database write then fails, the user only has
+        // to log in again; the other order could leave old tokens alive.
+        self.tokens
+            .revocations()
+            .revoke_user(caller.user_id)
+            .await?;
+        let event = OutboxEvent::password_changed(caller.user_id, ctx);
+        if !self
+            .users
+            .change_password(caller.user_id, &hash, &event)
+            .await?
+        {
+            return Err(AccountError::NotFound);
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(admin = %admin.user_id()))]
+    pub async fn suspend(
+        &self,
+        admin: &AdminCaller,
+        user_id: &str,
+        reason: &str,
+        ctx: &RequestContext,
+    ) -> Result<User, AccountError> {
+        let user_id = parse_user_id(user_id)?;
+        if reason.len() > 512 {
+            return Err(AccountError::Invalid(vec![FieldViolation::new(
+                "reason",
+                "must be at most 512 bytes",
+            )]));
+        }
+        self.tokens.revocations().revoke_user(user_id).await?;
+        let event = OutboxEvent::user_suspended(user_id, admin.user_id(), reason, ctx);
+        let user = self
+            .users
+            .set_status(user_id, UserStatus::Suspended, &event)
+            .await?
+            .ok_or(AccountError::NotFound)?;
+        tracing::info!(%user_id, "user suspended");
+        Ok(user)
+    }
+
+    #[tracing::instrument(skip_all, fields(admin = %admin.user_id()))]
+    pub async fn revoke_sessions(
+        &self,
+        admin: &AdminCaller,
+        user_id: &str,
+        ctx: &RequestContext,
+    ) -> Result<u64, AccountError> {
+        let user_id = parse_user_id(user_id)?;
+        self.users
+            .find_user(user_id)
+            .await?
+            .ok_or(AccountError::NotFound)?;
+        let event = OutboxEvent::sessions_revoked(user_id, Some(admin.user_id()), "admin", ctx);
+        Ok(self.tokens.end_all_sessions(user_id, &event).await?)
+    }
+
+    #[tracing::instrument(skip_all, fields(admin = %admin.user_id()))]
+    pub async fn set_roles(
+        &self,
+        admin: &AdminCaller,
+        user_id: &str,
+        roles: &[String],
+        ctx: &RequestContext,
+    ) -> Result<User, AccountError> {
+        let mut violations = Violations::default();
+        let user_id = violations.check(
+            parse_user_id(user_id).map_err(|_| FieldViolation::new("user_id", "must be a UUID")),
+        );
+        if roles.len() > 32 {
+            violations.push(FieldViolation::new("roles", "at most 32 roles"));
+        }
+        let parsed: Vec<Role> = roles
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                violations.check(
+                    Role::parse("roles", r)
+                        .map_err(|v| FieldViolation::new(format!("roles[{i}]"), v.description)),
+                )
+            })
+            .collect();
+        violations.finish().map_err(AccountError::Invalid)?;
+        let Some(user_id) = user_id else {
+            unreachable!("finish() fails when any field was refused")
+        };
+        let roles = normalise_roles(parsed);
+        self.tokens.revocations().revoke_user(user_id).await?;
+        let event = OutboxEvent::roles_changed(user_id, admin.user_id(), &roles, ctx);
+        self.users
+            .set_roles(user_id, &roles, &event)
+            .await?
+            .ok_or(AccountError::NotFound)
+    }
+}

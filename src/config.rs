@@ -1,0 +1,349 @@
+//! Typed configuration: defaults, then an optional TOML file, then `AUTH_*`
+//! environment variables (`__` separates nested keys, e.g.
+//! `AUTH_PASSWORD__MEMORY_KIB`). Everything is checked once at start-up and a
+//! bad value stops the process with a message naming the key.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// The whole service configuration. Field names are the keys of the TOML file
+/// and, upper-cased behind `AUTH_`, of the environment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listener (AuthService, health, reflection). Port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// HTTP admin listener (/healthz, /readyz, /metrics, JWKS).
+    pub http_addr: SocketAddr,
+    /// Where the embedded default keeps its SQLite file and generated keys.
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`; unset means SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// `redis://…`; unset means revocations and login counters live in process.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key this service writes (lets deployments and
+    /// tests share one Redis).
+    pub redis_key_prefix: String,
+    /// Hard upper bound on one Redis call, in milliseconds.
+    pub redis_timeout_ms: u64,
+    /// Maximum connections in the database pool.
+    pub database_max_connections: u32,
+    /// How many proxies in front of the service append to `x-forwarded-for`.
+    /// The client address is the entry that many places from the right;
+    /// 0 ignores the header and uses the peer address.
+    pub trusted_proxy_hops: usize,
+    pub log_format: LogFormat,
+    pub password: PasswordConfig,
+    pub tokens: TokenConfig,
+    pub lockout: LockoutConfig,
+    pub revocation: RevocationConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// argon2id parameters and the password policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordConfig {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    /// Hashes run on at most this many blocking threads at once; 0 means one
+    /// per CPU core.
+    pub max_concurrent_hashes: usize,
+    /// Minimum length in characters.
+    pub min_length: usize,
+    /// Maximum length in characters; anything longer is refused before hashing.
+    pub max_length: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub access_ttl_secs: u64,
+    /// A refresh token unused for this long expires.
+    pub refresh_idle_ttl_secs: u64,
+    /// A session (refresh-token family) ends this long after login, however used.
+    pub refresh_absolute_ttl_secs: u64,
+    /// Clock-skew allowance for exp/nbf checks.
+    pub leeway_secs: u64,
+    /// Directory of Ed25519 signing keys (PKCS#8 PEM, one per file, file stem
+    /// is the `kid`). Unset: `<data_dir>/keys`.
+    pub keys_dir: Option<PathBuf>,
+    /// Generate a first key when the directory holds none (the embedded
+    /// default); production mounts keys and sets this to false.
+    pub generate_key_if_missing: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockoutConfig {
+    /// Failures allowed per (account, client IP) within the window.
+    pub max_failures_per_account_ip: u32,
+    /// Failures allowed per client IP, over all accounts, within the window.
+    pub max_failures_per_ip: u32,
+    /// Failures allowed per account, over all IPs, within the window. Higher
+    /// than the per-pair limit so one IP can never lock an account out from
+    /// elsewhere; it caps distributed guessing.
+    pub max_failures_per_account: u32,
+    pub window_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// How long a replica may answer "not revoked" from its own cache before
+    /// asking the shared store again. Revocations made on this replica are
+    /// visible at once; this bounds how stale another replica's view can be.
+    pub cache_ttl_ms: u64,
+    /// Entries in the revocation cache.
+    pub cache_capacity: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: ([127, 0, 0, 1], 50051).into(),
+            http_addr: ([127, 0, 0, 1], 8081).into(),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            redis_url: None,
+            redis_key_prefix: "auth:".into(),
+            redis_timeout_ms: 250,
+            database_max_connections: 16,
+            trusted_proxy_hops: 1,
+            log_format: LogFormat::Text,
+            password: PasswordConfig {
+                memory_kib: 19 * 1024,
+                iterations: 2,
+                parallelism: 1,
+                max_concurrent_hashes: 0,
+                min_length: 8,
+                max_length: 128,
+            },
+            tokens: TokenConfig {
+                issuer: "immersiverse-auth".into(),
+                audience: "immersiverse".into(),
+                access_ttl_secs: 15 * 60,
+                refresh_idle_ttl_secs: 14 * 24 * 3600,
+                refresh_absolute_ttl_secs: 60 * 24 * 3600,
+                leeway_secs: 30,
+                keys_dir: None,
+                generate_key_if_missing: true,
+            },
+            lockout: LockoutConfig {
+                max_failures_per_account_ip: 5,
+                max_failures_per_ip: 20,
+                max_failures_per_account: 100,
+                window_secs: 60,
+            },
+            revocation: RevocationConfig {
+                cache_ttl_ms: 1000,
+                cache_capacity: 1_000_000,
+            },
+        }
+    }
+}
+
+/// A configuration value that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Defaults, then `file` (if given), then the process environment.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("AUTH_").split("__").ignore(&["config"]));
+        let config: Config = figment.extract().map_err(|e| ConfigError(describe(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Semantic checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
+        {
+            return fail(
+                "database_url (AUTH_DATABASE_URL)",
+                "must start with postgres:// or sqlite:",
+            );
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return fail(
+                "redis_url (AUTH_REDIS_URL)",
+                "must start with redis:// or rediss://",
+            );
+        }
+        let p = &self.password;
+        if p.memory_kib < 8 * p.parallelism.max(1) || p.iterations == 0 || p.parallelism == 0 {
+            return fail(
+                "password",
+                "argon2 needs iterations >= 1, parallelism >= 1 and memory_kib >= 8 * parallelism",
+            );
+        }
+        if p.min_length == 0 || p.max_length < p.min_length || p.max_length > 1024 {
+            return fail(
+                "password.max_length",
+                "needs 0 < min_length <= max_length <= 1024",
+            );
+        }
+        let t = &self.tokens;
+        if t.access_ttl_secs == 0 || t.refresh_idle_ttl_secs == 0 {
+            return fail("tokens.access_ttl_secs", "token lifetimes must be positive");
+        }
+        if t.refresh_absolute_ttl_secs < t.refresh_idle_ttl_secs {
+            return fail(
+                "tokens.refresh_absolute_ttl_secs",
+                "must be at least refresh_idle_ttl_secs",
+            );
+        }
+        if t.issuer.is_empty() || t.audience.is_empty() {
+            return fail("tokens.issuer", "issuer and audience must not be empty");
+        }
+        let l = &self.lockout;
+        if l.window_secs == 0
+            || l.max_failures_per_account_ip == 0
+            || l.max_failures_per_ip == 0
+            || l.max_failures_per_account == 0
+        {
+            return fail("lockout", "limits and window must be positive");
+        }
+        if self.redis_timeout_ms == 0 {
+            return fail(
+                "redis_timeout_ms (AUTH_REDIS_TIMEOUT_MS)",
+                "must be positive",
+            );
+        }
+        if self.database_max_connections == 0 {
+            return fail("database_max_connections", "must be positive");
+        }
+        Ok(())
+    }
+
+    /// The database URL in force: the configured one, else SQLite in the data dir.
+    pub fn effective_database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("auth.db").display()
+            ),
+        }
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.tokens
+            .keys_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys"))
+    }
+
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    pub fn hash_workers(&self) -> usize {
+        match self.password.max_concurrent_hashes {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        }
+    }
+}
+
+/// Names each bad key as the operator wrote it: `AUTH_GRPC_ADDR` for the
+/// environment, `grpc_addr` for the file.
+fn describe(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let source = if from_env {
+                format!("AUTH_{}", e.path.join("__").to_uppercase())
+            } else {
+                e.metadata
+                    .as_ref()
+                    .map(|m| m.name.to_string())
+                    .unwrap_or_default()
+            };
+            format!("{key} (from {source}): {}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_its_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_GRPC_ADDR", "not-an-address");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("grpc_addr"), "{err}");
+            assert!(err.contains("AUTH_GRPC_ADDR"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn nested_keys_come_from_double_underscore_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_PASSWORD__MEMORY_KIB", "4096");
+            jail.set_env("AUTH_REDIS_URL", "redis://127.0.0.1:1/");
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.password.memory_kib, 4096);
+            assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:1/"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_database_url_of_an_unknown_kind_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_DATABASE_URL", "mysql://x");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("AUTH_DATABASE_URL"), "{err}");
+            Ok(())
+        });
+    }
+}

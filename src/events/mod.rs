@@ -1,0 +1,179 @@
+//! Domain events. Every state change builds its [`OutboxEvent`] and hands it
+//! to the store, which writes it in the same transaction as the change (the
+//! transactional outbox); a relay publishes committed rows to Kafka.
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::accounts::model::{Role, User};
+
+/// The event types and their topic suffixes (`auth.events.<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    UserCreated,
+    LoginSucceeded,
+    LoginFailed,
+    TokenRevoked,
+    UserSuspended,
+    SessionsRevoked,
+    RolesChanged,
+    PasswordChanged,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserCreated => "user_created",
+            Self::LoginSucceeded => "login_succeeded",
+            Self::LoginFailed => "login_failed",
+            Self::TokenRevoked => "token_revoked",
+            Self::UserSuspended => "user_suspended",
+            Self::SessionsRevoked => "sessions_revoked",
+            Self::RolesChanged => "roles_changed",
+            Self::PasswordChanged => "password_changed",
+        }
+    }
+}
+
+/// Where a request came from, carried into events and lockout decisions.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    /// Client address as the gateway saw it.
+    pub client_ip: Option<String>,
+    /// W3C trace context of the request, copied into the event headers.
+    pub traceparent: Option<String>,
+}
+
+/// One outbox row. `data` never holds a secret (no password, token or hash).
+#[derive(Debug, Clone)]
+pub struct OutboxEvent {
+    pub id: Uuid,
+    pub event_type: EventType,
+    pub user_id: Option<Uuid>,
+    pub occurred_at: OffsetDateTime,
+    pub data: Value,
+    pub traceparent: Option<String>,
+}
+
+impl OutboxEvent {
+    pub fn new(
+        event_type: EventType,
+        user_id: Option<Uuid>,
+        data: Value,
+        ctx: &RequestContext,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            event_type,
+            user_id,
+            occurred_at: OffsetDateTime::now_utc(),
+            data,
+            traceparent: ctx.traceparent.clone(),
+        }
+    }
+
+    pub fn user_created(user: &User, ctx: &RequestContext) -> Self {
+        Self::new(
+            EventType::UserCreated,
+            Some(user.id),
+            json!({ "email": user.email.as_str(), "username": user.username.as_str(), "roles": role_names(&user.roles) }),
+            ctx,
+        )
+    }
+
+    pub fn login_succeeded(user_id: Uuid, session_id: Uuid, ctx: &RequestContext) -> Self {
+        Self::new(
+            EventType::LoginSucceeded,
+            Some(user_id),
+            json!({ "session_id": session_id, "client_ip": ctx.client_ip }),
+            ctx,
+        )
+    }
+
+    /// `user_id` is set only when the account exists; the login name is not
+    /// recorded, so the event stream is no account-enumeration oracle.
+    pub fn login_failed(user_id: Option<Uuid>, reason: &'static str, ctx: &RequestContext) -> Self {
+        Self::new(
+            EventType::LoginFailed,
+            user_id,
+            json!({ "reason": reason, "client_ip": ctx.client_ip }),
+            ctx,
+        )
+    }
+
+    pub fn token_revoked(
+        user_id: Uuid,
+        session_id: Uuid,
+        reason: &'static str,
+        ctx: &RequestContext,
+    ) -> Self {
+        Self::new(
+            EventType::TokenRevoked,
+            Some(user_id),
+            json!({ "session_id": session_id, "reason": reason }),
+            ctx,
+        )
+    }
+
+    pub fn user_suspended(user_id: Uuid, by: Uuid, reason: &str, ctx: &RequestContext) -> Self {
+        Self::new(
+            EventType::UserSuspended,
+            Some(user_id),
+            json!({ "by": by, "reason": reason }),
+            ctx,
+        )
+    }
+
+    pub fn sessions_revoked(
+        user_id: Uuid,
+        by: Option<Uuid>,
+        reason: &'static str,
+        ctx: &RequestContext,
+    ) -> Self {
+        Self::new(
+            EventType::SessionsRevoked,
+            Some(user_id),
+            json!({ "by": by, "reason": reason }),
+            ctx,
+        )
+    }
+
+    pub fn roles_changed(user_id: Uuid, by: Uuid, roles: &[Role], ctx: &RequestContext) -> Self {
+        Self::new(
+            EventType::RolesChanged,
+            Some(user_id),
+            json!({ "by": by, "roles": role_names(roles) }),
+            ctx,
+        )
+    }
+
+    pub fn password_changed(user_id: Uuid, ctx: &RequestContext) -> Self {
+        Self::new(EventType::PasswordChanged, Some(user_id), json!({}), ctx)
+    }
+}
+
+fn role_names(roles: &[Role]) -> Vec<&str> {
+    roles.iter().map(Role::as_str).collect()
+}
+
+/// An outbox row as read back (by the relay, and by tests).
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: Uuid,
+    pub event_type: String,
+    pub user_id: Option<Uuid>,
+    pub occurred_at: OffsetDateTime,
+    pub data: Value,
+    pub traceparent: Option<String>,
+}
+
+/// Read side of the outbox.
+#[async_trait::async_trait]
+pub trait OutboxReader: Send + Sync + 'static {
+    /// Unpublished events, oldest first (UUIDv7 ids sort by time).
+    async fn unpublished(&self, limit: i64)
+    -> Result<Vec<StoredEvent>, crate::error::BackendError>;
+}

@@ -1,0 +1,99 @@
+//! The one place where domain errors become gRPC statuses. Internal causes
+//! are logged here and never sent to the caller.
+
+use tonic::{Code, Status, metadata::MetadataValue};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    accounts::AccountError,
+    error::{BackendError, FieldViolation},
+    tokens::TokenError,
+};
+
+pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
+    let mut details = ErrorDetails::new();
+    for v in violations {
+        details.add_bad_request_violation(v.field.as_ref(), v.description.as_ref());
+    }
+    let fields: Vec<&str> = violations.iter().map(|v| v.field.as_ref()).collect();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {}", fields.join(", ")),
+        details,
+    )
+}
+
+pub fn unauthenticated(message: &'static str) -> Status {
+    Status::unauthenticated(message)
+}
+
+impl From<BackendError> for Status {
+    fn from(error: BackendError) -> Self {
+        match &error {
+            BackendError::Unavailable { backend, source } => {
+                tracing::warn!(backend, error = %source, "backend unavailable");
+                Status::unavailable(format!("{backend} is temporarily unavailable; retry later"))
+            }
+            BackendError::Failed { backend, source } => {
+                tracing::error!(backend, error = %source, "backend operation failed");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+impl From<TokenError> for Status {
+    fn from(error: TokenError) -> Self {
+        match error {
+            TokenError::InvalidAccess(reason) => {
+                tracing::debug!(reason = reason.as_str(), "access token refused");
+                metrics::counter!("token_rejections_total", "reason" => reason.as_str())
+                    .increment(1);
+                unauthenticated("invalid or expired access token")
+            }
+            TokenError::InvalidRefresh => unauthenticated("invalid or expired refresh token"),
+            TokenError::Signing(cause) => {
+                tracing::error!(%cause, "token signing failed");
+                Status::internal("internal error")
+            }
+            TokenError::Backend(e) => e.into(),
+        }
+    }
+}
+
+impl From<AccountError> for Status {
+    fn from(error: AccountError) -> Self {
+        match error {
+            AccountError::Invalid(violations) => invalid_argument(&violations),
+            AccountError::AlreadyExists(field) => {
+                let mut details = ErrorDetails::new();
+                details.add_bad_request_violation(field, "is already taken");
+                Status::with_error_details(
+                    Code::AlreadyExists,
+                    format!("an account with this {field} already exists"),
+                    details,
+                )
+            }
+            AccountError::InvalidCredentials => unauthenticated("invalid login or password"),
+            AccountError::LockedOut { retry_after } => {
+                let secs = retry_after.as_secs().max(1);
+                let mut status = Status::resource_exhausted(format!(
+                    "too many failed logins; retry after {secs} seconds"
+                ));
+                status
+                    .metadata_mut()
+                    .insert("retry-after", MetadataValue::from(secs));
+                status
+            }
+            AccountError::Disabled => Status::permission_denied("account is not active"),
+            AccountError::NotFound => Status::not_found("user not found"),
+            AccountError::Forbidden => Status::permission_denied("admin role required"),
+            AccountError::Token(e) => e.into(),
+            AccountError::Backend(e) => e.into(),
+            AccountError::Hash(cause) => {
+                tracing::error!(%cause, "password hashing failed");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

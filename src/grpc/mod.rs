@@ -1,0 +1,401 @@
+//! The AuthService gRPC adapter: it reads metadata (bearer token, client
+//! address, trace context), calls the account and token services, and maps
+//! results to protobuf. No business rule lives here.
+
+pub mod error;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+
+use crate::{
+    accounts::{
+        model::{User, UserStatus},
+        service::{AccountService, AdminCaller},
+    },
+    events::RequestContext,
+    tokens::{Principal, TokenPair, TokenService},
+};
+
+/// Generated protobuf types and service stubs.
+pub mod pb {
+    tonic::include_proto!("immersiverse.auth.v1");
+
+    /// The descriptor set (with imports) for reflection and Envoy's
+    /// gRPC-JSON transcoder.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/auth_descriptor.bin"));
+}
+
+use pb::auth_service_server::AuthService;
+
+pub struct AuthApi {
+    accounts: Arc<AccountService>,
+    tokens: Arc<TokenService>,
+    trusted_proxy_hops: usize,
+}
+
+impl AuthApi {
+    pub fn new(
+        accounts: Arc<AccountService>,
+        tokens: Arc<TokenService>,
+        trusted_proxy_hops: usize,
+    ) -> Self {
+        Self {
+            accounts,
+            tokens,
+            trusted_proxy_hops,
+        }
+    }
+
+    fn context<T>(&self, request: &Request<T>) -> RequestContext {
+        RequestContext {
+            client_ip: client_ip(
+                request.metadata(),
+                request.remote_addr(),
+                self.trusted_proxy_hops,
+            ),
+            traceparent: request
+                .metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
+
+    async fn caller(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
+        let token = bearer_token(metadata)
+            .ok_or_else(|| error::unauthenticated("missing bearer access token"))?;
+        Ok(self.tokens.authenticate(token).await?)
+    }
+
+    async fn admin(&self, metadata: &MetadataMap) -> Result<AdminCaller, Status> {
+        Ok(AdminCaller::check(self.caller(metadata).await?)?)
+    }
+}
+
+/// The client address: the entry `hops` places from the right of
+/// `x-forwarded-for` (appended by the trusted gateway), else the peer address.
+/// Entries left of it were written by the client and are not trusted.
+pub fn client_ip(metadata: &MetadataMap, peer: Option<SocketAddr>, hops: usize) -> Option<String> {
+    if hops > 0
+        && let Some(forwarded) = metadata
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+    {
+        let entries: Vec<&str> = forwarded
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(ip) = entries.len().checked_sub(hops).and_then(|i| entries.get(i)) {
+            if let Ok(parsed) = ip.parse::<std::net::IpAddr>() {
+                return Some(parsed.to_string());
+            }
+        }
+    }
+    peer.map(|p| p.ip().to_string())
+}
+
+fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+    }
+}
+
+fn user_pb(user: &User) -> pb::User {
+    pb::User {
+        id: user.id.to_string(),
+        email: user.email.as_str().to_owned(),
+        username: user.username.as_str().to_owned(),
+        roles: user.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+        status: match user.status {
+            UserStatus::Active => pb::UserStatus::Active,
+            UserStatus::Suspended => pb::UserStatus::Suspended,
+            UserStatus::Deleted => pb::UserStatus::Deleted,
+        } as i32,
+        created_at: Some(timestamp(user.created_at)),
+    }
+}
+
+fn token_response(pair: TokenPair) -> pb::TokenResponse {
+    pb::TokenResponse {
+        access_token: pair.access_token.expose_secret().to_owned(),
+        refresh_token: pair.refresh_token.expose_secret().to_owned(),
+        token_type: "Bearer".into(),
+        expires_in: pair.expires_in,
+        user: Some(user_pb(&pair.user)),
+        refresh_expires_in: pair.refresh_expires_in,
+    }
+}
+
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::Unauthenticated => "Unauthenticated",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::Unavailable => "Unavailable",
+        Code::Internal => "Internal",
+        _ => "Other",
+    }
+}
+
+/// Counts and times one RPC by method and resulting code.
+async fn observed<T>(
+    method: &'static str,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = call.await;
+    let code = code_label(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+    metrics::counter!("grpc_server_requests_total", "method" => method, "code" => code)
+        .increment(1);
+    metrics::histogram!("grpc_server_request_duration_seconds", "method" => method, "code" => code)
+        .record(started.elapsed().as_secs_f64());
+    result.map(Response::new)
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthApi {
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let ctx = self.context(&request);
+        let body = request.into_inner();
+        observed("CreateUser", async {
+            let user = self
+                .accounts
+                .sign_up(&body.email, &body.username, &body.password, &ctx)
+                .await?;
+            Ok(pb::CreateUserResponse {
+                user: Some(user_pb(&user)),
+            })
+        })
+        .await
+    }
+
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::TokenResponse>, Status> {
+        let ctx = self.context(&request);
+        let body = request.into_inner();
+        observed("Login", async {
+            Ok(token_response(
+                self.accounts
+                    .login(&body.login, &body.password, &ctx)
+                    .await?,
+            ))
+        })
+        .await
+    }
+
+    async fn refresh_token(
+        &self,
+        request: Request<pb::RefreshTokenRequest>,
+    ) -> Result<Response<pb::TokenResponse>, Status> {
+        let ctx = self.context(&request);
+        let body = request.into_inner();
+        observed("RefreshToken", async {
+            Ok(token_response(
+                self.accounts.refresh(&body.refresh_token, &ctx).await?,
+            ))
+        })
+        .await
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        let ctx = self.context(&request);
+        let (metadata, _, body) = request.into_parts();
+        observed("Logout", async {
+            let caller = self.caller(&metadata).await?;
+            let refresh =
+                (!body.refresh_token.is_empty()).then(|| SecretString::from(body.refresh_token));
+            self.tokens.logout(&caller, refresh.as_ref(), &ctx).await?;
+            Ok(pb::LogoutResponse {})
+        })
+        .await
+    }
+
+    async fn validate_token(
+        &self,
+        request: Request<pb::ValidateTokenRequest>,
+    ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
+        let body = request.into_inner();
+        observed("ValidateToken", async {
+            if body.token.is_empty() {
+                return Err(error::invalid_argument(&[
+                    crate::error::FieldViolation::new("token", "is required"),
+                ]));
+            }
+            let principal = self.tokens.authenticate(&body.token).await?;
+            Ok(pb::ValidateTokenResponse {
+                user_id: principal.user_id.to_string(),
+                roles: principal.roles,
+                session_id: principal.session_id.to_string(),
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: principal.expires_at,
+                    nanos: 0,
+                }),
+            })
+        })
+        .await
+    }
+
+    async fn get_me(
+        &self,
+        request: Request<pb::GetMeRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        observed("GetMe", async {
+            let caller = self.caller(request.metadata()).await?;
+            Ok(user_pb(&self.accounts.me(&caller).await?))
+        })
+        .await
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        let ctx = self.context(&request);
+        let (metadata, _, body) = request.into_parts();
+        observed("ChangePassword", async {
+            let caller = self.caller(&metadata).await?;
+            self.accounts
+                .change_password(&caller, &body.current_password, &body.new_password, &ctx)
+                .await?;
+            Ok(pb::ChangePasswordResponse {})
+        })
+        .await
+    }
+
+    async fn suspend_user(
+        &self,
+        request: Request<pb::SuspendUserRequest>,
+    ) -> Result<Response<pb::SuspendUserResponse>, Status> {
+        let ctx = self.context(&request);
+        let (metadata, _, body) = request.into_parts();
+        observed("SuspendUser", async {
+            let admin = self.admin(&metadata).await?;
+            let user = self
+                .accounts
+                .suspend(&admin, &body.user_id, &body.reason, &ctx)
+                .await?;
+            Ok(pb::SuspendUserResponse {
+                user: Some(user_pb(&user)),
+            })
+        })
+        .await
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        request: Request<pb::RevokeUserSessionsRequest>,
+    ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
+        let ctx = self.context(&request);
+        let (metadata, _, body) = request.into_parts();
+        observed("RevokeUserSessions", async {
+            let admin = self.admin(&metadata).await?;
+            let revoked = self
+                .accounts
+                .revoke_sessions(&admin, &body.user_id, &ctx)
+                .await?;
+            Ok(pb::RevokeUserSessionsResponse {
+                revoked_sessions: i64::try_from(revoked).unwrap_or(i64::MAX),
+            })
+        })
+        .await
+    }
+
+    async fn set_user_roles(
+        &self,
+        request: Request<pb::SetUserRolesRequest>,
+    ) -> Result<Response<pb::SetUserRolesResponse>, Status> {
+        let ctx = self.context(&request);
+        let (metadata, _, body) = request.into_parts();
+        observed("SetUserRoles", async {
+            let admin = self.admin(&metadata).await?;
+            let user = self
+                .accounts
+                .set_roles(&admin, &body.user_id, &body.roles, &ctx)
+                .await?;
+            Ok(pb::SetUserRolesResponse {
+                user: Some(user_pb(&user)),
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, v.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn the_client_ip_is_the_entry_the_trusted_gateway_appended() {
+        let peer = Some("10.0.0.9:5000".parse().unwrap());
+        let m = metadata(&[("x-forwarded-for", "6.6.6.6, 203.0.113.7")]);
+        assert_eq!(client_ip(&m, peer, 1).as_deref(), Some("203.0.113.7"));
+        assert_eq!(client_ip(&m, peer, 2).as_deref(), Some("6.6.6.6"));
+        assert_eq!(
+            client_ip(&m, peer, 0).as_deref(),
+            Some("10.0.0.9"),
+            "hops = 0 ignores the header"
+        );
+        assert_eq!(
+            client_ip(&metadata(&[("x-forwarded-for", "garbage")]), peer, 1).as_deref(),
+            Some("10.0.0.9")
+        );
+        assert_eq!(
+            client_ip(&MetadataMap::new(), peer, 1).as_deref(),
+            Some("10.0.0.9")
+        );
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively_and_never_empty() {
+        assert_eq!(
+            bearer_token(&metadata(&[("authorization", "Bearer abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            bearer_token(&metadata(&[("authorization", "bearer abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            bearer_token(&metadata(&[("authorization", "Basic abc")])),
+            None
+        );
+        assert_eq!(
+            bearer_token(&metadata(&[("authorization", "Bearer ")])),
+            None
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! `auth-service` command line: serve (default), rotate the signing key, or
+//! grant roles from the operator's shell (how the first admin is made).
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use auth_service::{
+    accounts::model::{LoginName, Role, normalise_roles},
+    config::Config,
+    events::{OutboxEvent, RequestContext},
+    startup::{Application, reload_keys_on_sighup, shutdown_signal},
+    storage::open_database,
+    telemetry, tokens,
+};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "auth-service", version, about = "ImmersiVerse Auth Service")]
+struct Cli {
+    /// TOML configuration file (values in AUTH_* variables override it).
+    #[arg(long, env = "AUTH_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC and the HTTP admin port (the default).
+    Serve,
+    /// Add a new signing key (it signs after the next start or SIGHUP) and
+    /// delete keys retired longer than an access-token lifetime ago.
+    RotateKey,
+    /// Replace the roles of a user, e.g. `set-roles alice admin user`.
+    SetRoles {
+        /// Email or username.
+        login: String,
+        roles: Vec<String>,
+    },
+    /// Write the protobuf descriptor set (for Envoy's gRPC-JSON transcoder).
+    DescriptorSet { out: PathBuf },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref())?;
+    telemetry::init_tracing(config.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = Application::build(config).await?;
+            reload_keys_on_sighup(app.tokens());
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::RotateKey => {
+            let retire_after = time::Duration::seconds(
+                i64::try_from(config.tokens.access_ttl_secs + config.tokens.leeway_secs)
+                    .unwrap_or(i64::MAX / 4),
+            );
+            let (kid, removed) = tokens::keys::rotate(
+                &config.keys_dir(),
+                time::OffsetDateTime::now_utc(),
+                retire_after,
+            )?;
+            println!(
+                "new signing key {kid}; removed {removed:?}; send SIGHUP to running servers to use it"
+            );
+            Ok(())
+        }
+        Command::SetRoles { login, roles } => {
+            let login = LoginName::parse("login", &login)
+                .map_err(|v| anyhow::anyhow!("{}: {}", v.field, v.description))?;
+            let roles = roles
+                .iter()
+                .map(|r| {
+                    Role::parse("roles", r)
+                        .map_err(|v| anyhow::anyhow!("role {r:?} {}", v.description))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let roles = normalise_roles(roles);
+            let database = open_database(&config).await?;
+            let user = database
+                .users
+                .find_credentials(&login)
+                .await?
+                .context("no such user")?
+                .user;
+            // The operator acts outside any account: `by` is the nil UUID.
+            let event = OutboxEvent::roles_changed(
+                user.id,
+                uuid::Uuid::nil(),
+                &roles,
+                &RequestContext::default(),
+            );
+            database.users.set_roles(user.id, &roles, &event).await?;
+            println!(
+                "{} now has roles {:?} (existing sessions ended)",
+                user.id,
+                roles.iter().map(Role::as_str).collect::<Vec<_>>()
+            );
+            Ok(())
+        }
+        Command::DescriptorSet { out } => {
+            std::fs::write(&out, auth_service::grpc::pb::FILE_DESCRIPTOR_SET)
+                .with_context(|| format!("writing {}", out.display()))?;
+            Ok(())
+        }
+    }
+}

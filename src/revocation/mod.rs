@@ -1,0 +1,239 @@
+//! Revocation: of one access token (its `jti`, until it expires), of one
+//! session (its `sid`: logout, refresh-token reuse) and of every session of a
+//! user (a per-user "sessions valid after" epoch: suspend, revoke-all,
+//! password or role change).
+//!
+//! The shared truth lives in a [`RevocationStore`] (Redis in production, in
+//! process for the embedded default). [`Revocations`] puts a moka cache in
+//! front: a revocation is cached until the token it concerns would expire
+//! anyway (revocations are never undone), an "is not revoked" answer for
+//! `revocation.cache_ttl_ms` only. Revocations made through this replica
+//! update its cache at once.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use moka::{Expiry, sync::Cache};
+use uuid::Uuid;
+
+use crate::{error::BackendError, unix_now};
+
+/// The keys one access token is checked under.
+#[derive(Debug, Clone, Copy)]
+pub struct RevocationKeys<'a> {
+    pub jti: &'a str,
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+}
+
+/// What the store knows about those keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RevocationSnapshot {
+    pub token_revoked: bool,
+    pub session_revoked: bool,
+    /// Tokens of this user issued before this instant (unix ms) are revoked.
+    pub user_epoch_ms: Option<i64>,
+}
+
+/// The shared revocation state. `until` arguments are unix seconds after
+/// which the entry is useless (every token it could concern has expired), so
+/// stores can drop it.
+#[async_trait]
+pub trait RevocationStore: Send + Sync + 'static {
+    async fn revoke_token(&self, jti: &str, until: i64) -> Result<(), BackendError>;
+    async fn revoke_session(&self, session_id: Uuid, until: i64) -> Result<(), BackendError>;
+    /// Moves the epoch forward to `epoch_ms`; never moves it back.
+    async fn raise_user_epoch(
+        &self,
+        user_id: Uuid,
+        epoch_ms: i64,
+        until: i64,
+    ) -> Result<(), BackendError>;
+    /// All three answers in one round trip.
+    async fn lookup(&self, keys: &RevocationKeys<'_>) -> Result<RevocationSnapshot, BackendError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Token(Arc<str>),
+    Session(Uuid),
+    User(Uuid),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    Revoked,
+    NotRevoked,
+    Epoch(Option<i64>),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    known: Known,
+    until: Instant,
+}
+
+struct EntryExpiry;
+
+impl Expiry<Key, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &Key, entry: &Entry, now: Instant) -> Option<Duration> {
+        Some(entry.until.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Key,
+        entry: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.until.saturating_duration_since(now))
+    }
+}
+
+/// The token being checked, as revocation sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenFacts<'a> {
+    pub keys: RevocationKeys<'a>,
+    /// Unix ms the token was issued at.
+    pub issued_at_ms: i64,
+    /// Unix seconds the token expires at.
+    pub expires_at: i64,
+}
+
+/// Cached revocation checks in front of a [`RevocationStore`].
+#[derive(Clone)]
+pub struct Revocations {
+    store: Arc<dyn RevocationStore>,
+    cache: Cache<Key, Entry>,
+    negative_ttl: Duration,
+    /// How long user epochs must be kept: the longest an access token lives.
+    access_ttl_secs: i64,
+}
+
+impl Revocations {
+    pub fn new(
+        store: Arc<dyn RevocationStore>,
+        capacity: u64,
+        negative_ttl: Duration,
+        access_ttl_secs: u64,
+    ) -> Self {
+        Self {
+            store,
+            cache: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(EntryExpiry)
+                .build(),
+            negative_ttl,
+            access_ttl_secs: i64::try_from(access_ttl_secs).unwrap_or(i64::MAX / 4),
+        }
+    }
+
+    fn remember(&self, key: Key, known: Known, until_unix: i64) {
+        let left = Duration::from_secs(u64::try_from(until_unix - unix_now()).unwrap_or(0));
+        let ttl = match known {
+            Known::Revoked => left,
+            Known::NotRevoked | Known::Epoch(_) => self.negative_ttl.min(left),
+        };
+        if !ttl.is_zero() {
+            self.cache.insert(
+                key,
+                Entry {
+                    known,
+                    until: Instant::now() + ttl,
+                },
+            );
+        }
+    }
+
+    /// Whether the token has been revoked by any of the three means.
+    pub async fn is_revoked(&self, token: &TokenFacts<'_>) -> Result<bool, BackendError> {
+        let keys = token.keys;
+        let jti_key = Key::Token(Arc::from(keys.jti));
+        let cached = |key: &Key| self.cache.get(key).map(|e| e.known);
+        let (jti, sid, user) = (
+            cached(&jti_key),
+            cached(&Key::Session(keys.session_id)),
+            cached(&Key::User(keys.user_id)),
+        );
+        metrics::counter!("revocation_cache_lookups_total", "result" => if jti.is_some() && sid.is_some() && user.is_some() { "hit" } else { "miss" }).increment(1);
+        if matches!(jti, Some(Known::Revoked)) || matches!(sid, Some(Known::Revoked)) {
+            return Ok(true);
+        }
+        let epoch = match (jti, sid, user) {
+            (Some(_), Some(_), Some(Known::Epoch(epoch))) => epoch,
+            _ => {
+                let snapshot = self.store.lookup(&keys).await?;
+                let flag = |revoked| {
+                    if revoked {
+                        Known::Revoked
+                    } else {
+                        Known::NotRevoked
+                    }
+                };
+                self.remember(jti_key, flag(snapshot.token_revoked), token.expires_at);
+                self.remember(
+                    Key::Session(keys.session_id),
+                    flag(snapshot.session_revoked),
+                    token.expires_at,
+                );
+                self.remember(
+                    Key::User(keys.user_id),
+                    Known::Epoch(snapshot.user_epoch_ms),
+                    token.expires_at,
+                );
+                if snapshot.token_revoked || snapshot.session_revoked {
+                    return Ok(true);
+                }
+                snapshot.user_epoch_ms
+            }
+        };
+        Ok(epoch.is_some_and(|epoch| token.issued_at_ms < epoch))
+    }
+
+    /// Revokes one access token until it expires.
+    pub async fn revoke_token(&self, jti: &str, expires_at: i64) -> Result<(), BackendError> {
+        self.store.revoke_token(jti, expires_at).await?;
+        self.remember(Key::Token(Arc::from(jti)), Known::Revoked, expires_at);
+        Ok(())
+    }
+
+    /// Revokes every access token of one session.
+    pub async fn revoke_session(&self, session_id: Uuid) -> Result<(), BackendError> {
+        let until = unix_now() + self.access_ttl_secs + 60;
+        self.store.revoke_session(session_id, until).await?;
+        self.remember(Key::Session(session_id), Known::Revoked, until);
+        Ok(())
+    }
+
+    /// Revokes every access token of the user issued before now.
+    pub async fn revoke_user(&self, user_id: Uuid) -> Result<(), BackendError> {
+        let epoch_ms = unix_now_ms();
+        let until = unix_now() + self.access_ttl_secs + 60;
+        self.store
+            .raise_user_epoch(user_id, epoch_ms, until)
+            .await?;
+        // Our own view may only move forward too.
+        let current = self
+            .cache
+            .get(&Key::User(user_id))
+            .and_then(|e| match e.known {
+                Known::Epoch(e) => e,
+                _ => None,
+            });
+        self.remember(
+            Key::User(user_id),
+            Known::Epoch(Some(current.unwrap_or(0).max(epoch_ms))),
+            until,
+        );
+        Ok(())
+    }
+}
+
+pub fn unix_now_ms() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
+}

@@ -1,0 +1,225 @@
+//! Building the application (backends, services, bound listeners) and running
+//! it until a shutdown signal. `build` binds both listeners first, so port 0
+//! works and callers learn the real addresses before serving starts.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::{
+    accounts::{password::PasswordHasher, service::AccountService},
+    config::Config,
+    grpc::{
+        AuthApi,
+        pb::{self, auth_service_server::AuthServiceServer},
+    },
+    http::{self, AdminState},
+    ratelimit::LoginLockout,
+    revocation::Revocations,
+    storage::{Database, Ping, open_database, open_fast_state},
+    telemetry,
+    tokens::TokenService,
+};
+
+/// How often the gRPC health status follows the database.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct Application {
+    config: Config,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    accounts: Arc<AccountService>,
+    tokens: Arc<TokenService>,
+    database: Database,
+    redis_health: Option<Arc<dyn Ping>>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let database = open_database(&config).await?;
+        let fast = open_fast_state(&config).await?;
+        let revocations = Revocations::new(
+            fast.revocations,
+            config.revocation.cache_capacity,
+            Duration::from_millis(config.revocation.cache_ttl_ms),
+            config.tokens.access_ttl_secs,
+        );
+        let tokens = Arc::new(
+            TokenService::new(
+                config.tokens.clone(),
+                config.keys_dir(),
+                database.sessions.clone(),
+                revocations,
+            )
+            .context("loading signing keys")?,
+        );
+        let hasher = PasswordHasher::new(&config.password, config.hash_workers())
+            .await
+            .context("argon2 parameters (password.*)")?;
+        let lockout = LoginLockout::new(fast.failures, config.lockout.clone());
+        let accounts = Arc::new(AccountService::new(
+            database.users.clone(),
+            hasher,
+            lockout,
+            tokens.clone(),
+            config.password.clone(),
+        ));
+        let grpc_listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding grpc_addr {}", config.grpc_addr))?;
+        let http_listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding http_addr {}", config.http_addr))?;
+        Ok(Self {
+            config,
+            grpc_listener,
+            http_listener,
+            accounts,
+            tokens,
+            database,
+            redis_health: fast.health,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn tokens(&self) -> Arc<TokenService> {
+        self.tokens.clone()
+    }
+
+    pub fn accounts(&self) -> Arc<AccountService> {
+        self.accounts.clone()
+    }
+
+    pub fn database(&self) -> Database {
+        self.database.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets
+    /// in-flight calls finish and returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: draining in-flight calls");
+                stop.cancel();
+            }
+        });
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let service_name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
+        tokio::spawn({
+            let database = self.database.health.clone();
+            let stop = stop.clone();
+            async move {
+                loop {
+                    let status = match database.ping().await {
+                        Ok(()) => ServingStatus::Serving,
+                        Err(error) => {
+                            tracing::warn!(%error, "database check failed: NOT_SERVING");
+                            ServingStatus::NotServing
+                        }
+                    };
+                    reporter.set_service_status("", status).await;
+                    reporter.set_service_status(service_name, status).await;
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                    }
+                }
+            }
+        });
+
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+        let api = AuthApi::new(
+            self.accounts.clone(),
+            self.tokens.clone(),
+            self.config.trusted_proxy_hops,
+        );
+        let grpc = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(AuthServiceServer::new(api))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.grpc_listener),
+                stop.clone().cancelled_owned(),
+            );
+
+        let admin = http::router(AdminState {
+            tokens: self.tokens.clone(),
+            database: self.database.health.clone(),
+            redis: self.redis_health.clone(),
+            metrics: telemetry::metrics_handle(),
+        });
+        let http = axum::serve(self.http_listener, admin)
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        tracing::info!(grpc = %self.config.grpc_addr, http = %self.config.http_addr, "auth-service serving");
+
+        let (grpc, http) = tokio::join!(grpc, async { http.await });
+        grpc.context("gRPC server failed")?;
+        http.context("HTTP admin server failed")?;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// Re-reads the signing keys on every SIGHUP (after `rotate-key`).
+pub fn reload_keys_on_sighup(tokens: Arc<TokenService>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tokens.reload_keys() {
+                Ok(kid) => tracing::info!(kid, "signing keys reloaded"),
+                Err(error) => tracing::error!(%error, "key reload failed; keeping the keys in use"),
+            }
+        }
+    });
+}

@@ -1,0 +1,129 @@
+//! Backends, chosen once at start-up from the configuration:
+//!
+//! | role | production | embedded default |
+//! |---|---|---|
+//! | accounts, sessions, outbox | PostgreSQL (`sql`) | SQLite (`sql`) |
+//! | revocations, login counters | Redis (`redis`) | in process (`memory`) |
+
+pub mod memory;
+pub mod redis;
+pub mod sql;
+
+use std::{str::FromStr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use sqlx::{
+    postgres::PgPoolOptions,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+
+use self::{
+    memory::{MemoryFailureCounter, MemoryRevocations},
+    redis::RedisStore,
+    sql::SqlStore,
+};
+use crate::{
+    accounts::store::UserStore, config::Config, error::BackendError, events::OutboxReader,
+    ratelimit::FailureCounter, revocation::RevocationStore, tokens::store::SessionStore,
+};
+
+/// Liveness of a backend, for health and readiness.
+#[async_trait]
+pub trait Ping: Send + Sync + 'static {
+    async fn ping(&self) -> Result<(), BackendError>;
+}
+
+#[async_trait]
+impl Ping for RedisStore {
+    async fn ping(&self) -> Result<(), BackendError> {
+        RedisStore::ping(self).await
+    }
+}
+
+/// The database roles, all served by one store.
+#[derive(Clone)]
+pub struct Database {
+    pub users: Arc<dyn UserStore>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub outbox: Arc<dyn OutboxReader>,
+    pub health: Arc<dyn Ping>,
+}
+
+impl Database {
+    fn from_store<S: UserStore + SessionStore + OutboxReader + Ping>(store: S) -> Self {
+        let store = Arc::new(store);
+        Self {
+            users: store.clone(),
+            sessions: store.clone(),
+            outbox: store.clone(),
+            health: store,
+        }
+    }
+}
+
+/// Connects to the configured database and applies its migrations.
+pub async fn open_database(config: &Config) -> anyhow::Result<Database> {
+    let url = config.effective_database_url();
+    if url.starts_with("sqlite:") {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+        let options = SqliteConnectOptions::from_str(&url)
+            .context("database_url (AUTH_DATABASE_URL) is not a valid SQLite URL")?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.database_max_connections.min(4))
+            .connect_with(options)
+            .await
+            .context("opening the SQLite database")?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .context("applying SQLite migrations")?;
+        Ok(Database::from_store(SqlStore::new(pool)))
+    } else {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.database_max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&url)
+            .await
+            .context("connecting to PostgreSQL (AUTH_DATABASE_URL)")?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&pool)
+            .await
+            .context("applying PostgreSQL migrations")?;
+        Ok(Database::from_store(SqlStore::new(pool)))
+    }
+}
+
+/// The shared fast state: Redis when configured, else in process.
+pub struct FastState {
+    pub revocations: Arc<dyn RevocationStore>,
+    pub failures: Arc<dyn FailureCounter>,
+    pub health: Option<Arc<dyn Ping>>,
+}
+
+pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
+    match &config.redis_url {
+        Some(url) => {
+            let redis = RedisStore::connect(url, &config.redis_key_prefix, config.redis_timeout())
+                .await
+                .context("connecting to Redis (AUTH_REDIS_URL)")?;
+            let redis = Arc::new(redis);
+            Ok(FastState {
+                revocations: redis.clone(),
+                failures: redis.clone(),
+                health: Some(redis),
+            })
+        }
+        None => Ok(FastState {
+            revocations: Arc::new(MemoryRevocations::new(config.revocation.cache_capacity)),
+            failures: Arc::new(MemoryFailureCounter::new(1_000_000)),
+            health: None,
+        }),
+    }
+}

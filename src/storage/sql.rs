@@ -1,0 +1,465 @@
+//! The account and session stores on SQL: PostgreSQL in production, SQLite
+//! for the embedded default. The tables, columns and statements are the same
+//! on both (see `migrations/`), so the store is written once and instantiated
+//! per driver by `sql_store!`; each instantiation is type-checked against its
+//! own driver's encodings (uuid/bytea/jsonb/timestamptz on PostgreSQL,
+//! blob/text on SQLite).
+
+use std::marker::PhantomData;
+
+use sqlx::{FromRow, Pool, types::Json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{
+    accounts::model::{Credentials, User},
+    error::BackendError,
+};
+
+/// A store over one sqlx pool.
+pub struct SqlStore<DB: sqlx::Database> {
+    pub(crate) pool: Pool<DB>,
+    _db: PhantomData<DB>,
+}
+
+impl<DB: sqlx::Database> SqlStore<DB> {
+    pub fn new(pool: Pool<DB>) -> Self {
+        Self {
+            pool,
+            _db: PhantomData,
+        }
+    }
+
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+}
+
+#[derive(FromRow)]
+pub(crate) struct UserRow {
+    id: Uuid,
+    email: String,
+    username: String,
+    password_hash: String,
+    roles: Json<Vec<String>>,
+    status: String,
+    created_at: OffsetDateTime,
+}
+
+impl UserRow {
+    pub(crate) fn into_credentials(self) -> Result<Credentials, BackendError> {
+        let user = User::from_stored(
+            self.id,
+            self.email,
+            self.username,
+            self.roles.0,
+            &self.status,
+            self.created_at,
+        )
+        .map_err(|e| BackendError::failed("database", e))?;
+        Ok(Credentials {
+            user,
+            password_hash: self.password_hash,
+        })
+    }
+}
+
+/// Connection failures and timeouts are worth a retry (Unavailable); anything
+/// the database answered is not (Internal).
+pub(crate) fn db_error(error: sqlx::Error) -> BackendError {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => BackendError::unavailable("database", error),
+        other => BackendError::failed("database", other),
+    }
+}
+
+/// Which unique field a violation is about, from the constraint name
+/// (PostgreSQL: `users_email_key`) or the message (SQLite:
+/// `UNIQUE constraint failed: users.email`).
+pub(crate) fn conflicting_field(error: &sqlx::Error) -> Option<&'static str> {
+    let db = error.as_database_error()?;
+    if !db.is_unique_violation() {
+        return None;
+    }
+    let text = db
+        .constraint()
+        .map(str::to_owned)
+        .unwrap_or_else(|| db.message().to_owned());
+    if text.contains("email") {
+        Some("email")
+    } else if text.contains("username") {
+        Some("username")
+    } else {
+        Some("id")
+    }
+}
+
+/// Implements `UserStore`, `SessionStore` and `OutboxReader` for
+/// `SqlStore<$db>`.
+macro_rules! sql_store {
+    ($db:ty) => {
+        const _: () = {
+            use async_trait::async_trait;
+            use sqlx::{Row, types::Json};
+            use time::OffsetDateTime;
+            use uuid::Uuid;
+
+            use $crate::{
+                accounts::{
+                    model::{Credentials, LoginName, Role, User, UserStatus},
+                    store::{InsertUserError, UserStore},
+                },
+                error::BackendError,
+                events::{OutboxEvent, StoredEvent, OutboxReader},
+                storage::sql::{SqlStore, UserRow, conflicting_field, db_error},
+                tokens::store::{NewRefreshToken, NewSession, RotateRequest, Rotation, SessionStore, TokenHash},
+            };
+
+            macro_rules! insert_event {
+                ($tx:expr, $event:expr) => {
+                    sqlx::query(
+                        "INSERT INTO outbox (id, event_type, user_id, occurred_at, payload, traceparent) \
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind($event.id)
+                    .bind($event.event_type.as_str())
+                    .bind($event.user_id)
+                    .bind($event.occurred_at)
+                    .bind(Json(&$event.data))
+                    .bind($event.traceparent.as_deref())
+                    .execute(&mut *$tx)
+                    .await
+                    .map_err(db_error)?
+                };
+            }
+
+            macro_rules! revoke_all_sessions {
+                ($tx:expr, $user_id:expr, $now:expr, $reason:expr) => {
+                    sqlx::query(
+                        "UPDATE sessions SET revoked_at = $2, revoked_reason = $3 \
+                         WHERE user_id = $1 AND revoked_at IS NULL",
+                    )
+                    .bind($user_id)
+                    .bind($now)
+                    .bind($reason)
+                    .execute(&mut *$tx)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected()
+                };
+            }
+
+            impl SqlStore<$db> {
+                async fn credentials_by(&self, sql: &'static str, key: &str) -> Result<Option<Credentials>, BackendError> {
+                    let row: Option<UserRow> = sqlx::query_as(sql).bind(key).fetch_optional(&self.pool).await.map_err(db_error)?;
+                    row.map(UserRow::into_credentials).transpose()
+                }
+            }
+
+            #[async_trait]
+            impl UserStore for SqlStore<$db> {
+                async fn insert_user(&self, user: &User, password_hash: &str, event: &OutboxEvent) -> Result<(), InsertUserError> {
+                    let roles: Vec<&str> = user.roles.iter().map(Role::as_str).collect();
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    let inserted = sqlx::query(
+                        "INSERT INTO users (id, email, username, password_hash, roles, status, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                    )
+                    .bind(user.id)
+                    .bind(user.email.as_str())
+                    .bind(user.username.as_str())
+                    .bind(password_hash)
+                    .bind(Json(roles))
+                    .bind(user.status.as_str())
+                    .bind(user.created_at)
+                    .execute(&mut *tx)
+                    .await;
+                    if let Err(error) = inserted {
+                        return Err(match conflicting_field(&error) {
+                            Some(field) => InsertUserError::Conflict(field),
+                            None => db_error(error).into(),
+                        });
+                    }
+                    insert_event!(tx, event);
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(())
+                }
+
+                async fn find_credentials(&self, login: &LoginName) -> Result<Option<Credentials>, BackendError> {
+                    match login {
+                        LoginName::Email(email) => self.credentials_by("SELECT id, email, username, password_hash, roles, status, created_at FROM users WHERE email = $1", email.as_str()).await,
+                        LoginName::Username(name) => self.credentials_by("SELECT id, email, username, password_hash, roles, status, created_at FROM users WHERE username = $1", name.as_str()).await,
+                    }
+                }
+
+                async fn find_credentials_by_id(&self, id: Uuid) -> Result<Option<Credentials>, BackendError> {
+                    let row: Option<UserRow> = sqlx::query_as("SELECT id, email, username, password_hash, roles, status, created_at FROM users WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                    row.map(UserRow::into_credentials).transpose()
+                }
+
+                async fn find_user(&self, id: Uuid) -> Result<Option<User>, BackendError> {
+                    Ok(self.find_credentials_by_id(id).await?.map(|c| c.user))
+                }
+
+                async fn upgrade_password_hash(&self, id: Uuid, old_hash: &str, new_hash: &str) -> Result<(), BackendError> {
+                    sqlx::query("UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2")
+                        .bind(id)
+                        .bind(old_hash)
+                        .bind(new_hash)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                    Ok(())
+                }
+
+                async fn change_password(&self, id: Uuid, new_hash: &str, event: &OutboxEvent) -> Result<bool, BackendError> {
+                    let now = event.occurred_at;
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    let changed = sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
+                        .bind(id)
+                        .bind(new_hash)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected();
+                    if changed == 0 {
+                        return Ok(false);
+                    }
+                    revoke_all_sessions!(tx, id, now, "password_changed");
+                    insert_event!(tx, event);
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(true)
+                }
+
+                async fn set_status(&self, id: Uuid, status: UserStatus, event: &OutboxEvent) -> Result<Option<User>, BackendError> {
+                    let now = event.occurred_at;
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    let row: Option<UserRow> = sqlx::query_as(
+                        "UPDATE users SET status = $2, updated_at = $3 WHERE id = $1 \
+                         RETURNING id, email, username, password_hash, roles, status, created_at",
+                    )
+                    .bind(id)
+                    .bind(status.as_str())
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                    let Some(row) = row else { return Ok(None) };
+                    revoke_all_sessions!(tx, id, now, status.as_str());
+                    insert_event!(tx, event);
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(Some(row.into_credentials()?.user))
+                }
+
+                async fn set_roles(&self, id: Uuid, roles: &[Role], event: &OutboxEvent) -> Result<Option<User>, BackendError> {
+                    let now = event.occurred_at;
+                    let names: Vec<&str> = roles.iter().map(Role::as_str).collect();
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    let row: Option<UserRow> = sqlx::query_as(
+                        "UPDATE users SET roles = $2, updated_at = $3 WHERE id = $1 \
+                         RETURNING id, email, username, password_hash, roles, status, created_at",
+                    )
+                    .bind(id)
+                    .bind(Json(names))
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                    let Some(row) = row else { return Ok(None) };
+                    revoke_all_sessions!(tx, id, now, "roles_changed");
+                    insert_event!(tx, event);
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(Some(row.into_credentials()?.user))
+                }
+
+                async fn append_event(&self, event: &OutboxEvent) -> Result<(), BackendError> {
+                    let mut conn = self.pool.acquire().await.map_err(db_error)?;
+                    insert_event!(conn, event);
+                    Ok(())
+                }
+            }
+
+            #[async_trait]
+            impl SessionStore for SqlStore<$db> {
+                async fn create_session(&self, session: &NewSession, token: &NewRefreshToken, event: &OutboxEvent) -> Result<(), BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    sqlx::query("INSERT INTO sessions (id, user_id, created_at, absolute_expires_at) VALUES ($1, $2, $3, $4)")
+                        .bind(session.id)
+                        .bind(session.user_id)
+                        .bind(session.created_at)
+                        .bind(session.absolute_expires_at)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, idle_expires_at) VALUES ($1, $2, $3, $4)")
+                        .bind(&token.hash[..])
+                        .bind(token.session_id)
+                        .bind(token.created_at)
+                        .bind(token.idle_expires_at)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    insert_event!(tx, event);
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(())
+                }
+
+                async fn rotate_refresh_token(&self, request: RotateRequest<'_>) -> Result<Rotation, BackendError> {
+                    let now = request.now;
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    // Spending first makes the rotation atomic: of two
+                    // concurrent presentations exactly one sees `used_at IS
+                    // NULL`; the other takes the reuse path below.
+                    let spent = sqlx::query(
+                        "UPDATE refresh_tokens SET used_at = $2 WHERE token_hash = $1 AND used_at IS NULL \
+                         RETURNING session_id, idle_expires_at",
+                    )
+                    .bind(&request.presented[..])
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+
+                    let Some(spent) = spent else {
+                        let owner = sqlx::query(
+                            "SELECT s.id, s.user_id, s.revoked_at FROM refresh_tokens t \
+                             JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = $1",
+                        )
+                        .bind(&request.presented[..])
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                        let Some(owner) = owner else { return Ok(Rotation::Invalid) };
+                        let session_id: Uuid = owner.try_get(0).map_err(db_error)?;
+                        let user_id: Uuid = owner.try_get(1).map_err(db_error)?;
+                        let revoked_at: Option<OffsetDateTime> = owner.try_get(2).map_err(db_error)?;
+                        if revoked_at.is_none() {
+                            sqlx::query("UPDATE sessions SET revoked_at = $2, revoked_reason = 'refresh_token_reuse' WHERE id = $1")
+                                .bind(session_id)
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_error)?;
+                            let event = OutboxEvent::token_revoked(user_id, session_id, "refresh_token_reuse", request.ctx);
+                            insert_event!(tx, event);
+                            tx.commit().await.map_err(db_error)?;
+                        }
+                        return Ok(Rotation::Reused { user_id, session_id });
+                    };
+
+                    let session_id: Uuid = spent.try_get(0).map_err(db_error)?;
+                    let idle_expires_at: OffsetDateTime = spent.try_get(1).map_err(db_error)?;
+                    if idle_expires_at <= now {
+                        return Ok(Rotation::Invalid);
+                    }
+                    let row = sqlx::query(
+                        "SELECT s.absolute_expires_at, s.revoked_at, u.id, u.email, u.username, u.password_hash, u.roles, u.status, u.created_at \
+                         FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
+                    )
+                    .bind(session_id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                    let absolute_expires_at: OffsetDateTime = row.try_get(0).map_err(db_error)?;
+                    let revoked_at: Option<OffsetDateTime> = row.try_get(1).map_err(db_error)?;
+                    let user = UserRow::from_row(&row).map_err(db_error)?.into_credentials()?.user;
+                    if revoked_at.is_some() || absolute_expires_at <= now || user.status != UserStatus::Active {
+                        return Ok(Rotation::Invalid);
+                    }
+                    let next_idle = (now + request.idle_ttl).min(absolute_expires_at);
+                    sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, idle_expires_at) VALUES ($1, $2, $3, $4)")
+                        .bind(&request.next[..])
+                        .bind(session_id)
+                        .bind(now)
+                        .bind(next_idle)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(Rotation::Rotated { user, session_id, idle_expires_at: next_idle })
+                }
+
+                async fn refresh_token_owner(&self, presented: &TokenHash) -> Result<Option<(Uuid, Uuid)>, BackendError> {
+                    let row = sqlx::query("SELECT s.id, s.user_id FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = $1")
+                        .bind(&presented[..])
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                    row.map(|r| Ok((r.try_get(0).map_err(db_error)?, r.try_get(1).map_err(db_error)?))).transpose()
+                }
+
+                async fn revoke_session(&self, session_id: Uuid, user_id: Uuid, now: OffsetDateTime, event: &OutboxEvent) -> Result<bool, BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    let revoked = sqlx::query(
+                        "UPDATE sessions SET revoked_at = $3, revoked_reason = 'logout' \
+                         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+                    )
+                    .bind(session_id)
+                    .bind(user_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected();
+                    insert_event!(tx, event);
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(revoked > 0)
+                }
+
+                async fn revoke_user_sessions(&self, user_id: Uuid, now: OffsetDateTime, event: &OutboxEvent) -> Result<u64, BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    let revoked = revoke_all_sessions!(tx, user_id, now, "admin_revoke");
+                    insert_event!(tx, event);
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(revoked)
+                }
+            }
+
+            #[async_trait]
+            impl $crate::storage::Ping for SqlStore<$db> {
+                async fn ping(&self) -> Result<(), BackendError> {
+                    sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error).map(drop)
+                }
+            }
+
+            #[async_trait]
+            impl OutboxReader for SqlStore<$db> {
+                async fn unpublished(&self, limit: i64) -> Result<Vec<StoredEvent>, BackendError> {
+                    let rows = sqlx::query(
+                        "SELECT id, event_type, user_id, occurred_at, payload, traceparent FROM outbox \
+                         WHERE published_at IS NULL ORDER BY id LIMIT $1",
+                    )
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(StoredEvent {
+                                id: r.try_get(0)?,
+                                event_type: r.try_get(1)?,
+                                user_id: r.try_get(2)?,
+                                occurred_at: r.try_get(3)?,
+                                data: r.try_get::<Json<serde_json::Value>, _>(4)?.0,
+                                traceparent: r.try_get(5)?,
+                            })
+                        })
+                        .collect::<Result<_, sqlx::Error>>()
+                        .map_err(db_error)
+                }
+            }
+        };
+    };
+}
+
+sql_store!(sqlx::Postgres);
+sql_store!(sqlx::Sqlite);

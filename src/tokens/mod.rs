@@ -1,0 +1,445 @@
+//! Tokens: short-lived EdDSA JWT access tokens and opaque rotating refresh
+//! tokens grouped in sessions (token families).
+//!
+//! * Access token claims: iss, aud, sub (user id), exp, iat, nbf, jti, sid
+//!   (session id), roles. `jti` is a UUIDv7 whose millisecond timestamp is the
+//!   issue time compared with the per-user revocation epoch (`iat` has whole
+//!   seconds only, too coarse to order a token against a revocation made in
+//!   the same second).
+//! * Verification accepts only `EdDSA` with a known `kid`, the configured
+//!   issuer and audience, and exp/nbf within the leeway. `alg: none`, HS*,
+//!   and every other algorithm are refused before any key is looked up.
+//! * Refresh tokens are 256 random bits, base64url; only their SHA-256 is
+//!   stored. Each use spends the token and issues the next one; presenting a
+//!   spent one revokes its session (and only that session).
+
+pub mod keys;
+pub mod store;
+
+use std::{path::PathBuf, sync::Arc};
+
+use arc_swap::ArcSwap;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::{Algorithm, Header, Validation, errors::ErrorKind};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+use self::{
+    keys::{KeyError, KeyRing},
+    store::{NewRefreshToken, NewSession, RotateRequest, Rotation, SessionStore, TokenHash},
+};
+use crate::{
+    accounts::model::{Role, User},
+    config::TokenConfig,
+    error::BackendError,
+    events::{OutboxEvent, RequestContext},
+    revocation::{RevocationKeys, Revocations, TokenFacts},
+};
+
+/// Why a token was refused. Callers only ever learn "invalid token"; the
+/// reason is for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidToken {
+    #[error("malformed")]
+    Malformed,
+    #[error("algorithm not allowed")]
+    Algorithm,
+    #[error("unknown key id")]
+    UnknownKey,
+    #[error("bad signature")]
+    Signature,
+    #[error("expired")]
+    Expired,
+    #[error("not yet valid")]
+    NotYetValid,
+    #[error("wrong issuer")]
+    Issuer,
+    #[error("wrong audience")]
+    Audience,
+    #[error("revoked")]
+    Revoked,
+}
+
+impl InvalidToken {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Algorithm => "algorithm",
+            Self::UnknownKey => "unknown_kid",
+            Self::Signature => "signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Issuer => "issuer",
+            Self::Audience => "audience",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("invalid access token: {0}")]
+    InvalidAccess(InvalidToken),
+    /// Unknown, spent, expired or revoked refresh token (one answer for all).
+    #[error("invalid refresh token")]
+    InvalidRefresh,
+    #[error("signing failed")]
+    Signing(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Access-token claims.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: Uuid,
+    pub exp: i64,
+    pub iat: i64,
+    pub nbf: i64,
+    pub jti: Uuid,
+    pub sid: Uuid,
+    pub roles: Vec<String>,
+}
+
+/// A caller proven by a valid, unrevoked access token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub jti: Uuid,
+    pub roles: Vec<String>,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl Principal {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+}
+
+/// What Login and RefreshToken hand out. The refresh token is secret.
+#[derive(Debug)]
+pub struct TokenPair {
+    pub access_token: SecretString,
+    pub refresh_token: SecretString,
+    pub expires_in: i64,
+    pub refresh_expires_in: i64,
+    pub user: User,
+}
+
+/// Issues, verifies, rotates and revokes tokens.
+pub struct TokenService {
+    keys: ArcSwap<KeyRing>,
+    keys_dir: PathBuf,
+    generate_keys: bool,
+    config: TokenConfig,
+    validation: Validation,
+    sessions: Arc<dyn SessionStore>,
+    revocations: Revocations,
+}
+
+pub fn hash_refresh_token(raw: &str) -> TokenHash {
+    Sha256::digest(raw.as_bytes()).into()
+}
+
+fn new_refresh_token() -> Result<(SecretString, TokenHash), TokenError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| TokenError::Signing(e.to_string()))?;
+    let raw = URL_SAFE_NO_PAD.encode(bytes);
+    bytes.fill(0);
+    let hash = hash_refresh_token(&raw);
+    Ok((SecretString::from(raw), hash))
+}
+
+fn secs(d: u64) -> Duration {
+    Duration::seconds(i64::try_from(d).unwrap_or(i64::MAX / 4))
+}
+
+impl TokenService {
+    pub fn new(
+        config: TokenConfig,
+        keys_dir: PathBuf,
+        sessions: Arc<dyn SessionStore>,
+        revocations: Revocations,
+    ) -> Result<Self, KeyError> {
+        let ring = KeyRing::load(&keys_dir, config.generate_key_if_missing)?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[&config.issuer]);
+        validation.set_audience(&[&config.audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = config.leeway_secs;
+        Ok(Self {
+            keys: ArcSwap::from_pointee(ring),
+            keys_dir,
+            generate_keys: config.generate_key_if_missing,
+            config,
+            validation,
+            sessions,
+            revocations,
+        })
+    }
+
+    /// Re-reads the key directory (after `rotate-key`, on SIGHUP). On error
+    /// the keys in use stay in use.
+    pub fn reload_keys(&self) -> Result<String, KeyError> {
+        let ring = KeyRing::load(&self.keys_dir, self.generate_keys)?;
+        let kid = ring.signing_kid().to_owned();
+        self.keys.store(Arc::new(ring));
+        Ok(kid)
+    }
+
+    pub fn jwks_json(&self) -> String {
+        self.keys.load().jwks_json().to_owned()
+    }
+
+    pub fn config(&self) -> &TokenConfig {
+        &self.config
+    }
+
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    fn sign(
+        &self,
+        user: &User,
+        session_id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<(SecretString, i64), TokenError> {
+        let ttl = i64::try_from(self.config.access_ttl_secs).unwrap_or(i64::MAX / 4);
+        let iat = now.unix_timestamp();
+        let claims = Claims {
+            iss: self.config.issuer.clone(),
+            aud: self.config.audience.clone(),
+            sub: user.id,
+            exp: iat + ttl,
+            iat,
+            nbf: iat,
+            jti: Uuid::now_v7(),
+            sid: session_id,
+            roles: user
+                .roles
+                .iter()
+                .map(Role::as_str)
+                .map(str::to_owned)
+                .collect(),
+        };
+        let ring = self.keys.load();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(ring.signing_kid().to_owned());
+        let token = jsonwebtoken::encode(&header, &claims, ring.signing_key())
+            .map_err(|e| TokenError::Signing(e.to_string()))?;
+        Ok((SecretString::from(token), ttl))
+    }
+
+    /// Starts a session for a user who just proved who they are.
+    pub async fn start_session(
+        &self,
+        user: User,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, TokenError> {
+        let now = OffsetDateTime::now_utc();
+        let session = NewSession {
+            id: Uuid::now_v7(),
+            user_id: user.id,
+            created_at: now,
+            absolute_expires_at: now + secs(self.config.refresh_absolute_ttl_secs),
+        };
+        let (refresh, hash) = new_refresh_token()?;
+        let idle_expires_at =
+            (now + secs(self.config.refresh_idle_ttl_secs)).min(session.absolute_expires_at);
+        let token = NewRefreshToken {
+            hash,
+            session_id: session.id,
+            created_at: now,
+            idle_expires_at,
+        };
+        let (access, expires_in) = self.sign(&user, session.id, now)?;
+        let event = OutboxEvent::login_succeeded(user.id, session.id, ctx);
+        self.sessions
+            .create_session(&session, &token, &event)
+            .await?;
+        Ok(TokenPair {
+            access_token: access,
+            refresh_token: refresh,
+            expires_in,
+            refresh_expires_in: (idle_expires_at - now).whole_seconds(),
+            user,
+        })
+    }
+
+    /// Spends a refresh token for a new pair.
+    pub async fn refresh(
+        &self,
+        raw: &SecretString,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, TokenError> {
+        let now = OffsetDateTime::now_utc();
+        let (next, next_hash) = new_refresh_token()?;
+        let rotation = self
+            .sessions
+            .rotate_refresh_token(RotateRequest {
+                presented: hash_refresh_token(raw.expose_secret()),
+                next: next_hash,
+                now,
+                idle_ttl: secs(self.config.refresh_idle_ttl_secs),
+                ctx,
+            })
+            .await?;
+        match rotation {
+            Rotation::Rotated {
+                user,
+                session_id,
+                idle_expires_at,
+            } => {
+                let (access, expires_in) = self.sign(&user, session_id, now)?;
+                Ok(TokenPair {
+                    access_token: access,
+                    refresh_token: next,
+                    expires_in,
+                    refresh_expires_in: (idle_expires_at - now).whole_seconds(),
+                    user,
+                })
+            }
+            Rotation::Reused {
+                user_id,
+                session_id,
+            } => {
+                tracing::warn!(%user_id, %session_id, "refresh token reuse: session revoked");
+                metrics::counter!("refresh_token_reuse_total").increment(1);
+                // The family's access tokens die with it.
+                self.revocations.revoke_session(session_id).await?;
+                Err(TokenError::InvalidRefresh)
+            }
+            Rotation::Invalid => Err(TokenError::InvalidRefresh),
+        }
+    }
+
+    /// Signature and claims only (no revocation check).
+    pub fn verify(&self, token: &str) -> Result<Claims, InvalidToken> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                InvalidToken::Algorithm
+            }
+            _ => InvalidToken::Malformed,
+        })?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(InvalidToken::Algorithm);
+        }
+        let ring = self.keys.load();
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| ring.verifying_key(kid))
+            .ok_or(InvalidToken::UnknownKey)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => InvalidToken::Expired,
+                    ErrorKind::ImmatureSignature => InvalidToken::NotYetValid,
+                    ErrorKind::InvalidIssuer => InvalidToken::Issuer,
+                    ErrorKind::InvalidAudience => InvalidToken::Audience,
+                    ErrorKind::InvalidSignature => InvalidToken::Signature,
+                    ErrorKind::InvalidAlgorithm => InvalidToken::Algorithm,
+                    _ => InvalidToken::Malformed,
+                }
+            })?;
+        Ok(data.claims)
+    }
+
+    /// Full check: signature, claims, then revocation.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, TokenError> {
+        let claims = self.verify(token).map_err(TokenError::InvalidAccess)?;
+        let issued_at_ms = claims
+            .jti
+            .get_timestamp()
+            .map(|t| {
+                let (s, n) = t.to_unix();
+                i64::try_from(s).unwrap_or(i64::MAX / 2_000) * 1000 + i64::from(n / 1_000_000)
+            })
+            .ok_or(TokenError::InvalidAccess(InvalidToken::Malformed))?;
+        let jti = claims.jti.to_string();
+        let facts = TokenFacts {
+            keys: RevocationKeys {
+                jti: &jti,
+                session_id: claims.sid,
+                user_id: claims.sub,
+            },
+            issued_at_ms,
+            expires_at: claims.exp,
+        };
+        if self.revocations.is_revoked(&facts).await? {
+            return Err(TokenError::InvalidAccess(InvalidToken::Revoked));
+        }
+        Ok(Principal {
+            user_id: claims.sub,
+            session_id: claims.sid,
+            jti: claims.jti,
+            roles: claims.roles,
+            expires_at: claims.exp,
+        })
+    }
+
+    /// Ends the caller's session: the access token is blacklisted until it
+    /// expires and the session (with every refresh token of it) is revoked.
+    /// A refresh token of another session of the same user is revoked too; one
+    /// of another user is refused.
+    pub async fn logout(
+        &self,
+        caller: &Principal,
+        refresh: Option<&SecretString>,
+        ctx: &RequestContext,
+    ) -> Result<(), TokenError> {
+        let mut sessions = vec![caller.session_id];
+        if let Some(raw) = refresh {
+            match self
+                .sessions
+                .refresh_token_owner(&hash_refresh_token(raw.expose_secret()))
+                .await?
+            {
+                Some((session_id, user_id)) if user_id == caller.user_id => {
+                    sessions.push(session_id)
+                }
+                Some(_) => return Err(TokenError::InvalidRefresh),
+                None => {}
+            }
+        }
+        sessions.dedup();
+        self.revocations
+            .revoke_token(&caller.jti.to_string(), caller.expires_at)
+            .await?;
+        let now = OffsetDateTime::now_utc();
+        for session_id in sessions {
+            self.revocations.revoke_session(session_id).await?;
+            let event = OutboxEvent::token_revoked(caller.user_id, session_id, "logout", ctx);
+            self.sessions
+                .revoke_session(session_id, caller.user_id, now, &event)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl TokenService {
+    /// Ends every session of the user: access tokens through the per-user
+    /// epoch (first, so a failure there changes nothing), refresh tokens in
+    /// the store with `event`. Returns the number of sessions revoked.
+    pub async fn end_all_sessions(
+        &self,
+        user_id: Uuid,
+        event: &OutboxEvent,
+    ) -> Result<u64, TokenError> {
+        self.revocations.revoke_user(user_id).await?;
+        Ok(self
+            .sessions
+            .revoke_user_sessions(user_id, event.occurred_at, event)
+            .await?)
+    }
+}
