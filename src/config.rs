@@ -306,6 +306,8 @@ fn describe(error: figment::Error) -> String {
 }
 
 #[cfg(test)]
+// figment's Jail closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 

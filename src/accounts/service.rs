@@ -49,6 +49,14 @@ pub struct AccountService {
     policy: PasswordConfig,
 }
 
+/// Now, at the precision every store keeps (PostgreSQL: microseconds), so
+/// the user returned by sign-up equals the one read back later.
+fn now_micros() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
+}
+
 fn parse_user_id(raw: &str) -> Result<Uuid, AccountError> {
     Uuid::parse_str(raw.trim())
         .map_err(|_| AccountError::Invalid(vec![FieldViolation::new("user_id", "must be a UUID")]))
@@ -109,7 +117,7 @@ impl AccountService {
             username,
             roles: vec![Role::user()],
             status: UserStatus::Active,
-            created_at: OffsetDateTime::now_utc(),
+            created_at: now_micros(),
         };
         let event = OutboxEvent::user_created(&user, ctx);
         match self.users.insert_user(&user, &hash, &event).await {

@@ -89,10 +89,10 @@ pub fn client_ip(metadata: &MetadataMap, peer: Option<SocketAddr>, hops: usize) 
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .collect();
-        if let Some(ip) = entries.len().checked_sub(hops).and_then(|i| entries.get(i)) {
-            if let Ok(parsed) = ip.parse::<std::net::IpAddr>() {
-                return Some(parsed.to_string());
-            }
+        if let Some(ip) = entries.len().checked_sub(hops).and_then(|i| entries.get(i))
+            && let Ok(parsed) = ip.parse::<std::net::IpAddr>()
+        {
+            return Some(parsed.to_string());
         }
     }
     peer.map(|p| p.ip().to_string())

@@ -343,12 +343,21 @@ macro_rules! sql_store {
                         let user_id: Uuid = owner.try_get(1).map_err(db_error)?;
                         let revoked_at: Option<OffsetDateTime> = owner.try_get(2).map_err(db_error)?;
                         if revoked_at.is_none() {
-                            sqlx::query("UPDATE sessions SET revoked_at = $2, revoked_reason = 'refresh_token_reuse' WHERE id = $1")
-                                .bind(session_id)
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await
-                                .map_err(db_error)?;
+                            // Conditional, so of several concurrent replays
+                            // only one revokes and records the event.
+                            let revoked = sqlx::query(
+                                "UPDATE sessions SET revoked_at = $2, revoked_reason = 'refresh_token_reuse' \
+                                 WHERE id = $1 AND revoked_at IS NULL",
+                            )
+                            .bind(session_id)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?
+                            .rows_affected();
+                            if revoked == 0 {
+                                return Ok(Rotation::Reused { user_id, session_id });
+                            }
                             let event = OutboxEvent::token_revoked(user_id, session_id, "refresh_token_reuse", request.ctx);
                             insert_event!(tx, event);
                             tx.commit().await.map_err(db_error)?;

@@ -1,0 +1,10 @@
+//! The one integration-test binary: the real server over gRPC on port 0,
+//! against SQLite + in-process state and against PostgreSQL + Redis.
+
+mod support;
+
+mod accounts;
+mod operations;
+mod process;
+mod store_contract;
+mod tokens;

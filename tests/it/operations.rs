@@ -1,0 +1,119 @@
+//! Health, reflection, the admin HTTP port, backend failures and hash upgrades.
+
+use std::time::Duration;
+
+use auth_service::{accounts::model::LoginName, grpc::pb};
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::{
+    on_both_backends,
+    support::{Backend, OwnRedis, TestApp, channel, config_for},
+};
+
+on_both_backends! {
+    async fn grpc_health_is_serving_and_reflection_lists_the_service(app) {
+        let mut health = HealthClient::new(channel(app.grpc_addr).await);
+        for service in ["", "immersiverse.auth.v1.AuthService"] {
+            let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+            assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+        }
+        use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse};
+        let mut reflection = ServerReflectionClient::new(channel(app.grpc_addr).await);
+        let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+        let mut stream = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+        let response = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("unexpected {response:?}") };
+        assert!(list.service.iter().any(|s| s.name == "immersiverse.auth.v1.AuthService"), "{list:?}");
+    }
+
+    async fn the_admin_port_serves_health_readiness_metrics_and_jwks(app) {
+        assert_eq!(app.http_get("/healthz").await, (200, "ok".to_owned()));
+        assert_eq!(app.http_get("/readyz").await.0, 200);
+        app.sign_up("mia").await;
+        app.login_ok("mia").await;
+        app.login("mia", "wrong password").await.unwrap_err();
+        let (status, metrics) = app.http_get("/metrics").await;
+        assert_eq!(status, 200);
+        for expected in [
+            r#"grpc_server_requests_total{method="CreateUser",code="OK"}"#,
+            r#"grpc_server_requests_total{method="Login",code="Unauthenticated"}"#,
+            r#"login_attempts_total{outcome="success"}"#,
+            "grpc_server_request_duration_seconds_bucket",
+        ] {
+            assert!(metrics.contains(expected), "missing {expected}");
+        }
+        let (status, jwks) = app.http_get("/.well-known/jwks.json").await;
+        assert_eq!(status, 200);
+        assert!(jwks.contains(r#""crv":"Ed25519""#) && !jwks.contains(r#""d":"#));
+        assert_eq!(app.http_get("/nope").await.0, 404);
+    }
+
+    async fn a_login_with_old_argon2_parameters_upgrades_the_stored_hash(app) {
+        app.sign_up("nina").await;
+        let backend = app.backend;
+        let (mut config, dir) = app.stop().await;
+        config.password.memory_kib = 2048;
+        let mut app = TestApp::start(backend, config, dir).await;
+        let login = LoginName::parse("login", "nina").unwrap();
+        let before = app.database.users.find_credentials(&login).await.unwrap().unwrap().password_hash;
+        assert!(before.contains("m=1024"), "{before}");
+        app.login_ok("nina").await;
+        let after = app.database.users.find_credentials(&login).await.unwrap().unwrap().password_hash;
+        assert!(after.contains("m=2048,t=1,p=1"), "{after}");
+        app.login_ok("nina").await;
+    }
+}
+
+/// Redis is the shared revocation truth in production: without it a token
+/// cannot be proven unrevoked, so ValidateToken fails closed (Unavailable),
+/// except for a token this replica checked within `revocation.cache_ttl_ms`.
+/// Login fails closed too (the lockout counters live there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_dies_validation_and_login_fail_closed_with_unavailable() {
+    let mut redis = OwnRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(Backend::Production, dir.path()).await;
+    config.redis_url = Some(redis.url.clone());
+    config.revocation.cache_ttl_ms = 60_000;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    app.sign_up("olga").await;
+    let checked = app.login_ok("olga").await;
+    let unchecked = app.login_ok("olga").await;
+    app.validate(&checked.access_token).await.unwrap();
+
+    redis.kill();
+
+    let status = app.validate(&unchecked.access_token).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        !status.message().contains("redis://"),
+        "no internals: {}",
+        status.message()
+    );
+    app.validate(&checked.access_token)
+        .await
+        .expect("served from this replica's cache within its TTL");
+    let started = std::time::Instant::now();
+    let status = app
+        .login("olga", crate::support::PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the Redis timeout bounds the call"
+    );
+    assert_eq!(app.http_get("/readyz").await.0, 503);
+    // The database still works: sign-up does not need Redis.
+    app.client
+        .create_user(pb::CreateUserRequest {
+            email: "p@example.com".into(),
+            username: "pete".into(),
+            password: crate::support::PASSWORD.into(),
+        })
+        .await
+        .expect("sign-up does not depend on Redis");
+}

@@ -1,0 +1,269 @@
+//! The store contract, run on both SQL backends directly.
+
+use std::sync::Arc;
+
+use auth_service::{
+    accounts::model::{Email, LoginName, Role, User, UserStatus, Username},
+    events::{OutboxEvent, RequestContext},
+    storage::{Database, open_database},
+    tokens::store::{NewRefreshToken, NewSession, RotateRequest, Rotation},
+};
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::support::{Backend, config_for};
+
+async fn database(backend: Backend) -> (Database, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(backend, dir.path()).await;
+    (open_database(&config).await.unwrap(), dir)
+}
+
+fn user(name: &str) -> User {
+    User {
+        id: Uuid::now_v7(),
+        email: Email::parse("email", &format!("{name}@example.com")).unwrap(),
+        username: Username::parse("username", name).unwrap(),
+        roles: vec![Role::user()],
+        status: UserStatus::Active,
+        created_at: OffsetDateTime::now_utc(),
+    }
+}
+
+async fn user_with_session(db: &Database) -> (User, Uuid, [u8; 32]) {
+    let ctx = RequestContext::default();
+    let user = user("racer");
+    db.users
+        .insert_user(
+            &user,
+            "$argon2id$placeholder",
+            &OutboxEvent::user_created(&user, &ctx),
+        )
+        .await
+        .unwrap();
+    let now = OffsetDateTime::now_utc();
+    let session = NewSession {
+        id: Uuid::now_v7(),
+        user_id: user.id,
+        created_at: now,
+        absolute_expires_at: now + Duration::days(1),
+    };
+    let hash = [7u8; 32];
+    let token = NewRefreshToken {
+        hash,
+        session_id: session.id,
+        created_at: now,
+        idle_expires_at: now + Duration::hours(1),
+    };
+    db.sessions
+        .create_session(
+            &session,
+            &token,
+            &OutboxEvent::login_succeeded(user.id, session.id, &ctx),
+        )
+        .await
+        .unwrap();
+    (user, session.id, hash)
+}
+
+async fn concurrent_presentations_rotate_exactly_once(backend: Backend) {
+    let (db, _dir) = database(backend).await;
+    let (_, session_id, presented) = user_with_session(&db).await;
+    let ctx = Arc::new(RequestContext::default());
+    let tasks: Vec<_> = (0..8u8)
+        .map(|i| {
+            let sessions = db.sessions.clone();
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                sessions
+                    .rotate_refresh_token(RotateRequest {
+                        presented,
+                        next: [i + 100; 32],
+                        now: OffsetDateTime::now_utc(),
+                        idle_ttl: Duration::hours(1),
+                        ctx: &ctx,
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut rotated = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Rotation::Rotated { session_id: s, .. } => {
+                assert_eq!(s, session_id);
+                rotated += 1;
+            }
+            Rotation::Reused { session_id: s, .. } => assert_eq!(s, session_id),
+            Rotation::Invalid => panic!("a known token is never just invalid here"),
+        }
+    }
+    assert_eq!(rotated, 1, "exactly one presentation may win");
+    // The losers were reuse: the family is revoked, so even the winner's
+    // new token is dead.
+    let reuse_events = db
+        .outbox
+        .unpublished(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "token_revoked")
+        .count();
+    assert_eq!(reuse_events, 1, "one revocation event, however many losers");
+}
+
+async fn an_expired_refresh_token_is_invalid_and_stays_unspent(backend: Backend) {
+    let (db, _dir) = database(backend).await;
+    let (_, _, presented) = user_with_session(&db).await;
+    let later = OffsetDateTime::now_utc() + Duration::hours(2);
+    let ctx = RequestContext::default();
+    let outcome = db
+        .sessions
+        .rotate_refresh_token(RotateRequest {
+            presented,
+            next: [9; 32],
+            now: later,
+            idle_ttl: Duration::hours(1),
+            ctx: &ctx,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Rotation::Invalid), "{outcome:?}");
+    // Still unspent (the transaction rolled back): presenting it again is
+    // not mistaken for reuse.
+    let again = db
+        .sessions
+        .rotate_refresh_token(RotateRequest {
+            presented,
+            next: [10; 32],
+            now: later,
+            idle_ttl: Duration::hours(1),
+            ctx: &ctx,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(again, Rotation::Invalid), "{again:?}");
+}
+
+async fn the_hash_upgrade_only_replaces_the_hash_it_read(backend: Backend) {
+    let (db, _dir) = database(backend).await;
+    let (user, _, _) = user_with_session(&db).await;
+    let login = LoginName::parse("login", "racer").unwrap();
+    db.users
+        .upgrade_password_hash(user.id, "$argon2id$stale", "$argon2id$upgraded")
+        .await
+        .unwrap();
+    assert_eq!(
+        db.users
+            .find_credentials(&login)
+            .await
+            .unwrap()
+            .unwrap()
+            .password_hash,
+        "$argon2id$placeholder"
+    );
+    db.users
+        .upgrade_password_hash(user.id, "$argon2id$placeholder", "$argon2id$upgraded")
+        .await
+        .unwrap();
+    assert_eq!(
+        db.users
+            .find_credentials(&login)
+            .await
+            .unwrap()
+            .unwrap()
+            .password_hash,
+        "$argon2id$upgraded"
+    );
+}
+
+async fn status_changes_revoke_sessions_and_write_the_event_atomically(backend: Backend) {
+    let (db, _dir) = database(backend).await;
+    let (user, _, presented) = user_with_session(&db).await;
+    let ctx = RequestContext::default();
+    let event = OutboxEvent::user_suspended(user.id, Uuid::nil(), "test", &ctx);
+    let updated = db
+        .users
+        .set_status(user.id, UserStatus::Suspended, &event)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.status, UserStatus::Suspended);
+    let outcome = db
+        .sessions
+        .rotate_refresh_token(RotateRequest {
+            presented,
+            next: [1; 32],
+            now: OffsetDateTime::now_utc(),
+            idle_ttl: Duration::hours(1),
+            ctx: &ctx,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Rotation::Invalid), "{outcome:?}");
+    let types: Vec<String> = db
+        .outbox
+        .unpublished(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(types, ["user_created", "login_succeeded", "user_suspended"]);
+    let stored = db.outbox.unpublished(100).await.unwrap().pop().unwrap();
+    assert_eq!(stored.id, event.id);
+    assert_eq!(stored.user_id, Some(user.id));
+    assert!(
+        db.users
+            .set_status(Uuid::now_v7(), UserStatus::Suspended, &event)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn missing_rows_are_none_not_errors(backend: Backend) {
+    let (db, _dir) = database(backend).await;
+    assert!(db.users.find_user(Uuid::now_v7()).await.unwrap().is_none());
+    assert!(
+        db.users
+            .find_credentials(&LoginName::parse("login", "nobody").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        db.sessions
+            .refresh_token_owner(&[0; 32])
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+macro_rules! contract {
+    ($($case:ident),*) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$case(super::Backend::Embedded).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$case(super::Backend::Production).await
+                }
+            }
+        )*
+    };
+}
+
+contract!(
+    concurrent_presentations_rotate_exactly_once,
+    an_expired_refresh_token_is_invalid_and_stays_unspent,
+    the_hash_upgrade_only_replaces_the_hash_it_read,
+    status_changes_revoke_sessions_and_write_the_event_atomically,
+    missing_rows_are_none_not_errors
+);
