@@ -69,12 +69,22 @@ fn argon2_rate(threads: usize, seconds: u64) {
 }
 
 async fn client(addr: &str) -> AuthServiceClient<Channel> {
-    AuthServiceClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap())
+    AuthServiceClient::new(
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
 }
 
 async fn ensure_user(client: &mut AuthServiceClient<Channel>, name: &str) {
     let _ = client
-        .create_user(pb::CreateUserRequest { email: format!("{name}@example.com"), username: name.into(), password: PASSWORD.into() })
+        .create_user(pb::CreateUserRequest {
+            email: format!("{name}@example.com"),
+            username: name.into(),
+            password: PASSWORD.into(),
+        })
         .await;
 }
 
@@ -127,7 +137,11 @@ where
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize| args.get(i).cloned().unwrap_or_else(|| panic!("usage: loadgen argon2|login|validate ..."));
+    let arg = |i: usize| {
+        args.get(i)
+            .cloned()
+            .unwrap_or_else(|| panic!("usage: loadgen argon2|login|validate ..."))
+    };
     match arg(0).as_str() {
         "argon2" => argon2_rate(arg(1).parse().unwrap(), arg(2).parse().unwrap()),
         "login" => {
@@ -138,10 +152,18 @@ async fn main() {
             for i in 0..concurrency {
                 ensure_user(&mut setup, &format!("bench{i}")).await;
             }
-            let clients: Arc<Vec<_>> = Arc::new(futures::future::join_all((0..concurrency).map(|_| client(&addr))).await);
+            let clients: Arc<Vec<_>> =
+                Arc::new(futures::future::join_all((0..concurrency).map(|_| client(&addr))).await);
             drive("Login", concurrency, arg(3).parse().unwrap(), move |i| {
                 let mut c = clients[i].clone();
-                async move { c.login(pb::LoginRequest { login: format!("bench{i}"), password: PASSWORD.into() }).await.is_ok() }
+                async move {
+                    c.login(pb::LoginRequest {
+                        login: format!("bench{i}"),
+                        password: PASSWORD.into(),
+                    })
+                    .await
+                    .is_ok()
+                }
             })
             .await;
         }
@@ -150,13 +172,31 @@ async fn main() {
             let concurrency: usize = arg(2).parse().unwrap();
             let mut setup = client(&addr).await;
             ensure_user(&mut setup, "benchv").await;
-            let token = setup.login(pb::LoginRequest { login: "benchv".into(), password: PASSWORD.into() }).await.unwrap().into_inner().access_token;
-            let clients: Arc<Vec<_>> = Arc::new(futures::future::join_all((0..concurrency).map(|_| client(&addr))).await);
-            drive("ValidateToken", concurrency, arg(3).parse().unwrap(), move |i| {
-                let mut c = clients[i].clone();
-                let token = token.clone();
-                async move { c.validate_token(pb::ValidateTokenRequest { token }).await.is_ok() }
-            })
+            let token = setup
+                .login(pb::LoginRequest {
+                    login: "benchv".into(),
+                    password: PASSWORD.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .access_token;
+            let clients: Arc<Vec<_>> =
+                Arc::new(futures::future::join_all((0..concurrency).map(|_| client(&addr))).await);
+            drive(
+                "ValidateToken",
+                concurrency,
+                arg(3).parse().unwrap(),
+                move |i| {
+                    let mut c = clients[i].clone();
+                    let token = token.clone();
+                    async move {
+                        c.validate_token(pb::ValidateTokenRequest { token })
+                            .await
+                            .is_ok()
+                    }
+                },
+            )
             .await;
         }
         other => panic!("unknown mode {other}"),

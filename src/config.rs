@@ -33,6 +33,9 @@ pub struct Config {
     pub redis_timeout_ms: u64,
     /// Maximum connections in the database pool.
     pub database_max_connections: u32,
+    /// How long a call waits for a database connection before answering
+    /// Unavailable, in milliseconds.
+    pub database_timeout_ms: u64,
     /// How many proxies in front of the service append to `x-forwarded-for`.
     /// The client address is the entry that many places from the right;
     /// 0 ignores the header and uses the peer address.
@@ -123,6 +126,7 @@ impl Default for Config {
             redis_key_prefix: "auth:".into(),
             redis_timeout_ms: 250,
             database_max_connections: 16,
+            database_timeout_ms: 5000,
             trusted_proxy_hops: 1,
             log_format: LogFormat::Text,
             password: PasswordConfig {
@@ -239,6 +243,12 @@ impl Config {
         if self.redis_timeout_ms == 0 {
             return fail(
                 "redis_timeout_ms (AUTH_REDIS_TIMEOUT_MS)",
+                "must be positive",
+            );
+        }
+        if self.database_timeout_ms == 0 {
+            return fail(
+                "database_timeout_ms (AUTH_DATABASE_TIMEOUT_MS)",
                 "must be positive",
             );
         }

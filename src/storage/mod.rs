@@ -77,6 +77,7 @@ pub async fn open_database(config: &Config) -> anyhow::Result<Database> {
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(config.database_max_connections.min(4))
+            .acquire_timeout(Duration::from_millis(config.database_timeout_ms))
             .connect_with(options)
             .await
             .context("opening the SQLite database")?;
@@ -88,7 +89,7 @@ pub async fn open_database(config: &Config) -> anyhow::Result<Database> {
     } else {
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_millis(config.database_timeout_ms))
             .connect(&url)
             .await
             .context("connecting to PostgreSQL (AUTH_DATABASE_URL)")?;

@@ -117,3 +117,64 @@ async fn when_redis_dies_validation_and_login_fail_closed_with_unavailable() {
         .await
         .expect("sign-up does not depend on Redis");
 }
+
+/// PostgreSQL cut off mid-run: calls that need it answer Unavailable within
+/// `database_timeout_ms`, readiness fails and gRPC health turns NOT_SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_postgres_is_cut_off_calls_answer_unavailable_and_health_turns_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(Backend::Production, dir.path()).await;
+    let url = config.database_url.clone().unwrap();
+    let (scheme_host, db) = url.rsplit_once('/').unwrap();
+    let (prefix, host_port) = scheme_host.rsplit_once('@').unwrap();
+    let target: std::net::SocketAddr = host_port.parse().unwrap();
+    let cutter = crate::support::Cutter::start(target).await;
+    config.database_url = Some(format!("{prefix}@{}/{db}", cutter.addr));
+    config.database_timeout_ms = 500;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    app.sign_up("quinn").await;
+
+    cutter.cut();
+
+    let status = app
+        .client
+        .create_user(pb::CreateUserRequest {
+            email: "r@example.com".into(),
+            username: "rita".into(),
+            password: crate::support::PASSWORD.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        !status.message().contains("127.0.0.1"),
+        "no internals: {}",
+        status.message()
+    );
+    let status = app
+        .login("quinn", crate::support::PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(app.http_get("/readyz").await.0, 503);
+    let mut health = HealthClient::new(channel(app.grpc_addr).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health still {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -369,3 +369,52 @@ macro_rules! on_both_backends {
         )*
     };
 }
+
+/// A TCP forwarder between the service and a backend, to cut the backend
+/// off mid-test (the backend itself is shared and keeps running).
+pub struct Cutter {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Cutter {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = token.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    return;
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, stop }
+    }
+
+    /// Drops every forwarded connection and refuses new ones.
+    pub fn cut(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Cutter {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
