@@ -3,13 +3,18 @@
 //! `AUTH_PASSWORD__MEMORY_KIB`). Everything is checked once at start-up and a
 //! bad value stops the process with a message naming the key.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
 use serde::{Deserialize, Serialize};
+
+use crate::{
+    authz::policy::{RoutePolicy, RouteRule, default_rules},
+    ratelimit::quota::Limit,
+};
 
 /// The whole service configuration. Field names are the keys of the TOML file
 /// and, upper-cased behind `AUTH_`, of the environment.
@@ -45,6 +50,71 @@ pub struct Config {
     pub tokens: TokenConfig,
     pub lockout: LockoutConfig,
     pub revocation: RevocationConfig,
+    pub authz: AuthzConfig,
+}
+
+/// Envoy ext_authz: route policy, rate limits and failure modes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzConfig {
+    /// Also serve `envoy.service.auth.v3.Authorization` on this listener
+    /// (it is always served on `grpc_addr`).
+    pub check_addr: Option<SocketAddr>,
+    /// Rules in order, first match wins (see `authz::policy`).
+    pub routes: Vec<RouteRule>,
+    /// Rate-limit classes named by the rules.
+    pub rate_limits: BTreeMap<String, RateClass>,
+    /// When the revocation store is unreachable: `false` (default) denies
+    /// with 503 unless this replica's cache still knows the answer.
+    pub revocation_fail_open: bool,
+    /// When the rate-limit store is unreachable: `true` (default) limits per
+    /// replica instead; `false` denies with 503.
+    pub rate_limit_fail_open: bool,
+    /// Keys tracked by the local rate limiter.
+    pub rate_limit_capacity: u64,
+}
+
+/// Limits of one class; a missing limit is not enforced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateClass {
+    pub per_user: Option<Limit>,
+    pub per_ip: Option<Limit>,
+}
+
+impl Default for AuthzConfig {
+    fn default() -> Self {
+        let limit = |requests, burst| {
+            Some(Limit {
+                requests,
+                per_secs: 1,
+                burst,
+            })
+        };
+        Self {
+            check_addr: None,
+            routes: default_rules(),
+            rate_limits: BTreeMap::from([
+                (
+                    "default".to_owned(),
+                    RateClass {
+                        per_user: limit(50, 100),
+                        per_ip: limit(100, 200),
+                    },
+                ),
+                (
+                    "public".to_owned(),
+                    RateClass {
+                        per_user: None,
+                        per_ip: limit(20, 40),
+                    },
+                ),
+            ]),
+            revocation_fail_open: false,
+            rate_limit_fail_open: true,
+            rate_limit_capacity: 1_000_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -88,6 +158,8 @@ pub struct TokenConfig {
     /// Generate a first key when the directory holds none (the embedded
     /// default); production mounts keys and sets this to false.
     pub generate_key_if_missing: bool,
+    /// Memory bound of the verified-token cache, in bytes.
+    pub verified_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +218,7 @@ impl Default for Config {
                 leeway_secs: 30,
                 keys_dir: None,
                 generate_key_if_missing: true,
+                verified_cache_bytes: 64 * 1024 * 1024,
             },
             lockout: LockoutConfig {
                 max_failures_per_account_ip: 5,
@@ -157,6 +230,7 @@ impl Default for Config {
                 cache_ttl_ms: 1000,
                 cache_capacity: 1_000_000,
             },
+            authz: AuthzConfig::default(),
         }
     }
 }
@@ -246,6 +320,18 @@ impl Config {
                 "must be positive",
             );
         }
+        for (name, class) in &self.authz.rate_limits {
+            for (which, limit) in [("per_user", &class.per_user), ("per_ip", &class.per_ip)] {
+                if let Some(limit) = limit {
+                    limit
+                        .validate(&format!("authz.rate_limits.{name}.{which}"))
+                        .map_err(ConfigError)?;
+                }
+            }
+        }
+        let classes: Vec<&str> = self.authz.rate_limits.keys().map(String::as_str).collect();
+        RoutePolicy::compile(&self.authz.routes, &classes)
+            .map_err(|e| ConfigError(e.to_string()))?;
         if self.database_timeout_ms == 0 {
             return fail(
                 "database_timeout_ms (AUTH_DATABASE_TIMEOUT_MS)",

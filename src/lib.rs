@@ -28,7 +28,9 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod authz;
 pub mod config;
+pub mod envoy;
 pub mod error;
 pub mod events;
 pub mod grpc;

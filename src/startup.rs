@@ -11,16 +11,22 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+
 use crate::{
     accounts::{password::PasswordHasher, service::AccountService},
+    authz::Authorizer,
     config::Config,
+    envoy::ExtAuthz,
     grpc::{
         AuthApi,
         pb::{self, auth_service_server::AuthServiceServer},
     },
     http::{self, AdminState},
     ratelimit::LoginLockout,
+    ratelimit::quota::RateLimiter,
     revocation::Revocations,
+    storage::redis::RedisStore,
     storage::{Database, Ping, open_database, open_fast_state},
     telemetry,
     tokens::TokenService,
@@ -33,10 +39,13 @@ pub struct Application {
     config: Config,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
+    /// Only when `authz.check_addr` is set.
+    check_listener: Option<TcpListener>,
     accounts: Arc<AccountService>,
     tokens: Arc<TokenService>,
+    authorizer: Arc<Authorizer>,
     database: Database,
-    redis_health: Option<Arc<dyn Ping>>,
+    redis: Option<RedisStore>,
 }
 
 impl Application {
@@ -69,20 +78,38 @@ impl Application {
             tokens.clone(),
             config.password.clone(),
         ));
+        let limiter = RateLimiter::new(
+            fast.quota,
+            config.authz.rate_limit_fail_open,
+            config.authz.rate_limit_capacity,
+        );
+        let authorizer = Arc::new(
+            Authorizer::new(&config.authz, tokens.clone(), limiter).context("authz.routes")?,
+        );
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding grpc_addr {}", config.grpc_addr))?;
         let http_listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding http_addr {}", config.http_addr))?;
+        let check_listener = match config.authz.check_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding authz.check_addr {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             grpc_listener,
             http_listener,
+            check_listener,
             accounts,
             tokens,
+            authorizer,
             database,
-            redis_health: fast.health,
+            redis: fast.redis,
         })
     }
 
@@ -96,6 +123,13 @@ impl Application {
         self.http_listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The separate ext_authz listener, when configured.
+    pub fn check_addr(&self) -> Option<SocketAddr> {
+        self.check_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn tokens(&self) -> Arc<TokenService> {
@@ -150,6 +184,29 @@ impl Application {
             }
         });
 
+        if let Some(redis) = self.redis.clone() {
+            tokio::spawn(redis.follow_revocations(self.tokens.revocations().clone(), stop.clone()));
+        }
+
+        let ext_authz = || {
+            AuthorizationServer::new(ExtAuthz::new(
+                self.authorizer.clone(),
+                self.config.trusted_proxy_hops,
+            ))
+        };
+        let check = match self.check_listener {
+            Some(listener) => {
+                let server = Server::builder()
+                    .add_service(ext_authz())
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listener),
+                        stop.clone().cancelled_owned(),
+                    );
+                Some(tokio::spawn(server))
+            }
+            None => None,
+        };
+
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .build_v1()
@@ -163,6 +220,7 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(AuthServiceServer::new(api))
+            .add_service(ext_authz())
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc_listener),
                 stop.clone().cancelled_owned(),
@@ -171,7 +229,7 @@ impl Application {
         let admin = http::router(AdminState {
             tokens: self.tokens.clone(),
             database: self.database.health.clone(),
-            redis: self.redis_health.clone(),
+            redis: self.redis.clone().map(|r| Arc::new(r) as Arc<dyn Ping>),
             metrics: telemetry::metrics_handle(),
         });
         let http = axum::serve(self.http_listener, admin)
@@ -181,6 +239,12 @@ impl Application {
         let (grpc, http) = tokio::join!(grpc, async { http.await });
         grpc.context("gRPC server failed")?;
         http.context("HTTP admin server failed")?;
+        if let Some(check) = check {
+            check
+                .await
+                .context("ext_authz server panicked")?
+                .context("ext_authz server failed")?;
+        }
         Ok(())
     }
 }

@@ -15,6 +15,8 @@
 //! (normalised and hashed), not by the user id, so locking behaves the same
 //! for accounts that do not exist and reveals nothing.
 
+pub mod quota;
+
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;

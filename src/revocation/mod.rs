@@ -197,7 +197,10 @@ impl Revocations {
     /// Revokes one access token until it expires.
     pub async fn revoke_token(&self, jti: &str, expires_at: i64) -> Result<(), BackendError> {
         self.store.revoke_token(jti, expires_at).await?;
-        self.remember(Key::Token(Arc::from(jti)), Known::Revoked, expires_at);
+        self.apply(&Notice::Token {
+            jti: jti.to_owned(),
+            until: expires_at,
+        });
         Ok(())
     }
 
@@ -205,7 +208,7 @@ impl Revocations {
     pub async fn revoke_session(&self, session_id: Uuid) -> Result<(), BackendError> {
         let until = unix_now() + self.access_ttl_secs + 60;
         self.store.revoke_session(session_id, until).await?;
-        self.remember(Key::Session(session_id), Known::Revoked, until);
+        self.apply(&Notice::Session { session_id, until });
         Ok(())
     }
 
@@ -236,4 +239,138 @@ impl Revocations {
 pub fn unix_now_ms() -> i64 {
     i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
         .unwrap_or(i64::MAX)
+}
+
+/// A revocation as broadcast to every replica (Redis pub/sub), so each
+/// replica's cache learns it at once instead of after its TTL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Token {
+        jti: String,
+        until: i64,
+    },
+    Session {
+        session_id: Uuid,
+        until: i64,
+    },
+    User {
+        user_id: Uuid,
+        epoch_ms: i64,
+        until: i64,
+    },
+}
+
+impl Notice {
+    pub fn encode(&self) -> String {
+        match self {
+            Self::Token { jti, until } => format!("jti {jti} {until}"),
+            Self::Session { session_id, until } => format!("sid {session_id} {until}"),
+            Self::User {
+                user_id,
+                epoch_ms,
+                until,
+            } => format!("user {user_id} {epoch_ms} {until}"),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let notice = match (parts.next()?, parts.next()?) {
+            ("jti", jti) => Self::Token {
+                jti: jti.to_owned(),
+                until: parts.next()?.parse().ok()?,
+            },
+            ("sid", sid) => Self::Session {
+                session_id: sid.parse().ok()?,
+                until: parts.next()?.parse().ok()?,
+            },
+            ("user", user) => Self::User {
+                user_id: user.parse().ok()?,
+                epoch_ms: parts.next()?.parse().ok()?,
+                until: parts.next()?.parse().ok()?,
+            },
+            _ => return None,
+        };
+        parts.next().is_none().then_some(notice)
+    }
+}
+
+impl Revocations {
+    /// Applies a revocation made on another replica to this one's cache.
+    pub fn apply(&self, notice: &Notice) {
+        match notice {
+            Notice::Token { jti, until } => {
+                self.remember(Key::Token(Arc::from(jti.as_str())), Known::Revoked, *until)
+            }
+            Notice::Session { session_id, until } => {
+                self.remember(Key::Session(*session_id), Known::Revoked, *until)
+            }
+            Notice::User {
+                user_id,
+                epoch_ms,
+                until,
+            } => {
+                let current = self
+                    .cache
+                    .get(&Key::User(*user_id))
+                    .and_then(|e| match e.known {
+                        Known::Epoch(e) => e,
+                        _ => None,
+                    });
+                self.remember(
+                    Key::User(*user_id),
+                    Known::Epoch(Some(current.unwrap_or(0).max(*epoch_ms))),
+                    *until,
+                );
+            }
+        }
+        metrics::counter!("revocation_notices_applied_total").increment(1);
+    }
+
+    /// Forgets every cached "not revoked" answer (after a gap in the notice
+    /// stream, when notices may have been missed).
+    pub fn forget_negative_answers(&self) {
+        // Revoked entries stay: revocations are never undone.
+        let _ = self
+            .cache
+            .invalidate_entries_if(|_, entry| !matches!(entry.known, Known::Revoked));
+        self.cache.run_pending_tasks();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_and_garbage_is_refused() {
+        let id = Uuid::now_v7();
+        for n in [
+            Notice::Token {
+                jti: id.to_string(),
+                until: 5,
+            },
+            Notice::Session {
+                session_id: id,
+                until: 6,
+            },
+            Notice::User {
+                user_id: id,
+                epoch_ms: 7,
+                until: 8,
+            },
+        ] {
+            assert_eq!(Notice::parse(&n.encode()), Some(n));
+        }
+        for bad in [
+            "",
+            "jti",
+            "sid nope 1",
+            "user x 1 2",
+            "jti a 1 extra",
+            "other a 1",
+        ] {
+            assert_eq!(Notice::parse(bad), None, "{bad:?}");
+        }
+    }
 }

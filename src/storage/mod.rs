@@ -24,8 +24,16 @@ use self::{
     sql::SqlStore,
 };
 use crate::{
-    accounts::store::UserStore, config::Config, error::BackendError, events::OutboxReader,
-    ratelimit::FailureCounter, revocation::RevocationStore, tokens::store::SessionStore,
+    accounts::store::UserStore,
+    config::Config,
+    error::BackendError,
+    events::OutboxReader,
+    ratelimit::{
+        FailureCounter,
+        quota::{MemoryQuota, QuotaStore},
+    },
+    revocation::RevocationStore,
+    tokens::store::SessionStore,
 };
 
 /// Liveness of a backend, for health and readiness.
@@ -105,7 +113,10 @@ pub async fn open_database(config: &Config) -> anyhow::Result<Database> {
 pub struct FastState {
     pub revocations: Arc<dyn RevocationStore>,
     pub failures: Arc<dyn FailureCounter>,
-    pub health: Option<Arc<dyn Ping>>,
+    pub quota: Arc<dyn QuotaStore>,
+    /// Set with Redis: the handle that follows other replicas' revocations
+    /// and answers readiness.
+    pub redis: Option<RedisStore>,
 }
 
 pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
@@ -114,17 +125,19 @@ pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
             let redis = RedisStore::connect(url, &config.redis_key_prefix, config.redis_timeout())
                 .await
                 .context("connecting to Redis (AUTH_REDIS_URL)")?;
-            let redis = Arc::new(redis);
+            let shared = Arc::new(redis.clone());
             Ok(FastState {
-                revocations: redis.clone(),
-                failures: redis.clone(),
-                health: Some(redis),
+                revocations: shared.clone(),
+                failures: shared.clone(),
+                quota: shared,
+                redis: Some(redis),
             })
         }
         None => Ok(FastState {
             revocations: Arc::new(MemoryRevocations::new(config.revocation.cache_capacity)),
             failures: Arc::new(MemoryFailureCounter::new(1_000_000)),
-            health: None,
+            quota: Arc::new(MemoryQuota::new(config.authz.rate_limit_capacity)),
+            redis: None,
         }),
     }
 }

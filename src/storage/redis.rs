@@ -17,18 +17,44 @@ use uuid::Uuid;
 
 use crate::{
     error::BackendError,
-    ratelimit::FailureCounter,
-    revocation::{RevocationKeys, RevocationSnapshot, RevocationStore},
+    ratelimit::{
+        FailureCounter,
+        quota::{Grant, Limit, QuotaStore},
+    },
+    revocation::{Notice, RevocationKeys, RevocationSnapshot, RevocationStore, Revocations},
     unix_now,
 };
 
 #[derive(Clone)]
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
     raise_epoch: Script,
+    gcra: Script,
 }
+
+/// GCRA with leases (see `ratelimit::quota`): takes up to ARGV[3] tokens;
+/// returns {granted, retry_after_us}. Time comes from Redis so replicas with
+/// skewed clocks agree. KEYS[1] holds the TAT in microseconds.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tau = interval * tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local available = math.floor((now + tau - tat) / interval)
+local granted = math.min(want, available)
+if granted > 0 then
+  tat = tat + granted * interval
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  return {granted, 0}
+end
+return {0, tat + interval - tau - now}
+";
 
 /// Sets the epoch only if it moves forward; always keeps the key at least
 /// until ARGV[2] seconds from now.
@@ -63,16 +89,18 @@ impl RedisStore {
             .set_number_of_retries(1);
         let conn = tokio::time::timeout(
             timeout * 4,
-            ConnectionManager::new_with_config(client, config),
+            ConnectionManager::new_with_config(client.clone(), config),
         )
         .await
         .map_err(|e| BackendError::unavailable("redis", e))?
         .map_err(redis_error)?;
         Ok(Self {
+            client,
             conn,
             prefix: prefix.to_owned(),
             timeout,
             raise_epoch: Script::new(RAISE_EPOCH),
+            gcra: Script::new(GCRA),
         })
     }
 
@@ -105,19 +133,110 @@ fn ttl_secs(until: i64) -> u64 {
     u64::try_from(until - unix_now()).unwrap_or(0).max(1)
 }
 
+impl RedisStore {
+    fn channel(&self) -> String {
+        self.key(format_args!("revocations"))
+    }
+
+    /// Sets `key` until `until` and tells every replica, atomically.
+    async fn set_and_announce(
+        &self,
+        key: String,
+        value: i64,
+        until: i64,
+        notice: Notice,
+    ) -> Result<(), BackendError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(&key)
+            .arg(value)
+            .arg("EX")
+            .arg(ttl_secs(until))
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(self.channel())
+            .arg(notice.encode())
+            .ignore();
+        let mut conn = self.conn.clone();
+        self.run(async move { pipe.query_async::<()>(&mut conn).await })
+            .await
+    }
+
+    /// Applies every revocation published by any replica to `revocations`
+    /// until `stop`. After a (re)subscription the cached "not revoked"
+    /// answers are dropped, since notices may have been missed meanwhile.
+    pub async fn follow_revocations(
+        self,
+        revocations: Revocations,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use futures::StreamExt;
+        let channel = self.channel();
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, RedisError>(pubsub)
+            };
+            let mut pubsub = match tokio::time::timeout(self.timeout * 4, subscribed).await {
+                Ok(Ok(pubsub)) => pubsub,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "revocation channel: subscribe failed; retrying");
+                    tokio::select! { () = stop.cancelled() => return, () = tokio::time::sleep(backoff) => {} }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("revocation channel: subscribe timed out; retrying");
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            revocations.forget_negative_answers();
+            tracing::info!(%channel, "following revocations");
+            let mut messages = pubsub.on_message();
+            loop {
+                let message = tokio::select! {
+                    () = stop.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                let Some(message) = message else { break };
+                match message
+                    .get_payload::<String>()
+                    .ok()
+                    .as_deref()
+                    .and_then(Notice::parse)
+                {
+                    Some(notice) => revocations.apply(&notice),
+                    None => tracing::warn!("revocation channel: ignoring a malformed notice"),
+                }
+            }
+            tracing::warn!("revocation channel closed; resubscribing");
+        }
+    }
+}
+
 #[async_trait]
 impl RevocationStore for RedisStore {
     async fn revoke_token(&self, jti: &str, until: i64) -> Result<(), BackendError> {
         let key = self.key(format_args!("rv:jti:{jti}"));
-        let mut conn = self.conn.clone();
-        self.run(async move { conn.set_ex::<_, _, ()>(key, 1, ttl_secs(until)).await })
-            .await
+        self.set_and_announce(
+            key,
+            1,
+            until,
+            Notice::Token {
+                jti: jti.to_owned(),
+                until,
+            },
+        )
+        .await
     }
 
     async fn revoke_session(&self, session_id: Uuid, until: i64) -> Result<(), BackendError> {
         let key = self.key(format_args!("rv:sid:{session_id}"));
-        let mut conn = self.conn.clone();
-        self.run(async move { conn.set_ex::<_, _, ()>(key, 1, ttl_secs(until)).await })
+        self.set_and_announce(key, 1, until, Notice::Session { session_id, until })
             .await
     }
 
@@ -130,12 +249,24 @@ impl RevocationStore for RedisStore {
         let key = self.key(format_args!("rv:user:{user_id}"));
         let mut conn = self.conn.clone();
         let script = self.raise_epoch.clone();
+        let notice = Notice::User {
+            user_id,
+            epoch_ms,
+            until,
+        }
+        .encode();
+        let channel = self.channel();
         self.run(async move {
             script
                 .key(key)
                 .arg(epoch_ms)
                 .arg(ttl_secs(until))
                 .invoke_async::<i64>(&mut conn)
+                .await?;
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(notice)
+                .query_async::<i64>(&mut conn)
                 .await
         })
         .await
@@ -213,5 +344,29 @@ impl FailureCounter for RedisStore {
         let key = self.key(format_args!("{key}"));
         let mut conn = self.conn.clone();
         self.run(async move { conn.del::<_, ()>(key).await }).await
+    }
+}
+
+#[async_trait]
+impl QuotaStore for RedisStore {
+    async fn acquire(&self, key: &str, limit: &Limit, want: u32) -> Result<Grant, BackendError> {
+        let key = self.key(format_args!("rl:{key}"));
+        let mut conn = self.conn.clone();
+        let script = self.gcra.clone();
+        let (granted, retry_us): (i64, i64) = self
+            .run(async move {
+                script
+                    .key(key)
+                    .arg(limit.interval_us())
+                    .arg(limit.burst)
+                    .arg(want)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(Grant {
+            granted: u32::try_from(granted).unwrap_or(0),
+            retry_after: Duration::from_micros(u64::try_from(retry_us).unwrap_or(0).max(1)),
+        })
     }
 }

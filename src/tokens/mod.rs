@@ -133,9 +133,33 @@ pub struct TokenPair {
     pub user: User,
 }
 
+/// Verified claims by token hash, each until its token expires.
+type VerifiedCache = moka::sync::Cache<TokenHash, Arc<Claims>>;
+
+struct UntilTokenExpiry {
+    leeway: i64,
+}
+
+impl moka::Expiry<TokenHash, Arc<Claims>> for UntilTokenExpiry {
+    fn expire_after_create(
+        &self,
+        _: &TokenHash,
+        claims: &Arc<Claims>,
+        _: std::time::Instant,
+    ) -> Option<std::time::Duration> {
+        let left = claims.exp + self.leeway - crate::unix_now();
+        Some(std::time::Duration::from_secs(
+            u64::try_from(left).unwrap_or(0),
+        ))
+    }
+}
+
 /// Issues, verifies, rotates and revokes tokens.
 pub struct TokenService {
     keys: ArcSwap<KeyRing>,
+    /// Signature and claim checks are done once per token; later checks of
+    /// the same token (ext_authz sees it on every request) are a hash lookup.
+    verified: VerifiedCache,
     keys_dir: PathBuf,
     generate_keys: bool,
     config: TokenConfig,
@@ -175,8 +199,24 @@ impl TokenService {
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = config.leeway_secs;
+        let verified = moka::sync::Cache::builder()
+            .max_capacity(config.verified_cache_bytes)
+            .weigher(|_: &TokenHash, claims: &Arc<Claims>| {
+                // Roughly the bytes an entry holds.
+                u32::try_from(
+                    160 + claims.iss.len()
+                        + claims.aud.len()
+                        + claims.roles.iter().map(|r| r.len() + 24).sum::<usize>(),
+                )
+                .unwrap_or(u32::MAX)
+            })
+            .expire_after(UntilTokenExpiry {
+                leeway: i64::try_from(config.leeway_secs).unwrap_or(0),
+            })
+            .build();
         Ok(Self {
             keys: ArcSwap::from_pointee(ring),
+            verified,
             keys_dir,
             generate_keys: config.generate_key_if_missing,
             config,
@@ -192,6 +232,8 @@ impl TokenService {
         let ring = KeyRing::load(&self.keys_dir, self.generate_keys)?;
         let kid = ring.signing_kid().to_owned();
         self.keys.store(Arc::new(ring));
+        // A removed key must stop verifying at once, cached or not.
+        self.verified.invalidate_all();
         Ok(kid)
     }
 
@@ -322,8 +364,25 @@ impl TokenService {
         }
     }
 
-    /// Signature and claims only (no revocation check).
-    pub fn verify(&self, token: &str) -> Result<Claims, InvalidToken> {
+    /// Signature and claims only (no revocation check), cached by token hash.
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, InvalidToken> {
+        let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
+        if let Some(claims) = self.verified.get(&hash) {
+            // The entry expires with the token, but a read may race the
+            // eviction: check exp again.
+            if claims.exp + i64::try_from(self.config.leeway_secs).unwrap_or(0) > crate::unix_now()
+            {
+                metrics::counter!("jwt_cache_lookups_total", "result" => "hit").increment(1);
+                return Ok(claims);
+            }
+        }
+        metrics::counter!("jwt_cache_lookups_total", "result" => "miss").increment(1);
+        let claims = Arc::new(self.verify_uncached(token)?);
+        self.verified.insert(hash, claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<Claims, InvalidToken> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                 InvalidToken::Algorithm
@@ -382,7 +441,7 @@ impl TokenService {
             user_id: claims.sub,
             session_id: claims.sid,
             jti: claims.jti,
-            roles: claims.roles,
+            roles: claims.roles.clone(),
             expires_at: claims.exp,
         })
     }

@@ -1,0 +1,295 @@
+//! Route policy: who may call which method and path, and which rate-limit
+//! class applies. Rules are tried in order; the first match wins; a request
+//! no rule matches is denied as forbidden (fail closed).
+//!
+//! Path patterns are matched segment by segment: `*` matches exactly one
+//! segment, a trailing `**` matches any remainder (including nothing).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessKind {
+    /// No token needed; a valid one still identifies the caller.
+    Public,
+    /// Any valid, unrevoked access token.
+    Authenticated,
+    /// A valid token carrying every role in `roles`.
+    Roles,
+}
+
+/// One rule as written in the configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// HTTP methods (upper case); empty means any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub path: String,
+    pub access: AccessKind,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Rate-limit class (a key of `authz.rate_limits`).
+    #[serde(default = "default_class")]
+    pub rate_class: String,
+}
+
+fn default_class() -> String {
+    "default".into()
+}
+
+impl RouteRule {
+    fn new(methods: &[&str], path: &str, access: AccessKind, roles: &[&str], class: &str) -> Self {
+        Self {
+            methods: methods.iter().map(|m| (*m).to_owned()).collect(),
+            path: path.into(),
+            access,
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            rate_class: class.into(),
+        }
+    }
+}
+
+/// The default policy: sign-up, login, refresh, `/.well-known/*` and health
+/// paths are public; `/v1/admin/**` needs `admin`; everything else needs an
+/// authenticated user.
+pub fn default_rules() -> Vec<RouteRule> {
+    use AccessKind::*;
+    vec![
+        RouteRule::new(&["POST"], "/v1/users", Public, &[], "public"),
+        RouteRule::new(&["POST"], "/v1/auth/login", Public, &[], "public"),
+        RouteRule::new(&["POST"], "/v1/auth/refresh", Public, &[], "public"),
+        RouteRule::new(&[], "/.well-known/**", Public, &[], "public"),
+        RouteRule::new(&["GET", "HEAD"], "/healthz", Public, &[], "public"),
+        RouteRule::new(&["GET", "HEAD"], "/readyz", Public, &[], "public"),
+        RouteRule::new(&[], "/v1/admin/**", Roles, &["admin"], "default"),
+        RouteRule::new(&[], "/**", Authenticated, &[], "default"),
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    One,
+    Rest,
+}
+
+/// What a matched rule requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    Authenticated,
+    Roles(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    methods: Vec<String>,
+    pattern: Vec<Segment>,
+    pub access: Access,
+    pub rate_class: String,
+}
+
+/// Compiled rules.
+#[derive(Debug, Clone)]
+pub struct RoutePolicy {
+    routes: Vec<Route>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("authz.routes[{index}]: {reason}")]
+pub struct PolicyError {
+    pub index: usize,
+    pub reason: String,
+}
+
+impl RoutePolicy {
+    pub fn compile(rules: &[RouteRule], classes: &[&str]) -> Result<Self, PolicyError> {
+        let routes = rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| {
+                let fail = |reason: String| PolicyError { index, reason };
+                if !rule.path.starts_with('/') {
+                    return Err(fail(format!("path {:?} must start with '/'", rule.path)));
+                }
+                let segments: Vec<&str> = rule
+                    .path
+                    .split('/')
+                    .skip(1)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                let mut pattern = Vec::with_capacity(segments.len());
+                for (i, s) in segments.iter().enumerate() {
+                    pattern.push(match *s {
+                        "**" if i + 1 == segments.len() => Segment::Rest,
+                        "**" => return Err(fail("'**' may only end a path".into())),
+                        "*" => Segment::One,
+                        literal => Segment::Literal(literal.to_owned()),
+                    });
+                }
+                let access = match rule.access {
+                    AccessKind::Public => Access::Public,
+                    AccessKind::Authenticated => Access::Authenticated,
+                    AccessKind::Roles if rule.roles.is_empty() => {
+                        return Err(fail(
+                            "access = \"roles\" needs a non-empty roles list".into(),
+                        ));
+                    }
+                    AccessKind::Roles => Access::Roles(rule.roles.clone()),
+                };
+                if !classes.contains(&rule.rate_class.as_str()) {
+                    return Err(fail(format!(
+                        "rate_class {:?} is not defined in authz.rate_limits",
+                        rule.rate_class
+                    )));
+                }
+                Ok(Route {
+                    methods: rule
+                        .methods
+                        .iter()
+                        .map(|m| m.to_ascii_uppercase())
+                        .collect(),
+                    pattern,
+                    access,
+                    rate_class: rule.rate_class.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { routes })
+    }
+
+    /// The first rule matching `method` and `path` (query string excluded).
+    pub fn route(&self, method: &str, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+                && matches(&r.pattern, path)
+        })
+    }
+}
+
+fn matches(pattern: &[Segment], path: &str) -> bool {
+    let mut segments = path.split('/').skip(1).filter(|s| !s.is_empty());
+    for expected in pattern {
+        match expected {
+            Segment::Rest => return true,
+            Segment::One => {
+                if segments.next().is_none() {
+                    return false;
+                }
+            }
+            Segment::Literal(literal) => {
+                if segments.next() != Some(literal.as_str()) {
+                    return false;
+                }
+            }
+        }
+    }
+    segments.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RoutePolicy {
+        RoutePolicy::compile(&default_rules(), &["default", "public"]).unwrap()
+    }
+
+    #[test]
+    fn the_default_policy_opens_only_sign_up_login_refresh_well_known_and_health() {
+        let p = policy();
+        assert_eq!(p.route("POST", "/v1/users").unwrap().access, Access::Public);
+        assert_eq!(
+            p.route("GET", "/v1/users").unwrap().access,
+            Access::Authenticated,
+            "only POST is public"
+        );
+        assert_eq!(
+            p.route("POST", "/v1/auth/login").unwrap().access,
+            Access::Public
+        );
+        assert_eq!(
+            p.route("POST", "/v1/auth/refresh").unwrap().access,
+            Access::Public
+        );
+        assert_eq!(
+            p.route("POST", "/v1/auth/logout").unwrap().access,
+            Access::Authenticated
+        );
+        assert_eq!(
+            p.route("GET", "/.well-known/jwks.json").unwrap().access,
+            Access::Public
+        );
+        assert_eq!(p.route("GET", "/healthz").unwrap().access, Access::Public);
+        assert_eq!(
+            p.route("PUT", "/v1/admin/users/1/roles").unwrap().access,
+            Access::Roles(vec!["admin".into()])
+        );
+        assert_eq!(
+            p.route("GET", "/v1/admin").unwrap().access,
+            Access::Roles(vec!["admin".into()])
+        );
+        assert_eq!(
+            p.route("GET", "/api/videos/1").unwrap().access,
+            Access::Authenticated
+        );
+        assert_eq!(p.route("GET", "/").unwrap().access, Access::Authenticated);
+    }
+
+    #[test]
+    fn paths_match_by_whole_segments() {
+        let p = policy();
+        assert_eq!(
+            p.route("POST", "/v1/users/extra").unwrap().access,
+            Access::Authenticated
+        );
+        assert_eq!(
+            p.route("POST", "/v1/usersX").unwrap().access,
+            Access::Authenticated
+        );
+        assert_eq!(
+            p.route("GET", "/v1/adminx/a").unwrap().access,
+            Access::Authenticated
+        );
+    }
+
+    #[test]
+    fn single_star_matches_one_segment() {
+        let rules = vec![RouteRule::new(
+            &[],
+            "/a/*/c",
+            AccessKind::Public,
+            &[],
+            "default",
+        )];
+        let p = RoutePolicy::compile(&rules, &["default"]).unwrap();
+        assert!(p.route("GET", "/a/b/c").is_some());
+        assert!(p.route("GET", "/a/c").is_none());
+        assert!(p.route("GET", "/a/b/x/c").is_none());
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_their_index() {
+        let bad = vec![RouteRule::new(
+            &[],
+            "/**/x",
+            AccessKind::Public,
+            &[],
+            "default",
+        )];
+        assert_eq!(
+            RoutePolicy::compile(&bad, &["default"]).unwrap_err().index,
+            0
+        );
+        let no_roles = vec![RouteRule::new(&[], "/x", AccessKind::Roles, &[], "default")];
+        assert!(RoutePolicy::compile(&no_roles, &["default"]).is_err());
+        let no_class = vec![RouteRule::new(&[], "/x", AccessKind::Public, &[], "nope")];
+        assert!(
+            RoutePolicy::compile(&no_class, &["default"])
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! Envoy ext_authz v3 adapter: reads the HTTP request out of a CheckRequest,
+//! asks the [`Authorizer`], and answers with an OkHttpResponse (identity
+//! headers for the upstream) or a DeniedHttpResponse (401/403/429/503 with a
+//! small JSON body). A denial is a *successful* Check RPC; `Err(Status)` is
+//! only for a CheckRequest without HTTP attributes.
+
+use std::{sync::Arc, time::Instant};
+
+use envoy_types::{
+    ext_authz::v3::{
+        CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+        pb::{Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
+    },
+    pb::envoy::config::core::v3::address::Address,
+};
+use tonic::{Request, Response, Status};
+
+use crate::authz::{AccessRequest, Authorizer, Decision, Denial};
+
+/// Headers the service sets for the upstream; any a client sent are replaced
+/// or removed so the upstream can trust them.
+pub const IDENTITY_HEADERS: [&str; 3] = ["x-user-id", "x-user-roles", "x-session-id"];
+
+pub struct ExtAuthz {
+    authorizer: Arc<Authorizer>,
+    trusted_proxy_hops: usize,
+}
+
+impl ExtAuthz {
+    pub fn new(authorizer: Arc<Authorizer>, trusted_proxy_hops: usize) -> Self {
+        Self {
+            authorizer,
+            trusted_proxy_hops,
+        }
+    }
+}
+
+/// The client address: the `x-forwarded-for` entry `hops` from the right
+/// (appended by the trusted gateway), else Envoy's downstream peer.
+fn client_ip<'a>(
+    forwarded: Option<&'a str>,
+    peer: Option<&'a str>,
+    hops: usize,
+) -> Option<&'a str> {
+    if hops > 0
+        && let Some(forwarded) = forwarded
+    {
+        let entries: Vec<&str> = forwarded
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(ip) = entries.len().checked_sub(hops).and_then(|i| entries.get(i))
+            && ip.parse::<std::net::IpAddr>().is_ok()
+        {
+            return Some(ip);
+        }
+    }
+    peer
+}
+
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let (scheme, token) = authorization?.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn json_body(code: &str, message: &str) -> String {
+    serde_json::json!({ "code": code, "message": message }).to_string()
+}
+
+fn denied(denial: &Denial) -> CheckResponse {
+    let mut http = DeniedHttpResponseBuilder::new();
+    http.add_header(
+        "content-type",
+        "application/json",
+        Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+        false,
+    );
+    let (status, grpc, code, message) = match denial {
+        Denial::Unauthenticated { .. } => {
+            http.add_header(
+                "www-authenticate",
+                r#"Bearer error="invalid_token""#,
+                None,
+                false,
+            );
+            (
+                HttpStatusCode::Unauthorized,
+                Status::unauthenticated("unauthenticated"),
+                "unauthenticated",
+                "a valid access token is required".to_owned(),
+            )
+        }
+        Denial::Forbidden { .. } => (
+            HttpStatusCode::Forbidden,
+            Status::permission_denied("forbidden"),
+            "permission_denied",
+            "not allowed".to_owned(),
+        ),
+        Denial::RateLimited { retry_after, limit } => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            http.add_header("retry-after", secs.to_string(), None, false);
+            http.add_header("x-ratelimit-limit", limit.to_string(), None, false);
+            http.add_header("x-ratelimit-remaining", "0", None, false);
+            (
+                HttpStatusCode::TooManyRequests,
+                Status::resource_exhausted("rate limited"),
+                "rate_limited",
+                format!("too many requests; retry after {secs} seconds"),
+            )
+        }
+        Denial::Unavailable { .. } => (
+            HttpStatusCode::ServiceUnavailable,
+            Status::unavailable("unavailable"),
+            "unavailable",
+            "authorization is temporarily unavailable".to_owned(),
+        ),
+    };
+    http.set_http_status(status)
+        .set_body(json_body(code, &message));
+    let mut response = CheckResponse::with_status(grpc);
+    response.set_http_response(http);
+    response
+}
+
+fn allowed(identity: Option<&crate::authz::Identity>) -> CheckResponse {
+    let mut http = OkHttpResponseBuilder::new();
+    match identity {
+        Some(id) => {
+            // Overwrite, not append: a client-sent value must not survive.
+            let set = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+            http.add_header("x-user-id", id.user_id.to_string(), set, false)
+                .add_header("x-user-roles", id.roles.join(","), set, true)
+                .add_header("x-session-id", id.session_id.to_string(), set, false);
+        }
+        None => {
+            for header in IDENTITY_HEADERS {
+                http.remove_header(header);
+            }
+        }
+    }
+    let mut response = CheckResponse::with_status(Status::ok("ok"));
+    response.set_http_response(http);
+    response
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let check = request.into_inner();
+        let attributes = check.attributes.as_ref();
+        let http = attributes
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .ok_or_else(|| {
+                Status::invalid_argument("CheckRequest carries no HTTP request attributes")
+            })?;
+        let peer = attributes
+            .and_then(|a| a.source.as_ref())
+            .and_then(|s| s.address.as_ref())
+            .and_then(|a| match &a.address {
+                Some(Address::SocketAddress(socket)) => Some(socket.address.as_str()),
+                _ => None,
+            });
+        let header = |name: &str| http.headers.get(name).map(String::as_str);
+        let path = http
+            .path
+            .split_once('?')
+            .map_or(http.path.as_str(), |(p, _)| p);
+        let access = AccessRequest {
+            method: &http.method,
+            path,
+            bearer: bearer(header("authorization")),
+            client_ip: client_ip(header("x-forwarded-for"), peer, self.trusted_proxy_hops),
+        };
+        let span = tracing::debug_span!("check", method = %http.method, path, traceparent = header("traceparent").unwrap_or(""));
+        let decision = tracing::Instrument::instrument(self.authorizer.decide(&access), span).await;
+        let (response, result, reason) = match &decision {
+            Decision::Allow(identity) => (
+                allowed(identity.as_ref()),
+                "allow",
+                if identity.is_some() {
+                    "authenticated"
+                } else {
+                    "public"
+                },
+            ),
+            Decision::Deny(denial) => (denied(denial), "deny", denial.reason()),
+        };
+        metrics::counter!("authz_decisions_total", "result" => result, "reason" => reason)
+            .increment(1);
+        metrics::histogram!("authz_check_duration_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_ip_comes_from_the_trusted_hop_else_the_peer() {
+        assert_eq!(
+            client_ip(Some("1.1.1.1, 2.2.2.2"), Some("9.9.9.9"), 1),
+            Some("2.2.2.2")
+        );
+        assert_eq!(client_ip(Some("junk"), Some("9.9.9.9"), 1), Some("9.9.9.9"));
+        assert_eq!(
+            client_ip(Some("1.1.1.1"), Some("9.9.9.9"), 0),
+            Some("9.9.9.9")
+        );
+        assert_eq!(client_ip(None, None, 1), None);
+    }
+
+    #[test]
+    fn a_denial_is_an_ok_rpc_carrying_status_headers_and_json() {
+        let response = denied(&Denial::RateLimited {
+            retry_after: std::time::Duration::from_millis(1500),
+            limit: 10,
+        });
+        assert_eq!(
+            response.status.as_ref().unwrap().code,
+            tonic::Code::ResourceExhausted as i32
+        );
+        let Some(envoy_types::ext_authz::v3::pb::HttpResponse::DeniedResponse(d)) =
+            response.http_response
+        else {
+            panic!()
+        };
+        assert_eq!(
+            d.status.unwrap().code,
+            HttpStatusCode::TooManyRequests as i32
+        );
+        let headers: Vec<(String, String)> = d
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect();
+        assert!(
+            headers.contains(&("retry-after".into(), "2".into())),
+            "{headers:?}"
+        );
+        let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+        assert_eq!(body["code"], "rate_limited");
+    }
+}

@@ -1,0 +1,331 @@
+//! Request rate limiting for ext_authz: GCRA (the generic cell rate
+//! algorithm, a leaky bucket without a background drip) shared across
+//! replicas, with leases as the local fast path.
+//!
+//! # Semantics
+//!
+//! A [`Limit`] of `requests` per `per_secs` with `burst` allows `burst`
+//! requests at once and then one every `per_secs / requests` (the emission
+//! interval T). The shared state per key is one number, the theoretical
+//! arrival time (TAT); a request conforms if `max(TAT, now) + T - T*burst <=
+//! now`. There is no window edge to game, unlike a fixed window.
+//!
+//! # Leases (the fast path)
+//!
+//! Asking the shared store on every request would put Redis on the hot path,
+//! so a replica takes a *lease* of `lease` tokens in one atomic call and
+//! spends it locally; only when the lease is spent or expired does it ask
+//! again. The shared store never grants more than GCRA allows, so leasing
+//! never admits more than the exact algorithm over the lease's lifetime
+//! (T × lease); it may admit up to `lease` fewer per replica (tokens leased
+//! but unused when they expire, or held by a replica the traffic left). A
+//! key found over the limit is remembered locally until its retry-after, so
+//! refused traffic does not reach Redis either.
+//!
+//! Error bound with R replicas: admitted requests for a key over any interval
+//! are within `lease × R` of what one exact GCRA would admit.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use moka::sync::Cache;
+use serde::{Deserialize, Serialize};
+
+use crate::error::BackendError;
+
+/// `requests` per `per_secs`, bursts of up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub requests: u32,
+    pub per_secs: u64,
+    pub burst: u32,
+}
+
+impl Limit {
+    /// The emission interval T in microseconds (at least 1).
+    pub fn interval_us(&self) -> u64 {
+        (self.per_secs.saturating_mul(1_000_000) / u64::from(self.requests.max(1))).max(1)
+    }
+
+    /// Tokens taken per shared-store call: a tenth of the burst, 1 to 50.
+    pub fn lease(&self) -> u32 {
+        (self.burst / 10).clamp(1, 50)
+    }
+
+    pub fn validate(&self, key: &str) -> Result<(), String> {
+        if self.requests == 0 || self.per_secs == 0 || self.burst == 0 {
+            return Err(format!(
+                "{key}: requests, per_secs and burst must be positive"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the shared store granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Tokens taken (0 to `want`).
+    pub granted: u32,
+    /// When nothing was granted: how long until one token conforms.
+    pub retry_after: Duration,
+}
+
+/// The shared GCRA state (Redis in production, in process otherwise).
+#[async_trait]
+pub trait QuotaStore: Send + Sync + 'static {
+    /// Takes up to `want` conforming tokens for `key` atomically.
+    async fn acquire(&self, key: &str, limit: &Limit, want: u32) -> Result<Grant, BackendError>;
+}
+
+/// One GCRA step on a stored TAT (µs); returns the new TAT and the grant.
+pub fn gcra(stored_tat: Option<u64>, now: u64, limit: &Limit, want: u32) -> (u64, Grant) {
+    let t = limit.interval_us();
+    let tau = t.saturating_mul(u64::from(limit.burst));
+    let tat = stored_tat.unwrap_or(now).max(now);
+    let available = (now + tau).saturating_sub(tat) / t;
+    let granted = u32::try_from(available.min(u64::from(want))).unwrap_or(want);
+    if granted > 0 {
+        (
+            tat + u64::from(granted) * t,
+            Grant {
+                granted,
+                retry_after: Duration::ZERO,
+            },
+        )
+    } else {
+        let wait = (tat + t).saturating_sub(tau).saturating_sub(now);
+        (
+            tat,
+            Grant {
+                granted: 0,
+                retry_after: Duration::from_micros(wait.max(1)),
+            },
+        )
+    }
+}
+
+fn now_us() -> u64 {
+    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000).unwrap_or(0)
+}
+
+/// GCRA in process: the embedded default, and the per-replica fallback when
+/// Redis is unreachable and the rate limit fails open.
+pub struct MemoryQuota {
+    tats: Cache<String, u64>,
+}
+
+impl MemoryQuota {
+    pub fn new(capacity: u64) -> Self {
+        // Idle keys are dropped after a day; by then any TAT is in the past.
+        Self {
+            tats: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_idle(Duration::from_secs(86_400))
+                .build(),
+        }
+    }
+}
+
+#[async_trait]
+impl QuotaStore for MemoryQuota {
+    async fn acquire(&self, key: &str, limit: &Limit, want: u32) -> Result<Grant, BackendError> {
+        let now = now_us();
+        let mut grant = Grant {
+            granted: 0,
+            retry_after: Duration::ZERO,
+        };
+        self.tats.entry(key.to_owned()).and_upsert_with(|current| {
+            let (tat, g) = gcra(current.map(|e| e.into_value()), now, limit, want);
+            grant = g;
+            tat
+        });
+        Ok(grant)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Lease {
+    tokens: u32,
+    valid_until: Option<Instant>,
+    denied_until: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Allowed,
+    Limited { retry_after: Duration },
+}
+
+/// Leases in front of the shared [`QuotaStore`].
+pub struct RateLimiter {
+    shared: Arc<dyn QuotaStore>,
+    /// Set when the limit fails open: used while the shared store is down.
+    fallback: Option<MemoryQuota>,
+    leases: Cache<String, Arc<Mutex<Lease>>>,
+}
+
+impl RateLimiter {
+    pub fn new(shared: Arc<dyn QuotaStore>, fail_open: bool, capacity: u64) -> Self {
+        Self {
+            shared,
+            fallback: fail_open.then(|| MemoryQuota::new(capacity)),
+            leases: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+
+    pub async fn check(&self, key: &str, limit: &Limit) -> Result<RateDecision, BackendError> {
+        let lease = self
+            .leases
+            .get_with_by_ref(key, || Arc::new(Mutex::new(Lease::default())));
+        let now = Instant::now();
+        {
+            let mut l = lease.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(until) = l.denied_until {
+                if until > now {
+                    metrics::counter!("ratelimit_local_decisions_total", "result" => "limited")
+                        .increment(1);
+                    return Ok(RateDecision::Limited {
+                        retry_after: until - now,
+                    });
+                }
+                l.denied_until = None;
+            }
+            if l.tokens > 0 && l.valid_until.is_some_and(|v| v > now) {
+                l.tokens -= 1;
+                metrics::counter!("ratelimit_local_decisions_total", "result" => "allowed")
+                    .increment(1);
+                return Ok(RateDecision::Allowed);
+            }
+        }
+        let want = limit.lease();
+        let grant = match self.shared.acquire(key, limit, want).await {
+            Ok(grant) => grant,
+            Err(error) => match &self.fallback {
+                Some(local) => {
+                    tracing::warn!(%error, "rate-limit store unavailable: limiting locally (fail open)");
+                    metrics::counter!("ratelimit_fallback_total").increment(1);
+                    local.acquire(key, limit, 1).await?
+                }
+                None => return Err(error),
+            },
+        };
+        let now = Instant::now();
+        let mut l = lease.lock().unwrap_or_else(|e| e.into_inner());
+        if grant.granted == 0 {
+            l.denied_until = Some(now + grant.retry_after);
+            return Ok(RateDecision::Limited {
+                retry_after: grant.retry_after,
+            });
+        }
+        // This request takes one token; the rest are the lease, valid for
+        // as long as they represent (T per token).
+        l.tokens = grant.granted - 1;
+        l.valid_until =
+            Some(now + Duration::from_micros(limit.interval_us() * u64::from(grant.granted)));
+        Ok(RateDecision::Allowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Limit = Limit {
+        requests: 10,
+        per_secs: 1,
+        burst: 5,
+    };
+
+    #[test]
+    fn gcra_allows_the_burst_then_one_per_interval() {
+        let t = LIMIT.interval_us();
+        let mut tat = None;
+        let now = 1_000_000_000;
+        for _ in 0..5 {
+            let (next, g) = gcra(tat, now, &LIMIT, 1);
+            assert_eq!(g.granted, 1);
+            tat = Some(next);
+        }
+        let (_, g) = gcra(tat, now, &LIMIT, 1);
+        assert_eq!(g.granted, 0);
+        assert_eq!(g.retry_after, Duration::from_micros(t));
+        let (_, g) = gcra(tat, now + t, &LIMIT, 1);
+        assert_eq!(g.granted, 1, "one interval later one more conforms");
+    }
+
+    #[test]
+    fn gcra_grants_part_of_a_lease_when_only_part_conforms() {
+        let (tat, g) = gcra(None, 0, &LIMIT, 3);
+        assert_eq!(g.granted, 3);
+        let (_, g) = gcra(Some(tat), 0, &LIMIT, 3);
+        assert_eq!(g.granted, 2);
+    }
+
+    #[tokio::test]
+    async fn the_limiter_admits_exactly_the_burst_at_once() {
+        let limiter = RateLimiter::new(Arc::new(MemoryQuota::new(100)), true, 100);
+        let slow = Limit {
+            requests: 1,
+            per_secs: 3600,
+            burst: 20,
+        };
+        let mut allowed = 0;
+        for _ in 0..50 {
+            if limiter.check("k", &slow).await.unwrap() == RateDecision::Allowed {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 20);
+        assert!(
+            matches!(
+                limiter.check("other", &slow).await.unwrap(),
+                RateDecision::Allowed
+            ),
+            "keys are independent"
+        );
+    }
+
+    struct Down;
+
+    #[async_trait]
+    impl QuotaStore for Down {
+        async fn acquire(&self, _: &str, _: &Limit, _: u32) -> Result<Grant, BackendError> {
+            Err(BackendError::unavailable("redis", "down"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_down_store_fails_open_to_local_limiting_or_closed_when_configured() {
+        let open = RateLimiter::new(Arc::new(Down), true, 100);
+        let limit = Limit {
+            requests: 1,
+            per_secs: 3600,
+            burst: 2,
+        };
+        assert_eq!(
+            open.check("k", &limit).await.unwrap(),
+            RateDecision::Allowed
+        );
+        assert_eq!(
+            open.check("k", &limit).await.unwrap(),
+            RateDecision::Allowed
+        );
+        assert!(
+            matches!(
+                open.check("k", &limit).await.unwrap(),
+                RateDecision::Limited { .. }
+            ),
+            "still limited locally"
+        );
+        let closed = RateLimiter::new(Arc::new(Down), false, 100);
+        assert!(closed.check("k", &limit).await.is_err());
+    }
+}
