@@ -4,18 +4,24 @@
 
 use std::{env, fs, path::PathBuf};
 
-use prost::Message;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    let protos = ["proto/immersiverse/auth/v1/auth.proto"];
+    // The google.rpc files are not imported by the API but belong in the
+    // descriptor set: the gateway renders error details with them.
+    let protos = [
+        "proto/immersiverse/auth/v1/auth.proto",
+        "proto/google/rpc/status.proto",
+        "proto/google/rpc/error_details.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
 
     let mut compiler = protox::Compiler::new(["proto"])?;
     compiler.include_imports(true).include_source_info(false);
     compiler.open_files(protos)?;
+    // The encoded set keeps the custom options (google.api.http) that a
+    // decoded prost `FileDescriptorSet` would drop as unknown fields.
+    fs::write(out_dir.join("auth_descriptor.bin"), compiler.encode_file_descriptor_set())?;
     let fds = compiler.file_descriptor_set();
-    fs::write(out_dir.join("auth_descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure()
         .build_client(true)

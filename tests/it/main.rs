@@ -4,6 +4,7 @@
 mod support;
 
 mod accounts;
+mod gateway;
 mod operations;
 mod process;
 mod store_contract;
