@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     compiler.open_files(protos)?;
     // The encoded set keeps the custom options (google.api.http) that a
     // decoded prost `FileDescriptorSet` would drop as unknown fields.
-    fs::write(out_dir.join("auth_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    fs::write(
+        out_dir.join("auth_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
     let fds = compiler.file_descriptor_set();
 
     tonic_prost_build::configure()

@@ -5,7 +5,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use auth_service::{config::Config, grpc::pb, ratelimit::quota::Limit};
 
-use crate::support::{Backend, Envoy, OwnRedis, PASSWORD, TestApp, bearer, config_for, echo_backend, http};
+use crate::support::{
+    Backend, Envoy, OwnRedis, PASSWORD, TestApp, bearer, config_for, echo_backend, http,
+};
 
 /// auth-service (PostgreSQL + Redis) behind the gateway, with an echo backend
 /// on /api.
@@ -22,10 +24,22 @@ async fn gateway_for(app: &TestApp, backend: SocketAddr) -> (Envoy, tempfile::Na
         "gateway.yaml",
         8080,
         &[
-            ("port_value: 50051", format!("port_value: {}", app.grpc_addr.port())),
-            ("port_value: 8081", format!("port_value: {}", app.http_addr.port())),
-            ("port_value: 9000", format!("port_value: {}", backend.port())),
-            ("/etc/envoy/auth_descriptor.pb", descriptor.path().display().to_string()),
+            (
+                "port_value: 50051",
+                format!("port_value: {}", app.grpc_addr.port()),
+            ),
+            (
+                "port_value: 8081",
+                format!("port_value: {}", app.http_addr.port()),
+            ),
+            (
+                "port_value: 9000",
+                format!("port_value: {}", backend.port()),
+            ),
+            (
+                "/etc/envoy/auth_descriptor.pb",
+                descriptor.path().display().to_string(),
+            ),
         ],
     )
     .await;
@@ -37,13 +51,30 @@ impl Stack {
         let app = TestApp::spawn_with(Backend::Production, adjust).await;
         let backend = echo_backend().await;
         let (gateway, descriptor) = gateway_for(&app, backend).await;
-        Self { app, gateway, _descriptor: descriptor }
+        Self {
+            app,
+            gateway,
+            _descriptor: descriptor,
+        }
     }
 
-    async fn post(&self, path: &str, body: serde_json::Value, token: Option<&str>) -> crate::support::HttpResponse {
+    async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        token: Option<&str>,
+    ) -> crate::support::HttpResponse {
         let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
-        http(self.gateway.addr, "POST", path, &headers, Some(&body.to_string())).await
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        http(
+            self.gateway.addr,
+            "POST",
+            path,
+            &headers,
+            Some(&body.to_string()),
+        )
+        .await
     }
 
     async fn get(&self, path: &str, headers: &[(&str, &str)]) -> crate::support::HttpResponse {
@@ -56,7 +87,13 @@ impl Stack {
             .post("/v1/users", serde_json::json!({ "email": format!("{name}@example.com"), "username": name, "password": PASSWORD }), None)
             .await;
         assert_eq!(r.status, 200, "{r:?}");
-        let r = self.post("/v1/auth/login", serde_json::json!({ "login": name, "password": PASSWORD }), None).await;
+        let r = self
+            .post(
+                "/v1/auth/login",
+                serde_json::json!({ "login": name, "password": PASSWORD }),
+                None,
+            )
+            .await;
         assert_eq!(r.status, 200, "{r:?}");
         r.json()
     }
@@ -74,29 +111,72 @@ async fn rest_sign_up_login_refresh_and_logout_through_the_transcoding_gateway()
     assert_eq!(r.json()["user"]["email"], "ada@example.com");
     assert_eq!(r.json()["user"]["status"], "USER_STATUS_ACTIVE");
 
-    let login = stack.post("/v1/auth/login", serde_json::json!({ "login": "ada", "password": PASSWORD }), None).await;
+    let login = stack
+        .post(
+            "/v1/auth/login",
+            serde_json::json!({ "login": "ada", "password": PASSWORD }),
+            None,
+        )
+        .await;
     assert_eq!(login.status, 200, "{login:?}");
     let login = login.json();
     assert_eq!(login["token_type"], "Bearer");
-    assert_eq!(login["expires_in"], "900", "int64 is a JSON string in proto3 JSON");
+    assert_eq!(
+        login["expires_in"], "900",
+        "int64 is a JSON string in proto3 JSON"
+    );
 
-    let me = stack.get("/v1/me", &[("authorization", &format!("Bearer {}", token(&login)))]).await;
+    let me = stack
+        .get(
+            "/v1/me",
+            &[("authorization", &format!("Bearer {}", token(&login)))],
+        )
+        .await;
     assert_eq!(me.status, 200, "{me:?}");
     assert_eq!(me.json()["username"], "ada");
 
-    let refreshed = stack.post("/v1/auth/refresh", serde_json::json!({ "refresh_token": login["refresh_token"] }), None).await;
+    let refreshed = stack
+        .post(
+            "/v1/auth/refresh",
+            serde_json::json!({ "refresh_token": login["refresh_token"] }),
+            None,
+        )
+        .await;
     assert_eq!(refreshed.status, 200, "{refreshed:?}");
     let refreshed = refreshed.json();
     assert_ne!(refreshed["refresh_token"], login["refresh_token"]);
 
-    let wrong = stack.post("/v1/auth/login", serde_json::json!({ "login": "ada", "password": "wrong password" }), None).await;
+    let wrong = stack
+        .post(
+            "/v1/auth/login",
+            serde_json::json!({ "login": "ada", "password": "wrong password" }),
+            None,
+        )
+        .await;
     assert_eq!(wrong.status, 401, "{wrong:?}");
 
-    let out = stack.post("/v1/auth/logout", serde_json::json!({ "refresh_token": refreshed["refresh_token"] }), Some(token(&refreshed))).await;
+    let out = stack
+        .post(
+            "/v1/auth/logout",
+            serde_json::json!({ "refresh_token": refreshed["refresh_token"] }),
+            Some(token(&refreshed)),
+        )
+        .await;
     assert_eq!(out.status, 200, "{out:?}");
-    let after = stack.get("/v1/me", &[("authorization", &format!("Bearer {}", token(&refreshed)))]).await;
+    let after = stack
+        .get(
+            "/v1/me",
+            &[("authorization", &format!("Bearer {}", token(&refreshed)))],
+        )
+        .await;
     assert_eq!(after.status, 401, "{after:?}");
-    let again = stack.post("/v1/auth/refresh", serde_json::json!({ "refresh_token": refreshed["refresh_token"] }), None).await;
+    let again = stack
+        .post(
+            "/v1/auth/refresh",
+            serde_json::json!({ "refresh_token": refreshed["refresh_token"] }),
+            None,
+        )
+        .await;
     assert_eq!(again.status, 401, "{again:?}");
 
     let jwks = stack.get("/.well-known/jwks.json", &[]).await;
@@ -107,11 +187,22 @@ async fn rest_sign_up_login_refresh_and_logout_through_the_transcoding_gateway()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_sign_up_is_400_with_field_details_and_a_duplicate_is_409() {
     let stack = Stack::start(|_| {}).await;
-    let r = stack.post("/v1/users", serde_json::json!({ "email": "nope", "username": "x", "password": "short" }), None).await;
+    let r = stack
+        .post(
+            "/v1/users",
+            serde_json::json!({ "email": "nope", "username": "x", "password": "short" }),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 400, "{r:?}");
     let body = r.json();
     let violations = &body["details"][0]["field_violations"];
-    let fields: Vec<&str> = violations.as_array().unwrap().iter().map(|v| v["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> = violations
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
     assert_eq!(fields, ["email", "username", "password"], "{body}");
     stack.user("bea").await;
     let r = stack.post("/v1/users", serde_json::json!({ "email": "BEA@example.com", "username": "bea2", "password": PASSWORD }), None).await;
@@ -123,26 +214,49 @@ async fn the_api_route_needs_a_valid_token_and_the_upstream_sees_only_the_real_i
     let stack = Stack::start(|_| {}).await;
     let none = stack.get("/api/videos", &[]).await;
     assert_eq!(none.status, 401, "{none:?}");
-    assert_eq!(none.header("www-authenticate"), Some(r#"Bearer error="invalid_token""#));
+    assert_eq!(
+        none.header("www-authenticate"),
+        Some(r#"Bearer error="invalid_token""#)
+    );
     assert_eq!(none.json()["code"], "unauthenticated");
-    let garbage = stack.get("/api/videos", &[("authorization", "Bearer garbage")]).await;
+    let garbage = stack
+        .get("/api/videos", &[("authorization", "Bearer garbage")])
+        .await;
     assert_eq!(garbage.status, 401);
 
     let login = stack.user("cid").await;
     let user_id = login["user"]["id"].as_str().unwrap().to_owned();
     let auth = format!("Bearer {}", token(&login));
     let ok = stack
-        .get("/api/videos", &[("authorization", &auth), ("x-user-id", "spoofed-admin"), ("x-user-roles", "admin"), ("x-session-id", "forged")])
+        .get(
+            "/api/videos",
+            &[
+                ("authorization", &auth),
+                ("x-user-id", "spoofed-admin"),
+                ("x-user-roles", "admin"),
+                ("x-session-id", "forged"),
+            ],
+        )
         .await;
     assert_eq!(ok.status, 200, "{ok:?}");
     let seen = ok.json();
     assert_eq!(seen["path"], "/api/videos");
-    assert_eq!(seen["x-user-id"], serde_json::json!([user_id]), "exactly the real id, never the client's");
+    assert_eq!(
+        seen["x-user-id"],
+        serde_json::json!([user_id]),
+        "exactly the real id, never the client's"
+    );
     assert_eq!(seen["x-user-roles"], serde_json::json!(["user"]));
     assert_ne!(seen["x-session-id"], serde_json::json!(["forged"]));
 
     // Logout, then the very next request is refused.
-    let out = stack.post("/v1/auth/logout", serde_json::json!({}), Some(token(&login))).await;
+    let out = stack
+        .post(
+            "/v1/auth/logout",
+            serde_json::json!({}),
+            Some(token(&login)),
+        )
+        .await;
     assert_eq!(out.status, 200, "{out:?}");
     let after = stack.get("/api/videos", &[("authorization", &auth)]).await;
     assert_eq!(after.status, 401, "{after:?}");
@@ -153,10 +267,22 @@ async fn admin_routes_are_403_for_non_admins() {
     let stack = Stack::start(|_| {}).await;
     let login = stack.user("dee").await;
     let id = login["user"]["id"].as_str().unwrap();
-    let r = stack.post(&format!("/v1/admin/users/{id}:suspend"), serde_json::json!({ "reason": "x" }), Some(token(&login))).await;
+    let r = stack
+        .post(
+            &format!("/v1/admin/users/{id}:suspend"),
+            serde_json::json!({ "reason": "x" }),
+            Some(token(&login)),
+        )
+        .await;
     assert_eq!(r.status, 403, "{r:?}");
     assert_eq!(r.json()["code"], "permission_denied");
-    let anonymous = stack.post(&format!("/v1/admin/users/{id}:suspend"), serde_json::json!({}), None).await;
+    let anonymous = stack
+        .post(
+            &format!("/v1/admin/users/{id}:suspend"),
+            serde_json::json!({}),
+            None,
+        )
+        .await;
     assert_eq!(anonymous.status, 401);
 }
 
@@ -164,7 +290,11 @@ async fn admin_routes_are_403_for_non_admins() {
 async fn past_the_limit_the_gateway_answers_429_with_retry_after() {
     let stack = Stack::start(|c| {
         let class = c.authz.rate_limits.get_mut("default").unwrap();
-        class.per_user = Some(Limit { requests: 1, per_secs: 60, burst: 3 });
+        class.per_user = Some(Limit {
+            requests: 1,
+            per_secs: 60,
+            burst: 3,
+        });
     })
     .await;
     let login = stack.user("eve").await;
@@ -196,11 +326,24 @@ async fn a_suspend_on_the_other_replica_is_enforced_here_at_once() {
     let admin = other.admin().await;
     let login = stack.user("fay").await;
     let auth = format!("Bearer {}", token(&login));
-    assert_eq!(stack.get("/api/x", &[("authorization", &auth)]).await.status, 200, "warms this replica's cache");
+    assert_eq!(
+        stack
+            .get("/api/x", &[("authorization", &auth)])
+            .await
+            .status,
+        200,
+        "warms this replica's cache"
+    );
 
     other
         .client
-        .suspend_user(bearer(pb::SuspendUserRequest { user_id: login["user"]["id"].as_str().unwrap().into(), reason: "t".into() }, &admin.access_token))
+        .suspend_user(bearer(
+            pb::SuspendUserRequest {
+                user_id: login["user"]["id"].as_str().unwrap().into(),
+                reason: "t".into(),
+            },
+            &admin.access_token,
+        ))
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -210,7 +353,10 @@ async fn a_suspend_on_the_other_replica_is_enforced_here_at_once() {
             break;
         }
         assert_eq!(r.status, 200);
-        assert!(std::time::Instant::now() < deadline, "the suspension never reached this replica");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the suspension never reached this replica"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -225,21 +371,49 @@ async fn when_redis_dies_checks_fail_closed_on_revocation_except_cached_tokens()
     let app = TestApp::start(Backend::Production, config, dir).await;
     let backend = echo_backend().await;
     let (gateway, _descriptor) = gateway_for(&app, backend).await;
-    let stack = Stack { app, gateway, _descriptor };
+    let stack = Stack {
+        app,
+        gateway,
+        _descriptor,
+    };
     let warm = stack.user("gus").await;
-    let cold = stack.post("/v1/auth/login", serde_json::json!({ "login": "gus", "password": PASSWORD }), None).await.json();
+    let cold = stack
+        .post(
+            "/v1/auth/login",
+            serde_json::json!({ "login": "gus", "password": PASSWORD }),
+            None,
+        )
+        .await
+        .json();
     let warm_auth = format!("Bearer {}", token(&warm));
-    assert_eq!(stack.get("/api/x", &[("authorization", &warm_auth)]).await.status, 200);
+    assert_eq!(
+        stack
+            .get("/api/x", &[("authorization", &warm_auth)])
+            .await
+            .status,
+        200
+    );
 
     redis.kill();
 
     let cached = stack.get("/api/x", &[("authorization", &warm_auth)]).await;
-    assert_eq!(cached.status, 200, "served from the cache within its TTL; rate limit fails open to local: {cached:?}");
-    let unknown = stack.get("/api/x", &[("authorization", &format!("Bearer {}", token(&cold)))]).await;
+    assert_eq!(
+        cached.status, 200,
+        "served from the cache within its TTL; rate limit fails open to local: {cached:?}"
+    );
+    let unknown = stack
+        .get(
+            "/api/x",
+            &[("authorization", &format!("Bearer {}", token(&cold)))],
+        )
+        .await;
     assert_eq!(unknown.status, 503, "revocation fails closed: {unknown:?}");
     assert_eq!(unknown.json()["code"], "unavailable");
     let anonymous = stack.get("/api/x", &[]).await;
-    assert_eq!(anonymous.status, 401, "no Redis needed to refuse a missing token");
+    assert_eq!(
+        anonymous.status, 401,
+        "no Redis needed to refuse a missing token"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,10 +421,27 @@ async fn when_auth_service_is_down_envoy_fails_closed() {
     let stack = Stack::start(|_| {}).await;
     let login = stack.user("hal").await;
     let auth = format!("Bearer {}", token(&login));
-    assert_eq!(stack.get("/api/x", &[("authorization", &auth)]).await.status, 200);
-    let Stack { app, gateway, _descriptor } = stack;
+    assert_eq!(
+        stack
+            .get("/api/x", &[("authorization", &auth)])
+            .await
+            .status,
+        200
+    );
+    let Stack {
+        app,
+        gateway,
+        _descriptor,
+    } = stack;
     app.stop().await;
-    let r = http(gateway.addr, "GET", "/api/x", &[("authorization", &auth)], None).await;
+    let r = http(
+        gateway.addr,
+        "GET",
+        "/api/x",
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(r.status, 503, "{r:?}");
 }
 
@@ -262,8 +453,14 @@ async fn the_sidecar_passes_and_denies_the_same_way() {
         "sidecar.yaml",
         15006,
         &[
-            ("port_value: 50051", format!("port_value: {}", app.grpc_addr.port())),
-            ("port_value: 8000", format!("port_value: {}", local_app.port())),
+            (
+                "port_value: 50051",
+                format!("port_value: {}", app.grpc_addr.port()),
+            ),
+            (
+                "port_value: 8000",
+                format!("port_value: {}", local_app.port()),
+            ),
         ],
     )
     .await;
@@ -272,9 +469,26 @@ async fn the_sidecar_passes_and_denies_the_same_way() {
     let auth = format!("Bearer {}", login.access_token);
     let none = http(sidecar.addr, "GET", "/orders", &[], None).await;
     assert_eq!(none.status, 401);
-    let ok = http(sidecar.addr, "GET", "/orders", &[("authorization", &auth), ("x-user-id", "spoofed")], None).await;
+    let ok = http(
+        sidecar.addr,
+        "GET",
+        "/orders",
+        &[("authorization", &auth), ("x-user-id", "spoofed")],
+        None,
+    )
+    .await;
     assert_eq!(ok.status, 200, "{ok:?}");
-    assert_eq!(ok.json()["x-user-id"], serde_json::json!([login.user.unwrap().id]));
-    let admin_only = http(sidecar.addr, "GET", "/v1/admin/anything", &[("authorization", &auth)], None).await;
+    assert_eq!(
+        ok.json()["x-user-id"],
+        serde_json::json!([login.user.unwrap().id])
+    );
+    let admin_only = http(
+        sidecar.addr,
+        "GET",
+        "/v1/admin/anything",
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(admin_only.status, 403);
 }

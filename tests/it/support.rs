@@ -430,19 +430,42 @@ pub struct Envoy {
 impl Envoy {
     /// `replacements` are exact strings of the shipped file and their test
     /// values; each must occur in the file, so file and test stay in step.
-    pub async fn start(config: &str, listener_default: u16, replacements: &[(&str, String)]) -> Self {
-        let bin = std::env::var("ENVOY_BIN").expect("ENVOY_BIN is not set: run the suite with scripts/test, which installs Envoy");
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy").join(config);
+    pub async fn start(
+        config: &str,
+        listener_default: u16,
+        replacements: &[(&str, String)],
+    ) -> Self {
+        let bin = std::env::var("ENVOY_BIN")
+            .expect("ENVOY_BIN is not set: run the suite with scripts/test, which installs Envoy");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("envoy")
+            .join(config);
         let mut yaml = std::fs::read_to_string(&path).unwrap();
         let port = free_port();
         let admin = free_port();
-        let mut all: Vec<(String, String)> = replacements.iter().map(|(a, b)| ((*a).to_owned(), b.clone())).collect();
-        all.push((format!("port_value: {listener_default}"), format!("port_value: {port}")));
-        let admin_default = if config == "gateway.yaml" { 9901 } else { 15000 };
-        all.push((format!("port_value: {admin_default}"), format!("port_value: {admin}")));
+        let mut all: Vec<(String, String)> = replacements
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), b.clone()))
+            .collect();
+        all.push((
+            format!("port_value: {listener_default}"),
+            format!("port_value: {port}"),
+        ));
+        let admin_default = if config == "gateway.yaml" {
+            9901
+        } else {
+            15000
+        };
+        all.push((
+            format!("port_value: {admin_default}"),
+            format!("port_value: {admin}"),
+        ));
         all.push(("address: 0.0.0.0".into(), "address: 127.0.0.1".into()));
         for (from, to) in &all {
-            assert!(yaml.contains(from.as_str()), "{config} no longer contains {from:?}");
+            assert!(
+                yaml.contains(from.as_str()),
+                "{config} no longer contains {from:?}"
+            );
             yaml = yaml.replace(from.as_str(), to);
         }
         let dir = tempfile::tempdir().unwrap();
@@ -450,18 +473,31 @@ impl Envoy {
         std::fs::write(&file, yaml).unwrap();
         let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
         let child = std::process::Command::new(bin)
-            .args(["-c", file.to_str().unwrap(), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"])
+            .args([
+                "-c",
+                file.to_str().unwrap(),
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ])
             .args(["--base-id", &u32::from(port).to_string()])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start envoy");
-        let mut envoy = Self { child, addr: format!("127.0.0.1:{port}").parse().unwrap(), _dir: dir };
+        let mut envoy = Self {
+            child,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            _dir: dir,
+        };
         let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = envoy.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(envoy._dir.path().join("envoy.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(envoy._dir.path().join("envoy.log"))
+                    .unwrap_or_default();
                 panic!("envoy exited ({status}): {log}");
             }
             if TcpStream::connect(admin).await.is_ok() && http_get(admin, "/ready").await.0 == 200 {
@@ -488,7 +524,13 @@ pub async fn echo_backend() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = axum::Router::new().fallback(|uri: axum::http::Uri, headers: HeaderMap| async move {
-        let get = |name: &str| headers.get_all(name).iter().map(|v| v.to_str().unwrap_or("").to_owned()).collect::<Vec<_>>();
+        let get = |name: &str| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+        };
         Json(serde_json::json!({
             "path": uri.path(),
             "x-user-id": get("x-user-id"),
@@ -509,23 +551,36 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 }
 
 /// One HTTP/1.1 request over a fresh connection (handles chunked bodies).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> HttpResponse {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> HttpResponse {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n");
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
     if let Some(body) = body {
-        request.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()));
+        request.push_str(&format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ));
     } else {
         request.push_str("content-length: 0\r\n\r\n");
     }
@@ -535,14 +590,28 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = raw.split_once("\r\n\r\n").expect("a complete response");
     let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_owned() };
-    HttpResponse { status, headers, body }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut rest: &str) -> String {
