@@ -5,6 +5,12 @@
 //! * `login ADDR CONCURRENCY SECONDS` — Login throughput against a server.
 //! * `validate ADDR CONCURRENCY SECONDS` — ValidateToken throughput and
 //!   latency percentiles for one valid token.
+//! * `token ADDR NAME` — signs NAME up (if needed), logs in, prints the
+//!   access token (for wrk).
+//! * `check ADDR RPS SECONDS` — ext_authz Check at a fixed request rate
+//!   (open loop), for a valid token on an authenticated route.
+//! * `propagate ADDR_A ADDR_B N` — revocation propagation: log out on
+//!   replica A, poll ValidateToken on replica B until it refuses; N rounds.
 //!
 //! Every request loop is bounded by its duration and targets loopback only.
 
@@ -16,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use argon2::{Algorithm, Argon2, Params, PasswordHasher, Version, password_hash::SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use auth_service::{
     config::Config,
     grpc::pb::{self, auth_service_client::AuthServiceClient},
@@ -43,10 +49,20 @@ fn argon2_rate(threads: usize, seconds: u64) {
         .map(|_| {
             let (stop, count, params) = (stop.clone(), count.clone(), params.clone());
             std::thread::spawn(move || {
+                // The best case: one reused memory buffer per thread (what the
+                // service's hashing pool does), nothing else on the thread.
+                let mut memory = vec![Block::default(); params.block_count()];
                 let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-                let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+                let mut out = [0u8; 32];
                 while !stop.load(Ordering::Relaxed) {
-                    argon.hash_password(PASSWORD.as_bytes(), &salt).unwrap();
+                    argon
+                        .hash_password_into_with_memory(
+                            PASSWORD.as_bytes(),
+                            b"0123456789abcdef",
+                            &mut out,
+                            &mut memory,
+                        )
+                        .unwrap();
                     count.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -199,6 +215,159 @@ async fn main() {
             )
             .await;
         }
+        "token" => {
+            let mut c = client(&arg(1)).await;
+            ensure_user(&mut c, &arg(2)).await;
+            let pair = c
+                .login(pb::LoginRequest {
+                    login: arg(2),
+                    password: PASSWORD.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            println!("{}", pair.access_token);
+        }
+        "check" => check_load(&arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap()).await,
+        "propagate" => propagate(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         other => panic!("unknown mode {other}"),
     }
+}
+
+fn check_request(token: &str) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+    let headers = [
+        ("authorization".to_owned(), format!("Bearer {token}")),
+        ("x-forwarded-for".to_owned(), "203.0.113.50".to_owned()),
+    ];
+    envoy_types::ext_authz::v3::pb::CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: "GET".into(),
+                    path: "/api/videos".into(),
+                    headers: headers.into_iter().collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Open loop: one Check every 1/RPS seconds regardless of answers, so slow
+/// answers show up as latency instead of lowering the rate.
+async fn check_load(addr: &str, rps: u64, seconds: u64) {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let mut setup = client(addr).await;
+    ensure_user(&mut setup, "benchc").await;
+    let token = setup
+        .login(pb::LoginRequest {
+            login: "benchc".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let authz = AuthorizationClient::new(channel);
+    let request = check_request(&token);
+    // Warm-up: the first Check verifies the JWT; later ones hit the cache.
+    authz.clone().check(request.clone()).await.unwrap();
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rps));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    while Instant::now() < deadline {
+        ticker.tick().await;
+        let mut c = authz.clone();
+        let r = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let ok = c
+                .check(r)
+                .await
+                .map(|resp| resp.into_inner().status.is_some_and(|s| s.code == 0))
+                .unwrap_or(false);
+            (t.elapsed(), ok)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(tasks.len());
+    let mut denied = 0;
+    for t in tasks {
+        let (l, ok) = t.await.unwrap();
+        if !ok {
+            denied += 1;
+        }
+        latencies.push(l);
+    }
+    latencies.sort();
+    println!(
+        "Check open-loop {rps} rps for {seconds}s: {} calls, {denied} not allowed; client round trip p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+        latencies.len(),
+        percentile(&latencies, 50.0).as_secs_f64() * 1e3,
+        percentile(&latencies, 99.0).as_secs_f64() * 1e3,
+        percentile(&latencies, 99.9).as_secs_f64() * 1e3,
+    );
+}
+
+/// Logs out on A and measures until B refuses the token.
+async fn propagate(a: &str, b: &str, rounds: usize) {
+    let mut a = client(a).await;
+    let mut b = client(b).await;
+    ensure_user(&mut a, "benchp").await;
+    let mut delays = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let pair = a
+            .login(pb::LoginRequest {
+                login: "benchp".into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // B caches "not revoked" for this token first.
+        b.validate_token(pb::ValidateTokenRequest {
+            token: pair.access_token.clone(),
+        })
+        .await
+        .unwrap();
+        let mut logout = tonic::Request::new(pb::LogoutRequest {
+            refresh_token: pair.refresh_token.clone(),
+        });
+        logout.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", pair.access_token).parse().unwrap(),
+        );
+        let started = Instant::now();
+        a.logout(logout).await.unwrap();
+        loop {
+            if b.validate_token(pb::ValidateTokenRequest {
+                token: pair.access_token.clone(),
+            })
+            .await
+            .is_err()
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "revocation never reached B"
+            );
+        }
+        delays.push(started.elapsed());
+    }
+    delays.sort();
+    println!(
+        "revocation propagation A->B over {rounds} rounds (from Logout call start to B's first refusal): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&delays, 50.0).as_secs_f64() * 1e3,
+        percentile(&delays, 99.0).as_secs_f64() * 1e3,
+        delays.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
 }

