@@ -9,6 +9,9 @@
 //!   access token (for wrk).
 //! * `check ADDR RPS SECONDS` — ext_authz Check at a fixed request rate
 //!   (open loop), for a valid token on an authenticated route.
+//! * `ratelimit ADDR_A ADDR_B SECONDS` — one client IP hammers a public
+//!   route (class `public`, per IP 20/s, burst 40) through both replicas at
+//!   once; admitted Checks are compared with what one exact GCRA admits.
 //! * `propagate ADDR_A ADDR_B N` — revocation propagation: log out on
 //!   replica A, poll ValidateToken on replica B until it refuses; N rounds.
 //!
@@ -230,6 +233,7 @@ async fn main() {
         }
         "check" => check_load(&arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap()).await,
         "propagate" => propagate(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
+        "ratelimit" => ratelimit_error(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         other => panic!("unknown mode {other}"),
     }
 }
@@ -369,5 +373,80 @@ async fn propagate(a: &str, b: &str, rounds: usize) {
         percentile(&delays, 50.0).as_secs_f64() * 1e3,
         percentile(&delays, 99.0).as_secs_f64() * 1e3,
         delays.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
+
+async fn ratelimit_error(a: &str, b: &str, seconds: u64) {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let limit = auth_service::config::Config::default().authz.rate_limits["public"]
+        .per_ip
+        .unwrap();
+    let ip = format!("198.51.100.{}", std::process::id() % 250);
+    let mut request = check_request("none");
+    {
+        let http = request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        http.method = "POST".into();
+        http.path = "/v1/users".into();
+        http.headers.remove("authorization");
+        http.headers.insert("x-forwarded-for".into(), ip);
+    }
+    let mut clients = Vec::new();
+    for addr in [a, b] {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(AuthorizationClient::new(channel));
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = clients[i % 2].clone();
+            let r = request.clone();
+            tokio::spawn(async move {
+                let mut allowed = 0u64;
+                let mut total = 0u64;
+                while Instant::now() < deadline {
+                    let ok = c
+                        .check(r.clone())
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .status
+                        .is_some_and(|s| s.code == 0);
+                    allowed += u64::from(ok);
+                    total += 1;
+                }
+                (allowed, total)
+            })
+        })
+        .collect();
+    let (mut allowed, mut total) = (0, 0);
+    for t in tasks {
+        let (a, n) = t.await.unwrap();
+        allowed += a;
+        total += n;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let exact =
+        f64::from(limit.burst) + elapsed * f64::from(limit.requests) / limit.per_secs as f64;
+    println!(
+        "rate limit across 2 replicas, one IP, {total} Checks in {elapsed:.1}s: admitted {allowed}, exact GCRA {exact:.1} (burst {} + {}/s), error {:+.1}; documented bound +-{} (lease {} x 2 replicas)",
+        limit.burst,
+        limit.requests,
+        allowed as f64 - exact,
+        limit.lease() * 2,
+        limit.lease()
     );
 }

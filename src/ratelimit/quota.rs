@@ -27,13 +27,14 @@
 //! are within `lease × R` of what one exact GCRA would admit.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
 
 use crate::error::BackendError;
 
@@ -189,28 +190,28 @@ impl RateLimiter {
         let lease = self
             .leases
             .get_with_by_ref(key, || Arc::new(Mutex::new(Lease::default())));
+        // One lock per key, held across a refill: concurrent checks of the
+        // same key on this replica wait for the one lease request instead of
+        // each taking (and discarding) a lease of its own.
+        let mut l = lease.lock().await;
         let now = Instant::now();
-        {
-            let mut l = lease.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(until) = l.denied_until {
-                if until > now {
-                    metrics::counter!("ratelimit_local_decisions_total", "result" => "limited")
-                        .increment(1);
-                    return Ok(RateDecision::Limited {
-                        retry_after: until - now,
-                    });
-                }
-                l.denied_until = None;
-            }
-            if l.tokens > 0 && l.valid_until.is_some_and(|v| v > now) {
-                l.tokens -= 1;
-                metrics::counter!("ratelimit_local_decisions_total", "result" => "allowed")
+        if let Some(until) = l.denied_until {
+            if until > now {
+                metrics::counter!("ratelimit_local_decisions_total", "result" => "limited")
                     .increment(1);
-                return Ok(RateDecision::Allowed);
+                return Ok(RateDecision::Limited {
+                    retry_after: until - now,
+                });
             }
+            l.denied_until = None;
         }
-        let want = limit.lease();
-        let grant = match self.shared.acquire(key, limit, want).await {
+        if l.tokens > 0 && l.valid_until.is_some_and(|v| v > now) {
+            l.tokens -= 1;
+            metrics::counter!("ratelimit_local_decisions_total", "result" => "allowed")
+                .increment(1);
+            return Ok(RateDecision::Allowed);
+        }
+        let grant = match self.shared.acquire(key, limit, limit.lease()).await {
             Ok(grant) => grant,
             Err(error) => match &self.fallback {
                 Some(local) => {
@@ -222,8 +223,8 @@ impl RateLimiter {
             },
         };
         let now = Instant::now();
-        let mut l = lease.lock().unwrap_or_else(|e| e.into_inner());
         if grant.granted == 0 {
+            l.tokens = 0;
             l.denied_until = Some(now + grant.retry_after);
             return Ok(RateDecision::Limited {
                 retry_after: grant.retry_after,
@@ -232,8 +233,8 @@ impl RateLimiter {
         // This request takes one token; the rest are the lease, valid for
         // as long as they represent (T per token) but at least
         // MIN_LEASE_LIFETIME, so a high rate does not turn every request into
-        // a Redis call. Either way a replica never holds more than `lease`
-        // unspent tokens, which is what bounds the error.
+        // a Redis call. A replica never holds more than `lease` unspent
+        // tokens, which is what bounds the error.
         l.tokens = grant.granted - 1;
         let represented =
             Duration::from_micros(limit.interval_us().saturating_mul(u64::from(grant.granted)));
