@@ -1,0 +1,120 @@
+//! ext_authz Check called directly (what Envoy sends), on one replica and
+//! across two replicas sharing Redis.
+
+use auth_service::{grpc::pb, ratelimit::quota::Limit};
+use envoy_types::{
+    ext_authz::v3::pb::{CheckRequest, HttpResponse},
+    pb::envoy::service::auth::v3::{
+        AttributeContext, attribute_context, authorization_client::AuthorizationClient,
+    },
+};
+use tonic::Code;
+
+use crate::{
+    on_both_backends,
+    support::{Backend, TestApp, channel},
+};
+
+fn check(method: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// (gRPC status code inside the CheckResponse, HTTP status of a denial).
+async fn decide(app: &TestApp, request: CheckRequest) -> (i32, Option<i32>) {
+    let mut client = AuthorizationClient::new(channel(app.grpc_addr).await);
+    let response = client
+        .check(request)
+        .await
+        .expect("a decision is a successful RPC")
+        .into_inner();
+    let http = match response.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => d.status.map(|s| s.code),
+        _ => None,
+    };
+    (response.status.unwrap().code, http)
+}
+
+on_both_backends! {
+    async fn check_allows_public_routes_and_valid_tokens_and_denies_the_rest(app) {
+        app.sign_up("ann").await;
+        let pair = app.login_ok("ann").await;
+        let auth = format!("Bearer {}", pair.access_token);
+        assert_eq!(decide(&app, check("POST", "/v1/users", &[])).await, (0, None));
+        assert_eq!(decide(&app, check("POST", "/v1/auth/login?x=1", &[("authorization", "Bearer junk")])).await, (0, None));
+        assert_eq!(decide(&app, check("GET", "/api/x", &[])).await, (Code::Unauthenticated as i32, Some(401)));
+        assert_eq!(decide(&app, check("GET", "/api/x", &[("authorization", &auth)])).await, (0, None));
+        assert_eq!(decide(&app, check("GET", "/v1/admin/users", &[("authorization", &auth)])).await, (Code::PermissionDenied as i32, Some(403)));
+        // Revoked on the very next Check.
+        app.client.logout(crate::support::bearer(pb::LogoutRequest::default(), &pair.access_token)).await.unwrap();
+        assert_eq!(decide(&app, check("GET", "/api/x", &[("authorization", &auth)])).await, (Code::Unauthenticated as i32, Some(401)));
+    }
+
+    async fn a_check_request_without_http_attributes_is_the_only_rpc_error(app) {
+        let mut client = AuthorizationClient::new(channel(app.grpc_addr).await);
+        let status = client.check(CheckRequest::default()).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+}
+
+/// Two replicas share one GCRA in Redis: one IP's burst of 20 (refill once
+/// an hour) is admitted about once overall, not once per replica. Each
+/// replica may hold up to a lease (2 tokens here) unspent, so the total is
+/// within [20 - 2 * 2, 20].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_rate_limit_within_the_lease_bound() {
+    let slow = Limit {
+        requests: 1,
+        per_secs: 3600,
+        burst: 20,
+    };
+    let a = TestApp::spawn_with(Backend::Production, |c| {
+        c.authz.rate_limits.get_mut("public").unwrap().per_ip = Some(slow)
+    })
+    .await;
+    let mut config = a.config.clone();
+    let dir = tempfile::tempdir().unwrap();
+    config.data_dir = dir.path().to_path_buf();
+    config.tokens.keys_dir = Some(a.config.keys_dir());
+    let b = TestApp::start(Backend::Production, config, dir).await;
+    let mut admitted = 0;
+    for i in 0..100 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let (code, _) = decide(
+            app,
+            check("POST", "/v1/users", &[("x-forwarded-for", "192.0.2.77")]),
+        )
+        .await;
+        admitted += u32::from(code == 0);
+    }
+    let lease = slow.lease();
+    assert!(
+        (20 - 2 * lease..=20).contains(&admitted),
+        "admitted {admitted}"
+    );
+    // Another IP is unaffected.
+    assert_eq!(
+        decide(
+            &a,
+            check("POST", "/v1/users", &[("x-forwarded-for", "192.0.2.78")])
+        )
+        .await
+        .0,
+        0
+    );
+}
