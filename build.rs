@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // descriptor set: the gateway renders error details with them.
     let protos = [
         "proto/immersiverse/auth/v1/auth.proto",
+        "proto/immersiverse/auth/v1/events.proto",
         "proto/google/rpc/status.proto",
         "proto/google/rpc/error_details.proto",
     ];

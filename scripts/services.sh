@@ -17,6 +17,10 @@ ensure_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v python3 >/dev/null || missing+=(python3)
   command -v curl >/dev/null || missing+=(curl)
+  # librdkafka and OpenSSL are built from source by the rdkafka crate.
+  command -v make >/dev/null || missing+=(make)
+  command -v perl >/dev/null || missing+=(perl)
+  command -v gcc >/dev/null || missing+=(gcc)
   for p in ${extra_packages:-}; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
@@ -45,6 +49,18 @@ ensure_envoy() {
   export ENVOY_BIN="$venv/bin/envoy"
 }
 
+# The Kafka-compatible broker tansu, built from crates.io once per machine
+# (about 10-15 minutes on 2 cores; `memory://` storage needs `dynostore`).
+# Sets TANSU_BIN.
+ensure_tansu() {
+  local bin=${CARGO_HOME:-$HOME/.cargo}/bin/tansu
+  if [ ! -x "$bin" ]; then
+    log "building the Kafka-compatible broker tansu (once per machine)"
+    cargo install tansu --locked --features dynostore
+  fi
+  export TANSU_BIN="$bin"
+}
+
 SERVICES_WORK=""
 PG_PORT=""
 REDIS_PORT=""
@@ -57,7 +73,19 @@ services_stop() {
   [ -n "$PG_PORT" ] && pg "$PG_BIN/pg_ctl" -D "$SERVICES_WORK/pg" -m immediate stop >/dev/null 2>&1
   [ -n "$REDIS_PORT" ] && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
   rm -rf "$SERVICES_WORK"
-  SERVICES_WORK=""
+  # The Kafka-compatible broker tansu, built from crates.io once per machine
+# (about 10-15 minutes on 2 cores; `memory://` storage needs `dynostore`).
+# Sets TANSU_BIN.
+ensure_tansu() {
+  local bin=${CARGO_HOME:-$HOME/.cargo}/bin/tansu
+  if [ ! -x "$bin" ]; then
+    log "building the Kafka-compatible broker tansu (once per machine)"
+    cargo install tansu --locked --features dynostore
+  fi
+  export TANSU_BIN="$bin"
+}
+
+SERVICES_WORK=""
 }
 
 # Starts PostgreSQL and Redis; exports TEST_DATABASE_URL and TEST_REDIS_URL.

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     authz::policy::{RoutePolicy, RouteRule, default_rules},
+    events::envelope::EventFormat,
     ratelimit::quota::Limit,
 };
 
@@ -51,6 +52,78 @@ pub struct Config {
     pub lockout: LockoutConfig,
     pub revocation: RevocationConfig,
     pub authz: AuthzConfig,
+    /// Kafka bootstrap servers (`host:port,...`); unset: Kafka off, events
+    /// stay in the outbox.
+    pub kafka_brokers: Option<String>,
+    pub kafka: KafkaConfig,
+}
+
+/// Event publishing and consuming (used when `kafka_brokers` is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Prepended to every topic name, e.g. `prod.`.
+    pub topic_prefix: String,
+    /// Create missing topics at start.
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topic_replication: i32,
+    pub format: EventFormat,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with a SASL protocol).
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username: Option<String>,
+    /// Never logged.
+    pub sasl_password: Option<String>,
+    pub ssl_ca_location: Option<PathBuf>,
+    pub ssl_certificate_location: Option<PathBuf>,
+    pub ssl_key_location: Option<PathBuf>,
+    /// Rows leased per relay round.
+    pub relay_batch: i64,
+    /// Pause when the outbox is empty, in milliseconds.
+    pub relay_idle_ms: u64,
+    /// How long a leased row is reserved for one relay.
+    pub relay_lease_secs: u64,
+    /// Published rows are deleted after this long.
+    pub retention_secs: u64,
+    /// Consume user-lifecycle events (suspended/deleted).
+    pub consumer_enabled: bool,
+    pub consumer_group: String,
+    pub user_suspended_topic: String,
+    pub user_deleted_topic: String,
+    pub dlq_topic: String,
+    /// Attempts for a message about an unknown user before it goes to the DLQ.
+    pub max_unknown_user_attempts: u32,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            topic_prefix: String::new(),
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication: 1,
+            format: EventFormat::Json,
+            security_protocol: "plaintext".into(),
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            relay_batch: 256,
+            relay_idle_ms: 100,
+            relay_lease_secs: 30,
+            retention_secs: 7 * 24 * 3600,
+            consumer_enabled: true,
+            consumer_group: "auth-service".into(),
+            user_suspended_topic: "user.events.user_suspended".into(),
+            user_deleted_topic: "user.events.user_deleted".into(),
+            dlq_topic: "auth.events.dlq".into(),
+            max_unknown_user_attempts: 5,
+        }
+    }
 }
 
 /// Envoy ext_authz: route policy, rate limits and failure modes.
@@ -231,6 +304,8 @@ impl Default for Config {
                 cache_capacity: 1_000_000,
             },
             authz: AuthzConfig::default(),
+            kafka_brokers: None,
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -332,6 +407,23 @@ impl Config {
         let classes: Vec<&str> = self.authz.rate_limits.keys().map(String::as_str).collect();
         RoutePolicy::compile(&self.authz.routes, &classes)
             .map_err(|e| ConfigError(e.to_string()))?;
+        if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+            .contains(&self.kafka.security_protocol.as_str())
+        {
+            return fail(
+                "kafka.security_protocol",
+                "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
+            );
+        }
+        if self.kafka.relay_batch <= 0
+            || self.kafka.relay_lease_secs == 0
+            || self.kafka.topic_partitions <= 0
+        {
+            return fail(
+                "kafka.relay_batch",
+                "relay batch, lease and partitions must be positive",
+            );
+        }
         if self.database_timeout_ms == 0 {
             return fail(
                 "database_timeout_ms (AUTH_DATABASE_TIMEOUT_MS)",

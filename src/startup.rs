@@ -184,6 +184,20 @@ impl Application {
             }
         });
 
+        let kafka_tasks = match self.config.kafka_brokers.clone() {
+            Some(brokers) => {
+                start_kafka(
+                    &brokers,
+                    &self.config.kafka,
+                    &self.database,
+                    &self.accounts,
+                    &stop,
+                )
+                .await?
+            }
+            None => Vec::new(),
+        };
+
         if let Some(redis) = self.redis.clone() {
             tokio::spawn(redis.follow_revocations(self.tokens.revocations().clone(), stop.clone()));
         }
@@ -245,6 +259,10 @@ impl Application {
                 .context("ext_authz server panicked")?
                 .context("ext_authz server failed")?;
         }
+        // The relay flushes its producer when it stops; give it the time.
+        for task in kafka_tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
         Ok(())
     }
 }
@@ -256,6 +274,58 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// Starts Kafka work in the background: topics are created (when configured)
+/// with retries, then the lifecycle consumer and the outbox relay start. Until
+/// Kafka answers, events wait in the outbox and the API is unaffected.
+async fn start_kafka(
+    brokers: &str,
+    config: &crate::config::KafkaConfig,
+    database: &Database,
+    accounts: &Arc<AccountService>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use crate::events::{consumer::LifecycleConsumer, kafka, relay::Relay};
+    let producer = kafka::producer(brokers, config).context("kafka producer (kafka.*)")?;
+    let consumer = if config.consumer_enabled {
+        Some(
+            LifecycleConsumer::new(brokers, config, accounts.clone())
+                .context("kafka consumer (kafka.*)")?,
+        )
+    } else {
+        None
+    };
+    let relay = Relay::new(database.relay.clone(), producer, config.clone());
+    let (brokers, config, stop) = (brokers.to_owned(), config.clone(), stop.clone());
+    let task = tokio::spawn(async move {
+        if config.create_topics {
+            let mut topics: Vec<String> = kafka::EVENT_TOPICS
+                .iter()
+                .map(|t| kafka::topic_for(&config, t))
+                .collect();
+            topics.extend([
+                config.dlq_topic.clone(),
+                config.user_suspended_topic.clone(),
+                config.user_deleted_topic.clone(),
+            ]);
+            let mut attempts = 0;
+            while let Err(error) = kafka::ensure_topics(&brokers, &config, &topics).await {
+                attempts += 1;
+                tracing::warn!(%error, attempts, "Kafka topics not created yet; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(crate::events::relay::backoff(attempts)) => {}
+                }
+            }
+        }
+        let consumer = consumer.map(|c| tokio::spawn(c.run(stop.clone())));
+        tracing::info!(%brokers, "Kafka relay started");
+        relay.run(stop).await;
+        if let Some(consumer) = consumer {
+            let _ = consumer.await;
+        }
+    });
+    Ok(vec![task])
+}
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

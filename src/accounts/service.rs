@@ -358,4 +358,32 @@ impl AccountService {
             .await?
             .ok_or(AccountError::NotFound)
     }
+
+    /// Applies a lifecycle change reported by another service: the status,
+    /// every session revoked, and the event. Idempotent: `false` when the
+    /// user already has that status.
+    pub async fn apply_lifecycle(
+        &self,
+        user_id: Uuid,
+        status: UserStatus,
+        source: &str,
+        ctx: &RequestContext,
+    ) -> Result<bool, AccountError> {
+        let user = self
+            .users
+            .find_user(user_id)
+            .await?
+            .ok_or(AccountError::NotFound)?;
+        if user.status == status {
+            return Ok(false);
+        }
+        self.tokens.revocations().revoke_user(user_id).await?;
+        let event = OutboxEvent::lifecycle(user_id, status == UserStatus::Deleted, source, ctx);
+        self.users
+            .set_status(user_id, status, &event)
+            .await?
+            .ok_or(AccountError::NotFound)?;
+        tracing::info!(%user_id, status = status.as_str(), source, "lifecycle event applied");
+        Ok(true)
+    }
 }

@@ -1,6 +1,13 @@
 //! Domain events. Every state change builds its [`OutboxEvent`] and hands it
 //! to the store, which writes it in the same transaction as the change (the
-//! transactional outbox); a relay publishes committed rows to Kafka.
+//! transactional outbox); a relay publishes committed rows to Kafka
+//! ([`relay`]); a consumer applies user-lifecycle events from other services
+//! ([`consumer`]).
+
+pub mod consumer;
+pub mod envelope;
+pub mod kafka;
+pub mod relay;
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -21,6 +28,7 @@ pub enum EventType {
     SessionsRevoked,
     RolesChanged,
     PasswordChanged,
+    UserDeleted,
 }
 
 impl EventType {
@@ -34,6 +42,7 @@ impl EventType {
             Self::SessionsRevoked => "sessions_revoked",
             Self::RolesChanged => "roles_changed",
             Self::PasswordChanged => "password_changed",
+            Self::UserDeleted => "user_deleted",
         }
     }
 }
@@ -150,6 +159,21 @@ impl OutboxEvent {
         )
     }
 
+    /// A lifecycle change that came from another service (user-profile).
+    pub fn lifecycle(user_id: Uuid, deleted: bool, source: &str, ctx: &RequestContext) -> Self {
+        let (event_type, reason) = if deleted {
+            (EventType::UserDeleted, "user_deleted")
+        } else {
+            (EventType::UserSuspended, "user_suspended")
+        };
+        Self::new(
+            event_type,
+            Some(user_id),
+            json!({ "by": null, "reason": reason, "source": source }),
+            ctx,
+        )
+    }
+
     pub fn password_changed(user_id: Uuid, ctx: &RequestContext) -> Self {
         Self::new(EventType::PasswordChanged, Some(user_id), json!({}), ctx)
     }
@@ -168,6 +192,41 @@ pub struct StoredEvent {
     pub occurred_at: OffsetDateTime,
     pub data: Value,
     pub traceparent: Option<String>,
+    /// Publish attempts so far (the relay's backoff grows with it).
+    pub attempts: i32,
+}
+
+/// The relay's side of the outbox. Rows are *leased* before publishing so
+/// several replicas can relay at once without publishing a row twice in the
+/// normal path; a lease that is not completed (crash, Kafka down) expires and
+/// the row is published again later (at-least-once).
+#[async_trait::async_trait]
+pub trait RelayStore: Send + Sync + 'static {
+    /// Leases up to `limit` unpublished rows that no live lease holds, oldest
+    /// first, until `lease_until`.
+    async fn lease(
+        &self,
+        limit: i64,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<Vec<StoredEvent>, crate::error::BackendError>;
+    async fn mark_published(
+        &self,
+        ids: &[Uuid],
+        at: OffsetDateTime,
+    ) -> Result<(), crate::error::BackendError>;
+    /// Keeps the rows leased until `retry_at` (backoff after a failure).
+    async fn retry_later(
+        &self,
+        ids: &[Uuid],
+        retry_at: OffsetDateTime,
+    ) -> Result<(), crate::error::BackendError>;
+    /// Deletes rows published before `before`; returns how many.
+    async fn purge_published(
+        &self,
+        before: OffsetDateTime,
+    ) -> Result<u64, crate::error::BackendError>;
+    async fn unpublished_count(&self) -> Result<i64, crate::error::BackendError>;
 }
 
 /// Read side of the outbox.

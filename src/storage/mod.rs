@@ -27,7 +27,7 @@ use crate::{
     accounts::store::UserStore,
     config::Config,
     error::BackendError,
-    events::OutboxReader,
+    events::{OutboxReader, RelayStore},
     ratelimit::{
         FailureCounter,
         quota::{MemoryQuota, QuotaStore},
@@ -55,16 +55,20 @@ pub struct Database {
     pub users: Arc<dyn UserStore>,
     pub sessions: Arc<dyn SessionStore>,
     pub outbox: Arc<dyn OutboxReader>,
+    pub relay: Arc<dyn RelayStore>,
     pub health: Arc<dyn Ping>,
 }
 
 impl Database {
-    fn from_store<S: UserStore + SessionStore + OutboxReader + Ping>(store: S) -> Self {
+    fn from_store<S: UserStore + SessionStore + OutboxReader + RelayStore + Ping>(
+        store: S,
+    ) -> Self {
         let store = Arc::new(store);
         Self {
             users: store.clone(),
             sessions: store.clone(),
             outbox: store.clone(),
+            relay: store.clone(),
             health: store,
         }
     }

@@ -101,7 +101,7 @@ pub(crate) fn conflicting_field(error: &sqlx::Error) -> Option<&'static str> {
 /// Implements `UserStore`, `SessionStore` and `OutboxReader` for
 /// `SqlStore<$db>`.
 macro_rules! sql_store {
-    ($db:ty) => {
+    ($db:ty, lease = $lease_sql:expr) => {
         const _: () = {
             use async_trait::async_trait;
             use sqlx::{Row, types::Json};
@@ -114,7 +114,7 @@ macro_rules! sql_store {
                     store::{InsertUserError, UserStore},
                 },
                 error::BackendError,
-                events::{OutboxEvent, StoredEvent, OutboxReader},
+                events::{OutboxEvent, OutboxReader, RelayStore, StoredEvent},
                 storage::sql::{SqlStore, UserRow, conflicting_field, db_error},
                 tokens::store::{NewRefreshToken, NewSession, RotateRequest, Rotation, SessionStore, TokenHash},
             };
@@ -440,35 +440,99 @@ macro_rules! sql_store {
                 }
             }
 
+            fn stored_event(r: &<$db as sqlx::Database>::Row) -> Result<StoredEvent, sqlx::Error> {
+                Ok(StoredEvent {
+                    id: r.try_get(0)?,
+                    event_type: r.try_get(1)?,
+                    user_id: r.try_get(2)?,
+                    occurred_at: r.try_get(3)?,
+                    data: r.try_get::<Json<serde_json::Value>, _>(4)?.0,
+                    traceparent: r.try_get(5)?,
+                    attempts: r.try_get(6)?,
+                })
+            }
+
+            #[async_trait]
+            impl RelayStore for SqlStore<$db> {
+                async fn lease(&self, limit: i64, now: OffsetDateTime, lease_until: OffsetDateTime) -> Result<Vec<StoredEvent>, BackendError> {
+                    let rows = sqlx::query($lease_sql).bind(limit).bind(now).bind(lease_until).fetch_all(&self.pool).await.map_err(db_error)?;
+                    let mut events = rows.iter().map(stored_event).collect::<Result<Vec<_>, _>>().map_err(db_error)?;
+                    // RETURNING has no order; UUIDv7 ids sort by time.
+                    events.sort_by_key(|e| e.id);
+                    Ok(events)
+                }
+
+                async fn mark_published(&self, ids: &[Uuid], at: OffsetDateTime) -> Result<(), BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    for id in ids {
+                        sqlx::query("UPDATE outbox SET published_at = $2, lease_until = NULL WHERE id = $1")
+                            .bind(id)
+                            .bind(at)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                    }
+                    tx.commit().await.map_err(db_error)
+                }
+
+                async fn retry_later(&self, ids: &[Uuid], retry_at: OffsetDateTime) -> Result<(), BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    for id in ids {
+                        sqlx::query("UPDATE outbox SET lease_until = $2 WHERE id = $1 AND published_at IS NULL")
+                            .bind(id)
+                            .bind(retry_at)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                    }
+                    tx.commit().await.map_err(db_error)
+                }
+
+                async fn purge_published(&self, before: OffsetDateTime) -> Result<u64, BackendError> {
+                    Ok(sqlx::query("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1")
+                        .bind(before)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected())
+                }
+
+                async fn unpublished_count(&self) -> Result<i64, BackendError> {
+                    let row = sqlx::query("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetch_one(&self.pool).await.map_err(db_error)?;
+                    row.try_get::<i64, _>(0).map_err(db_error)
+                }
+            }
+
             #[async_trait]
             impl OutboxReader for SqlStore<$db> {
                 async fn unpublished(&self, limit: i64) -> Result<Vec<StoredEvent>, BackendError> {
                     let rows = sqlx::query(
-                        "SELECT id, event_type, user_id, occurred_at, payload, traceparent FROM outbox \
+                        "SELECT id, event_type, user_id, occurred_at, payload, traceparent, attempts FROM outbox \
                          WHERE published_at IS NULL ORDER BY id LIMIT $1",
                     )
                     .bind(limit)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_error)?;
-                    rows.iter()
-                        .map(|r| {
-                            Ok(StoredEvent {
-                                id: r.try_get(0)?,
-                                event_type: r.try_get(1)?,
-                                user_id: r.try_get(2)?,
-                                occurred_at: r.try_get(3)?,
-                                data: r.try_get::<Json<serde_json::Value>, _>(4)?.0,
-                                traceparent: r.try_get(5)?,
-                            })
-                        })
-                        .collect::<Result<_, sqlx::Error>>()
-                        .map_err(db_error)
+                    rows.iter().map(stored_event).collect::<Result<_, _>>().map_err(db_error)
                 }
             }
         };
     };
 }
 
-sql_store!(sqlx::Postgres);
-sql_store!(sqlx::Sqlite);
+/// Takes the rows in one statement; `SKIP LOCKED` lets concurrent relays
+/// pass over rows another relay is leasing right now instead of waiting.
+const LEASE_POSTGRES: &str = "UPDATE outbox SET lease_until = $3, attempts = attempts + 1 \
+     WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until < $2) \
+                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+     RETURNING id, event_type, user_id, occurred_at, payload, traceparent, attempts";
+
+/// SQLite has one writer at a time: the statement is atomic as it is.
+const LEASE_SQLITE: &str = "UPDATE outbox SET lease_until = $3, attempts = attempts + 1 \
+     WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until < $2) \
+                  ORDER BY id LIMIT $1) \
+     RETURNING id, event_type, user_id, occurred_at, payload, traceparent, attempts";
+
+sql_store!(sqlx::Postgres, lease = LEASE_POSTGRES);
+sql_store!(sqlx::Sqlite, lease = LEASE_SQLITE);

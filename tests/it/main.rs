@@ -6,6 +6,7 @@ mod support;
 mod accounts;
 mod authz;
 mod gateway;
+mod kafka;
 mod operations;
 mod process;
 mod store_contract;

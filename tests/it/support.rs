@@ -626,3 +626,136 @@ fn dechunk(mut rest: &str) -> String {
     }
     body
 }
+
+/// A Kafka-compatible broker (tansu, in-memory storage) of the test's own.
+pub struct Tansu {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub brokers: String,
+}
+
+impl Tansu {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let mut tansu = Self {
+            child: None,
+            port,
+            brokers: format!("127.0.0.1:{port}"),
+        };
+        tansu.restart().await;
+        tansu
+    }
+
+    /// A broker address where nothing listens yet (start it with `restart`).
+    pub fn reserve() -> Self {
+        let port = free_port();
+        Self {
+            child: None,
+            port,
+            brokers: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".into());
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu is installed (scripts/test installs it)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("tansu did not start");
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Produces one message and waits for its delivery report.
+    pub async fn produce(&self, topic: &str, key: &str, payload: &[u8]) {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .unwrap();
+        producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+
+    /// Reads `topics` from the beginning until `expected` messages arrived
+    /// or `within` passed.
+    pub async fn read(
+        &self,
+        topics: &[&str],
+        expected: usize,
+        within: Duration,
+    ) -> Vec<rdkafka::message::OwnedMessage> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let brokers = self.brokers.clone();
+        let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("test-{}", Uuid::new_v4()))
+                .set("auto.offset.reset", "earliest")
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&names).unwrap();
+            let deadline = std::time::Instant::now() + within;
+            let mut messages = Vec::new();
+            while messages.len() < expected && std::time::Instant::now() < deadline {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    messages.push(m.detach());
+                }
+            }
+            messages
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A header of a Kafka message as text.
+pub fn header(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::{Headers, Message};
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}

@@ -1,0 +1,203 @@
+//! Consumes user-lifecycle events from the user-profile service
+//! (`user.events.user_suspended`, `user.events.user_deleted`; JSON with a
+//! `user_id`): the user gets that status and every session ends.
+//!
+//! Offsets are committed only after a message is handled (or parked in the
+//! dead-letter topic), so a crash replays at most the message in hand;
+//! handling is idempotent. Backend failures (database or Redis down) are
+//! retried with backoff without moving on; a message that cannot be handled
+//! (unparseable, or about a user still unknown after
+//! `max_unknown_user_attempts`) goes to the dead-letter topic with headers
+//! naming its origin and the error, and the consumer moves on.
+
+use std::{sync::Arc, time::Duration};
+
+use rdkafka::{
+    Message,
+    consumer::{CommitMode, Consumer, StreamConsumer},
+    message::{BorrowedMessage, Header, Headers, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{RequestContext, relay::backoff};
+use crate::{
+    accounts::{AccountError, model::UserStatus, service::AccountService},
+    config::KafkaConfig,
+};
+
+#[derive(Deserialize)]
+struct LifecycleMessage {
+    user_id: Uuid,
+}
+
+pub struct LifecycleConsumer {
+    consumer: StreamConsumer,
+    dlq: FutureProducer,
+    accounts: Arc<AccountService>,
+    config: KafkaConfig,
+}
+
+/// Why a message was parked.
+enum Park {
+    Unparseable(String),
+    UnknownUser,
+}
+
+impl LifecycleConsumer {
+    pub fn new(
+        brokers: &str,
+        config: &KafkaConfig,
+        accounts: Arc<AccountService>,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let consumer: StreamConsumer = super::kafka::client_config(brokers, config)
+            .set("group.id", &config.consumer_group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            // Notice topics created after start within seconds.
+            .set("topic.metadata.refresh.interval.ms", "2000")
+            .create()?;
+        consumer.subscribe(&[
+            config.user_suspended_topic.as_str(),
+            config.user_deleted_topic.as_str(),
+        ])?;
+        Ok(Self {
+            consumer,
+            dlq: super::kafka::producer(brokers, config)?,
+            accounts,
+            config: config.clone(),
+        })
+    }
+
+    pub async fn run(self, stop: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => return,
+                m = self.consumer.recv() => m,
+            };
+            let message = match message {
+                Ok(m) => m,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, "lifecycle consumer: receive failed");
+                    tokio::time::sleep(backoff(failures)).await;
+                    continue;
+                }
+            };
+            failures = 0;
+            if !self.handle(&message, &stop).await {
+                return;
+            }
+            if let Err(error) = self.consumer.commit_message(&message, CommitMode::Sync) {
+                tracing::warn!(%error, "lifecycle consumer: offset commit failed; the message may be handled again");
+            }
+        }
+    }
+
+    /// Handles or parks one message; `false` only when stopped mid-retry.
+    async fn handle(&self, message: &BorrowedMessage<'_>, stop: &CancellationToken) -> bool {
+        let deleted = message.topic() == self.config.user_deleted_topic;
+        let parsed = message
+            .payload()
+            .ok_or_else(|| "empty payload".to_owned())
+            .and_then(|p| serde_json::from_slice::<LifecycleMessage>(p).map_err(|e| e.to_string()));
+        let user_id = match parsed {
+            Ok(m) => m.user_id,
+            Err(reason) => return self.park(message, Park::Unparseable(reason)).await,
+        };
+        let status = if deleted {
+            UserStatus::Deleted
+        } else {
+            UserStatus::Suspended
+        };
+        let ctx = RequestContext {
+            client_ip: None,
+            traceparent: message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "traceparent")
+                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+            }),
+        };
+        let mut unknown = 0u32;
+        let mut failures = 0u32;
+        loop {
+            match self
+                .accounts
+                .apply_lifecycle(user_id, status, message.topic(), &ctx)
+                .await
+            {
+                Ok(changed) => {
+                    metrics::counter!("lifecycle_events_total", "result" => if changed { "applied" } else { "already" }).increment(1);
+                    return true;
+                }
+                Err(AccountError::NotFound) => {
+                    unknown += 1;
+                    if unknown >= self.config.max_unknown_user_attempts {
+                        return self.park(message, Park::UnknownUser).await;
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, %user_id, "lifecycle event: transient failure; retrying");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep(backoff(unknown + failures)) => {}
+            }
+        }
+    }
+
+    /// Sends the message to the dead-letter topic; keeps trying until it is
+    /// there (moving on without it would lose the message).
+    async fn park(&self, message: &BorrowedMessage<'_>, why: Park) -> bool {
+        let error = match why {
+            Park::Unparseable(reason) => format!("unparseable: {reason}"),
+            Park::UnknownUser => "unknown user".to_owned(),
+        };
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "dlq-original-topic",
+                value: Some(message.topic()),
+            })
+            .insert(Header {
+                key: "dlq-original-partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "dlq-original-offset",
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: "dlq-error",
+                value: Some(error.as_str()),
+            });
+        let payload = message.payload().unwrap_or_default();
+        let key = message.key().unwrap_or_default();
+        let mut attempts = 0;
+        loop {
+            let record = FutureRecord::to(&self.config.dlq_topic)
+                .payload(payload)
+                .key(key)
+                .headers(headers.clone());
+            match self.dlq.send(record, Duration::from_secs(5)).await {
+                Ok(_) => {
+                    tracing::warn!(topic = message.topic(), offset = message.offset(), %error, "lifecycle event parked in the dead-letter topic");
+                    metrics::counter!("lifecycle_events_total", "result" => "dead_lettered")
+                        .increment(1);
+                    return true;
+                }
+                Err((e, _)) => {
+                    attempts += 1;
+                    tracing::warn!(error = %e, "dead-letter publish failed; retrying");
+                    tokio::time::sleep(backoff(attempts)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! Events through a real Kafka-compatible broker (tansu): the outbox relay,
+//! the envelope on the wire, and the user-lifecycle consumer with its DLQ.
+
+use std::{collections::HashMap, time::Duration};
+
+use auth_service::{config::Config, grpc::pb};
+use prost::Message as _;
+use rdkafka::message::Message;
+use sqlx::{Connection, PgConnection, Row};
+use tonic::{Code, Request};
+use uuid::Uuid;
+
+use crate::support::{Backend, PASSWORD, Tansu, TestApp, bearer, header};
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn with_kafka(tansu: &Tansu) -> impl FnOnce(&mut Config) + '_ {
+    move |c: &mut Config| {
+        c.kafka_brokers = Some(tansu.brokers.clone());
+        c.kafka.topic_partitions = 1;
+        c.kafka.relay_idle_ms = 20;
+        c.kafka.max_unknown_user_attempts = 2;
+    }
+}
+
+/// Every outbox row of the app's database: (id, type, user id).
+async fn outbox_rows(app: &TestApp) -> Vec<(Uuid, String, Option<Uuid>)> {
+    let mut conn = PgConnection::connect(app.config.database_url.as_deref().unwrap())
+        .await
+        .unwrap();
+    sqlx::query("SELECT id, event_type, user_id FROM outbox ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+async fn wait_until_relayed(app: &TestApp) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while app.database.relay.unpublished_count().await.unwrap() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox was not relayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn event_topics() -> Vec<String> {
+    auth_service::events::kafka::EVENT_TOPICS
+        .iter()
+        .map(|t| format!("auth.events.{t}"))
+        .collect()
+}
+
+async fn read_all_events(tansu: &Tansu, expected: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let topics = event_topics();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    tansu.read(&names, expected, Duration::from_secs(30)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_state_change_is_published_once_with_key_headers_and_envelope() {
+    let tansu = Tansu::start().await;
+    let mut app = TestApp::spawn_with(Backend::Production, with_kafka(&tansu)).await;
+    let mut sign_up = Request::new(pb::CreateUserRequest {
+        email: "kim@example.com".into(),
+        username: "kim".into(),
+        password: PASSWORD.into(),
+    });
+    sign_up
+        .metadata_mut()
+        .insert("traceparent", TRACEPARENT.parse().unwrap());
+    let kim = app
+        .client
+        .create_user(sign_up)
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let pair = app.login_ok("kim").await;
+    app.login("kim", "wrong password").await.unwrap_err();
+    app.client
+        .logout(bearer(
+            pb::LogoutRequest {
+                refresh_token: pair.refresh_token,
+            },
+            &pair.access_token,
+        ))
+        .await
+        .unwrap();
+    let admin = app.admin().await;
+    app.client
+        .suspend_user(bearer(
+            pb::SuspendUserRequest {
+                user_id: kim.id.clone(),
+                reason: "t".into(),
+            },
+            &admin.access_token,
+        ))
+        .await
+        .unwrap();
+    app.client
+        .revoke_user_sessions(bearer(
+            pb::RevokeUserSessionsRequest {
+                user_id: kim.id.clone(),
+            },
+            &admin.access_token,
+        ))
+        .await
+        .unwrap();
+
+    wait_until_relayed(&app).await;
+    let rows = outbox_rows(&app).await;
+    let types: std::collections::BTreeSet<&str> = rows.iter().map(|(_, t, _)| t.as_str()).collect();
+    for expected in [
+        "user_created",
+        "login_succeeded",
+        "login_failed",
+        "token_revoked",
+        "roles_changed",
+        "user_suspended",
+        "sessions_revoked",
+    ] {
+        assert!(types.contains(expected), "no {expected} in {types:?}");
+    }
+    let messages = read_all_events(&tansu, rows.len()).await;
+    assert_eq!(messages.len(), rows.len(), "one message per committed row");
+    let by_id: HashMap<String, &rdkafka::message::OwnedMessage> = messages
+        .iter()
+        .map(|m| (header(m, "event-id").unwrap(), m))
+        .collect();
+    assert_eq!(by_id.len(), rows.len(), "no event twice");
+    for (id, event_type, user_id) in &rows {
+        let m = by_id
+            .get(&id.to_string())
+            .unwrap_or_else(|| panic!("event {id} ({event_type}) not on Kafka"));
+        assert_eq!(m.topic(), format!("auth.events.{event_type}"));
+        assert_eq!(
+            header(m, "content-type").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(
+            header(m, "event-type").as_deref(),
+            Some(event_type.as_str())
+        );
+        let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
+        assert_eq!(
+            key,
+            user_id.map_or(id.to_string(), |u| u.to_string()),
+            "keyed by user"
+        );
+        let body: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(body["event_id"], id.to_string());
+        assert_eq!(body["event_type"], event_type.as_str());
+        assert_eq!(body["schema_version"], 1);
+        assert!(body["occurred_at"].as_str().unwrap().ends_with('Z'));
+        assert!(
+            !body.to_string().contains(PASSWORD),
+            "no secret on the wire"
+        );
+    }
+    let created = messages
+        .iter()
+        .find(|m| m.topic() == "auth.events.user_created" && m.key() == Some(kim.id.as_bytes()))
+        .unwrap();
+    assert_eq!(header(created, "traceparent").as_deref(), Some(TRACEPARENT));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protobuf_format_carries_the_same_envelope() {
+    let tansu = Tansu::start().await;
+    let mut app = TestApp::spawn_with(Backend::Production, |c| {
+        with_kafka(&tansu)(c);
+        c.kafka.format = auth_service::events::envelope::EventFormat::Protobuf;
+    })
+    .await;
+    let user = app.sign_up("pia").await;
+    wait_until_relayed(&app).await;
+    let messages = tansu
+        .read(&["auth.events.user_created"], 1, Duration::from_secs(20))
+        .await;
+    let m = &messages[0];
+    assert_eq!(
+        header(m, "content-type").as_deref(),
+        Some("application/x-protobuf")
+    );
+    let envelope = pb::EventEnvelope::decode(m.payload().unwrap()).unwrap();
+    assert_eq!(envelope.user_id, user.id);
+    assert_eq!(envelope.event_type, "user_created");
+    assert_eq!(Some(envelope.event_id), header(m, "event-id"));
+    assert!(envelope.data.unwrap().fields.contains_key("email"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_relaying_at_once_publish_each_event_once() {
+    let tansu = Tansu::start().await;
+    let a = TestApp::spawn_with(Backend::Production, with_kafka(&tansu)).await;
+    let mut config = a.config.clone();
+    let dir = tempfile::tempdir().unwrap();
+    config.data_dir = dir.path().to_path_buf();
+    config.tokens.keys_dir = Some(a.config.keys_dir());
+    let b = TestApp::start(Backend::Production, config, dir).await;
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let mut client = if i % 2 == 0 {
+            a.client.clone()
+        } else {
+            b.client.clone()
+        };
+        calls.push(tokio::spawn(async move {
+            client
+                .create_user(pb::CreateUserRequest {
+                    email: format!("relay{i}@example.com"),
+                    username: format!("relay{i}"),
+                    password: PASSWORD.into(),
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    for c in calls {
+        c.await.unwrap();
+    }
+    wait_until_relayed(&a).await;
+    let messages = tansu
+        .read(&["auth.events.user_created"], 40, Duration::from_secs(20))
+        .await;
+    // Give a duplicate the chance to show up before counting.
+    let more = tansu
+        .read(&["auth.events.user_created"], 41, Duration::from_secs(2))
+        .await;
+    let ids: std::collections::HashSet<String> = more
+        .iter()
+        .map(|m| header(m, "event-id").unwrap())
+        .collect();
+    assert_eq!(messages.len(), 40);
+    assert_eq!((more.len(), ids.len()), (40, 40), "each event exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_kafka_is_down_the_api_works_and_events_wait_then_arrive() {
+    let mut tansu = Tansu::reserve();
+    let mut app = TestApp::spawn_with(Backend::Production, with_kafka(&tansu)).await;
+    let user = app.sign_up("ola").await;
+    app.login_ok("ola").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        app.database.relay.unpublished_count().await.unwrap() >= 2,
+        "held in the outbox"
+    );
+    tansu.restart().await;
+    wait_until_relayed(&app).await;
+    let messages = tansu
+        .read(
+            &["auth.events.user_created", "auth.events.login_succeeded"],
+            2,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(messages.len(), 2);
+    assert!(messages.iter().all(|m| m.key() == Some(user.id.as_bytes())));
+}
+
+async fn wait_for_status(
+    app: &TestApp,
+    id: &str,
+    status: auth_service::accounts::model::UserStatus,
+) {
+    let id = Uuid::parse_str(id).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if app
+            .database
+            .users
+            .find_user(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            == status
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "user never became {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumed_suspension_ends_sessions_and_a_poison_message_goes_to_the_dlq() {
+    use auth_service::accounts::model::UserStatus;
+    let tansu = Tansu::start().await;
+    let mut app = TestApp::spawn_with(Backend::Production, with_kafka(&tansu)).await;
+    let user = app.sign_up("quin").await;
+    let ghost_holder = app.sign_up("rhea").await;
+    let pair = app.login_ok("quin").await;
+    wait_until_relayed(&app).await;
+
+    tansu
+        .produce("user.events.user_suspended", "poison", b"this is not json")
+        .await;
+    tansu
+        .produce(
+            "user.events.user_suspended",
+            "ghost",
+            format!(r#"{{"user_id":"{}"}}"#, Uuid::now_v7()).as_bytes(),
+        )
+        .await;
+    tansu
+        .produce(
+            "user.events.user_suspended",
+            &user.id,
+            format!(r#"{{"user_id":"{}"}}"#, user.id).as_bytes(),
+        )
+        .await;
+    tansu
+        .produce(
+            "user.events.user_deleted",
+            &ghost_holder.id,
+            format!(r#"{{"user_id":"{}"}}"#, ghost_holder.id).as_bytes(),
+        )
+        .await;
+
+    wait_for_status(&app, &user.id, UserStatus::Suspended).await;
+    wait_for_status(&app, &ghost_holder.id, UserStatus::Deleted).await;
+    assert_eq!(
+        app.validate(&pair.access_token).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        app.refresh(&pair.refresh_token).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    let parked = tansu
+        .read(&["auth.events.dlq"], 2, Duration::from_secs(20))
+        .await;
+    assert_eq!(parked.len(), 2, "the poison and the unknown user");
+    let poison = parked
+        .iter()
+        .find(|m| m.key() == Some(b"poison".as_slice()))
+        .unwrap();
+    assert_eq!(poison.payload(), Some(b"this is not json".as_slice()));
+    assert_eq!(
+        header(poison, "dlq-original-topic").as_deref(),
+        Some("user.events.user_suspended")
+    );
+    assert_eq!(
+        header(poison, "dlq-original-partition").as_deref(),
+        Some("0")
+    );
+    assert_eq!(header(poison, "dlq-original-offset").as_deref(), Some("0"));
+    assert!(
+        header(poison, "dlq-error")
+            .unwrap()
+            .starts_with("unparseable")
+    );
+    let ghost = parked
+        .iter()
+        .find(|m| m.key() == Some(b"ghost".as_slice()))
+        .unwrap();
+    assert_eq!(header(ghost, "dlq-error").as_deref(), Some("unknown user"));
+    assert_eq!(header(ghost, "dlq-original-offset").as_deref(), Some("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_resumes_from_its_committed_offset() {
+    use auth_service::{
+        accounts::model::UserStatus,
+        events::{OutboxEvent, RequestContext},
+    };
+    let tansu = Tansu::start().await;
+    let mut app = TestApp::spawn_with(Backend::Production, with_kafka(&tansu)).await;
+    let first = app.sign_up("sam").await;
+    let second = app.sign_up("tia").await;
+    let message = |id: &str| format!(r#"{{"user_id":"{id}"}}"#);
+    tansu
+        .produce(
+            "user.events.user_suspended",
+            &first.id,
+            message(&first.id).as_bytes(),
+        )
+        .await;
+    wait_for_status(&app, &first.id, UserStatus::Suspended).await;
+    let backend = app.backend;
+    let (config, dir) = app.stop().await;
+
+    // Reactivate the first user behind the consumer's back: if the restarted
+    // consumer handled the first message again, it would suspend them again.
+    let restarted = TestApp::start(
+        backend,
+        Config {
+            kafka_brokers: None,
+            ..config.clone()
+        },
+        dir,
+    )
+    .await;
+    let first_id = Uuid::parse_str(&first.id).unwrap();
+    let event = OutboxEvent::sessions_revoked(first_id, None, "test", &RequestContext::default());
+    restarted
+        .database
+        .users
+        .set_status(first_id, UserStatus::Active, &event)
+        .await
+        .unwrap();
+    let (_, dir) = restarted.stop().await;
+
+    tansu
+        .produce(
+            "user.events.user_suspended",
+            &second.id,
+            message(&second.id).as_bytes(),
+        )
+        .await;
+    let app = TestApp::start(backend, config, dir).await;
+    wait_for_status(&app, &second.id, UserStatus::Suspended).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        app.database
+            .users
+            .find_user(first_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        UserStatus::Active,
+        "message 1 was not handled twice"
+    );
+}
