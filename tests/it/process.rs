@@ -186,3 +186,124 @@ fn an_unknown_config_file_is_refused() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/auth.toml"));
 }
+
+/// SIGKILL in the middle of a burst of sign-ups, then a restart: every
+/// sign-up the database committed (answered or not) reaches Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_during_a_burst_loses_no_committed_event() {
+    use rdkafka::message::Message;
+    use sqlx::{Connection, PgConnection, Row};
+
+    let tansu = crate::support::Tansu::start().await;
+    let database_url = crate::support::fresh_postgres_url().await;
+    let cwd = tempfile::tempdir().unwrap();
+    let env = [
+        ("AUTH_DATABASE_URL", database_url.as_str()),
+        ("AUTH_KAFKA_BROKERS", tansu.brokers.as_str()),
+        ("AUTH_KAFKA__TOPIC_PARTITIONS", "1"),
+        ("AUTH_KAFKA__RELAY_IDLE_MS", "20"),
+        ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
+        ("AUTH_PASSWORD__ITERATIONS", "1"),
+    ];
+    let mut first = start(cwd.path(), &env);
+    first.ready().await;
+    let client = first.client().await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls: Vec<_> = (0..400)
+        .map(|i| {
+            let mut c = client.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let request = pb::CreateUserRequest {
+                    email: format!("burst{i}@example.com"),
+                    username: format!("burst{i}"),
+                    password: PASSWORD.into(),
+                };
+                let answer = c
+                    .create_user(request)
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().user.unwrap().id);
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                answer
+            })
+        })
+        .collect();
+    // Kill once the burst is under way: some answered, most still in flight.
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    first.signal("KILL");
+    let answered: Vec<String> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter_map(|r| r.unwrap())
+        .collect();
+    first.wait_exit();
+
+    let mut conn = PgConnection::connect(&database_url).await.unwrap();
+    let committed: Vec<(String, String)> =
+        sqlx::query("SELECT id, user_id FROM outbox WHERE event_type = 'user_created'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<uuid::Uuid, _>(0).to_string(),
+                    r.get::<uuid::Uuid, _>(1).to_string(),
+                )
+            })
+            .collect();
+    assert!(
+        !committed.is_empty() && committed.len() < 400,
+        "the kill landed mid-burst ({} committed)",
+        committed.len()
+    );
+    for id in &answered {
+        assert!(
+            committed.iter().any(|(_, user)| user == id),
+            "an answered sign-up has its row"
+        );
+    }
+
+    let mut second = start(cwd.path(), &env);
+    second.ready().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = sqlx::query("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} rows never relayed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let messages = tansu
+        .read(
+            &["auth.events.user_created"],
+            committed.len(),
+            Duration::from_secs(20),
+        )
+        .await;
+    let seen: std::collections::HashSet<String> = messages
+        .iter()
+        .filter_map(|m| crate::support::header(m, "event-id"))
+        .collect();
+    for (event_id, _) in &committed {
+        assert!(
+            seen.contains(event_id),
+            "committed event {event_id} never reached Kafka"
+        );
+    }
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.topic() == "auth.events.user_created")
+    );
+    second.signal("TERM");
+    assert_eq!(second.wait_exit().code(), Some(0));
+}
