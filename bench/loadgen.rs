@@ -12,6 +12,9 @@
 //! * `ratelimit ADDR_A ADDR_B SECONDS` — one client IP hammers a public
 //!   route (class `public`, per IP 20/s, burst 40) through both replicas at
 //!   once; admitted Checks are compared with what one exact GCRA admits.
+//! * `signup ADDR CONCURRENCY SECONDS` — CreateUser throughput.
+//! * `outbox-cost DATABASE_URL N` — the sign-up transaction's database time
+//!   with and without its outbox insert (PostgreSQL, interleaved).
 //! * `propagate ADDR_A ADDR_B N` — revocation propagation: log out on
 //!   replica A, poll ValidateToken on replica B until it refuses; N rounds.
 //!
@@ -234,6 +237,23 @@ async fn main() {
         "check" => check_load(&arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap()).await,
         "propagate" => propagate(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         "ratelimit" => ratelimit_error(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
+        "signup" => {
+            let addr = arg(1);
+            let concurrency: usize = arg(2).parse().unwrap();
+            let clients: Arc<Vec<_>> = Arc::new(futures::future::join_all((0..concurrency).map(|_| client(&addr))).await);
+            let counter = Arc::new(AtomicU64::new(0));
+            let run = std::process::id();
+            drive("CreateUser", concurrency, arg(3).parse().unwrap(), move |i| {
+                let mut c = clients[i].clone();
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let name = format!("s{run}x{n}");
+                    c.create_user(pb::CreateUserRequest { email: format!("{name}@example.com"), username: name, password: PASSWORD.into() }).await.is_ok()
+                }
+            })
+            .await;
+        }
+        "outbox-cost" => outbox_cost(&arg(1), arg(2).parse().unwrap()).await,
         other => panic!("unknown mode {other}"),
     }
 }
@@ -448,5 +468,52 @@ async fn ratelimit_error(a: &str, b: &str, seconds: u64) {
         allowed as f64 - exact,
         limit.lease() * 2,
         limit.lease()
+    );
+}
+
+async fn outbox_cost(url: &str, rounds: usize) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let mut with = Vec::with_capacity(rounds);
+    let mut without = Vec::with_capacity(rounds);
+    for i in 0..rounds * 2 {
+        let outbox = i % 2 == 0;
+        let id = uuid::Uuid::now_v7();
+        let now = time::OffsetDateTime::now_utc();
+        let started = Instant::now();
+        let mut tx = conn.begin().await.unwrap();
+        sqlx::query("INSERT INTO users (id, email, username, password_hash, roles, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'active', $6, $6)")
+            .bind(id)
+            .bind(format!("{id}@example.com"))
+            .bind(id.to_string())
+            .bind("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g")
+            .bind(sqlx::types::Json(["user"]))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        if outbox {
+            sqlx::query("INSERT INTO outbox (id, event_type, user_id, occurred_at, payload, traceparent) VALUES ($1, 'user_created', $2, $3, $4, NULL)")
+                .bind(uuid::Uuid::now_v7())
+                .bind(id)
+                .bind(now)
+                .bind(sqlx::types::Json(serde_json::json!({ "email": format!("{id}@example.com"), "username": id.to_string(), "roles": ["user"] })))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        if outbox { with.push(started.elapsed()) } else { without.push(started.elapsed()) }
+    }
+    with.sort();
+    without.sort();
+    let ms = |v: &[Duration], p| percentile(v, p).as_secs_f64() * 1e3;
+    println!(
+        "sign-up transaction over {rounds} rounds each, interleaved: with outbox p50 {:.3} ms / p99 {:.3} ms, without p50 {:.3} ms / p99 {:.3} ms; the outbox adds {:.3} ms at p50",
+        ms(&with, 50.0),
+        ms(&with, 99.0),
+        ms(&without, 50.0),
+        ms(&without, 99.0),
+        ms(&with, 50.0) - ms(&without, 50.0)
     );
 }
