@@ -240,17 +240,29 @@ async fn main() {
         "signup" => {
             let addr = arg(1);
             let concurrency: usize = arg(2).parse().unwrap();
-            let clients: Arc<Vec<_>> = Arc::new(futures::future::join_all((0..concurrency).map(|_| client(&addr))).await);
+            let clients: Arc<Vec<_>> =
+                Arc::new(futures::future::join_all((0..concurrency).map(|_| client(&addr))).await);
             let counter = Arc::new(AtomicU64::new(0));
             let run = std::process::id();
-            drive("CreateUser", concurrency, arg(3).parse().unwrap(), move |i| {
-                let mut c = clients[i].clone();
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                async move {
-                    let name = format!("s{run}x{n}");
-                    c.create_user(pb::CreateUserRequest { email: format!("{name}@example.com"), username: name, password: PASSWORD.into() }).await.is_ok()
-                }
-            })
+            drive(
+                "CreateUser",
+                concurrency,
+                arg(3).parse().unwrap(),
+                move |i| {
+                    let mut c = clients[i].clone();
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let name = format!("s{run}x{n}");
+                        c.create_user(pb::CreateUserRequest {
+                            email: format!("{name}@example.com"),
+                            username: name,
+                            password: PASSWORD.into(),
+                        })
+                        .await
+                        .is_ok()
+                    }
+                },
+            )
             .await;
         }
         "outbox-cost" => outbox_cost(&arg(1), arg(2).parse().unwrap()).await,
@@ -503,7 +515,11 @@ async fn outbox_cost(url: &str, rounds: usize) {
                 .unwrap();
         }
         tx.commit().await.unwrap();
-        if outbox { with.push(started.elapsed()) } else { without.push(started.elapsed()) }
+        if outbox {
+            with.push(started.elapsed())
+        } else {
+            without.push(started.elapsed())
+        }
     }
     with.sort();
     without.sort();

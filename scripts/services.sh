@@ -73,19 +73,7 @@ services_stop() {
   [ -n "$PG_PORT" ] && pg "$PG_BIN/pg_ctl" -D "$SERVICES_WORK/pg" -m immediate stop >/dev/null 2>&1
   [ -n "$REDIS_PORT" ] && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1
   rm -rf "$SERVICES_WORK"
-  # The Kafka-compatible broker tansu, built from crates.io once per machine
-# (about 10-15 minutes on 2 cores; `memory://` storage needs `dynostore`).
-# Sets TANSU_BIN.
-ensure_tansu() {
-  local bin=${CARGO_HOME:-$HOME/.cargo}/bin/tansu
-  if [ ! -x "$bin" ]; then
-    log "building the Kafka-compatible broker tansu (once per machine)"
-    cargo install tansu --locked --features dynostore
-  fi
-  export TANSU_BIN="$bin"
-}
-
-SERVICES_WORK=""
+  SERVICES_WORK=""
 }
 
 # Starts PostgreSQL and Redis; exports TEST_DATABASE_URL and TEST_REDIS_URL.

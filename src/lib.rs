@@ -2,8 +2,11 @@
 //!
 //! One binary serving the `immersiverse.auth.v1.AuthService` gRPC API
 //! (sign-up, argon2id login with lockout, EdDSA JWT access tokens, rotating
-//! refresh tokens, logout and revocation, admin operations) plus an HTTP admin
-//! port (health, readiness, Prometheus metrics, JWKS).
+//! refresh tokens, logout and revocation, admin operations), Envoy's ext_authz
+//! v3 `Check` (so the gateway and every sidecar authorize each request), an
+//! HTTP admin port (health, readiness, Prometheus metrics, JWKS), and the
+//! Kafka side: an outbox relay publishing domain events and a consumer of
+//! user-lifecycle events.
 //!
 //! # Layout
 //!
@@ -17,10 +20,14 @@
 //!     verification, refresh-token sessions and their store role;
 //!   * [`revocation`] — token, session and per-user revocation with a moka
 //!     cache in front of the shared store;
-//!   * [`ratelimit`] — login lockout counters;
-//!   * [`events`] — domain events written to the transactional outbox.
+//!   * [`ratelimit`] — login lockout counters, and request rate limits (GCRA
+//!     shared through Redis with local leases);
+//!   * [`authz`] — the ext_authz decision: route policy, token, revocation,
+//!     roles, rate limit;
+//!   * [`events`] — domain events written to the transactional outbox, their
+//!     wire envelope, the Kafka relay and the lifecycle consumer.
 //! * Adapters at the edge: [`grpc`] (AuthService, error mapping to gRPC
-//!   status) and [`http`] (admin port).
+//!   status), [`envoy`] (ext_authz Check) and [`http`] (admin port).
 //! * [`storage`] — backends behind the store roles: SQL (PostgreSQL and
 //!   SQLite from one implementation), Redis, and in-process memory.
 //! * [`error`] — field violations and backend errors shared by the contexts.
@@ -45,4 +52,47 @@ pub mod tokens;
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// The client address: the `x-forwarded-for` entry `hops` from the right
+/// (appended by the trusted gateway), else Envoy's downstream peer.
+pub fn client_ip<'a>(
+    forwarded: Option<&'a str>,
+    peer: Option<&'a str>,
+    hops: usize,
+) -> Option<&'a str> {
+    if hops > 0
+        && let Some(forwarded) = forwarded
+    {
+        let entries: Vec<&str> = forwarded
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(ip) = entries.len().checked_sub(hops).and_then(|i| entries.get(i))
+            && ip.parse::<std::net::IpAddr>().is_ok()
+        {
+            return Some(ip);
+        }
+    }
+    peer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_ip_comes_from_the_trusted_hop_else_the_peer() {
+        assert_eq!(
+            client_ip(Some("1.1.1.1, 2.2.2.2"), Some("9.9.9.9"), 1),
+            Some("2.2.2.2")
+        );
+        assert_eq!(client_ip(Some("junk"), Some("9.9.9.9"), 1), Some("9.9.9.9"));
+        assert_eq!(
+            client_ip(Some("1.1.1.1"), Some("9.9.9.9"), 0),
+            Some("9.9.9.9")
+        );
+        assert_eq!(client_ip(None, None, 1), None);
+    }
 }

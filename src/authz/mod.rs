@@ -150,13 +150,7 @@ impl Authorizer {
                     .tokens
                     .verify(token)
                     .map_err(|r: InvalidToken| Denial::Unauthenticated { reason: r.as_str() })?;
-                Ok(Principal {
-                    user_id: claims.sub,
-                    session_id: claims.sid,
-                    jti: claims.jti,
-                    roles: claims.roles.clone(),
-                    expires_at: claims.exp,
-                })
+                Ok(Principal::from_claims(&claims))
             }
             Err(error) => {
                 tracing::warn!(%error, "revocation check failed: denying (fail closed)");

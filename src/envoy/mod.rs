@@ -15,7 +15,10 @@ use envoy_types::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::authz::{AccessRequest, Authorizer, Decision, Denial};
+use crate::{
+    authz::{AccessRequest, Authorizer, Decision, Denial},
+    client_ip,
+};
 
 /// Headers the service sets for the upstream; any a client sent are replaced
 /// or removed so the upstream can trust them.
@@ -33,30 +36,6 @@ impl ExtAuthz {
             trusted_proxy_hops,
         }
     }
-}
-
-/// The client address: the `x-forwarded-for` entry `hops` from the right
-/// (appended by the trusted gateway), else Envoy's downstream peer.
-fn client_ip<'a>(
-    forwarded: Option<&'a str>,
-    peer: Option<&'a str>,
-    hops: usize,
-) -> Option<&'a str> {
-    if hops > 0
-        && let Some(forwarded) = forwarded
-    {
-        let entries: Vec<&str> = forwarded
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        if let Some(ip) = entries.len().checked_sub(hops).and_then(|i| entries.get(i))
-            && ip.parse::<std::net::IpAddr>().is_ok()
-        {
-            return Some(ip);
-        }
-    }
-    peer
 }
 
 fn bearer(authorization: Option<&str>) -> Option<&str> {
@@ -204,20 +183,6 @@ impl Authorization for ExtAuthz {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_client_ip_comes_from_the_trusted_hop_else_the_peer() {
-        assert_eq!(
-            client_ip(Some("1.1.1.1, 2.2.2.2"), Some("9.9.9.9"), 1),
-            Some("2.2.2.2")
-        );
-        assert_eq!(client_ip(Some("junk"), Some("9.9.9.9"), 1), Some("9.9.9.9"));
-        assert_eq!(
-            client_ip(Some("1.1.1.1"), Some("9.9.9.9"), 0),
-            Some("9.9.9.9")
-        );
-        assert_eq!(client_ip(None, None, 1), None);
-    }
 
     #[test]
     fn a_denial_is_an_ok_rpc_carrying_status_headers_and_json() {

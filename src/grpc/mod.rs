@@ -79,23 +79,11 @@ impl AuthApi {
 /// `x-forwarded-for` (appended by the trusted gateway), else the peer address.
 /// Entries left of it were written by the client and are not trusted.
 pub fn client_ip(metadata: &MetadataMap, peer: Option<SocketAddr>, hops: usize) -> Option<String> {
-    if hops > 0
-        && let Some(forwarded) = metadata
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-    {
-        let entries: Vec<&str> = forwarded
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        if let Some(ip) = entries.len().checked_sub(hops).and_then(|i| entries.get(i))
-            && let Ok(parsed) = ip.parse::<std::net::IpAddr>()
-        {
-            return Some(parsed.to_string());
-        }
-    }
-    peer.map(|p| p.ip().to_string())
+    let forwarded = metadata
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let peer = peer.map(|p| p.ip().to_string());
+    crate::client_ip(forwarded, peer.as_deref(), hops).map(str::to_owned)
 }
 
 fn bearer_token(metadata: &MetadataMap) -> Option<&str> {

@@ -1,3 +1,6 @@
+//! Rate limits. This module: login lockout. [`quota`]: request rate limits for
+//! ext_authz.
+//!
 //! Login lockout: failed password attempts are counted in fixed windows
 //! (`lockout.window_secs`, starting at the first failure) under three keys:
 //!

@@ -118,6 +118,17 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The caller a verified token names (revocation is the caller's check).
+    pub fn from_claims(claims: &Claims) -> Self {
+        Self {
+            user_id: claims.sub,
+            session_id: claims.sid,
+            jti: claims.jti,
+            roles: claims.roles.clone(),
+            expires_at: claims.exp,
+        }
+    }
+
     pub fn has_role(&self, role: &str) -> bool {
         self.roles.iter().any(|r| r == role)
     }
@@ -437,13 +448,7 @@ impl TokenService {
         if self.revocations.is_revoked(&facts).await? {
             return Err(TokenError::InvalidAccess(InvalidToken::Revoked));
         }
-        Ok(Principal {
-            user_id: claims.sub,
-            session_id: claims.sid,
-            jti: claims.jti,
-            roles: claims.roles.clone(),
-            expires_at: claims.exp,
-        })
+        Ok(Principal::from_claims(&claims))
     }
 
     /// Ends the caller's session: the access token is blacklisted until it
