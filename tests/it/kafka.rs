@@ -435,3 +435,23 @@ async fn a_restarted_consumer_resumes_from_its_committed_offset() {
         "message 1 was not handled twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_relays_its_outbox_too() {
+    let tansu = Tansu::start().await;
+    let mut app = TestApp::spawn_with(Backend::Embedded, with_kafka(&tansu)).await;
+    let user = app.sign_up("uma").await;
+    app.login_ok("uma").await;
+    wait_until_relayed(&app).await;
+    let messages = tansu
+        .read(
+            &["auth.events.user_created", "auth.events.login_succeeded"],
+            2,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(messages.len(), 2);
+    assert!(messages.iter().all(|m| m.key() == Some(user.id.as_bytes())));
+    // A second round finds nothing left to lease.
+    assert_eq!(app.database.relay.unpublished_count().await.unwrap(), 0);
+}

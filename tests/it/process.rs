@@ -307,3 +307,90 @@ async fn a_sigkill_during_a_burst_loses_no_committed_event() {
     second.signal("TERM");
     assert_eq!(second.wait_exit().code(), Some(0));
 }
+
+fn kid_of(token: &str) -> String {
+    use base64::Engine;
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.split('.').next().unwrap())
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&header).unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_key_then_sighup_signs_with_the_new_key_and_old_tokens_still_verify() {
+    let cwd = tempfile::tempdir().unwrap();
+    let env = [
+        ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
+        ("AUTH_PASSWORD__ITERATIONS", "1"),
+    ];
+    let mut server = start(cwd.path(), &env);
+    server.ready().await;
+    let mut client = server.client().await;
+    client
+        .create_user(pb::CreateUserRequest {
+            email: "rot@example.com".into(),
+            username: "rot".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap();
+    let login = || pb::LoginRequest {
+        login: "rot".into(),
+        password: PASSWORD.into(),
+    };
+    let before = client
+        .login(login())
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+
+    let rotated = Command::new(env!("CARGO_BIN_EXE_auth-service"))
+        .arg("rotate-key")
+        .current_dir(cwd.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    server.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let token = client
+            .login(login())
+            .await
+            .unwrap()
+            .into_inner()
+            .access_token;
+        if kid_of(&token) != kid_of(&before) {
+            break token;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not load the new key");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    client
+        .validate_token(pb::ValidateTokenRequest {
+            token: before.clone(),
+        })
+        .await
+        .expect("the old key still verifies");
+    client
+        .validate_token(pb::ValidateTokenRequest {
+            token: after.clone(),
+        })
+        .await
+        .expect("the new key verifies");
+    let (_, jwks) = http_get(server.http, "/.well-known/jwks.json").await;
+    assert!(
+        jwks.contains(&kid_of(&before)) && jwks.contains(&kid_of(&after)),
+        "{jwks}"
+    );
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(0));
+}

@@ -146,6 +146,53 @@ async fn an_expired_refresh_token_is_invalid_and_stays_unspent(backend: Backend)
     assert!(matches!(again, Rotation::Invalid), "{again:?}");
 }
 
+async fn a_session_past_its_absolute_lifetime_cannot_be_refreshed(backend: Backend) {
+    let (db, _dir) = database(backend).await;
+    let (_, _, presented) = user_with_session(&db).await;
+    // Idle lifetime is an hour; the session's absolute lifetime is a day.
+    let later = OffsetDateTime::now_utc() + Duration::days(2);
+    let ctx = RequestContext::default();
+    let mut current = presented;
+    // Keep the token fresh within its idle window, hour by hour, up to the
+    // absolute limit: fresh tokens are refused once the session is too old.
+    let mut now = OffsetDateTime::now_utc();
+    let mut refused_at = None;
+    for step in 0..60u8 {
+        now += Duration::minutes(50);
+        let next = [step + 100; 32];
+        match db
+            .sessions
+            .rotate_refresh_token(RotateRequest {
+                presented: current,
+                next,
+                now,
+                idle_ttl: Duration::hours(1),
+                ctx: &ctx,
+            })
+            .await
+            .unwrap()
+        {
+            Rotation::Rotated {
+                idle_expires_at, ..
+            } => {
+                assert!(
+                    idle_expires_at
+                        <= OffsetDateTime::now_utc() + Duration::days(1) + Duration::minutes(1),
+                    "never past the absolute end"
+                );
+                current = next;
+            }
+            Rotation::Invalid => {
+                refused_at = Some(now);
+                break;
+            }
+            Rotation::Reused { .. } => panic!("not a reuse"),
+        }
+    }
+    let refused_at = refused_at.expect("the absolute lifetime ends the session");
+    assert!(refused_at >= OffsetDateTime::now_utc() + Duration::hours(23) && refused_at < later);
+}
+
 async fn the_hash_upgrade_only_replaces_the_hash_it_read(backend: Backend) {
     let (db, _dir) = database(backend).await;
     let (user, _, _) = user_with_session(&db).await;
@@ -262,6 +309,7 @@ macro_rules! contract {
 
 contract!(
     concurrent_presentations_rotate_exactly_once,
+    a_session_past_its_absolute_lifetime_cannot_be_refreshed,
     an_expired_refresh_token_is_invalid_and_stays_unspent,
     the_hash_upgrade_only_replaces_the_hash_it_read,
     status_changes_revoke_sessions_and_write_the_event_atomically,
