@@ -118,3 +118,29 @@ async fn two_replicas_share_one_rate_limit_within_the_lease_bound() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_check_listener_serves_only_ext_authz() {
+    let app = TestApp::spawn_with(Backend::Embedded, |c| {
+        c.authz.check_addr = Some("127.0.0.1:0".parse().unwrap())
+    })
+    .await;
+    let addr = app.check_addr.expect("the check listener is bound");
+    let mut authz = AuthorizationClient::new(channel(addr).await);
+    let response = authz
+        .check(check("GET", "/api/x", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status.unwrap().code, Code::Unauthenticated as i32);
+    let mut api = pb::auth_service_client::AuthServiceClient::new(channel(addr).await);
+    let status = api
+        .validate_token(pb::ValidateTokenRequest { token: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unimplemented,
+        "the account API stays on grpc_addr"
+    );
+}

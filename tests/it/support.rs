@@ -87,6 +87,8 @@ pub struct TestApp {
     pub config: Config,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The separate ext_authz listener, when configured.
+    pub check_addr: Option<SocketAddr>,
     pub client: AuthServiceClient<Channel>,
     pub database: Database,
     pub app_tokens: std::sync::Arc<auth_service::tokens::TokenService>,
@@ -117,6 +119,7 @@ impl TestApp {
             .expect("application builds");
         let grpc_addr = app.grpc_addr();
         let http_addr = app.http_addr();
+        let check_addr = app.check_addr();
         let database = app.database();
         let app_tokens = app.tokens();
         let stop = CancellationToken::new();
@@ -127,6 +130,7 @@ impl TestApp {
             config,
             grpc_addr,
             http_addr,
+            check_addr,
             client,
             database,
             app_tokens,
