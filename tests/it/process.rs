@@ -394,3 +394,41 @@ async fn rotate_key_then_sighup_signs_with_the_new_key_and_old_tokens_still_veri
     server.signal("TERM");
     assert_eq!(server.wait_exit().code(), Some(0));
 }
+
+/// Calls in flight when SIGTERM arrives are answered before the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls_before_exiting_0() {
+    let cwd = tempfile::tempdir().unwrap();
+    // Default argon2 cost: eight logins queue on a one-worker hashing pool
+    // for well over 100 ms, so most are still in flight at the signal.
+    let mut server = start(cwd.path(), &[("AUTH_PASSWORD__MAX_CONCURRENT_HASHES", "1")]);
+    server.ready().await;
+    let mut client = server.client().await;
+    client
+        .create_user(pb::CreateUserRequest {
+            email: "dr@example.com".into(),
+            username: "drain".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                c.login(pb::LoginRequest {
+                    login: "drain".into(),
+                    password: PASSWORD.into(),
+                })
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.signal("TERM");
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert!(answer.is_ok(), "an in-flight call was cut off: {answer:?}");
+    }
+    assert_eq!(server.wait_exit().code(), Some(0));
+}
