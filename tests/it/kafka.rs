@@ -455,3 +455,66 @@ async fn the_embedded_default_relays_its_outbox_too() {
     // A second round finds nothing left to lease.
     assert_eq!(app.database.relay.unpublished_count().await.unwrap(), 0);
 }
+
+/// The broker dies in the middle of a burst of sign-ups and comes back: the
+/// API keeps answering, and every committed event reaches the broker (the
+/// relay retries with backoff; duplicates are allowed here, at-least-once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_mid_burst_and_restarted_receives_every_committed_event() {
+    let mut tansu = Tansu::start_durable().await;
+    let app = TestApp::spawn_with(Backend::Production, with_kafka(&tansu)).await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls: Vec<_> = (0..120)
+        .map(|i| {
+            let mut client = app.client.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let request = pb::CreateUserRequest {
+                    email: format!("bk{i}@example.com"),
+                    username: format!("bk{i}"),
+                    password: PASSWORD.into(),
+                };
+                let answer = client.create_user(request).await;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                answer
+            })
+        })
+        .collect();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 30 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tansu.kill();
+    for call in calls {
+        call.await
+            .unwrap()
+            .expect("sign-up does not depend on Kafka");
+    }
+    assert!(
+        app.database.relay.unpublished_count().await.unwrap() > 0,
+        "events wait while the broker is down"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tansu.restart().await;
+    wait_until_relayed(&app).await;
+
+    let committed: Vec<String> = outbox_rows(&app)
+        .await
+        .into_iter()
+        .filter(|(_, t, _)| t == "user_created")
+        .map(|(id, _, _)| id.to_string())
+        .collect();
+    assert_eq!(committed.len(), 120);
+    let messages = tansu
+        .read(&["auth.events.user_created"], 120, Duration::from_secs(30))
+        .await;
+    let seen: std::collections::HashSet<String> = messages
+        .iter()
+        .filter_map(|m| header(m, "event-id"))
+        .collect();
+    let missing: Vec<&String> = committed.iter().filter(|id| !seen.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} committed events never arrived",
+        missing.len()
+    );
+}

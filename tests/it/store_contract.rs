@@ -193,6 +193,86 @@ async fn a_session_past_its_absolute_lifetime_cannot_be_refreshed(backend: Backe
     assert!(refused_at >= OffsetDateTime::now_utc() + Duration::hours(23) && refused_at < later);
 }
 
+async fn relay_leases_are_disjoint_and_published_rows_are_purged(backend: Backend) {
+    let (db, _dir) = database(backend).await;
+    let ctx = RequestContext::default();
+    for i in 0..10 {
+        let user = user(&format!("relay{i}"));
+        db.users
+            .insert_user(
+                &user,
+                "$argon2id$placeholder",
+                &OutboxEvent::user_created(&user, &ctx),
+            )
+            .await
+            .unwrap();
+    }
+    let now = OffsetDateTime::now_utc();
+    let lease = now + Duration::seconds(30);
+    // Two relays lease at once: together they hold every row, no row twice.
+    let (a, b) = tokio::join!(db.relay.lease(6, now, lease), db.relay.lease(6, now, lease));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut ids: Vec<Uuid> = a.iter().chain(&b).map(|e| e.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), a.len() + b.len(), "a row leased twice");
+    assert_eq!(ids.len(), 10);
+    assert!(a.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    assert!(
+        db.relay.lease(10, now, lease).await.unwrap().is_empty(),
+        "all rows are leased"
+    );
+    // A lease that expires makes its rows available again.
+    let after_expiry = lease + Duration::seconds(1);
+    let again = db
+        .relay
+        .lease(10, after_expiry, after_expiry + Duration::seconds(30))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 10);
+    assert!(again.iter().all(|e| e.attempts == 2));
+    // Published rows are never leased again; retried ones wait for retry_at.
+    db.relay
+        .mark_published(&ids[..8], after_expiry)
+        .await
+        .unwrap();
+    db.relay
+        .retry_later(&ids[8..], after_expiry + Duration::minutes(5))
+        .await
+        .unwrap();
+    assert_eq!(db.relay.unpublished_count().await.unwrap(), 2);
+    let later = after_expiry + Duration::minutes(1);
+    assert!(
+        db.relay
+            .lease(10, later, later + Duration::seconds(30))
+            .await
+            .unwrap()
+            .is_empty(),
+        "still backing off"
+    );
+    let much_later = after_expiry + Duration::minutes(6);
+    assert_eq!(
+        db.relay
+            .lease(10, much_later, much_later + Duration::seconds(30))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        db.relay
+            .purge_published(after_expiry + Duration::seconds(1))
+            .await
+            .unwrap(),
+        8
+    );
+    assert_eq!(
+        db.relay.purge_published(much_later).await.unwrap(),
+        0,
+        "unpublished rows are kept"
+    );
+}
+
 async fn the_hash_upgrade_only_replaces_the_hash_it_read(backend: Backend) {
     let (db, _dir) = database(backend).await;
     let (user, _, _) = user_with_session(&db).await;
@@ -310,6 +390,7 @@ macro_rules! contract {
 contract!(
     concurrent_presentations_rotate_exactly_once,
     a_session_past_its_absolute_lifetime_cannot_be_refreshed,
+    relay_leases_are_disjoint_and_published_rows_are_purged,
     an_expired_refresh_token_is_invalid_and_stays_unspent,
     the_hash_upgrade_only_replaces_the_hash_it_read,
     status_changes_revoke_sessions_and_write_the_event_atomically,

@@ -631,21 +631,30 @@ fn dechunk(mut rest: &str) -> String {
     body
 }
 
-/// A Kafka-compatible broker (tansu, in-memory storage) of the test's own.
+/// A Kafka-compatible broker (tansu) of the test's own: in-memory storage,
+/// or SQLite storage when it must keep data across a restart.
 pub struct Tansu {
     child: Option<std::process::Child>,
     pub port: u16,
     pub brokers: String,
+    storage: String,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Tansu {
     pub async fn start() -> Self {
-        let port = free_port();
-        let mut tansu = Self {
-            child: None,
-            port,
-            brokers: format!("127.0.0.1:{port}"),
-        };
+        let mut tansu = Self::reserve();
+        tansu.restart().await;
+        tansu
+    }
+
+    /// Stores topics in an SQLite file of its own, so what the broker
+    /// acknowledged survives a kill.
+    pub async fn start_durable() -> Self {
+        let mut tansu = Self::reserve();
+        let dir = tempfile::tempdir().unwrap();
+        tansu.storage = format!("sqlite://{}", dir.path().join("tansu.db").display());
+        tansu._dir = Some(dir);
         tansu.restart().await;
         tansu
     }
@@ -657,6 +666,8 @@ impl Tansu {
             child: None,
             port,
             brokers: format!("127.0.0.1:{port}"),
+            storage: "memory://tansu/".into(),
+            _dir: None,
         }
     }
 
@@ -672,7 +683,7 @@ impl Tansu {
                 "--advertised-listener-url",
                 &url,
                 "--storage-engine",
-                "memory://tansu/",
+                &self.storage,
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
