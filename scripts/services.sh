@@ -50,15 +50,16 @@ ensure_envoy() {
 }
 
 # The Kafka-compatible broker tansu, built from crates.io once per machine
-# (about 10-15 minutes on 2 cores; `memory://` storage needs `dynostore`).
+# into the cache (10-15 minutes on 2 cores): `dynostore` for in-memory
+# storage, `libsql` for the SQLite storage the broker-restart test needs.
 # Sets TANSU_BIN.
 ensure_tansu() {
-  local bin=${CARGO_HOME:-$HOME/.cargo}/bin/tansu
-  if [ ! -x "$bin" ]; then
-    log "building the Kafka-compatible broker tansu (once per machine)"
-    cargo install tansu --locked --features dynostore
+  local root=$CACHE/tansu-lite
+  if [ ! -x "$root/bin/tansu" ]; then
+    log "building the Kafka-compatible broker tansu into $root (once per machine)"
+    cargo install tansu --locked --features dynostore,libsql --root "$root"
   fi
-  export TANSU_BIN="$bin"
+  export TANSU_BIN="$root/bin/tansu"
 }
 
 SERVICES_WORK=""

@@ -653,7 +653,8 @@ impl Tansu {
     pub async fn start_durable() -> Self {
         let mut tansu = Self::reserve();
         let dir = tempfile::tempdir().unwrap();
-        tansu.storage = format!("sqlite://{}", dir.path().join("tansu.db").display());
+        // tansu reads the path relative to its working directory.
+        tansu.storage = "sqlite://tansu.db".into();
         tansu._dir = Some(dir);
         tansu.restart().await;
         tansu
@@ -675,7 +676,11 @@ impl Tansu {
         self.kill();
         let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".into());
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = std::process::Command::new(bin)
+        let mut command = std::process::Command::new(bin);
+        if let Some(dir) = &self._dir {
+            command.current_dir(dir.path());
+        }
+        let child = command
             .args([
                 "broker",
                 "--listener-url",
