@@ -59,10 +59,6 @@ impl LifecycleConsumer {
             // Notice topics created after start within seconds.
             .set("topic.metadata.refresh.interval.ms", "2000")
             .create()?;
-        consumer.subscribe(&[
-            config.user_suspended_topic.as_str(),
-            config.user_deleted_topic.as_str(),
-        ])?;
         Ok(Self {
             consumer,
             dlq: super::kafka::producer(brokers, config)?,
@@ -71,7 +67,17 @@ impl LifecycleConsumer {
         })
     }
 
+    /// Subscribes (the topics exist by now: see `startup`) and consumes
+    /// until `stop`.
     pub async fn run(self, stop: CancellationToken) {
+        let topics = [
+            self.config.user_suspended_topic.as_str(),
+            self.config.user_deleted_topic.as_str(),
+        ];
+        if let Err(error) = self.consumer.subscribe(&topics) {
+            tracing::error!(%error, "lifecycle consumer: subscribe failed; not consuming");
+            return;
+        }
         let mut failures = 0u32;
         loop {
             let message = tokio::select! {
