@@ -87,11 +87,7 @@ async fn two_replicas_share_one_rate_limit_within_the_lease_bound() {
         c.authz.rate_limits.get_mut("public").unwrap().per_ip = Some(slow)
     })
     .await;
-    let mut config = a.config.clone();
-    let dir = tempfile::tempdir().unwrap();
-    config.data_dir = dir.path().to_path_buf();
-    config.tokens.keys_dir = Some(a.config.keys_dir());
-    let b = TestApp::start(Backend::Production, config, dir).await;
+    let b = a.replica().await;
     let mut admitted = 0;
     for i in 0..100 {
         let app = if i % 2 == 0 { &a } else { &b };

@@ -316,12 +316,7 @@ async fn a_suspend_on_the_other_replica_is_enforced_here_at_once() {
     // The cache would answer "not revoked" for a minute: only the Redis
     // notice can make this replica deny right away.
     let stack = Stack::start(|c| c.revocation.cache_ttl_ms = 60_000).await;
-    let mut config = stack.app.config.clone();
-    let dir = tempfile::tempdir().unwrap();
-    config.data_dir = dir.path().to_path_buf();
-    config.tokens.keys_dir = Some(stack.app.config.keys_dir());
-    config.tokens.generate_key_if_missing = false;
-    let mut other = TestApp::start(Backend::Production, config, dir).await;
+    let mut other = stack.app.replica().await;
 
     let admin = other.admin().await;
     let login = stack.user("fay").await;

@@ -199,11 +199,7 @@ async fn the_protobuf_format_carries_the_same_envelope() {
 async fn two_replicas_relaying_at_once_publish_each_event_once() {
     let tansu = Tansu::start().await;
     let a = TestApp::spawn_with(Backend::Production, with_kafka(&tansu)).await;
-    let mut config = a.config.clone();
-    let dir = tempfile::tempdir().unwrap();
-    config.data_dir = dir.path().to_path_buf();
-    config.tokens.keys_dir = Some(a.config.keys_dir());
-    let b = TestApp::start(Backend::Production, config, dir).await;
+    let b = a.replica().await;
     let mut calls = Vec::new();
     for i in 0..40 {
         let mut client = if i % 2 == 0 {

@@ -140,6 +140,17 @@ impl TestApp {
         }
     }
 
+    /// A second replica of this deployment: same database, Redis prefix and
+    /// signing keys, its own data dir and ports.
+    pub async fn replica(&self) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = self.config.clone();
+        config.data_dir = dir.path().to_path_buf();
+        config.tokens.keys_dir = Some(self.config.keys_dir());
+        config.tokens.generate_key_if_missing = false;
+        TestApp::start(self.backend, config, dir).await
+    }
+
     /// Stops the server and waits for it to drain.
     pub async fn stop(mut self) -> (Config, tempfile::TempDir) {
         self.stop.cancel();
