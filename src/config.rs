@@ -74,8 +74,9 @@ pub struct KafkaConfig {
     /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with a SASL protocol).
     pub sasl_mechanism: Option<String>,
     pub sasl_username: Option<String>,
-    /// Never logged.
-    pub sasl_password: Option<String>,
+    /// Redacted in Debug output, never serialized back out.
+    #[serde(default, skip_serializing)]
+    pub sasl_password: Option<secrecy::SecretString>,
     pub ssl_ca_location: Option<PathBuf>,
     pub ssl_certificate_location: Option<PathBuf>,
     pub ssl_key_location: Option<PathBuf>,
@@ -523,6 +524,21 @@ mod tests {
             let config = Config::load(None).unwrap();
             assert_eq!(config.password.memory_kib, 4096);
             assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:1/"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_kafka_password_is_read_from_the_environment_and_redacted() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_KAFKA__SASL_PASSWORD", "hunter2-secret");
+            let config = Config::load(None).unwrap();
+            let password = config.kafka.sasl_password.as_ref().unwrap();
+            assert_eq!(
+                secrecy::ExposeSecret::expose_secret(password),
+                "hunter2-secret"
+            );
+            assert!(!format!("{config:?}").contains("hunter2"));
             Ok(())
         });
     }

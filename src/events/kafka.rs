@@ -42,7 +42,10 @@ pub fn client_config(brokers: &str, config: &KafkaConfig) -> ClientConfig {
         c.set("sasl.username", user);
     }
     if let Some(password) = &config.sasl_password {
-        c.set("sasl.password", password);
+        c.set(
+            "sasl.password",
+            secrecy::ExposeSecret::expose_secret(password),
+        );
     }
     for (key, path) in [
         ("ssl.ca.location", &config.ssl_ca_location),
