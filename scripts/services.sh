@@ -8,7 +8,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
-CACHE=${AUTH_TEST_CACHE:-$HOME/.cache/auth-service}
+CACHE=${AUTH_TEST_CACHE:-${HOME:-/root}/.cache/auth-service}
 
 # apt packages: PostgreSQL 15, Redis, python3 (+ any named in $extra_packages).
 ensure_packages() {
