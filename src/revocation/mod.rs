@@ -23,8 +23,8 @@ use crate::{error::BackendError, unix_now};
 
 /// The keys one access token is checked under.
 #[derive(Debug, Clone, Copy)]
-pub struct RevocationKeys<'a> {
-    pub jti: &'a str,
+pub struct RevocationKeys {
+    pub jti: Uuid,
     pub session_id: Uuid,
     pub user_id: Uuid,
 }
@@ -43,7 +43,7 @@ pub struct RevocationSnapshot {
 /// stores can drop it.
 #[async_trait]
 pub trait RevocationStore: Send + Sync + 'static {
-    async fn revoke_token(&self, jti: &str, until: i64) -> Result<(), BackendError>;
+    async fn revoke_token(&self, jti: Uuid, until: i64) -> Result<(), BackendError>;
     async fn revoke_session(&self, session_id: Uuid, until: i64) -> Result<(), BackendError>;
     /// Moves the epoch forward to `epoch_ms`; never moves it back.
     async fn raise_user_epoch(
@@ -53,12 +53,12 @@ pub trait RevocationStore: Send + Sync + 'static {
         until: i64,
     ) -> Result<(), BackendError>;
     /// All three answers in one round trip.
-    async fn lookup(&self, keys: &RevocationKeys<'_>) -> Result<RevocationSnapshot, BackendError>;
+    async fn lookup(&self, keys: &RevocationKeys) -> Result<RevocationSnapshot, BackendError>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
-    Token(Arc<str>),
+    Token(Uuid),
     Session(Uuid),
     User(Uuid),
 }
@@ -96,8 +96,8 @@ impl Expiry<Key, Entry> for EntryExpiry {
 
 /// The token being checked, as revocation sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct TokenFacts<'a> {
-    pub keys: RevocationKeys<'a>,
+pub struct TokenFacts {
+    pub keys: RevocationKeys,
     /// Unix ms the token was issued at.
     pub issued_at_ms: i64,
     /// Unix seconds the token expires at.
@@ -150,9 +150,9 @@ impl Revocations {
     }
 
     /// Whether the token has been revoked by any of the three means.
-    pub async fn is_revoked(&self, token: &TokenFacts<'_>) -> Result<bool, BackendError> {
+    pub async fn is_revoked(&self, token: &TokenFacts) -> Result<bool, BackendError> {
         let keys = token.keys;
-        let jti_key = Key::Token(Arc::from(keys.jti));
+        let jti_key = Key::Token(keys.jti);
         let cached = |key: &Key| self.cache.get(key).map(|e| e.known);
         let (jti, sid, user) = (
             cached(&jti_key),
@@ -195,10 +195,10 @@ impl Revocations {
     }
 
     /// Revokes one access token until it expires.
-    pub async fn revoke_token(&self, jti: &str, expires_at: i64) -> Result<(), BackendError> {
+    pub async fn revoke_token(&self, jti: Uuid, expires_at: i64) -> Result<(), BackendError> {
         self.store.revoke_token(jti, expires_at).await?;
         self.apply(&Notice::Token {
-            jti: jti.to_owned(),
+            jti,
             until: expires_at,
         });
         Ok(())
@@ -246,7 +246,7 @@ pub fn unix_now_ms() -> i64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     Token {
-        jti: String,
+        jti: Uuid,
         until: i64,
     },
     Session {
@@ -277,7 +277,7 @@ impl Notice {
         let mut parts = text.split(' ');
         let notice = match (parts.next()?, parts.next()?) {
             ("jti", jti) => Self::Token {
-                jti: jti.to_owned(),
+                jti: jti.parse().ok()?,
                 until: parts.next()?.parse().ok()?,
             },
             ("sid", sid) => Self::Session {
@@ -299,9 +299,7 @@ impl Revocations {
     /// Applies a revocation made on another replica to this one's cache.
     pub fn apply(&self, notice: &Notice) {
         match notice {
-            Notice::Token { jti, until } => {
-                self.remember(Key::Token(Arc::from(jti.as_str())), Known::Revoked, *until)
-            }
+            Notice::Token { jti, until } => self.remember(Key::Token(*jti), Known::Revoked, *until),
             Notice::Session { session_id, until } => {
                 self.remember(Key::Session(*session_id), Known::Revoked, *until)
             }
@@ -346,10 +344,7 @@ mod tests {
     fn notices_round_trip_and_garbage_is_refused() {
         let id = Uuid::now_v7();
         for n in [
-            Notice::Token {
-                jti: id.to_string(),
-                until: 5,
-            },
+            Notice::Token { jti: id, until: 5 },
             Notice::Session {
                 session_id: id,
                 until: 6,

@@ -84,7 +84,7 @@ fn ttl_until(unix_secs: i64) -> Duration {
 
 #[derive(Hash, PartialEq, Eq, Clone)]
 enum RevKey {
-    Token(String),
+    Token(Uuid),
     Session(Uuid),
     User(Uuid),
 }
@@ -104,9 +104,8 @@ impl MemoryRevocations {
 
 #[async_trait]
 impl RevocationStore for MemoryRevocations {
-    async fn revoke_token(&self, jti: &str, until: i64) -> Result<(), BackendError> {
-        self.map
-            .insert(RevKey::Token(jti.to_owned()), 1, ttl_until(until));
+    async fn revoke_token(&self, jti: Uuid, until: i64) -> Result<(), BackendError> {
+        self.map.insert(RevKey::Token(jti), 1, ttl_until(until));
         Ok(())
     }
 
@@ -131,9 +130,9 @@ impl RevocationStore for MemoryRevocations {
         Ok(())
     }
 
-    async fn lookup(&self, keys: &RevocationKeys<'_>) -> Result<RevocationSnapshot, BackendError> {
+    async fn lookup(&self, keys: &RevocationKeys) -> Result<RevocationSnapshot, BackendError> {
         Ok(RevocationSnapshot {
-            token_revoked: self.map.get(&RevKey::Token(keys.jti.to_owned())).is_some(),
+            token_revoked: self.map.get(&RevKey::Token(keys.jti)).is_some(),
             session_revoked: self.map.get(&RevKey::Session(keys.session_id)).is_some(),
             user_epoch_ms: self.map.get(&RevKey::User(keys.user_id)).map(|(v, _)| v),
         })

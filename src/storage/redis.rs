@@ -220,18 +220,10 @@ impl RedisStore {
 
 #[async_trait]
 impl RevocationStore for RedisStore {
-    async fn revoke_token(&self, jti: &str, until: i64) -> Result<(), BackendError> {
+    async fn revoke_token(&self, jti: Uuid, until: i64) -> Result<(), BackendError> {
         let key = self.key(format_args!("rv:jti:{jti}"));
-        self.set_and_announce(
-            key,
-            1,
-            until,
-            Notice::Token {
-                jti: jti.to_owned(),
-                until,
-            },
-        )
-        .await
+        self.set_and_announce(key, 1, until, Notice::Token { jti, until })
+            .await
     }
 
     async fn revoke_session(&self, session_id: Uuid, until: i64) -> Result<(), BackendError> {
@@ -273,7 +265,7 @@ impl RevocationStore for RedisStore {
         .map(drop)
     }
 
-    async fn lookup(&self, keys: &RevocationKeys<'_>) -> Result<RevocationSnapshot, BackendError> {
+    async fn lookup(&self, keys: &RevocationKeys) -> Result<RevocationSnapshot, BackendError> {
         let names = [
             self.key(format_args!("rv:jti:{}", keys.jti)),
             self.key(format_args!("rv:sid:{}", keys.session_id)),

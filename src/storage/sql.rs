@@ -98,6 +98,13 @@ pub(crate) fn conflicting_field(error: &sqlx::Error) -> Option<&'static str> {
     }
 }
 
+/// The columns [`UserRow`] reads, in its order.
+macro_rules! user_columns {
+    () => {
+        "id, email, username, password_hash, roles, status, created_at"
+    };
+}
+
 /// Implements `UserStore`, `SessionStore` and `OutboxReader` for
 /// `SqlStore<$db>`.
 macro_rules! sql_store {
@@ -191,13 +198,13 @@ macro_rules! sql_store {
 
                 async fn find_credentials(&self, login: &LoginName) -> Result<Option<Credentials>, BackendError> {
                     match login {
-                        LoginName::Email(email) => self.credentials_by("SELECT id, email, username, password_hash, roles, status, created_at FROM users WHERE email = $1", email.as_str()).await,
-                        LoginName::Username(name) => self.credentials_by("SELECT id, email, username, password_hash, roles, status, created_at FROM users WHERE username = $1", name.as_str()).await,
+                        LoginName::Email(email) => self.credentials_by(concat!("SELECT ", user_columns!(), " FROM users WHERE email = $1"), email.as_str()).await,
+                        LoginName::Username(name) => self.credentials_by(concat!("SELECT ", user_columns!(), " FROM users WHERE username = $1"), name.as_str()).await,
                     }
                 }
 
                 async fn find_credentials_by_id(&self, id: Uuid) -> Result<Option<Credentials>, BackendError> {
-                    let row: Option<UserRow> = sqlx::query_as("SELECT id, email, username, password_hash, roles, status, created_at FROM users WHERE id = $1")
+                    let row: Option<UserRow> = sqlx::query_as(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1"))
                         .bind(id)
                         .fetch_optional(&self.pool)
                         .await
@@ -244,8 +251,7 @@ macro_rules! sql_store {
                     let now = event.occurred_at;
                     let mut tx = self.pool.begin().await.map_err(db_error)?;
                     let row: Option<UserRow> = sqlx::query_as(
-                        "UPDATE users SET status = $2, updated_at = $3 WHERE id = $1 \
-                         RETURNING id, email, username, password_hash, roles, status, created_at",
+                        concat!("UPDATE users SET status = $2, updated_at = $3 WHERE id = $1 RETURNING ", user_columns!()),
                     )
                     .bind(id)
                     .bind(status.as_str())
@@ -265,8 +271,7 @@ macro_rules! sql_store {
                     let names: Vec<&str> = roles.iter().map(Role::as_str).collect();
                     let mut tx = self.pool.begin().await.map_err(db_error)?;
                     let row: Option<UserRow> = sqlx::query_as(
-                        "UPDATE users SET roles = $2, updated_at = $3 WHERE id = $1 \
-                         RETURNING id, email, username, password_hash, roles, status, created_at",
+                        concat!("UPDATE users SET roles = $2, updated_at = $3 WHERE id = $1 RETURNING ", user_columns!()),
                     )
                     .bind(id)
                     .bind(Json(names))

@@ -435,10 +435,9 @@ impl TokenService {
                 i64::try_from(s).unwrap_or(i64::MAX / 2_000) * 1000 + i64::from(n / 1_000_000)
             })
             .ok_or(TokenError::InvalidAccess(InvalidToken::Malformed))?;
-        let jti = claims.jti.to_string();
         let facts = TokenFacts {
             keys: RevocationKeys {
-                jti: &jti,
+                jti: claims.jti,
                 session_id: claims.sid,
                 user_id: claims.sub,
             },
@@ -477,7 +476,7 @@ impl TokenService {
         }
         sessions.dedup();
         self.revocations
-            .revoke_token(&caller.jti.to_string(), caller.expires_at)
+            .revoke_token(caller.jti, caller.expires_at)
             .await?;
         let now = OffsetDateTime::now_utc();
         for session_id in sessions {

@@ -66,6 +66,24 @@ async fn user_with_session(db: &Database) -> (User, Uuid, [u8; 32]) {
     (user, session.id, hash)
 }
 
+/// One rotation with a one-hour idle lifetime and no request context.
+async fn rotate(
+    db: &Database,
+    presented: [u8; 32],
+    next: [u8; 32],
+    now: OffsetDateTime,
+) -> Rotation {
+    let ctx = RequestContext::default();
+    let request = RotateRequest {
+        presented,
+        next,
+        now,
+        idle_ttl: Duration::hours(1),
+        ctx: &ctx,
+    };
+    db.sessions.rotate_refresh_token(request).await.unwrap()
+}
+
 async fn concurrent_presentations_rotate_exactly_once(backend: Backend) {
     let (db, _dir) = database(backend).await;
     let (_, session_id, presented) = user_with_session(&db).await;
@@ -117,32 +135,11 @@ async fn an_expired_refresh_token_is_invalid_and_stays_unspent(backend: Backend)
     let (db, _dir) = database(backend).await;
     let (_, _, presented) = user_with_session(&db).await;
     let later = OffsetDateTime::now_utc() + Duration::hours(2);
-    let ctx = RequestContext::default();
-    let outcome = db
-        .sessions
-        .rotate_refresh_token(RotateRequest {
-            presented,
-            next: [9; 32],
-            now: later,
-            idle_ttl: Duration::hours(1),
-            ctx: &ctx,
-        })
-        .await
-        .unwrap();
+    let outcome = rotate(&db, presented, [9; 32], later).await;
     assert!(matches!(outcome, Rotation::Invalid), "{outcome:?}");
     // Still unspent (the transaction rolled back): presenting it again is
     // not mistaken for reuse.
-    let again = db
-        .sessions
-        .rotate_refresh_token(RotateRequest {
-            presented,
-            next: [10; 32],
-            now: later,
-            idle_ttl: Duration::hours(1),
-            ctx: &ctx,
-        })
-        .await
-        .unwrap();
+    let again = rotate(&db, presented, [10; 32], later).await;
     assert!(matches!(again, Rotation::Invalid), "{again:?}");
 }
 
@@ -151,7 +148,6 @@ async fn a_session_past_its_absolute_lifetime_cannot_be_refreshed(backend: Backe
     let (_, _, presented) = user_with_session(&db).await;
     // Idle lifetime is an hour; the session's absolute lifetime is a day.
     let later = OffsetDateTime::now_utc() + Duration::days(2);
-    let ctx = RequestContext::default();
     let mut current = presented;
     // Keep the token fresh within its idle window, hour by hour, up to the
     // absolute limit: fresh tokens are refused once the session is too old.
@@ -160,18 +156,7 @@ async fn a_session_past_its_absolute_lifetime_cannot_be_refreshed(backend: Backe
     for step in 0..60u8 {
         now += Duration::minutes(50);
         let next = [step + 100; 32];
-        match db
-            .sessions
-            .rotate_refresh_token(RotateRequest {
-                presented: current,
-                next,
-                now,
-                idle_ttl: Duration::hours(1),
-                ctx: &ctx,
-            })
-            .await
-            .unwrap()
-        {
+        match rotate(&db, current, next, now).await {
             Rotation::Rotated {
                 idle_expires_at, ..
             } => {
@@ -317,17 +302,7 @@ async fn status_changes_revoke_sessions_and_write_the_event_atomically(backend: 
         .unwrap()
         .unwrap();
     assert_eq!(updated.status, UserStatus::Suspended);
-    let outcome = db
-        .sessions
-        .rotate_refresh_token(RotateRequest {
-            presented,
-            next: [1; 32],
-            now: OffsetDateTime::now_utc(),
-            idle_ttl: Duration::hours(1),
-            ctx: &ctx,
-        })
-        .await
-        .unwrap();
+    let outcome = rotate(&db, presented, [1; 32], OffsetDateTime::now_utc()).await;
     assert!(matches!(outcome, Rotation::Invalid), "{outcome:?}");
     let types: Vec<String> = db
         .outbox
