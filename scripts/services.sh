@@ -62,6 +62,18 @@ ensure_tansu() {
   export TANSU_BIN="$root/bin/tansu"
 }
 
+# cargo-nextest (the test runner: a process per test, hung tests killed by
+# the limits in .config/nextest.toml). Installed into the cache when absent.
+ensure_nextest() {
+  if command -v cargo-nextest >/dev/null; then return; fi
+  local root=$CACHE/nextest
+  if [ ! -x "$root/bin/cargo-nextest" ]; then
+    log "building cargo-nextest into $root (once per machine)"
+    cargo install cargo-nextest --locked --root "$root"
+  fi
+  export PATH="$root/bin:$PATH"
+}
+
 SERVICES_WORK=""
 PG_PORT=""
 REDIS_PORT=""

@@ -34,7 +34,7 @@ struct LifecycleMessage {
 }
 
 pub struct LifecycleConsumer {
-    consumer: StreamConsumer,
+    consumer: Closing,
     dlq: FutureProducer,
     accounts: Arc<AccountService>,
     config: KafkaConfig,
@@ -60,7 +60,7 @@ impl LifecycleConsumer {
             .set("topic.metadata.refresh.interval.ms", "2000")
             .create()?;
         Ok(Self {
-            consumer,
+            consumer: Closing(Some(consumer)),
             dlq: super::kafka::producer(brokers, config)?,
             accounts,
             config: config.clone(),
@@ -68,8 +68,18 @@ impl LifecycleConsumer {
     }
 
     /// Subscribes (the topics exist by now: see `startup`) and consumes
-    /// until `stop`.
-    pub async fn run(self, stop: CancellationToken) {
+    /// until `stop`, then leaves the group (waiting a few seconds for that).
+    pub async fn run(mut self, stop: CancellationToken) {
+        self.consume(&stop).await;
+        let left = self.consumer.close();
+        if tokio::time::timeout(CLOSE_WAIT, left).await.is_err() {
+            tracing::warn!(
+                "lifecycle consumer: leaving the group timed out; the broker will expire the membership"
+            );
+        }
+    }
+
+    async fn consume(&self, stop: &CancellationToken) {
         let topics = [
             self.config.user_suspended_topic.as_str(),
             self.config.user_deleted_topic.as_str(),
@@ -94,10 +104,13 @@ impl LifecycleConsumer {
                 }
             };
             failures = 0;
-            if !self.handle(&message, &stop).await {
+            if !self.handle(&message, stop).await {
                 return;
             }
-            if let Err(error) = self.consumer.commit_message(&message, CommitMode::Sync) {
+            // Async: the commit is queued here and sent by librdkafka's own
+            // thread, so no runtime worker waits on the broker. If it is lost
+            // (crash), the message is handled again, which is idempotent.
+            if let Err(error) = self.consumer.commit_message(&message, CommitMode::Async) {
                 tracing::warn!(%error, "lifecycle consumer: offset commit failed; the message may be handled again");
             }
         }
@@ -112,7 +125,7 @@ impl LifecycleConsumer {
             .and_then(|p| serde_json::from_slice::<LifecycleMessage>(p).map_err(|e| e.to_string()));
         let user_id = match parsed {
             Ok(m) => m.user_id,
-            Err(reason) => return self.park(message, Park::Unparseable(reason)).await,
+            Err(reason) => return self.park(message, Park::Unparseable(reason), stop).await,
         };
         let status = if deleted {
             UserStatus::Deleted
@@ -142,7 +155,7 @@ impl LifecycleConsumer {
                 Err(AccountError::NotFound) => {
                     unknown += 1;
                     if unknown >= self.config.max_unknown_user_attempts {
-                        return self.park(message, Park::UnknownUser).await;
+                        return self.park(message, Park::UnknownUser, stop).await;
                     }
                 }
                 Err(error) => {
@@ -159,7 +172,12 @@ impl LifecycleConsumer {
 
     /// Sends the message to the dead-letter topic; keeps trying until it is
     /// there (moving on without it would lose the message).
-    async fn park(&self, message: &BorrowedMessage<'_>, why: Park) -> bool {
+    async fn park(
+        &self,
+        message: &BorrowedMessage<'_>,
+        why: Park,
+        stop: &CancellationToken,
+    ) -> bool {
         let error = match why {
             Park::Unparseable(reason) => format!("unparseable: {reason}"),
             Park::UnknownUser => "unknown user".to_owned(),
@@ -201,9 +219,57 @@ impl LifecycleConsumer {
                 Err((e, _)) => {
                     attempts += 1;
                     tracing::warn!(error = %e, "dead-letter publish failed; retrying");
-                    tokio::time::sleep(backoff(attempts)).await;
+                    tokio::select! {
+                        // Not committed: the message is read again after a restart.
+                        () = stop.cancelled() => return false,
+                        () = tokio::time::sleep(backoff(attempts)) => {}
+                    }
                 }
             }
         }
+    }
+}
+
+/// How long a stopping consumer waits to leave its group.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// A consumer that is closed on a thread of its own. Closing leaves the
+/// group: librdkafka blocks the dropping thread until the broker answers the
+/// final rebalance, and when the broker is gone that wait can last forever
+/// (librdkafka#4041, rust-rdkafka#509). Dropping it on a runtime worker could
+/// stall the runtime and its shutdown; here the close runs on a detached
+/// thread, whether the consumer stops normally or its task is cancelled.
+struct Closing(Option<StreamConsumer>);
+
+impl Closing {
+    /// Starts closing; the receiver resolves once the consumer left.
+    fn close(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, left) = tokio::sync::oneshot::channel();
+        if let Some(consumer) = self.0.take() {
+            let spawned = std::thread::Builder::new()
+                .name("kafka-consumer-close".into())
+                .spawn(move || {
+                    drop(consumer);
+                    let _ = done.send(());
+                });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "could not start the consumer-close thread");
+            }
+        }
+        left
+    }
+}
+
+impl std::ops::Deref for Closing {
+    type Target = StreamConsumer;
+
+    fn deref(&self) -> &StreamConsumer {
+        self.0.as_ref().expect("a consumer that is not closed yet")
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        drop(self.close());
     }
 }

@@ -85,7 +85,9 @@ impl Relay {
                 }
             }
         }
-        let _ = self.producer.flush(Duration::from_secs(5));
+        // flush blocks its thread until the broker acknowledged (at most 5 s).
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
     }
 
     async fn purge(&self) {

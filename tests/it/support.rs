@@ -740,27 +740,53 @@ impl Tansu {
     }
 
     /// Reads `topics` from the beginning until `expected` messages arrived
-    /// or `within` passed.
+    /// or `within` passed. Partitions are assigned, not subscribed: no group
+    /// membership, so no rebalance to wait for and nothing to leave.
     pub async fn read(
         &self,
         topics: &[&str],
         expected: usize,
         within: Duration,
     ) -> Vec<rdkafka::message::OwnedMessage> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::{
+            Offset, TopicPartitionList,
+            consumer::{BaseConsumer, Consumer},
+        };
         let brokers = self.brokers.clone();
         let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = rdkafka::ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
+                // assign() wants a group id; it never joins the group.
                 .set("group.id", format!("test-{}", Uuid::new_v4()))
-                .set("auto.offset.reset", "earliest")
                 .set("enable.auto.commit", "false")
                 .create()
                 .unwrap();
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            consumer.subscribe(&names).unwrap();
             let deadline = std::time::Instant::now() + within;
+            let mut assignment = TopicPartitionList::new();
+            for topic in &topics {
+                let partitions = loop {
+                    let metadata = consumer
+                        .fetch_metadata(Some(topic), Duration::from_secs(5))
+                        .ok();
+                    let partitions: Vec<i32> = metadata
+                        .iter()
+                        .flat_map(|m| m.topics())
+                        .filter(|t| t.error().is_none())
+                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                        .collect();
+                    if !partitions.is_empty() || std::time::Instant::now() >= deadline {
+                        break partitions;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                };
+                for partition in partitions {
+                    assignment
+                        .add_partition_offset(topic, partition, Offset::Beginning)
+                        .unwrap();
+                }
+            }
+            consumer.assign(&assignment).unwrap();
             let mut messages = Vec::new();
             while messages.len() < expected && std::time::Instant::now() < deadline {
                 if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
