@@ -432,3 +432,72 @@ async fn sigterm_drains_in_flight_calls_before_exiting_0() {
     }
     assert_eq!(server.wait_exit().code(), Some(0));
 }
+
+/// A consumer leaving its group blocks until the broker answers; with the
+/// broker gone that wait used to hold shutdown forever. The service must still
+/// stop on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_0_after_the_kafka_broker_is_gone() {
+    let mut tansu = crate::support::Tansu::start().await;
+    let cwd = tempfile::tempdir().unwrap();
+    let mut server = start(
+        cwd.path(),
+        &[
+            ("AUTH_KAFKA_BROKERS", tansu.brokers.as_str()),
+            ("AUTH_KAFKA__TOPIC_PARTITIONS", "1"),
+            ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
+            ("AUTH_PASSWORD__ITERATIONS", "1"),
+        ],
+    );
+    server.ready().await;
+    let mut client = server.client().await;
+    let user = client
+        .create_user(pb::CreateUserRequest {
+            email: "gone@example.com".into(),
+            username: "gone".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let token = client
+        .login(pb::LoginRequest {
+            login: "gone".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    // A consumed suspension proves the consumer joined its group and holds
+    // its partition: the state in which leaving needs the broker.
+    tansu
+        .produce(
+            "user.events.user_suspended",
+            &user.id,
+            format!(r#"{{"user_id":"{}"}}"#, user.id).as_bytes(),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = client
+            .validate_token(pb::ValidateTokenRequest {
+                token: token.clone(),
+            })
+            .await;
+        if answer.is_err() {
+            assert_eq!(answer.unwrap_err().code(), tonic::Code::Unauthenticated);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the suspension was never consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tansu.kill();
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(0));
+}
