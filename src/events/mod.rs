@@ -227,6 +227,9 @@ pub trait RelayStore: Send + Sync + 'static {
         before: OffsetDateTime,
     ) -> Result<u64, crate::error::BackendError>;
     async fn unpublished_count(&self) -> Result<i64, crate::error::BackendError>;
+    /// Signalled after this process commits an outbox row, so the relay can
+    /// publish at once; rows other processes wrote are found by polling.
+    fn outbox_written(&self) -> std::sync::Arc<tokio::sync::Notify>;
 }
 
 /// Read side of the outbox.

@@ -55,9 +55,13 @@ impl Relay {
         }
     }
 
-    /// Relays until `stop`, then flushes what is in flight.
+    /// Relays until `stop`, then flushes what is in flight. Between rounds
+    /// it waits `relay_idle_ms` (the poll that finds rows other replicas
+    /// wrote, or leases that expired), or less: a commit in this process
+    /// wakes it at once. After a failure it waits out the backoff.
     pub async fn run(self, stop: CancellationToken) {
         let idle = Duration::from_millis(self.config.relay_idle_ms);
+        let written = self.store.outbox_written();
         let mut failures = 0u32;
         let mut last_purge = std::time::Instant::now();
         while !stop.is_cancelled() {
@@ -82,6 +86,7 @@ impl Relay {
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(pause) => {}
+                    () = written.notified(), if failures == 0 => {}
                 }
             }
         }

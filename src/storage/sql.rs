@@ -5,7 +5,7 @@
 //! own driver's encodings (uuid/bytea/jsonb/timestamptz on PostgreSQL,
 //! blob/text on SQLite).
 
-use std::marker::PhantomData;
+use std::{marker::PhantomData, sync::Arc};
 
 use sqlx::{FromRow, Pool, types::Json};
 use time::OffsetDateTime;
@@ -19,6 +19,9 @@ use crate::{
 /// A store over one sqlx pool.
 pub struct SqlStore<DB: sqlx::Database> {
     pub(crate) pool: Pool<DB>,
+    /// Signalled after every commit that wrote an outbox row, so this
+    /// process's relay publishes at once instead of at its next poll.
+    outbox_written: Arc<tokio::sync::Notify>,
     _db: PhantomData<DB>,
 }
 
@@ -26,12 +29,23 @@ impl<DB: sqlx::Database> SqlStore<DB> {
     pub fn new(pool: Pool<DB>) -> Self {
         Self {
             pool,
+            outbox_written: Arc::new(tokio::sync::Notify::new()),
             _db: PhantomData,
         }
     }
 
     pub fn pool(&self) -> &Pool<DB> {
         &self.pool
+    }
+
+    /// Commits a transaction that wrote outbox rows, then wakes the relay.
+    pub(crate) async fn commit_events(
+        &self,
+        tx: sqlx::Transaction<'_, DB>,
+    ) -> Result<(), BackendError> {
+        tx.commit().await.map_err(db_error)?;
+        self.outbox_written.notify_one();
+        Ok(())
     }
 }
 
@@ -192,7 +206,7 @@ macro_rules! sql_store {
                         });
                     }
                     insert_event!(tx, event);
-                    tx.commit().await.map_err(db_error)?;
+                    self.commit_events(tx).await?;
                     Ok(())
                 }
 
@@ -243,7 +257,7 @@ macro_rules! sql_store {
                     }
                     revoke_all_sessions!(tx, id, now, "password_changed");
                     insert_event!(tx, event);
-                    tx.commit().await.map_err(db_error)?;
+                    self.commit_events(tx).await?;
                     Ok(true)
                 }
 
@@ -262,7 +276,7 @@ macro_rules! sql_store {
                     let Some(row) = row else { return Ok(None) };
                     revoke_all_sessions!(tx, id, now, status.as_str());
                     insert_event!(tx, event);
-                    tx.commit().await.map_err(db_error)?;
+                    self.commit_events(tx).await?;
                     Ok(Some(row.into_credentials()?.user))
                 }
 
@@ -282,13 +296,14 @@ macro_rules! sql_store {
                     let Some(row) = row else { return Ok(None) };
                     revoke_all_sessions!(tx, id, now, "roles_changed");
                     insert_event!(tx, event);
-                    tx.commit().await.map_err(db_error)?;
+                    self.commit_events(tx).await?;
                     Ok(Some(row.into_credentials()?.user))
                 }
 
                 async fn append_event(&self, event: &OutboxEvent) -> Result<(), BackendError> {
                     let mut conn = self.pool.acquire().await.map_err(db_error)?;
                     insert_event!(conn, event);
+                    self.outbox_written.notify_one();
                     Ok(())
                 }
             }
@@ -314,7 +329,7 @@ macro_rules! sql_store {
                         .await
                         .map_err(db_error)?;
                     insert_event!(tx, event);
-                    tx.commit().await.map_err(db_error)?;
+                    self.commit_events(tx).await?;
                     Ok(())
                 }
 
@@ -365,7 +380,7 @@ macro_rules! sql_store {
                             }
                             let event = OutboxEvent::token_revoked(user_id, session_id, "refresh_token_reuse", request.ctx);
                             insert_event!(tx, event);
-                            tx.commit().await.map_err(db_error)?;
+                            self.commit_events(tx).await?;
                         }
                         return Ok(Rotation::Reused { user_id, session_id });
                     };
@@ -425,7 +440,7 @@ macro_rules! sql_store {
                     .map_err(db_error)?
                     .rows_affected();
                     insert_event!(tx, event);
-                    tx.commit().await.map_err(db_error)?;
+                    self.commit_events(tx).await?;
                     Ok(revoked > 0)
                 }
 
@@ -433,7 +448,7 @@ macro_rules! sql_store {
                     let mut tx = self.pool.begin().await.map_err(db_error)?;
                     let revoked = revoke_all_sessions!(tx, user_id, now, "admin_revoke");
                     insert_event!(tx, event);
-                    tx.commit().await.map_err(db_error)?;
+                    self.commit_events(tx).await?;
                     Ok(revoked)
                 }
             }
@@ -505,6 +520,10 @@ macro_rules! sql_store {
                 async fn unpublished_count(&self) -> Result<i64, BackendError> {
                     let row = sqlx::query("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetch_one(&self.pool).await.map_err(db_error)?;
                     row.try_get::<i64, _>(0).map_err(db_error)
+                }
+
+                fn outbox_written(&self) -> std::sync::Arc<tokio::sync::Notify> {
+                    self.outbox_written.clone()
                 }
             }
 

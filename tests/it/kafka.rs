@@ -195,6 +195,30 @@ async fn the_protobuf_format_carries_the_same_envelope() {
     assert!(envelope.data.unwrap().fields.contains_key("email"));
 }
 
+/// The relay polls only every `relay_idle_ms`; a commit in the same process
+/// wakes it. With a one-hour poll, an event can only arrive through that wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_wakes_the_relay_without_waiting_for_its_poll() {
+    let tansu = Tansu::start().await;
+    let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+        with_kafka(&tansu)(c);
+        c.kafka.relay_idle_ms = 3_600_000;
+    })
+    .await;
+    for (n, name) in ["tia", "uma"].into_iter().enumerate() {
+        // The second sign-up commits while the relay sleeps out its poll.
+        app.sign_up(name).await;
+        let messages = tansu
+            .read(
+                &["auth.events.user_created"],
+                n + 1,
+                Duration::from_secs(20),
+            )
+            .await;
+        assert_eq!(messages.len(), n + 1, "{name}'s event was not relayed");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_relaying_at_once_publish_each_event_once() {
     let tansu = Tansu::start().await;
