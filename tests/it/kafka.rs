@@ -333,20 +333,8 @@ async fn a_consumed_suspension_ends_sessions_and_a_poison_message_goes_to_the_dl
             format!(r#"{{"user_id":"{}"}}"#, Uuid::now_v7()).as_bytes(),
         )
         .await;
-    tansu
-        .produce(
-            "user.events.user_suspended",
-            &user.id,
-            format!(r#"{{"user_id":"{}"}}"#, user.id).as_bytes(),
-        )
-        .await;
-    tansu
-        .produce(
-            "user.events.user_deleted",
-            &ghost_holder.id,
-            format!(r#"{{"user_id":"{}"}}"#, ghost_holder.id).as_bytes(),
-        )
-        .await;
+    tansu.user_event("user_suspended", &user.id).await;
+    tansu.user_event("user_deleted", &ghost_holder.id).await;
 
     wait_for_status(&app, &user.id, UserStatus::Suspended).await;
     wait_for_status(&app, &ghost_holder.id, UserStatus::Deleted).await;
@@ -400,14 +388,7 @@ async fn a_restarted_consumer_resumes_from_its_committed_offset() {
     let mut app = TestApp::spawn_with(Backend::Production, with_kafka(&tansu)).await;
     let first = app.sign_up("sam").await;
     let second = app.sign_up("tia").await;
-    let message = |id: &str| format!(r#"{{"user_id":"{id}"}}"#);
-    tansu
-        .produce(
-            "user.events.user_suspended",
-            &first.id,
-            message(&first.id).as_bytes(),
-        )
-        .await;
+    tansu.user_event("user_suspended", &first.id).await;
     wait_for_status(&app, &first.id, UserStatus::Suspended).await;
     let backend = app.backend;
     let (config, dir) = app.stop().await;
@@ -433,13 +414,7 @@ async fn a_restarted_consumer_resumes_from_its_committed_offset() {
         .unwrap();
     let (_, dir) = restarted.stop().await;
 
-    tansu
-        .produce(
-            "user.events.user_suspended",
-            &second.id,
-            message(&second.id).as_bytes(),
-        )
-        .await;
+    tansu.user_event("user_suspended", &second.id).await;
     let app = TestApp::start(backend, config, dir).await;
     wait_for_status(&app, &second.id, UserStatus::Suspended).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -473,13 +473,7 @@ async fn sigterm_exits_0_after_the_kafka_broker_is_gone() {
         .access_token;
     // A consumed suspension proves the consumer joined its group and holds
     // its partition: the state in which leaving needs the broker.
-    tansu
-        .produce(
-            "user.events.user_suspended",
-            &user.id,
-            format!(r#"{{"user_id":"{}"}}"#, user.id).as_bytes(),
-        )
-        .await;
+    tansu.user_event("user_suspended", &user.id).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let answer = client

@@ -739,6 +739,14 @@ impl Tansu {
             .unwrap();
     }
 
+    /// What the user-profile service publishes: `{"user_id": …}` keyed by
+    /// the user id on `user.events.<event>` (`user_suspended`, `user_deleted`).
+    pub async fn user_event(&self, event: &str, user_id: &str) {
+        let body = format!(r#"{{"user_id":"{user_id}"}}"#);
+        self.produce(&format!("user.events.{event}"), user_id, body.as_bytes())
+            .await;
+    }
+
     /// Reads `topics` from the beginning until `expected` messages arrived
     /// or `within` passed. Partitions are assigned, not subscribed: no group
     /// membership, so no rebalance to wait for and nothing to leave.
