@@ -162,24 +162,34 @@ impl Application {
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let service_name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
+        let database = self.database.health.clone();
+        let report = move |reporter: tonic_health::server::HealthReporter| {
+            let database = database.clone();
+            async move {
+                let status = match database.ping().await {
+                    Ok(()) => ServingStatus::Serving,
+                    Err(error) => {
+                        tracing::warn!(%error, "database check failed: NOT_SERVING");
+                        ServingStatus::NotServing
+                    }
+                };
+                reporter.set_service_status("", status).await;
+                reporter.set_service_status(service_name, status).await;
+                reporter
+            }
+        };
+        // The first answer is known before the port serves: a probe never
+        // sees the service unregistered (NOT_FOUND) during start-up.
+        let mut reporter = report(reporter).await;
         tokio::spawn({
-            let database = self.database.health.clone();
             let stop = stop.clone();
             async move {
                 loop {
-                    let status = match database.ping().await {
-                        Ok(()) => ServingStatus::Serving,
-                        Err(error) => {
-                            tracing::warn!(%error, "database check failed: NOT_SERVING");
-                            ServingStatus::NotServing
-                        }
-                    };
-                    reporter.set_service_status("", status).await;
-                    reporter.set_service_status(service_name, status).await;
                     tokio::select! {
                         () = stop.cancelled() => break,
                         () = tokio::time::sleep(HEALTH_INTERVAL) => {}
                     }
+                    reporter = report(reporter).await;
                 }
             }
         });
