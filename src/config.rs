@@ -416,6 +416,35 @@ impl Config {
                 "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
             );
         }
+        if self.kafka.security_protocol.starts_with("sasl_") {
+            // Refused at start, not at the first publish.
+            match self.kafka.sasl_mechanism.as_deref() {
+                Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {}
+                _ => {
+                    return fail(
+                        "kafka.sasl_mechanism (AUTH_KAFKA__SASL_MECHANISM)",
+                        "SASL needs PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                    );
+                }
+            }
+            if self
+                .kafka
+                .sasl_username
+                .as_deref()
+                .is_none_or(str::is_empty)
+            {
+                return fail(
+                    "kafka.sasl_username (AUTH_KAFKA__SASL_USERNAME)",
+                    "SASL needs a user name",
+                );
+            }
+            if self.kafka.sasl_password.is_none() {
+                return fail(
+                    "kafka.sasl_password (AUTH_KAFKA__SASL_PASSWORD)",
+                    "SASL needs a password",
+                );
+            }
+        }
         if self.kafka.relay_batch <= 0
             || self.kafka.relay_lease_secs == 0
             || self.kafka.topic_partitions <= 0

@@ -195,6 +195,44 @@ async fn the_protobuf_format_carries_the_same_envelope() {
     assert!(envelope.data.unwrap().fields.contains_key("email"));
 }
 
+/// A broker that requires SASL/SCRAM-SHA-256 (the seed: SASL on the
+/// cluster): with the configured credentials the topics are created, events
+/// are published and lifecycle events consumed; with a wrong password nothing
+/// reaches the broker and the events wait in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sasl_scram_secured_broker_is_used_with_the_configured_credentials() {
+    use auth_service::accounts::model::UserStatus;
+    let tansu = Tansu::start_with_sasl("auth-service", "scram-secret-1").await;
+    let secured = |password: &'static str| {
+        let tansu = &tansu;
+        move |c: &mut Config| {
+            with_kafka(tansu)(c);
+            c.kafka.security_protocol = "sasl_plaintext".into();
+            c.kafka.sasl_mechanism = Some("SCRAM-SHA-256".into());
+            c.kafka.sasl_username = Some("auth-service".into());
+            c.kafka.sasl_password = Some(secrecy::SecretString::from(password));
+        }
+    };
+    let mut app = TestApp::spawn_with(Backend::Production, secured("scram-secret-1")).await;
+    let user = app.sign_up("vic").await;
+    let messages = tansu
+        .read(&["auth.events.user_created"], 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(messages.len(), 1, "published over SASL");
+    assert_eq!(messages[0].key(), Some(user.id.as_bytes()));
+    tansu.user_event("user_suspended", &user.id).await;
+    wait_for_status(&app, &user.id, UserStatus::Suspended).await;
+
+    let mut refused = TestApp::spawn_with(Backend::Production, secured("wrong-secret")).await;
+    refused.sign_up("wes").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        refused.database.relay.unpublished_count().await.unwrap(),
+        1,
+        "nothing published with a wrong password"
+    );
+}
+
 /// The relay polls only every `relay_idle_ms`; a commit in the same process
 /// wakes it. With a one-hour poll, an event can only arrive through that wake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,6 +174,32 @@ fn a_bad_configuration_value_stops_start_up_naming_the_key() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
+    // A SASL protocol without its credentials: the first missing one is named.
+    for (set, missing) in [
+        (&[][..], "AUTH_KAFKA__SASL_MECHANISM"),
+        (
+            &[("AUTH_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")][..],
+            "AUTH_KAFKA__SASL_USERNAME",
+        ),
+        (
+            &[
+                ("AUTH_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("AUTH_KAFKA__SASL_USERNAME", "auth"),
+            ][..],
+            "AUTH_KAFKA__SASL_PASSWORD",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_auth-service"))
+            .current_dir(cwd.path())
+            .env_clear()
+            .env("AUTH_KAFKA__SECURITY_PROTOCOL", "sasl_ssl")
+            .envs(set.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "accepted without {missing}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(missing), "{missing}: {stderr}");
+    }
 }
 
 #[test]

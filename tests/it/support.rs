@@ -650,6 +650,8 @@ pub struct Tansu {
     pub brokers: String,
     storage: String,
     _dir: Option<tempfile::TempDir>,
+    /// SCRAM-SHA-256 user and password the broker requires, when it does.
+    pub sasl: Option<(String, String)>,
 }
 
 impl Tansu {
@@ -680,7 +682,51 @@ impl Tansu {
             brokers: format!("127.0.0.1:{port}"),
             storage: "memory://tansu/".into(),
             _dir: None,
+            sasl: None,
         }
+    }
+
+    /// A broker that requires SASL/SCRAM-SHA-256 from every client. tansu
+    /// keeps users in its storage and creates them only for an
+    /// authenticated client, so the user is created on an open broker over
+    /// SQLite storage, which then restarts with authentication required.
+    pub async fn start_with_sasl(user: &str, password: &str) -> Self {
+        let mut tansu = Self::start_durable().await;
+        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".into());
+        let created = tokio::process::Command::new(bin)
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", tansu.port),
+                "--mechanism",
+                "scram256",
+                user,
+                password,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .unwrap();
+        assert!(created.success(), "tansu user create");
+        tansu.sasl = Some((user.to_owned(), password.to_owned()));
+        tansu.restart().await;
+        tansu
+    }
+
+    /// A client configuration for this broker (with its credentials).
+    fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        if let Some((user, password)) = &self.sasl {
+            config
+                .set("security.protocol", "sasl_plaintext")
+                .set("sasl.mechanism", "SCRAM-SHA-256")
+                .set("sasl.username", user)
+                .set("sasl.password", password);
+        }
+        config
     }
 
     pub async fn restart(&mut self) {
@@ -691,16 +737,19 @@ impl Tansu {
         if let Some(dir) = &self._dir {
             command.current_dir(dir.path());
         }
+        command.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            &self.storage,
+        ]);
+        if self.sasl.is_some() {
+            command.arg("--authentication");
+        }
         let child = command
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                &self.storage,
-            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -725,10 +774,7 @@ impl Tansu {
     /// Produces one message and waits for its delivery report.
     pub async fn produce(&self, topic: &str, key: &str, payload: &[u8]) {
         use rdkafka::producer::{FutureProducer, FutureRecord};
-        let producer: FutureProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create()
-            .unwrap();
+        let producer: FutureProducer = self.client_config().create().unwrap();
         producer
             .send(
                 FutureRecord::to(topic).key(key).payload(payload),
@@ -760,11 +806,10 @@ impl Tansu {
             Offset, TopicPartitionList,
             consumer::{BaseConsumer, Consumer},
         };
-        let brokers = self.brokers.clone();
+        let mut config = self.client_config();
         let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
+            let consumer: BaseConsumer = config
                 // assign() wants a group id; it never joins the group.
                 .set("group.id", format!("test-{}", Uuid::new_v4()))
                 .set("enable.auto.commit", "false")
