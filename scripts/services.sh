@@ -17,6 +17,8 @@ ensure_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v python3 >/dev/null || missing+=(python3)
   command -v curl >/dev/null || missing+=(curl)
+  # Test certificates for the TLS tests.
+  command -v openssl >/dev/null || missing+=(openssl)
   # librdkafka and OpenSSL are built from source by the rdkafka crate.
   command -v make >/dev/null || missing+=(make)
   command -v perl >/dev/null || missing+=(perl)

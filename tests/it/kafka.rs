@@ -195,42 +195,81 @@ async fn the_protobuf_format_carries_the_same_envelope() {
     assert!(envelope.data.unwrap().fields.contains_key("email"));
 }
 
-/// A broker that requires SASL/SCRAM-SHA-256 (the seed: SASL on the
-/// cluster): with the configured credentials the topics are created, events
-/// are published and lifecycle events consumed; with a wrong password nothing
-/// reaches the broker and the events wait in the outbox.
+/// On a secured broker: with `accepted` settings the topics are created,
+/// events published and lifecycle events consumed; with `refused` settings
+/// nothing reaches the broker and the event waits in the outbox.
+async fn secured_round_trip(
+    tansu: &Tansu,
+    accepted: impl FnOnce(&mut Config),
+    refused: impl FnOnce(&mut Config),
+) {
+    use auth_service::accounts::model::UserStatus;
+    let mut app = TestApp::spawn_with(Backend::Production, |c| {
+        with_kafka(tansu)(c);
+        accepted(c);
+    })
+    .await;
+    let user = app.sign_up("vic").await;
+    let messages = tansu
+        .read(&["auth.events.user_created"], 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(messages.len(), 1, "published to the secured broker");
+    assert_eq!(messages[0].key(), Some(user.id.as_bytes()));
+    tansu.user_event("user_suspended", &user.id).await;
+    wait_for_status(&app, &user.id, UserStatus::Suspended).await;
+
+    let mut other = TestApp::spawn_with(Backend::Production, |c| {
+        with_kafka(tansu)(c);
+        refused(c);
+    })
+    .await;
+    other.sign_up("wes").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        other.database.relay.unpublished_count().await.unwrap(),
+        1,
+        "nothing published with the refused settings"
+    );
+}
+
+/// SASL/SCRAM-SHA-256 on the cluster (the seed); a wrong password is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sasl_scram_secured_broker_is_used_with_the_configured_credentials() {
-    use auth_service::accounts::model::UserStatus;
     let tansu = Tansu::start_with_sasl("auth-service", "scram-secret-1").await;
-    let secured = |password: &'static str| {
-        let tansu = &tansu;
+    let sasl = |password: &'static str| {
         move |c: &mut Config| {
-            with_kafka(tansu)(c);
             c.kafka.security_protocol = "sasl_plaintext".into();
             c.kafka.sasl_mechanism = Some("SCRAM-SHA-256".into());
             c.kafka.sasl_username = Some("auth-service".into());
             c.kafka.sasl_password = Some(secrecy::SecretString::from(password));
         }
     };
-    let mut app = TestApp::spawn_with(Backend::Production, secured("scram-secret-1")).await;
-    let user = app.sign_up("vic").await;
-    let messages = tansu
-        .read(&["auth.events.user_created"], 1, Duration::from_secs(20))
-        .await;
-    assert_eq!(messages.len(), 1, "published over SASL");
-    assert_eq!(messages[0].key(), Some(user.id.as_bytes()));
-    tansu.user_event("user_suspended", &user.id).await;
-    wait_for_status(&app, &user.id, UserStatus::Suspended).await;
+    secured_round_trip(&tansu, sasl("scram-secret-1"), sasl("wrong-secret")).await;
+}
 
-    let mut refused = TestApp::spawn_with(Backend::Production, secured("wrong-secret")).await;
-    refused.sign_up("wes").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        refused.database.relay.unpublished_count().await.unwrap(),
-        1,
-        "nothing published with a wrong password"
+/// TLS to the broker with a client certificate (mutual TLS); without the
+/// client certificate the broker's front refuses the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_behind_mutual_tls_is_used_with_the_configured_certificates() {
+    let (tansu, _front) = Tansu::start_behind_mtls(crate::support::TestPki::new()).await;
+    let pki = tansu.tls.as_ref().unwrap();
+    let (ca, cert, key) = (
+        pki.path("ca.crt"),
+        pki.path("client.crt"),
+        pki.path("client.key"),
     );
+    let tls = |client_cert: bool| {
+        let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
+        move |c: &mut Config| {
+            c.kafka.security_protocol = "ssl".into();
+            c.kafka.ssl_ca_location = Some(ca.into());
+            if client_cert {
+                c.kafka.ssl_certificate_location = Some(cert.into());
+                c.kafka.ssl_key_location = Some(key.into());
+            }
+        }
+    };
+    secured_round_trip(&tansu, tls(true), tls(false)).await;
 }
 
 /// The relay polls only every `relay_idle_ms`; a commit in the same process

@@ -450,8 +450,6 @@ impl Envoy {
         listener_default: u16,
         replacements: &[(&str, String)],
     ) -> Self {
-        let bin = std::env::var("ENVOY_BIN")
-            .expect("ENVOY_BIN is not set: run the suite with scripts/test, which installs Envoy");
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("envoy")
             .join(config);
@@ -483,8 +481,16 @@ impl Envoy {
             );
             yaml = yaml.replace(from.as_str(), to);
         }
+        Self::run(&yaml, port, admin).await
+    }
+
+    /// Runs Envoy on a configuration of the test's own, whose listener is on
+    /// `port` and admin interface on `admin`.
+    pub async fn run(yaml: &str, port: u16, admin: u16) -> Self {
+        let bin = std::env::var("ENVOY_BIN")
+            .expect("ENVOY_BIN is not set: run the suite with scripts/test, which installs Envoy");
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join(config);
+        let file = dir.path().join("envoy.yaml");
         std::fs::write(&file, yaml).unwrap();
         let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
         let child = std::process::Command::new(bin)
@@ -652,6 +658,11 @@ pub struct Tansu {
     _dir: Option<tempfile::TempDir>,
     /// SCRAM-SHA-256 user and password the broker requires, when it does.
     pub sasl: Option<(String, String)>,
+    /// The CA and client certificate the test's own clients use when the
+    /// broker is reached through a TLS front.
+    pub tls: Option<TestPki>,
+    /// The address advertised to clients when it is not the broker's own.
+    advertised: Option<String>,
 }
 
 impl Tansu {
@@ -683,6 +694,8 @@ impl Tansu {
             storage: "memory://tansu/".into(),
             _dir: None,
             sasl: None,
+            tls: None,
+            advertised: None,
         }
     }
 
@@ -726,13 +739,81 @@ impl Tansu {
                 .set("sasl.username", user)
                 .set("sasl.password", password);
         }
+        if let Some(pki) = &self.tls {
+            config
+                .set("security.protocol", "ssl")
+                .set("ssl.ca.location", pki.path("ca.crt"))
+                .set("ssl.certificate.location", pki.path("client.crt"))
+                .set("ssl.key.location", pki.path("client.key"));
+        }
         config
+    }
+
+    /// A broker reachable only through TLS with a client certificate: Envoy
+    /// terminates TLS (server certificate for 127.0.0.1, client certificates
+    /// required, both from `pki`'s CA) and forwards to tansu, which
+    /// advertises Envoy's address. (tansu 0.6.0 cannot serve TLS itself: its
+    /// `--cert` and `--key` options exclude each other.)
+    pub async fn start_behind_mtls(pki: TestPki) -> (Self, Envoy) {
+        let mut tansu = Self::reserve();
+        let front = free_port();
+        let admin = free_port();
+        let yaml = format!(
+            r#"
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: kafka_mtls
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {front} }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: {{ filename: "{server_crt}" }}
+              private_key: {{ filename: "{server_key}" }}
+            validation_context:
+              trusted_ca: {{ filename: "{ca}" }}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: kafka
+          cluster: tansu
+  clusters:
+  - name: tansu
+    type: STATIC
+    load_assignment:
+      cluster_name: tansu
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}
+"#,
+            server_crt = pki.path("server.crt"),
+            server_key = pki.path("server.key"),
+            ca = pki.path("ca.crt"),
+            port = tansu.port,
+        );
+        let envoy = Envoy::run(&yaml, front, admin).await;
+        tansu.advertised = Some(format!("127.0.0.1:{front}"));
+        tansu.brokers = format!("127.0.0.1:{front}");
+        tansu.tls = Some(pki);
+        tansu.restart().await;
+        (tansu, envoy)
     }
 
     pub async fn restart(&mut self) {
         self.kill();
         let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".into());
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = match &self.advertised {
+            Some(addr) => format!("tcp://{addr}"),
+            None => url.clone(),
+        };
         let mut command = std::process::Command::new(bin);
         if let Some(dir) = &self._dir {
             command.current_dir(dir.path());
@@ -742,7 +823,7 @@ impl Tansu {
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised,
             "--storage-engine",
             &self.storage,
         ]);
@@ -868,4 +949,97 @@ pub fn header(message: &rdkafka::message::OwnedMessage, name: &str) -> Option<St
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A throwaway certificate authority with a server certificate for
+/// 127.0.0.1/localhost and a client certificate, made with the openssl CLI
+/// (P-256 keys, valid for a day). Files: ca.crt, server.crt/.key,
+/// client.crt/.key.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let output = std::process::Command::new("openssl")
+                .current_dir(dir.path())
+                .args(args)
+                .output()
+                .expect("openssl is installed (scripts/test installs it)");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let new_key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &new_key[..],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=auth-service test CA",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            dir.path().join("san.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        for name in ["server", "client"] {
+            let (key, csr, crt) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+            );
+            let subject = format!("/CN={name}");
+            openssl(
+                &[
+                    &["req"][..],
+                    &new_key[..],
+                    &["-keyout", &key, "-out", &csr, "-subj", &subject],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "1",
+                "-extfile",
+                "san.cnf",
+            ]);
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
 }
