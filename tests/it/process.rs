@@ -228,6 +228,9 @@ async fn a_sigkill_during_a_burst_loses_no_committed_event() {
         ("AUTH_KAFKA_BROKERS", tansu.brokers.as_str()),
         ("AUTH_KAFKA__TOPIC_PARTITIONS", "1"),
         ("AUTH_KAFKA__RELAY_IDLE_MS", "20"),
+        // Rows the killed relay had leased wait for their lease to expire;
+        // the default 30 s would equal the wait below.
+        ("AUTH_KAFKA__RELAY_LEASE_SECS", "3"),
         ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
         ("AUTH_PASSWORD__ITERATIONS", "1"),
     ];
