@@ -48,6 +48,19 @@ async fn wait_until_relayed(app: &TestApp) {
     }
 }
 
+/// `user`'s sign-up and login events are on their topics, keyed by the user.
+async fn assert_sign_up_and_login_published(tansu: &Tansu, user: &pb::User) {
+    let messages = tansu
+        .read(
+            &["auth.events.user_created", "auth.events.login_succeeded"],
+            2,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(messages.len(), 2);
+    assert!(messages.iter().all(|m| m.key() == Some(user.id.as_bytes())));
+}
+
 fn event_topics() -> Vec<String> {
     auth_service::events::kafka::EVENT_TOPICS
         .iter()
@@ -351,15 +364,7 @@ async fn while_kafka_is_down_the_api_works_and_events_wait_then_arrive() {
     );
     tansu.restart().await;
     wait_until_relayed(&app).await;
-    let messages = tansu
-        .read(
-            &["auth.events.user_created", "auth.events.login_succeeded"],
-            2,
-            Duration::from_secs(20),
-        )
-        .await;
-    assert_eq!(messages.len(), 2);
-    assert!(messages.iter().all(|m| m.key() == Some(user.id.as_bytes())));
+    assert_sign_up_and_login_published(&tansu, &user).await;
 }
 
 async fn wait_for_status(
@@ -515,15 +520,7 @@ async fn the_embedded_default_relays_its_outbox_too() {
     let user = app.sign_up("uma").await;
     app.login_ok("uma").await;
     wait_until_relayed(&app).await;
-    let messages = tansu
-        .read(
-            &["auth.events.user_created", "auth.events.login_succeeded"],
-            2,
-            Duration::from_secs(20),
-        )
-        .await;
-    assert_eq!(messages.len(), 2);
-    assert!(messages.iter().all(|m| m.key() == Some(user.id.as_bytes())));
+    assert_sign_up_and_login_published(&tansu, &user).await;
     // A second round finds nothing left to lease.
     assert_eq!(app.database.relay.unpublished_count().await.unwrap(), 0);
 }

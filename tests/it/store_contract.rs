@@ -30,17 +30,23 @@ fn user(name: &str) -> User {
     }
 }
 
-async fn user_with_session(db: &Database) -> (User, Uuid, [u8; 32]) {
-    let ctx = RequestContext::default();
-    let user = user("racer");
+/// Stores a new user `name` (hash `$argon2id$placeholder`) with its event.
+async fn insert_user(db: &Database, name: &str) -> User {
+    let user = user(name);
     db.users
         .insert_user(
             &user,
             "$argon2id$placeholder",
-            &OutboxEvent::user_created(&user, &ctx),
+            &OutboxEvent::user_created(&user, &RequestContext::default()),
         )
         .await
         .unwrap();
+    user
+}
+
+async fn user_with_session(db: &Database) -> (User, Uuid, [u8; 32]) {
+    let ctx = RequestContext::default();
+    let user = insert_user(db, "racer").await;
     let now = OffsetDateTime::now_utc();
     let session = NewSession {
         id: Uuid::now_v7(),
@@ -180,17 +186,8 @@ async fn a_session_past_its_absolute_lifetime_cannot_be_refreshed(backend: Backe
 
 async fn relay_leases_are_disjoint_and_published_rows_are_purged(backend: Backend) {
     let (db, _dir) = database(backend).await;
-    let ctx = RequestContext::default();
     for i in 0..10 {
-        let user = user(&format!("relay{i}"));
-        db.users
-            .insert_user(
-                &user,
-                "$argon2id$placeholder",
-                &OutboxEvent::user_created(&user, &ctx),
-            )
-            .await
-            .unwrap();
+        insert_user(&db, &format!("relay{i}")).await;
     }
     let now = OffsetDateTime::now_utc();
     let lease = now + Duration::seconds(30);
