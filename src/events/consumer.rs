@@ -184,23 +184,19 @@ impl LifecycleConsumer {
         };
         let partition = message.partition().to_string();
         let offset = message.offset().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "dlq-original-topic",
-                value: Some(message.topic()),
+        let headers = [
+            ("dlq-original-topic", message.topic()),
+            ("dlq-original-partition", partition.as_str()),
+            ("dlq-original-offset", offset.as_str()),
+            ("dlq-error", error.as_str()),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new(), |headers, (key, value)| {
+            headers.insert(Header {
+                key,
+                value: Some(value),
             })
-            .insert(Header {
-                key: "dlq-original-partition",
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: "dlq-original-offset",
-                value: Some(offset.as_str()),
-            })
-            .insert(Header {
-                key: "dlq-error",
-                value: Some(error.as_str()),
-            });
+        });
         let payload = message.payload().unwrap_or_default();
         let key = message.key().unwrap_or_default();
         let mut attempts = 0;

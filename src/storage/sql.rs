@@ -179,6 +179,15 @@ macro_rules! sql_store {
                     let row: Option<UserRow> = sqlx::query_as(sql).bind(key).fetch_optional(&self.pool).await.map_err(db_error)?;
                     row.map(UserRow::into_credentials).transpose()
                 }
+
+                /// Runs `sql` (`$1` = id, `$2` = `at`) for each of `ids` in one transaction.
+                async fn update_each(&self, sql: &'static str, ids: &[Uuid], at: OffsetDateTime) -> Result<(), BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
+                    for id in ids {
+                        sqlx::query(sql).bind(id).bind(at).execute(&mut *tx).await.map_err(db_error)?;
+                    }
+                    tx.commit().await.map_err(db_error)
+                }
             }
 
             #[async_trait]
@@ -483,29 +492,11 @@ macro_rules! sql_store {
                 }
 
                 async fn mark_published(&self, ids: &[Uuid], at: OffsetDateTime) -> Result<(), BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    for id in ids {
-                        sqlx::query("UPDATE outbox SET published_at = $2, lease_until = NULL WHERE id = $1")
-                            .bind(id)
-                            .bind(at)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_error)?;
-                    }
-                    tx.commit().await.map_err(db_error)
+                    self.update_each("UPDATE outbox SET published_at = $2, lease_until = NULL WHERE id = $1", ids, at).await
                 }
 
                 async fn retry_later(&self, ids: &[Uuid], retry_at: OffsetDateTime) -> Result<(), BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    for id in ids {
-                        sqlx::query("UPDATE outbox SET lease_until = $2 WHERE id = $1 AND published_at IS NULL")
-                            .bind(id)
-                            .bind(retry_at)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_error)?;
-                    }
-                    tx.commit().await.map_err(db_error)
+                    self.update_each("UPDATE outbox SET lease_until = $2 WHERE id = $1 AND published_at IS NULL", ids, retry_at).await
                 }
 
                 async fn purge_published(&self, before: OffsetDateTime) -> Result<u64, BackendError> {

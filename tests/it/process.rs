@@ -84,6 +84,24 @@ impl Server {
     }
 }
 
+/// Signs up `name` (`name@example.com`, the test password).
+async fn sign_up(
+    client: &mut AuthServiceClient<tonic::transport::Channel>,
+    name: &str,
+) -> pb::User {
+    client
+        .create_user(pb::CreateUserRequest {
+            email: format!("{name}@example.com"),
+            username: name.into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .expect("sign-up succeeds")
+        .into_inner()
+        .user
+        .expect("the created user")
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -107,14 +125,7 @@ async fn starts_from_an_empty_dir_keeps_data_and_keys_across_restarts_and_exits_
             == 1
     );
     let mut client = first.client().await;
-    client
-        .create_user(pb::CreateUserRequest {
-            email: "zoe@example.com".into(),
-            username: "zoe".into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap();
+    sign_up(&mut client, "zoe").await;
     let pair = client
         .login(pb::LoginRequest {
             login: "zoe".into(),
@@ -358,14 +369,7 @@ async fn rotate_key_then_sighup_signs_with_the_new_key_and_old_tokens_still_veri
     let mut server = start(cwd.path(), &env);
     server.ready().await;
     let mut client = server.client().await;
-    client
-        .create_user(pb::CreateUserRequest {
-            email: "rot@example.com".into(),
-            username: "rot".into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap();
+    sign_up(&mut client, "rot").await;
     let login = || pb::LoginRequest {
         login: "rot".into(),
         password: PASSWORD.into(),
@@ -433,14 +437,7 @@ async fn sigterm_drains_in_flight_calls_before_exiting_0() {
     let mut server = start(cwd.path(), &[("AUTH_PASSWORD__MAX_CONCURRENT_HASHES", "1")]);
     server.ready().await;
     let mut client = server.client().await;
-    client
-        .create_user(pb::CreateUserRequest {
-            email: "dr@example.com".into(),
-            username: "drain".into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap();
+    sign_up(&mut client, "drain").await;
     let calls: Vec<_> = (0..8)
         .map(|_| {
             let mut c = client.clone();
@@ -480,17 +477,7 @@ async fn sigterm_exits_0_after_the_kafka_broker_is_gone() {
     );
     server.ready().await;
     let mut client = server.client().await;
-    let user = client
-        .create_user(pb::CreateUserRequest {
-            email: "gone@example.com".into(),
-            username: "gone".into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = sign_up(&mut client, "gone").await;
     let token = client
         .login(pb::LoginRequest {
             login: "gone".into(),
