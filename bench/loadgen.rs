@@ -182,6 +182,7 @@ async fn main() {
                     c.login(pb::LoginRequest {
                         login: format!("bench{i}"),
                         password: PASSWORD.into(),
+                        ..Default::default()
                     })
                     .await
                     .is_ok()
@@ -198,6 +199,7 @@ async fn main() {
                 .login(pb::LoginRequest {
                     login: "benchv".into(),
                     password: PASSWORD.into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -228,6 +230,7 @@ async fn main() {
                 .login(pb::LoginRequest {
                     login: arg(2),
                     password: PASSWORD.into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -302,6 +305,7 @@ async fn check_load(addr: &str, rps: u64, seconds: u64) {
         .login(pb::LoginRequest {
             login: "benchc".into(),
             password: PASSWORD.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -364,6 +368,7 @@ async fn propagate(a: &str, b: &str, rounds: usize) {
             .login(pb::LoginRequest {
                 login: "benchp".into(),
                 password: PASSWORD.into(),
+                ..Default::default()
             })
             .await
             .unwrap()

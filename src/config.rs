@@ -96,6 +96,27 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     /// Attempts for a message about an unknown user before it goes to the DLQ.
     pub max_unknown_user_attempts: u32,
+    /// Where the event side (relay and consumer) runs; see [`EventsWorker`].
+    pub worker: EventsWorker,
+    /// The `events` process serves `/healthz` and `/metrics` here when set.
+    pub worker_http_addr: Option<SocketAddr>,
+}
+
+/// Where the Kafka side runs. The Kafka client is a C library; a crash or a
+/// hang inside it must not take the gRPC API and ext_authz with it, so by
+/// default it runs in a process of its own.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EventsWorker {
+    /// `serve` starts `auth-service events` as a child process, restarts it
+    /// with backoff when it exits, and stops it when it stops.
+    Supervised,
+    /// `serve` runs no event side: the deployment runs `auth-service events`
+    /// on its own (a Deployment of its own in Kubernetes).
+    External,
+    /// The relay and consumer run inside the serving process. No fault
+    /// isolation: for tests and tools, not for production.
+    InProcess,
 }
 
 impl Default for KafkaConfig {
@@ -123,6 +144,8 @@ impl Default for KafkaConfig {
             user_deleted_topic: "user.events.user_deleted".into(),
             dlq_topic: "auth.events.dlq".into(),
             max_unknown_user_attempts: 5,
+            worker: EventsWorker::Supervised,
+            worker_http_addr: None,
         }
     }
 }
@@ -212,6 +235,14 @@ pub struct PasswordConfig {
     pub min_length: usize,
     /// Maximum length in characters; anything longer is refused before hashing.
     pub max_length: usize,
+    /// Hashing jobs waiting at most; 0 means 16 per hashing thread. Beyond
+    /// it a login or sign-up is refused at once (Unavailable, retry-after).
+    pub max_queued: usize,
+    /// Hashing jobs one client address may have waiting.
+    pub max_queued_per_source: usize,
+    /// The longest a job waits to start hashing before it is refused, in
+    /// milliseconds (the caller's own gRPC deadline, when sooner, wins).
+    pub max_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -234,6 +265,8 @@ pub struct TokenConfig {
     pub generate_key_if_missing: bool,
     /// Memory bound of the verified-token cache, in bytes.
     pub verified_cache_bytes: u64,
+    /// Lifetime of the device token a login returns.
+    pub device_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -282,6 +315,9 @@ impl Default for Config {
                 max_concurrent_hashes: 0,
                 min_length: 8,
                 max_length: 128,
+                max_queued: 0,
+                max_queued_per_source: 8,
+                max_wait_ms: 500,
             },
             tokens: TokenConfig {
                 issuer: "immersiverse-auth".into(),
@@ -293,6 +329,7 @@ impl Default for Config {
                 keys_dir: None,
                 generate_key_if_missing: true,
                 verified_cache_bytes: 64 * 1024 * 1024,
+                device_ttl_secs: 90 * 24 * 3600,
             },
             lockout: LockoutConfig {
                 max_failures_per_account_ip: 5,
@@ -369,8 +406,14 @@ impl Config {
                 "needs 0 < min_length <= max_length <= 1024",
             );
         }
+        if p.max_queued_per_source == 0 || p.max_wait_ms == 0 {
+            return fail(
+                "password.max_queued_per_source",
+                "max_queued_per_source and max_wait_ms must be positive",
+            );
+        }
         let t = &self.tokens;
-        if t.access_ttl_secs == 0 || t.refresh_idle_ttl_secs == 0 {
+        if t.access_ttl_secs == 0 || t.refresh_idle_ttl_secs == 0 || t.device_ttl_secs == 0 {
             return fail("tokens.access_ttl_secs", "token lifetimes must be positive");
         }
         if t.refresh_absolute_ttl_secs < t.refresh_idle_ttl_secs {
@@ -454,6 +497,18 @@ impl Config {
                 "relay batch, lease and partitions must be positive",
             );
         }
+        if self.kafka_brokers.is_some()
+            && self.kafka.consumer_enabled
+            && self.kafka.worker != EventsWorker::InProcess
+            && self.redis_url.is_none()
+        {
+            // The consumer revokes sessions; without Redis revocations live
+            // in the serving process's memory, out of the worker's reach.
+            return fail(
+                "kafka.worker (AUTH_KAFKA__WORKER)",
+                "the lifecycle consumer in its own process needs redis_url (AUTH_REDIS_URL) to revoke sessions; set redis_url, kafka.consumer_enabled = false, or kafka.worker = \"in_process\"",
+            );
+        }
         if self.database_timeout_ms == 0 {
             return fail(
                 "database_timeout_ms (AUTH_DATABASE_TIMEOUT_MS)",
@@ -486,6 +541,19 @@ impl Config {
 
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    /// The hashing queue's bounds.
+    pub fn hash_admission(&self) -> crate::accounts::password::AdmissionConfig {
+        let p = &self.password;
+        crate::accounts::password::AdmissionConfig {
+            max_queued: match p.max_queued {
+                0 => 16 * self.hash_workers(),
+                n => n,
+            },
+            max_queued_per_source: p.max_queued_per_source,
+            max_wait: Duration::from_millis(p.max_wait_ms),
+        }
     }
 
     pub fn hash_workers(&self) -> usize {

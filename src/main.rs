@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use auth_service::{
     accounts::model::{LoginName, Role, normalise_roles},
     config::Config,
-    events::{OutboxEvent, RequestContext},
-    startup::{Application, reload_keys_on_sighup, shutdown_signal},
+    events::{OutboxEvent, RequestContext, worker::WorkerCommand},
+    startup::{Application, reload_keys_on_sighup, run_events_worker, shutdown_signal},
     storage::open_database,
     telemetry, tokens,
 };
@@ -30,6 +30,13 @@ struct Cli {
 enum Command {
     /// Serve gRPC and the HTTP admin port (the default).
     Serve,
+    /// Run only the event side: the outbox relay and the lifecycle
+    /// consumer (`serve` starts this as a supervised child by default).
+    Events {
+        /// Started by `serve`: stop when standard input closes.
+        #[arg(long, hide = true)]
+        supervised: bool,
+    },
     /// Add a new signing key (it signs after the next start or SIGHUP) and
     /// delete keys retired longer than an access-token lifetime ago.
     RotateKey,
@@ -50,9 +57,16 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init_tracing(config.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let app = Application::build(config).await?;
+            let worker = WorkerCommand::current_exe(cli.config.as_deref())
+                .context("locating this executable for the event worker")?;
+            let app = Application::build(config)
+                .await?
+                .with_worker_command(worker);
             reload_keys_on_sighup(app.tokens());
             app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Events { supervised } => {
+            run_events_worker(config, supervised, shutdown_signal()).await
         }
         Command::RotateKey => {
             let retire_after = time::Duration::seconds(

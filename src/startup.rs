@@ -16,8 +16,9 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use crate::{
     accounts::{password::PasswordHasher, service::AccountService},
     authz::Authorizer,
-    config::Config,
+    config::{Config, EventsWorker},
     envoy::ExtAuthz,
+    events::worker::{self, WorkerCommand},
     grpc::{
         AuthApi,
         pb::{self, auth_service_server::AuthServiceServer},
@@ -35,23 +36,20 @@ use crate::{
 /// How often the gRPC health status follows the database.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
-pub struct Application {
-    config: Config,
-    grpc_listener: TcpListener,
-    http_listener: TcpListener,
-    /// Only when `authz.check_addr` is set.
-    check_listener: Option<TcpListener>,
-    accounts: Arc<AccountService>,
-    tokens: Arc<TokenService>,
-    authorizer: Arc<Authorizer>,
-    database: Database,
-    redis: Option<RedisStore>,
+/// The backends and use cases, without listeners: what `serve` and the
+/// `events` worker both run on.
+pub struct Services {
+    pub accounts: Arc<AccountService>,
+    pub tokens: Arc<TokenService>,
+    pub authorizer: Arc<Authorizer>,
+    pub database: Database,
+    pub redis: Option<RedisStore>,
 }
 
-impl Application {
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let database = open_database(&config).await?;
-        let fast = open_fast_state(&config).await?;
+impl Services {
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let database = open_database(config).await?;
+        let fast = open_fast_state(config).await?;
         let revocations = Revocations::new(
             fast.revocations,
             config.revocation.cache_capacity,
@@ -67,9 +65,13 @@ impl Application {
             )
             .context("loading signing keys")?,
         );
-        let hasher = PasswordHasher::new(&config.password, config.hash_workers())
-            .await
-            .context("argon2 parameters (password.*)")?;
+        let hasher = PasswordHasher::with_admission(
+            &config.password,
+            config.hash_workers(),
+            config.hash_admission(),
+        )
+        .await
+        .context("argon2 parameters (password.*)")?;
         let lockout = LoginLockout::new(fast.failures, config.lockout.clone());
         let accounts = Arc::new(AccountService::new(
             database.users.clone(),
@@ -86,6 +88,30 @@ impl Application {
         let authorizer = Arc::new(
             Authorizer::new(&config.authz, tokens.clone(), limiter).context("authz.routes")?,
         );
+        Ok(Self {
+            accounts,
+            tokens,
+            authorizer,
+            database,
+            redis: fast.redis,
+        })
+    }
+}
+
+pub struct Application {
+    config: Config,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    /// Only when `authz.check_addr` is set.
+    check_listener: Option<TcpListener>,
+    services: Services,
+    /// How a supervised event worker is started (`kafka.worker = supervised`).
+    worker_command: Option<WorkerCommand>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let services = Services::build(&config).await?;
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding grpc_addr {}", config.grpc_addr))?;
@@ -105,12 +131,16 @@ impl Application {
             grpc_listener,
             http_listener,
             check_listener,
-            accounts,
-            tokens,
-            authorizer,
-            database,
-            redis: fast.redis,
+            services,
+            worker_command: None,
         })
+    }
+
+    /// The command that starts the supervised event worker; default: this
+    /// executable's `events --supervised`.
+    pub fn with_worker_command(mut self, command: WorkerCommand) -> Self {
+        self.worker_command = Some(command);
+        self
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -133,15 +163,15 @@ impl Application {
     }
 
     pub fn tokens(&self) -> Arc<TokenService> {
-        self.tokens.clone()
+        self.services.tokens.clone()
     }
 
     pub fn accounts(&self) -> Arc<AccountService> {
-        self.accounts.clone()
+        self.services.accounts.clone()
     }
 
     pub fn database(&self) -> Database {
-        self.database.clone()
+        self.services.database.clone()
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets
@@ -162,7 +192,7 @@ impl Application {
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let service_name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
-        let database = self.database.health.clone();
+        let database = self.services.database.health.clone();
         let report = move |reporter: tonic_health::server::HealthReporter| {
             let database = database.clone();
             async move {
@@ -194,27 +224,43 @@ impl Application {
             }
         });
 
-        let kafka_tasks = match self.config.kafka_brokers.clone() {
-            Some(brokers) => {
-                start_kafka(
-                    &brokers,
-                    &self.config.kafka,
-                    &self.database,
-                    &self.accounts,
-                    &stop,
-                )
-                .await?
+        let events = match (&self.config.kafka_brokers, self.config.kafka.worker) {
+            (None, _) | (Some(_), EventsWorker::External) => None,
+            (Some(brokers), EventsWorker::InProcess) => Some(tokio::spawn({
+                let run = worker::run(
+                    brokers.clone(),
+                    self.config.kafka.clone(),
+                    self.services.database.relay.clone(),
+                    self.services.accounts.clone(),
+                    stop.clone(),
+                );
+                async move {
+                    if let Err(error) = run.await {
+                        tracing::error!(error = %format!("{error:#}"), "event side failed");
+                    }
+                }
+            })),
+            (Some(_), EventsWorker::Supervised) => {
+                let command = match self.worker_command.clone() {
+                    Some(command) => command,
+                    None => WorkerCommand::current_exe(None)
+                        .context("locating this executable for the event worker")?,
+                };
+                Some(tokio::spawn(
+                    worker::Supervisor::new(command).run(stop.clone()),
+                ))
             }
-            None => Vec::new(),
         };
 
-        if let Some(redis) = self.redis.clone() {
-            tokio::spawn(redis.follow_revocations(self.tokens.revocations().clone(), stop.clone()));
+        if let Some(redis) = self.services.redis.clone() {
+            tokio::spawn(
+                redis.follow_revocations(self.services.tokens.revocations().clone(), stop.clone()),
+            );
         }
 
         let ext_authz = || {
             AuthorizationServer::new(ExtAuthz::new(
-                self.authorizer.clone(),
+                self.services.authorizer.clone(),
                 self.config.trusted_proxy_hops,
             ))
         };
@@ -236,8 +282,8 @@ impl Application {
             .build_v1()
             .context("building the reflection service")?;
         let api = AuthApi::new(
-            self.accounts.clone(),
-            self.tokens.clone(),
+            self.services.accounts.clone(),
+            self.services.tokens.clone(),
             self.config.trusted_proxy_hops,
         );
         let grpc = Server::builder()
@@ -251,9 +297,13 @@ impl Application {
             );
 
         let admin = http::router(AdminState {
-            tokens: self.tokens.clone(),
-            database: self.database.health.clone(),
-            redis: self.redis.clone().map(|r| Arc::new(r) as Arc<dyn Ping>),
+            tokens: self.services.tokens.clone(),
+            database: self.services.database.health.clone(),
+            redis: self
+                .services
+                .redis
+                .clone()
+                .map(|r| Arc::new(r) as Arc<dyn Ping>),
             metrics: telemetry::metrics_handle(),
         });
         let http = axum::serve(self.http_listener, admin)
@@ -269,9 +319,10 @@ impl Application {
                 .context("ext_authz server panicked")?
                 .context("ext_authz server failed")?;
         }
-        // The relay flushes its producer when it stops; give it the time.
-        for task in kafka_tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        // The relay flushes its producer when it stops (the supervisor
+        // waits for its worker process); give it the time.
+        if let Some(events) = events {
+            let _ = tokio::time::timeout(Duration::from_secs(10), events).await;
         }
         Ok(())
     }
@@ -284,58 +335,60 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Starts Kafka work in the background: topics are created (when configured)
-/// with retries, then the lifecycle consumer and the outbox relay start. Until
-/// Kafka answers, events wait in the outbox and the API is unaffected.
-async fn start_kafka(
-    brokers: &str,
-    config: &crate::config::KafkaConfig,
-    database: &Database,
-    accounts: &Arc<AccountService>,
-    stop: &CancellationToken,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    use crate::events::{consumer::LifecycleConsumer, kafka, relay::Relay};
-    let producer = kafka::producer(brokers, config).context("kafka producer (kafka.*)")?;
-    let consumer = if config.consumer_enabled {
-        Some(
-            LifecycleConsumer::new(brokers, config, accounts.clone())
-                .context("kafka consumer (kafka.*)")?,
-        )
-    } else {
-        None
-    };
-    let relay = Relay::new(database.relay.clone(), producer, config.clone());
-    let (brokers, config, stop) = (brokers.to_owned(), config.clone(), stop.clone());
-    let task = tokio::spawn(async move {
-        if config.create_topics {
-            let mut topics: Vec<String> = kafka::EVENT_TOPICS
-                .iter()
-                .map(|t| kafka::topic_for(&config, t))
-                .collect();
-            topics.extend([
-                config.dlq_topic.clone(),
-                config.user_suspended_topic.clone(),
-                config.user_deleted_topic.clone(),
-            ]);
-            let mut attempts = 0;
-            while let Err(error) = kafka::ensure_topics(&brokers, &config, &topics).await {
-                attempts += 1;
-                tracing::warn!(%error, attempts, "Kafka topics not created yet; retrying");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(crate::events::relay::backoff(attempts)) => {}
-                }
-            }
-        }
-        let consumer = consumer.map(|c| tokio::spawn(c.run(stop.clone())));
-        tracing::info!(%brokers, "Kafka relay started");
-        relay.run(stop).await;
-        if let Some(consumer) = consumer {
-            let _ = consumer.await;
+/// The `events` process: the relay and the lifecycle consumer until
+/// `shutdown` (or, when `supervised`, until the server's pipe closes), with
+/// `/healthz` and `/metrics` on `kafka.worker_http_addr` when set.
+pub async fn run_events_worker(
+    config: Config,
+    supervised: bool,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let brokers = config.kafka_brokers.clone().context(
+        "kafka_brokers (AUTH_KAFKA_BROKERS) is not set: the event worker has nothing to do",
+    )?;
+    let services = Services::build(&config).await?;
+    let stop = CancellationToken::new();
+    if supervised {
+        worker::stop_on_stdin_eof(stop.clone());
+    }
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
         }
     });
-    Ok(vec![task])
+    if let Some(addr) = config.kafka.worker_http_addr {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding kafka.worker_http_addr {addr}"))?;
+        let handle = telemetry::metrics_handle();
+        let router = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let handle = handle.clone();
+                    async move { handle.render() }
+                }),
+            );
+        tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+        );
+    }
+    tracing::info!(pid = std::process::id(), "event worker running");
+    worker::run(
+        brokers,
+        config.kafka,
+        services.database.relay.clone(),
+        services.accounts.clone(),
+        stop,
+    )
+    .await
 }
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

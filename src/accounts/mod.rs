@@ -24,6 +24,9 @@ pub enum AccountError {
     InvalidCredentials,
     #[error("too many failed logins")]
     LockedOut { retry_after: Duration },
+    /// Refused without trying: password hashing is at capacity.
+    #[error("overloaded")]
+    Overloaded { retry_after: Duration },
     /// Correct password, but the account is suspended or deleted.
     #[error("account is not active")]
     Disabled,

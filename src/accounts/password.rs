@@ -7,10 +7,30 @@
 //! faulting in a fresh buffer per hash. Unknown users are verified against a
 //! dummy hash with the same parameters so a login for a missing account costs
 //! the same as one for a real account.
+//!
+//! **Admission under overload.** Hashing capacity is fixed (about 75 hashes
+//! per second per core at the defaults), so a flood of logins must not turn
+//! into an ever-longer queue that every real user waits in. Jobs wait in a
+//! bounded queue ([`AdmissionConfig`]):
+//!
+//! * a job that cannot be queued (queue full, or its source already has
+//!   `max_queued_per_source` waiting) is refused at once with
+//!   [`HashError::Overloaded`];
+//! * a job that has not *started* within `max_wait` — or by its caller's own
+//!   deadline, whichever is sooner — is refused, never hashed late;
+//! * workers take jobs of **known devices** first (a valid device token for
+//!   the account: see `tokens::device`), then the job whose source has used
+//!   the least hashing recently (usage decays with a half-life of
+//!   [`USAGE_HALF_LIFE`]). A source flooding the service therefore queues
+//!   behind everyone who has not, instead of in front of them, and when the
+//!   queue is full a known device takes the place of the newest job of the
+//!   heaviest source.
 
 use std::{
-    sync::{Arc, Mutex, mpsc},
+    collections::HashMap,
+    sync::{Arc, Condvar, Mutex},
     thread,
+    time::{Duration, Instant},
 };
 
 use argon2::{
@@ -32,7 +52,52 @@ pub enum HashError {
     Hash(String),
     #[error("the hashing pool is shut down")]
     PoolClosed,
+    /// Refused without hashing: the queue is full, this source has enough
+    /// waiting, or the job could not start within its wait.
+    #[error("password hashing is overloaded")]
+    Overloaded { retry_after: Duration },
 }
+
+/// Bounds of the hashing queue.
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    /// Jobs waiting at most (all sources together).
+    pub max_queued: usize,
+    /// Jobs one source may have waiting.
+    pub max_queued_per_source: usize,
+    /// The longest a job may wait to start.
+    pub max_wait: Duration,
+}
+
+impl AdmissionConfig {
+    /// Generous bounds for tools and tests: effectively no admission control.
+    pub fn unbounded() -> Self {
+        Self {
+            max_queued: 1 << 20,
+            max_queued_per_source: 1 << 20,
+            max_wait: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Who a hashing job is for, for admission.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// The client address (None: an operator or internal caller).
+    pub source: Option<Arc<str>>,
+    /// The caller presented a valid device token for this account.
+    pub known_device: bool,
+    /// The caller's own deadline (gRPC `grpc-timeout`): a job still waiting
+    /// then is refused.
+    pub deadline: Option<Instant>,
+}
+
+/// How fast a source's recent hashing usage is forgotten.
+pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(10);
+
+/// Sources whose usage is remembered at most (the least used are dropped
+/// first; a forgotten source simply counts as fresh).
+const MAX_TRACKED_SOURCES: usize = 65_536;
 
 /// The outcome of a verification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,20 +119,260 @@ enum Job {
     },
 }
 
-#[derive(Clone)]
-pub struct PasswordHasher {
-    jobs: mpsc::SyncSender<Job>,
-    dummy_hash: Arc<str>,
+impl Job {
+    fn refuse(self, error: HashError) {
+        match self {
+            Job::Hash { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Job::Verify { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    /// The caller stopped waiting (its call was cancelled).
+    fn abandoned(&self) -> bool {
+        match self {
+            Job::Hash { reply, .. } => reply.is_closed(),
+            Job::Verify { reply, .. } => reply.is_closed(),
+        }
+    }
 }
 
-/// Jobs waiting per worker before callers wait to enqueue (the async side
-/// waits in the reply, not on the queue, in normal operation).
-const QUEUE_PER_WORKER: usize = 64;
+struct Queued {
+    job: Job,
+    source: Option<Arc<str>>,
+    known: bool,
+    deadline: Instant,
+    seq: u64,
+}
+
+/// Recent hashing per source, decaying exponentially.
+#[derive(Default)]
+struct Usage {
+    by_source: HashMap<Arc<str>, (f64, Instant)>,
+}
+
+impl Usage {
+    fn decayed((value, at): (f64, Instant), now: Instant) -> f64 {
+        let age = now.saturating_duration_since(at).as_secs_f64();
+        value * 0.5f64.powf(age / USAGE_HALF_LIFE.as_secs_f64())
+    }
+
+    fn of(&self, source: Option<&Arc<str>>, now: Instant) -> f64 {
+        source
+            .and_then(|s| self.by_source.get(s))
+            .map_or(0.0, |e| Self::decayed(*e, now))
+    }
+
+    fn add(&mut self, source: &Arc<str>, now: Instant) {
+        if self.by_source.len() >= MAX_TRACKED_SOURCES && !self.by_source.contains_key(source) {
+            // Forget what has decayed to almost nothing; if that frees
+            // nothing, this source goes untracked (it counts as fresh).
+            self.by_source.retain(|_, e| Self::decayed(*e, now) >= 0.05);
+            if self.by_source.len() >= MAX_TRACKED_SOURCES {
+                return;
+            }
+        }
+        let entry = self.by_source.entry(source.clone()).or_insert((0.0, now));
+        *entry = (Self::decayed(*entry, now) + 1.0, now);
+    }
+}
+
+#[derive(Default)]
+struct QueueState {
+    waiting: Vec<Queued>,
+    usage: Usage,
+    seq: u64,
+    closed: bool,
+}
+
+struct Scheduler {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+    config: AdmissionConfig,
+    workers: usize,
+}
+
+impl Scheduler {
+    /// What a refused caller is told to wait: about one queue's worth.
+    fn retry_after(&self) -> Duration {
+        Duration::from_secs(1).max(self.config.max_wait)
+    }
+
+    fn overloaded(&self, reason: &'static str) -> HashError {
+        metrics::counter!("password_hash_refused_total", "reason" => reason).increment(1);
+        HashError::Overloaded {
+            retry_after: self.retry_after(),
+        }
+    }
+
+    fn submit(&self, job: Job, admission: &Admission) -> Result<(), HashError> {
+        let now = Instant::now();
+        let mut deadline = now + self.config.max_wait;
+        if let Some(caller) = admission.deadline {
+            deadline = deadline.min(caller);
+        }
+        if deadline <= now {
+            return Err(self.overloaded("deadline"));
+        }
+        let mut state = self.state.lock().map_err(|_| HashError::PoolClosed)?;
+        if state.closed {
+            return Err(HashError::PoolClosed);
+        }
+        if let Some(source) = &admission.source
+            && !admission.known_device
+            && state
+                .waiting
+                .iter()
+                .filter(|q| q.source.as_ref() == Some(source))
+                .count()
+                >= self.config.max_queued_per_source
+        {
+            return Err(self.overloaded("source_queue_full"));
+        }
+        if state.waiting.len() >= self.config.max_queued {
+            if !admission.known_device {
+                return Err(self.overloaded("queue_full"));
+            }
+            // A known device takes the place of the newest job of the
+            // source that used the most.
+            let usage = &state.usage;
+            let victim = state
+                .waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| !q.known)
+                .max_by(|(_, a), (_, b)| {
+                    usage
+                        .of(a.source.as_ref(), now)
+                        .total_cmp(&usage.of(b.source.as_ref(), now))
+                        .then(a.seq.cmp(&b.seq))
+                })
+                .map(|(i, _)| i);
+            match victim {
+                Some(i) => {
+                    let evicted = state.waiting.swap_remove(i);
+                    evicted.job.refuse(self.overloaded("evicted"));
+                }
+                None => return Err(self.overloaded("queue_full")),
+            }
+        }
+        state.seq += 1;
+        let seq = state.seq;
+        state.waiting.push(Queued {
+            job,
+            source: admission.source.clone(),
+            known: admission.known_device,
+            deadline,
+            seq,
+        });
+        metrics::gauge!("password_hash_queue_depth").set(state.waiting.len() as f64);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job to run: known devices first (oldest first), then the
+    /// least recently used source (oldest first among equals). Jobs past
+    /// their deadline, or whose caller is gone, are dropped on the way.
+    /// `None` when the pool is shut down.
+    fn next(&self) -> Option<Job> {
+        let mut state = self.state.lock().ok()?;
+        loop {
+            if state.closed {
+                return None;
+            }
+            if let Some(job) = self.pick(&mut state, Instant::now()) {
+                return Some(job);
+            }
+            // Sleep until a job arrives. A job that expires meanwhile is
+            // refused when a worker next looks, at most one hash later.
+            state = self.ready.wait(state).ok()?;
+        }
+    }
+
+    fn pick(&self, state: &mut QueueState, now: Instant) -> Option<Job> {
+        {
+            let mut i = 0;
+            while i < state.waiting.len() {
+                if state.waiting[i].deadline <= now {
+                    let expired = state.waiting.swap_remove(i);
+                    expired.job.refuse(self.overloaded("wait_expired"));
+                } else if state.waiting[i].job.abandoned() {
+                    state.waiting.swap_remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+            let usage = &state.usage;
+            let best = state
+                .waiting
+                .iter()
+                .enumerate()
+                .min_by(|(_, a), (_, b)| {
+                    b.known
+                        .cmp(&a.known)
+                        .then_with(|| {
+                            usage
+                                .of(a.source.as_ref(), now)
+                                .total_cmp(&usage.of(b.source.as_ref(), now))
+                        })
+                        .then(a.seq.cmp(&b.seq))
+                })
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                let queued = state.waiting.swap_remove(i);
+                if let Some(source) = &queued.source {
+                    state.usage.add(source, now);
+                }
+                metrics::gauge!("password_hash_queue_depth").set(state.waiting.len() as f64);
+                metrics::histogram!("password_hash_wait_seconds")
+                    .record((now + self.config.max_wait - queued.deadline).as_secs_f64());
+                return Some(queued.job);
+            }
+            None
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct PasswordHasher {
+    scheduler: Arc<Scheduler>,
+    dummy_hash: Arc<str>,
+    /// Shuts the workers down when the last handle goes.
+    _closer: Arc<Closer>,
+}
+
+/// Closes the queue (waking every worker to exit) when dropped.
+struct Closer(Arc<Scheduler>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.0.state.lock() {
+            state.closed = true;
+            for queued in state.waiting.drain(..) {
+                queued.job.refuse(HashError::PoolClosed);
+            }
+        }
+        self.0.ready.notify_all();
+    }
+}
 
 impl PasswordHasher {
     /// Starts `workers` threads and computes the dummy hash (one hash at
     /// start-up). The threads end when the last handle is dropped.
     pub async fn new(config: &PasswordConfig, workers: usize) -> Result<Self, HashError> {
+        Self::with_admission(config, workers, AdmissionConfig::unbounded()).await
+    }
+
+    /// As [`new`](Self::new), with the queue bounded by `admission`.
+    pub async fn with_admission(
+        config: &PasswordConfig,
+        workers: usize,
+        admission: AdmissionConfig,
+    ) -> Result<Self, HashError> {
         let params = Params::new(
             config.memory_kib,
             config.iterations,
@@ -76,18 +381,23 @@ impl PasswordHasher {
         )
         .map_err(HashError::Params)?;
         let workers = workers.max(1);
-        let (jobs, queue) = mpsc::sync_channel::<Job>(workers * QUEUE_PER_WORKER);
-        let queue = Arc::new(Mutex::new(queue));
+        let scheduler = Arc::new(Scheduler {
+            state: Mutex::new(QueueState::default()),
+            ready: Condvar::new(),
+            config: admission,
+            workers,
+        });
         for i in 0..workers {
-            let queue = queue.clone();
+            let scheduler = scheduler.clone();
             let params = params.clone();
             thread::Builder::new()
                 .name(format!("argon2-{i}"))
-                .spawn(move || worker(&queue, &params))
+                .spawn(move || worker(&scheduler, &params))
                 .map_err(|e| HashError::Hash(e.to_string()))?;
         }
         let mut hasher = Self {
-            jobs,
+            _closer: Arc::new(Closer(scheduler.clone())),
+            scheduler,
             dummy_hash: Arc::from(""),
         };
         let dummy = Password::parse(
@@ -97,34 +407,34 @@ impl PasswordHasher {
             1024,
         )
         .map_err(|_| HashError::Hash("dummy password".into()))?;
-        hasher.dummy_hash = Arc::from(hasher.hash(&dummy).await?);
+        hasher.dummy_hash = Arc::from(hasher.hash(&dummy, &Admission::default()).await?);
         Ok(hasher)
+    }
+
+    /// Hashing threads of this pool.
+    pub fn workers(&self) -> usize {
+        self.scheduler.workers
     }
 
     async fn submit<T>(
         &self,
+        admission: &Admission,
         job: impl FnOnce(oneshot::Sender<Result<T, HashError>>) -> Job,
     ) -> Result<T, HashError> {
         let (reply, answer) = oneshot::channel();
-        let job = job(reply);
-        // A full queue blocks the sender: do that off the async workers.
-        let jobs = self.jobs.clone();
-        match jobs.try_send(job) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(job)) => {
-                tokio::task::spawn_blocking(move || jobs.send(job))
-                    .await
-                    .map_err(|_| HashError::PoolClosed)?
-                    .map_err(|_| HashError::PoolClosed)?;
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(HashError::PoolClosed),
-        }
+        // Never blocks: a job that cannot be queued is refused here.
+        self.scheduler.submit(job(reply), admission)?;
         answer.await.map_err(|_| HashError::PoolClosed)?
     }
 
-    pub async fn hash(&self, password: &Password) -> Result<String, HashError> {
+    pub async fn hash(
+        &self,
+        password: &Password,
+        admission: &Admission,
+    ) -> Result<String, HashError> {
         let password = SecretString::from(password.expose().to_owned());
-        self.submit(|reply| Job::Hash { password, reply }).await
+        self.submit(admission, |reply| Job::Hash { password, reply })
+            .await
     }
 
     /// Verifies against `stored`, or against the dummy hash when there is no
@@ -133,6 +443,7 @@ impl PasswordHasher {
         &self,
         password: &Password,
         stored: Option<&str>,
+        admission: &Admission,
     ) -> Result<Verification, HashError> {
         let password = SecretString::from(password.expose().to_owned());
         let known = stored.is_some();
@@ -140,7 +451,7 @@ impl PasswordHasher {
             .map(Arc::from)
             .unwrap_or_else(|| self.dummy_hash.clone());
         let verification = self
-            .submit(|reply| Job::Verify {
+            .submit(admission, |reply| Job::Verify {
                 password,
                 hash,
                 reply,
@@ -153,16 +464,9 @@ impl PasswordHasher {
     }
 }
 
-fn worker(queue: &Mutex<mpsc::Receiver<Job>>, params: &Params) {
+fn worker(scheduler: &Scheduler, params: &Params) {
     let mut memory = vec![Block::default(); params.block_count()];
-    loop {
-        let job = {
-            let Ok(queue) = queue.lock() else { return };
-            match queue.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
-        };
+    while let Some(job) = scheduler.next() {
         match job {
             Job::Hash { password, reply } => {
                 let _ = reply.send(hash_with(params, &password, &mut memory));
@@ -271,6 +575,9 @@ mod tests {
             max_concurrent_hashes: 1,
             min_length: 8,
             max_length: 128,
+            max_queued: 0,
+            max_queued_per_source: 8,
+            max_wait_ms: 500,
         }
     }
 
@@ -281,18 +588,29 @@ mod tests {
     #[tokio::test]
     async fn a_hash_verifies_its_password_only() {
         let hasher = PasswordHasher::new(&config(64), 1).await.unwrap();
-        let hash = hasher.hash(&password("correct horse")).await.unwrap();
+        let hash = hasher
+            .hash(&password("correct horse"), &Admission::default())
+            .await
+            .unwrap();
         assert!(hash.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{hash}");
         assert!(
             hasher
-                .verify(&password("correct horse"), Some(&hash))
+                .verify(
+                    &password("correct horse"),
+                    Some(&hash),
+                    &Admission::default()
+                )
                 .await
                 .unwrap()
                 .matches
         );
         assert!(
             !hasher
-                .verify(&password("wrong horse!"), Some(&hash))
+                .verify(
+                    &password("wrong horse!"),
+                    Some(&hash),
+                    &Admission::default()
+                )
                 .await
                 .unwrap()
                 .matches
@@ -303,7 +621,10 @@ mod tests {
     async fn hashes_are_standard_phc_strings_both_ways() {
         let hasher = PasswordHasher::new(&config(64), 2).await.unwrap();
         // Ours verifies with the reference implementation…
-        let ours = hasher.hash(&password("correct horse")).await.unwrap();
+        let ours = hasher
+            .hash(&password("correct horse"), &Admission::default())
+            .await
+            .unwrap();
         let parsed = PasswordHash::new(&ours).unwrap();
         assert!(
             Argon2::default()
@@ -318,7 +639,11 @@ mod tests {
                 .to_string();
         assert!(
             hasher
-                .verify(&password("correct horse"), Some(&theirs))
+                .verify(
+                    &password("correct horse"),
+                    Some(&theirs),
+                    &Admission::default()
+                )
                 .await
                 .unwrap()
                 .matches
@@ -329,7 +654,11 @@ mod tests {
     async fn an_unknown_account_never_matches_even_the_dummy_password() {
         let hasher = PasswordHasher::new(&config(64), 1).await.unwrap();
         let v = hasher
-            .verify(&password("dummy password that matches no account"), None)
+            .verify(
+                &password("dummy password that matches no account"),
+                None,
+                &Admission::default(),
+            )
             .await
             .unwrap();
         assert!(!v.matches);
@@ -338,10 +667,17 @@ mod tests {
     #[tokio::test]
     async fn changed_parameters_ask_for_a_rehash() {
         let old = PasswordHasher::new(&config(64), 1).await.unwrap();
-        let hash = old.hash(&password("correct horse")).await.unwrap();
+        let hash = old
+            .hash(&password("correct horse"), &Admission::default())
+            .await
+            .unwrap();
         let new = PasswordHasher::new(&config(128), 1).await.unwrap();
         let v = new
-            .verify(&password("correct horse"), Some(&hash))
+            .verify(
+                &password("correct horse"),
+                Some(&hash),
+                &Admission::default(),
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -352,7 +688,11 @@ mod tests {
             }
         );
         let same = old
-            .verify(&password("correct horse"), Some(&hash))
+            .verify(
+                &password("correct horse"),
+                Some(&hash),
+                &Admission::default(),
+            )
             .await
             .unwrap();
         assert!(!same.needs_rehash);
@@ -363,9 +703,192 @@ mod tests {
         let hasher = PasswordHasher::new(&config(64), 1).await.unwrap();
         assert!(
             hasher
-                .verify(&password("correct horse"), Some("$argon2id$garbage"))
+                .verify(
+                    &password("correct horse"),
+                    Some("$argon2id$garbage"),
+                    &Admission::default()
+                )
                 .await
                 .is_err()
         );
+    }
+
+    /// A scheduler without worker threads: jobs are taken by hand.
+    fn scheduler(max_queued: usize, per_source: usize) -> Scheduler {
+        Scheduler {
+            state: Mutex::new(QueueState::default()),
+            ready: Condvar::new(),
+            config: AdmissionConfig {
+                max_queued,
+                max_queued_per_source: per_source,
+                max_wait: Duration::from_secs(10),
+            },
+            workers: 1,
+        }
+    }
+
+    /// A job named by its password; the receiver sees its refusal.
+    fn job(name: &str) -> (Job, oneshot::Receiver<Result<String, HashError>>) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Hash {
+            password: SecretString::from(name.to_owned()),
+            reply,
+        };
+        (job, answer)
+    }
+
+    fn from(source: &str) -> Admission {
+        Admission {
+            source: Some(Arc::from(source)),
+            ..Admission::default()
+        }
+    }
+
+    fn name(job: Option<Job>) -> String {
+        match job.expect("a job") {
+            Job::Hash { password, .. } | Job::Verify { password, .. } => {
+                password.expose_secret().to_owned()
+            }
+        }
+    }
+
+    fn refused(answer: &mut oneshot::Receiver<Result<String, HashError>>) -> bool {
+        matches!(answer.try_recv(), Ok(Err(HashError::Overloaded { .. })))
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_one_source_cannot_fill_it() {
+        let s = scheduler(3, 2);
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            let (j, a) = job("flood");
+            s.submit(j, &from("10.0.0.1")).unwrap();
+            kept.push(a);
+        }
+        let (j, _a) = job("flood");
+        assert!(matches!(
+            s.submit(j, &from("10.0.0.1")),
+            Err(HashError::Overloaded { .. })
+        ));
+        let (j, _b) = job("other");
+        s.submit(j, &from("10.0.0.2")).unwrap();
+        let (j, _c) = job("third");
+        assert!(
+            matches!(
+                s.submit(j, &from("10.0.0.3")),
+                Err(HashError::Overloaded { .. })
+            ),
+            "the queue holds 3"
+        );
+    }
+
+    #[test]
+    fn the_least_used_source_goes_first_and_known_devices_before_all() {
+        let s = scheduler(100, 100);
+        let now = Instant::now();
+        {
+            let mut state = s.state.lock().unwrap();
+            for _ in 0..20 {
+                state.usage.add(&Arc::from("flood"), now);
+            }
+        }
+        let mut answers = Vec::new();
+        for (n, source) in [
+            ("flood-1", "flood"),
+            ("flood-2", "flood"),
+            ("fresh", "fresh"),
+        ] {
+            let (j, a) = job(n);
+            s.submit(j, &from(source)).unwrap();
+            answers.push(a);
+        }
+        let (j, _k) = job("device");
+        s.submit(
+            j,
+            &Admission {
+                known_device: true,
+                ..from("flood")
+            },
+        )
+        .unwrap();
+        let mut state = s.state.lock().unwrap();
+        assert_eq!(name(s.pick(&mut state, now)), "device");
+        assert_eq!(name(s.pick(&mut state, now)), "fresh");
+        assert_eq!(name(s.pick(&mut state, now)), "flood-1", "oldest first");
+        assert_eq!(name(s.pick(&mut state, now)), "flood-2");
+        assert!(s.pick(&mut state, now).is_none());
+    }
+
+    #[test]
+    fn a_known_device_takes_the_place_of_the_heaviest_sources_newest_job() {
+        let s = scheduler(2, 10);
+        let now = Instant::now();
+        s.state.lock().unwrap().usage.add(&Arc::from("flood"), now);
+        let (j, mut first) = job("flood-1");
+        s.submit(j, &from("flood")).unwrap();
+        let (j, mut second) = job("flood-2");
+        s.submit(j, &from("flood")).unwrap();
+        let (j, _d) = job("device");
+        s.submit(
+            j,
+            &Admission {
+                known_device: true,
+                ..from("elsewhere")
+            },
+        )
+        .unwrap();
+        assert!(refused(&mut second), "the newest flood job was evicted");
+        assert!(!refused(&mut first));
+        let mut state = s.state.lock().unwrap();
+        assert_eq!(name(s.pick(&mut state, now)), "device");
+        assert_eq!(name(s.pick(&mut state, now)), "flood-1");
+    }
+
+    #[test]
+    fn nothing_is_hashed_after_its_deadline_or_for_a_caller_that_left() {
+        let s = scheduler(10, 10);
+        let now = Instant::now();
+        let (j, _a) = job("late");
+        assert!(matches!(
+            s.submit(
+                j,
+                &Admission {
+                    deadline: Some(now),
+                    ..from("a")
+                }
+            ),
+            Err(HashError::Overloaded { .. })
+        ));
+        let (j, mut expired) = job("expired");
+        s.submit(
+            j,
+            &Admission {
+                deadline: Some(now + Duration::from_millis(5)),
+                ..from("a")
+            },
+        )
+        .unwrap();
+        let (j, gone) = job("gone");
+        s.submit(j, &from("b")).unwrap();
+        drop(gone);
+        let (j, _c) = job("current");
+        s.submit(j, &from("c")).unwrap();
+        let mut state = s.state.lock().unwrap();
+        let later = now + Duration::from_millis(50);
+        assert_eq!(name(s.pick(&mut state, later)), "current");
+        assert!(s.pick(&mut state, later).is_none());
+        assert!(refused(&mut expired));
+    }
+
+    #[test]
+    fn usage_decays_with_its_half_life() {
+        let mut usage = Usage::default();
+        let t0 = Instant::now();
+        let source: Arc<str> = Arc::from("s");
+        usage.add(&source, t0);
+        usage.add(&source, t0);
+        let later = usage.of(Some(&source), t0 + USAGE_HALF_LIFE);
+        assert!((later - 1.0).abs() < 1e-9, "{later}");
+        assert_eq!(usage.of(None, t0), 0.0);
     }
 }

@@ -10,14 +10,14 @@ use uuid::Uuid;
 use super::{
     AccountError,
     model::{Email, LoginName, Password, Role, User, UserStatus, Username, normalise_roles},
-    password::PasswordHasher,
+    password::{Admission, HashError, PasswordHasher},
     store::{InsertUserError, UserStore},
 };
 use crate::{
     config::PasswordConfig,
     error::{FieldViolation, Violations},
     events::{OutboxEvent, RequestContext},
-    ratelimit::LoginLockout,
+    ratelimit::{Attempt, LoginLockout},
     tokens::{Principal, TokenPair, TokenService},
 };
 
@@ -57,6 +57,15 @@ fn now_micros() -> OffsetDateTime {
         .unwrap_or(now)
 }
 
+/// A refusal of the hashing queue is an overload answer, not an internal
+/// error.
+fn overloaded(error: HashError) -> AccountError {
+    match error {
+        HashError::Overloaded { retry_after } => AccountError::Overloaded { retry_after },
+        other => AccountError::Hash(other),
+    }
+}
+
 fn parse_user_id(raw: &str) -> Result<Uuid, AccountError> {
     Uuid::parse_str(raw.trim())
         .map_err(|_| AccountError::Invalid(vec![FieldViolation::new("user_id", "must be a UUID")]))
@@ -76,6 +85,15 @@ impl AccountService {
             lockout,
             tokens,
             policy,
+        }
+    }
+
+    /// Hashing admission for a request without a device lane.
+    fn admission(ctx: &RequestContext) -> Admission {
+        Admission {
+            source: ctx.client_ip.as_deref().map(Arc::from),
+            known_device: false,
+            deadline: ctx.deadline,
         }
     }
 
@@ -110,7 +128,11 @@ impl AccountService {
         let (Some(email), Some(username), Some(password)) = (email, username, password) else {
             unreachable!("finish() fails when any field was refused")
         };
-        let hash = self.hasher.hash(&password).await?;
+        let hash = self
+            .hasher
+            .hash(&password, &Self::admission(ctx))
+            .await
+            .map_err(overloaded)?;
         let user = User {
             id: Uuid::now_v7(),
             email,
@@ -135,6 +157,7 @@ impl AccountService {
         &self,
         login: &str,
         password: &str,
+        device_token: &str,
         ctx: &RequestContext,
     ) -> Result<TokenPair, AccountError> {
         let mut violations = Violations::default();
@@ -146,22 +169,41 @@ impl AccountService {
         };
         let client_ip = ctx.client_ip.as_deref().unwrap_or("unknown");
 
-        if let Err(locked) = self.lockout.check(&login, client_ip).await {
+        let credentials = self.users.find_credentials(&login).await?;
+        // A device that logged in to this very account before has a lane of
+        // its own: counted apart from failures elsewhere, hashed first.
+        let device = credentials
+            .as_ref()
+            .and_then(|c| self.tokens.known_device(device_token, c.user.id));
+        let attempt = device.map_or(Attempt::From(client_ip), Attempt::KnownDevice);
+        if let Err(locked) = self.lockout.check(&login, attempt).await {
             metrics::counter!("login_attempts_total", "outcome" => "locked_out").increment(1);
             return Err(locked.into());
         }
-        let credentials = self.users.find_credentials(&login).await?;
+        let admission = Admission {
+            source: Some(Arc::from(client_ip)),
+            known_device: device.is_some(),
+            deadline: ctx.deadline,
+        };
         // Verify even when there is no account (against a dummy hash) so
         // both cases take the same time.
-        let verification = self
+        let verification = match self
             .hasher
             .verify(
                 &password,
                 credentials.as_ref().map(|c| c.password_hash.as_str()),
+                &admission,
             )
-            .await?;
+            .await
+        {
+            Err(HashError::Overloaded { retry_after }) => {
+                metrics::counter!("login_attempts_total", "outcome" => "overloaded").increment(1);
+                return Err(AccountError::Overloaded { retry_after });
+            }
+            other => other?,
+        };
         let Some(credentials) = credentials.filter(|_| verification.matches) else {
-            self.lockout.record_failure(&login, client_ip).await?;
+            self.lockout.record_failure(&login, attempt).await?;
             let user_id = None;
             self.users
                 .append_event(&OutboxEvent::login_failed(user_id, "bad_credentials", ctx))
@@ -169,7 +211,7 @@ impl AccountService {
             metrics::counter!("login_attempts_total", "outcome" => "bad_credentials").increment(1);
             return Err(AccountError::InvalidCredentials);
         };
-        self.lockout.record_success(&login, client_ip).await?;
+        self.lockout.record_success(&login, attempt).await?;
         let user = credentials.user;
         if user.status != UserStatus::Active {
             self.users
@@ -184,7 +226,7 @@ impl AccountService {
         }
         if verification.needs_rehash {
             // Best effort: the login stands even if the upgrade fails.
-            match self.hasher.hash(&password).await {
+            match self.hasher.hash(&password, &admission).await {
                 Ok(new_hash) => {
                     if let Err(error) = self
                         .users
@@ -197,7 +239,9 @@ impl AccountService {
                 Err(error) => tracing::warn!(user_id = %user.id, %error, "password rehash failed"),
             }
         }
-        let pair = self.tokens.start_session(user, ctx).await?;
+        let user_id = user.id;
+        let mut pair = self.tokens.start_session(user, ctx).await?;
+        pair.device_token = Some(self.tokens.issue_device_token(user_id)?);
         metrics::counter!("login_attempts_total", "outcome" => "success").increment(1);
         tracing::info!(user_id = %pair.user.id, "login succeeded");
         Ok(pair)
@@ -253,15 +297,21 @@ impl AccountService {
             .find_credentials_by_id(caller.user_id)
             .await?
             .ok_or(AccountError::NotFound)?;
+        let admission = Self::admission(ctx);
         if !self
             .hasher
-            .verify(&current, Some(&credentials.password_hash))
-            .await?
+            .verify(&current, Some(&credentials.password_hash), &admission)
+            .await
+            .map_err(overloaded)?
             .matches
         {
             return Err(AccountError::InvalidCredentials);
         }
-        let hash = self.hasher.hash(&new).await?;
+        let hash = self
+            .hasher
+            .hash(&new, &admission)
+            .await
+            .map_err(overloaded)?;
         // Revoke first: if the database write then fails, the user only has
         // to log in again; the other order could leave old tokens alive.
         self.tokens

@@ -134,6 +134,7 @@ impl LifecycleConsumer {
         };
         let ctx = RequestContext {
             client_ip: None,
+            deadline: None,
             traceparent: message.headers().and_then(|h| {
                 h.iter()
                     .find(|h| h.key == "traceparent")

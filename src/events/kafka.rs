@@ -30,6 +30,27 @@ pub fn topic_for(config: &KafkaConfig, event_type: &str) -> String {
     format!("{}auth.events.{event_type}", config.topic_prefix)
 }
 
+/// Every topic this service writes or reads: the event topics, the
+/// dead-letter topic and the two lifecycle topics it consumes.
+pub fn all_topics(config: &KafkaConfig) -> Vec<String> {
+    let mut topics: Vec<String> = EVENT_TOPICS.iter().map(|t| topic_for(config, t)).collect();
+    topics.extend([
+        config.dlq_topic.clone(),
+        config.user_suspended_topic.clone(),
+        config.user_deleted_topic.clone(),
+    ]);
+    topics
+}
+
+/// The broker does not know the topic: it never had it, or it came back
+/// without its data (a rebuilt cluster, a failover to an empty one).
+pub fn is_unknown_topic(error: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+    )
+}
+
 /// Bootstrap servers plus TLS/SASL; shared by producers and consumers.
 pub fn client_config(brokers: &str, config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();

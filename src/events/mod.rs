@@ -2,12 +2,14 @@
 //! to the store, which writes it in the same transaction as the change (the
 //! transactional outbox); a relay publishes committed rows to Kafka
 //! ([`relay`]); a consumer applies user-lifecycle events from other services
-//! ([`consumer`]).
+//! ([`consumer`]); both run in the event worker ([`worker`]), by default a
+//! process of its own.
 
 pub mod consumer;
 pub mod envelope;
 pub mod kafka;
 pub mod relay;
+pub mod worker;
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -54,6 +56,9 @@ pub struct RequestContext {
     pub client_ip: Option<String>,
     /// W3C trace context of the request, copied into the event headers.
     pub traceparent: Option<String>,
+    /// The caller's deadline (gRPC `grpc-timeout`): work that cannot start
+    /// before it is refused instead of done for nobody.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// One outbox row. `data` never holds a secret (no password, token or hash).

@@ -20,14 +20,40 @@ use tokio_util::sync::CancellationToken;
 use super::{
     RelayStore, StoredEvent,
     envelope::{self, EventFormat},
-    kafka::topic_for,
+    kafka::{self, topic_for},
 };
 use crate::config::KafkaConfig;
 
 pub struct Relay {
     store: Arc<dyn RelayStore>,
     producer: FutureProducer,
+    brokers: String,
     config: KafkaConfig,
+}
+
+/// Why a round published nothing.
+#[derive(Debug)]
+pub enum RoundError {
+    /// The outbox could not be read or updated.
+    Store(String),
+    /// No row of the batch was delivered. `unknown_topic`: the broker does
+    /// not know (some of) the topics.
+    Undelivered {
+        count: usize,
+        first_error: String,
+        unknown_topic: bool,
+    },
+}
+
+impl std::fmt::Display for RoundError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Store(e) => write!(f, "outbox store: {e}"),
+            Self::Undelivered {
+                count, first_error, ..
+            } => write!(f, "{count} events not delivered: {first_error}"),
+        }
+    }
 }
 
 /// Delay before the `attempts`-th retry: 100 ms doubling up to 30 s, with
@@ -47,10 +73,16 @@ fn to_time(d: Duration) -> time::Duration {
 }
 
 impl Relay {
-    pub fn new(store: Arc<dyn RelayStore>, producer: FutureProducer, config: KafkaConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn RelayStore>,
+        producer: FutureProducer,
+        brokers: String,
+        config: KafkaConfig,
+    ) -> Self {
         Self {
             store,
             producer,
+            brokers,
             config,
         }
     }
@@ -59,7 +91,7 @@ impl Relay {
     /// it waits `relay_idle_ms` (the poll that finds rows other replicas
     /// wrote, or leases that expired), or less: a commit in this process
     /// wakes it at once. After a failure it waits out the backoff.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         let idle = Duration::from_millis(self.config.relay_idle_ms);
         let written = self.store.outbox_written();
         let mut failures = 0u32;
@@ -74,7 +106,20 @@ impl Relay {
                 Err(error) => {
                     failures += 1;
                     metrics::counter!("outbox_relay_failures_total").increment(1);
+                    // One line per backoff, however many rows failed.
                     tracing::warn!(%error, failures, "outbox relay round failed; backing off");
+                    if let RoundError::Undelivered {
+                        unknown_topic: true,
+                        ..
+                    } = error
+                        && !self.config.create_topics
+                    {
+                        metrics::counter!("outbox_topics_missing_total").increment(1);
+                        tracing::error!(
+                            "the broker does not know the event topics and kafka.create_topics is off: create them, events wait in the outbox"
+                        );
+                    }
+                    self.renew_producer_if_fatal();
                     backoff(failures)
                 }
             };
@@ -105,15 +150,50 @@ impl Relay {
         }
     }
 
+    /// An idempotent producer that hits a fatal error (the broker lost its
+    /// producer state, e.g. it came back empty) refuses every later send:
+    /// replace it. Its unacknowledged rows stay leased and are sent again.
+    fn renew_producer_if_fatal(&mut self) {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return;
+        };
+        tracing::warn!(?code, %reason, "Kafka producer hit a fatal error; creating a new one");
+        match kafka::producer(&self.brokers, &self.config) {
+            Ok(producer) => {
+                metrics::counter!("outbox_producer_renewals_total").increment(1);
+                self.producer = producer;
+            }
+            Err(error) => tracing::error!(%error, "cannot create a new Kafka producer"),
+        }
+    }
+
+    /// The broker answered "unknown topic" (it lost them): create them again
+    /// and release the rows at once; `false` when that did not work.
+    async fn recreate_topics(&self) -> bool {
+        let topics = kafka::all_topics(&self.config);
+        match kafka::ensure_topics(&self.brokers, &self.config, &topics).await {
+            Ok(()) => {
+                metrics::counter!("outbox_topics_recreated_total").increment(1);
+                tracing::warn!("the broker had lost the event topics: created them again");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "re-creating the event topics failed");
+                false
+            }
+        }
+    }
+
     /// One batch; returns how many rows it leased.
-    pub async fn round(&self) -> Result<usize, String> {
+    pub async fn round(&self) -> Result<usize, RoundError> {
+        let store = |e: crate::error::BackendError| RoundError::Store(e.to_string());
         let now = OffsetDateTime::now_utc();
         let lease_until = now + to_time(Duration::from_secs(self.config.relay_lease_secs));
         let batch = self
             .store
             .lease(self.config.relay_batch, now, lease_until)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(store)?;
         if let Ok(depth) = self.store.unpublished_count().await {
             metrics::gauge!("outbox_depth").set(depth as f64);
         }
@@ -134,6 +214,7 @@ impl Relay {
         });
         let results = futures::future::join_all(sends).await;
         let (mut published, mut failed) = (Vec::new(), Vec::new());
+        let (mut first_error, mut unknown_topic) = (None, false);
         for (event, result) in batch.iter().zip(results) {
             match result {
                 Ok(_) => {
@@ -142,7 +223,9 @@ impl Relay {
                     metrics::histogram!("outbox_publish_lag_seconds").record(lag);
                 }
                 Err((error, _)) => {
-                    tracing::warn!(event_id = %event.id, %error, "event not delivered; will retry");
+                    tracing::debug!(event_id = %event.id, %error, "event not delivered; will retry");
+                    unknown_topic |= kafka::is_unknown_topic(&error);
+                    first_error.get_or_insert_with(|| error.to_string());
                     failed.push(event);
                 }
             }
@@ -150,18 +233,28 @@ impl Relay {
         self.store
             .mark_published(&published, OffsetDateTime::now_utc())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(store)?;
         metrics::counter!("outbox_published_total").increment(published.len() as u64);
+        // Topics re-created: the rows go again at once, not after a backoff.
+        let recreated = unknown_topic && self.config.create_topics && self.recreate_topics().await;
         for event in &failed {
-            let retry_at = OffsetDateTime::now_utc()
-                + to_time(backoff(u32::try_from(event.attempts).unwrap_or(0)));
+            let retry_at = if recreated {
+                OffsetDateTime::now_utc()
+            } else {
+                OffsetDateTime::now_utc()
+                    + to_time(backoff(u32::try_from(event.attempts).unwrap_or(0)))
+            };
             self.store
                 .retry_later(&[event.id], retry_at)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(store)?;
         }
         if published.is_empty() {
-            return Err(format!("{} events not delivered", failed.len()));
+            return Err(RoundError::Undelivered {
+                count: failed.len(),
+                first_error: first_error.unwrap_or_default(),
+                unknown_topic,
+            });
         }
         Ok(batch.len())
     }

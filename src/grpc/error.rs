@@ -85,6 +85,16 @@ impl From<AccountError> for Status {
                     .insert("retry-after", MetadataValue::from(secs));
                 status
             }
+            AccountError::Overloaded { retry_after } => {
+                let secs = retry_after.as_secs().max(1);
+                let mut status = Status::unavailable(format!(
+                    "the service is at capacity; retry after {secs} seconds"
+                ));
+                status
+                    .metadata_mut()
+                    .insert("retry-after", MetadataValue::from(secs));
+                status
+            }
             AccountError::Disabled => Status::permission_denied("account is not active"),
             AccountError::NotFound => Status::not_found("user not found"),
             AccountError::Forbidden => Status::permission_denied("admin role required"),

@@ -61,6 +61,7 @@ impl AuthApi {
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
+            deadline: grpc_timeout(request.metadata()).map(|t| std::time::Instant::now() + t),
         }
     }
 
@@ -84,6 +85,27 @@ pub fn client_ip(metadata: &MetadataMap, peer: Option<SocketAddr>, hops: usize) 
         .and_then(|v| v.to_str().ok());
     let peer = peer.map(|p| p.ip().to_string());
     crate::client_ip(forwarded, peer.as_deref(), hops).map(str::to_owned)
+}
+
+/// The caller's `grpc-timeout` (at most 8 digits and a unit, per the gRPC
+/// HTTP/2 protocol); anything else is ignored.
+pub fn grpc_timeout(metadata: &MetadataMap) -> Option<std::time::Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
@@ -125,6 +147,11 @@ fn token_response(pair: TokenPair) -> pb::TokenResponse {
         expires_in: pair.expires_in,
         user: Some(user_pb(&pair.user)),
         refresh_expires_in: pair.refresh_expires_in,
+        device_token: pair
+            .device_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -187,7 +214,7 @@ impl AuthService for AuthApi {
         observed("Login", async {
             Ok(token_response(
                 self.accounts
-                    .login(&body.login, &body.password, &ctx)
+                    .login(&body.login, &body.password, &body.device_token, &ctx)
                     .await?,
             ))
         })

@@ -13,6 +13,12 @@
 //!   one account. It is far above what one IP can contribute before its own
 //!   IP limit stops it, so a single IP can never trigger it.
 //!
+//! A login that presents a valid device token for the account (a device
+//! that logged in to it before) is counted only under its own (account,
+//! device) key, with the per-pair limit: failures from elsewhere — a
+//! distributed guessing run that locked the account or the IP — do not lock
+//! out the owner's own devices.
+//!
 //! Every lock ends when its window does; none outlives the attack by more
 //! than one window. Counters are keyed by the *login name as typed*
 //! (normalised and hashed), not by the user id, so locking behaves the same
@@ -52,46 +58,59 @@ pub struct LoginLockout {
     config: LockoutConfig,
 }
 
-struct Keys {
-    pair: String,
-    ip: String,
-    account: String,
+/// Who is attempting a login, as far as lockout is concerned.
+#[derive(Debug, Clone, Copy)]
+pub enum Attempt<'a> {
+    /// From this client address.
+    From(&'a str),
+    /// From a device known to the account (a valid device token).
+    KnownDevice(uuid::Uuid),
 }
 
-impl Keys {
-    fn all(&self) -> [String; 3] {
-        [self.pair.clone(), self.ip.clone(), self.account.clone()]
-    }
-}
+/// The counters an attempt is checked against, with their limits.
+struct Keys(Vec<(String, u32)>);
 
 impl LoginLockout {
     pub fn new(counter: Arc<dyn FailureCounter>, config: LockoutConfig) -> Self {
         Self { counter, config }
     }
 
-    fn keys(login: &LoginName, client_ip: &str) -> Keys {
+    fn account_key(login: &LoginName) -> String {
         // The login name is hashed so counter keys do not store emails.
-        let account = hex::encode(&Sha256::digest(login.as_str().as_bytes())[..16]);
-        Keys {
-            pair: format!("lf:pair:{account}:{client_ip}"),
-            ip: format!("lf:ip:{client_ip}"),
-            account: format!("lf:acct:{account}"),
-        }
+        hex::encode(&Sha256::digest(login.as_str().as_bytes())[..16])
+    }
+
+    fn keys(&self, login: &LoginName, attempt: Attempt<'_>) -> Keys {
+        let account = Self::account_key(login);
+        let c = &self.config;
+        Keys(match attempt {
+            Attempt::From(client_ip) => vec![
+                (
+                    format!("lf:pair:{account}:{client_ip}"),
+                    c.max_failures_per_account_ip,
+                ),
+                (format!("lf:ip:{client_ip}"), c.max_failures_per_ip),
+                (format!("lf:acct:{account}"), c.max_failures_per_account),
+            ],
+            Attempt::KnownDevice(device) => vec![(
+                format!("lf:dev:{account}:{device}"),
+                c.max_failures_per_account_ip,
+            )],
+        })
+    }
+
+    fn names(keys: &Keys) -> Vec<String> {
+        keys.0.iter().map(|(k, _)| k.clone()).collect()
     }
 
     /// Refuses the attempt while any of its keys is at its limit.
-    pub async fn check(&self, login: &LoginName, client_ip: &str) -> Result<(), LockoutError> {
-        let keys = Self::keys(login, client_ip);
-        let counts = self.counter.counts(&keys.all()).await?;
-        let limits = [
-            self.config.max_failures_per_account_ip,
-            self.config.max_failures_per_ip,
-            self.config.max_failures_per_account,
-        ];
+    pub async fn check(&self, login: &LoginName, attempt: Attempt<'_>) -> Result<(), LockoutError> {
+        let keys = self.keys(login, attempt);
+        let counts = self.counter.counts(&Self::names(&keys)).await?;
         let retry_after = counts
             .iter()
-            .zip(limits)
-            .filter(|((count, _), limit)| count >= limit)
+            .zip(&keys.0)
+            .filter(|((count, _), (_, limit))| count >= limit)
             .map(|((_, left), _)| *left)
             .max();
         match retry_after {
@@ -105,21 +124,26 @@ impl LoginLockout {
     pub async fn record_failure(
         &self,
         login: &LoginName,
-        client_ip: &str,
+        attempt: Attempt<'_>,
     ) -> Result<(), BackendError> {
-        let keys = Self::keys(login, client_ip);
+        let keys = self.keys(login, attempt);
         self.counter
-            .add_failure(&keys.all(), Duration::from_secs(self.config.window_secs))
+            .add_failure(
+                &Self::names(&keys),
+                Duration::from_secs(self.config.window_secs),
+            )
             .await
     }
 
-    /// A correct password clears the pair counter (not the IP or account
-    /// ones: a success must not reset an attack in progress elsewhere).
+    /// A correct password clears the attempt's own counter (the pair, or
+    /// the device), not the IP or account ones: a success must not reset an
+    /// attack in progress elsewhere.
     pub async fn record_success(
         &self,
         login: &LoginName,
-        client_ip: &str,
+        attempt: Attempt<'_>,
     ) -> Result<(), BackendError> {
-        self.counter.clear(&Self::keys(login, client_ip).pair).await
+        let keys = self.keys(login, attempt);
+        self.counter.clear(&keys.0[0].0).await
     }
 }

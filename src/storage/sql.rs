@@ -22,6 +22,8 @@ pub struct SqlStore<DB: sqlx::Database> {
     /// Signalled after every commit that wrote an outbox row, so this
     /// process's relay publishes at once instead of at its next poll.
     outbox_written: Arc<tokio::sync::Notify>,
+    /// Set once the cross-process wake-up (PostgreSQL LISTEN) is running.
+    listening: std::sync::Once,
     _db: PhantomData<DB>,
 }
 
@@ -30,6 +32,7 @@ impl<DB: sqlx::Database> SqlStore<DB> {
         Self {
             pool,
             outbox_written: Arc::new(tokio::sync::Notify::new()),
+            listening: std::sync::Once::new(),
             _db: PhantomData,
         }
     }
@@ -122,7 +125,7 @@ macro_rules! user_columns {
 /// Implements `UserStore`, `SessionStore` and `OutboxReader` for
 /// `SqlStore<$db>`.
 macro_rules! sql_store {
-    ($db:ty, lease = $lease_sql:expr) => {
+    ($db:ty, lease = $lease_sql:expr, listen = $listen:path) => {
         const _: () = {
             use async_trait::async_trait;
             use sqlx::{Row, types::Json};
@@ -514,6 +517,7 @@ macro_rules! sql_store {
                 }
 
                 fn outbox_written(&self) -> std::sync::Arc<tokio::sync::Notify> {
+                    self.listening.call_once(|| $listen(self));
                     self.outbox_written.clone()
                 }
             }
@@ -549,5 +553,61 @@ const LEASE_SQLITE: &str = "UPDATE outbox SET lease_until = $3, attempts = attem
                   ORDER BY id LIMIT $1) \
      RETURNING id, event_type, user_id, occurred_at, payload, traceparent, attempts";
 
-sql_store!(sqlx::Postgres, lease = LEASE_POSTGRES);
-sql_store!(sqlx::Sqlite, lease = LEASE_SQLITE);
+/// Wakes this process's relay whenever any process commits outbox rows
+/// (the trigger in `migrations/postgres/0002_outbox_notify.sql`). The task
+/// ends with the store.
+fn listen_postgres(store: &SqlStore<sqlx::Postgres>) {
+    let pool = store.pool.clone();
+    let wake = Arc::downgrade(&store.outbox_written);
+    tokio::spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            let listener = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                listener.listen("auth_outbox").await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            match listener.await {
+                Ok(mut listener) => {
+                    failures = 0;
+                    // Rows committed before LISTEN took effect sent their
+                    // notification to nobody: look once now.
+                    match wake.upgrade() {
+                        Some(wake) => wake.notify_one(),
+                        None => return,
+                    }
+                    loop {
+                        // Ok(None): the connection dropped and will be made
+                        // again; a notification may have been missed, so
+                        // wake the relay anyway.
+                        let received = listener.try_recv().await;
+                        let Some(wake) = wake.upgrade() else { return };
+                        wake.notify_one();
+                        if received.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::debug!(%error, "outbox LISTEN failed; the relay polls meanwhile");
+                }
+            }
+            if wake.strong_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(crate::events::relay::backoff(failures)).await;
+        }
+    });
+}
+
+/// SQLite has no cross-process notification: other processes' rows are
+/// found by the relay's idle poll.
+fn listen_sqlite(_: &SqlStore<sqlx::Sqlite>) {}
+
+sql_store!(
+    sqlx::Postgres,
+    lease = LEASE_POSTGRES,
+    listen = listen_postgres
+);
+sql_store!(sqlx::Sqlite, lease = LEASE_SQLITE, listen = listen_sqlite);

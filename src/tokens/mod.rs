@@ -142,6 +142,24 @@ pub struct TokenPair {
     pub expires_in: i64,
     pub refresh_expires_in: i64,
     pub user: User,
+    /// Set by login: marks the device as known to this account.
+    pub device_token: Option<SecretString>,
+}
+
+/// Claims of a device token (OWASP's device-cookie defence against
+/// credential stuffing): this device logged in to `sub` before. Its audience
+/// is the access-token audience with `:device` appended, so it is never
+/// accepted as an access token, nor an access token as a device token.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeviceClaims {
+    iss: String,
+    aud: String,
+    sub: Uuid,
+    exp: i64,
+    iat: i64,
+    nbf: i64,
+    /// The device id.
+    jti: Uuid,
 }
 
 /// Verified claims by token hash, each until its token expires.
@@ -165,6 +183,10 @@ impl moka::Expiry<TokenHash, Arc<Claims>> for UntilTokenExpiry {
     }
 }
 
+fn device_audience(config: &TokenConfig) -> String {
+    format!("{}:device", config.audience)
+}
+
 /// Issues, verifies, rotates and revokes tokens.
 pub struct TokenService {
     keys: ArcSwap<KeyRing>,
@@ -175,6 +197,7 @@ pub struct TokenService {
     generate_keys: bool,
     config: TokenConfig,
     validation: Validation,
+    device_validation: Validation,
     sessions: Arc<dyn SessionStore>,
     revocations: Revocations,
 }
@@ -210,6 +233,8 @@ impl TokenService {
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = config.leeway_secs;
+        let mut device_validation = validation.clone();
+        device_validation.set_audience(&[device_audience(&config)]);
         let verified = moka::sync::Cache::builder()
             .max_capacity(config.verified_cache_bytes)
             .weigher(|_: &TokenHash, claims: &Arc<Claims>| {
@@ -232,6 +257,7 @@ impl TokenService {
             generate_keys: config.generate_key_if_missing,
             config,
             validation,
+            device_validation,
             sessions,
             revocations,
         })
@@ -292,6 +318,46 @@ impl TokenService {
         Ok((SecretString::from(token), ttl))
     }
 
+    /// A device token for `user_id` (valid `tokens.device_ttl_secs`).
+    pub fn issue_device_token(&self, user_id: Uuid) -> Result<SecretString, TokenError> {
+        let iat = crate::unix_now();
+        let claims = DeviceClaims {
+            iss: self.config.issuer.clone(),
+            aud: device_audience(&self.config),
+            sub: user_id,
+            exp: iat + i64::try_from(self.config.device_ttl_secs).unwrap_or(i64::MAX / 4),
+            iat,
+            nbf: iat,
+            jti: Uuid::now_v7(),
+        };
+        let ring = self.keys.load();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(ring.signing_kid().to_owned());
+        jsonwebtoken::encode(&header, &claims, ring.signing_key())
+            .map(SecretString::from)
+            .map_err(|e| TokenError::Signing(e.to_string()))
+    }
+
+    /// The device id when `token` is a valid device token of `user_id`;
+    /// anything else (malformed, expired, another account's, an access
+    /// token) is `None`.
+    pub fn known_device(&self, token: &str, user_id: Uuid) -> Option<Uuid> {
+        // A device token is a few hundred bytes; do not parse megabytes.
+        if token.is_empty() || token.len() > 1024 {
+            return None;
+        }
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if header.alg != Algorithm::EdDSA {
+            return None;
+        }
+        let ring = self.keys.load();
+        let key = ring.verifying_key(header.kid.as_deref()?)?;
+        let claims = jsonwebtoken::decode::<DeviceClaims>(token, key, &self.device_validation)
+            .ok()?
+            .claims;
+        (claims.sub == user_id).then_some(claims.jti)
+    }
+
     /// Starts a session for a user who just proved who they are.
     pub async fn start_session(
         &self,
@@ -325,6 +391,7 @@ impl TokenService {
             expires_in,
             refresh_expires_in: (idle_expires_at - now).whole_seconds(),
             user,
+            device_token: None,
         })
     }
 
@@ -359,6 +426,7 @@ impl TokenService {
                     expires_in,
                     refresh_expires_in: (idle_expires_at - now).whole_seconds(),
                     user,
+                    device_token: None,
                 })
             }
             Rotation::Reused {

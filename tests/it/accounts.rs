@@ -121,7 +121,7 @@ on_both_backends! {
 
     async fn five_failures_lock_the_account_from_that_ip_with_retry_after(app) {
         app.sign_up("dave").await;
-        let attempt = |password: &str| from_ip(pb::LoginRequest { login: "dave".into(), password: password.into() }, "203.0.113.9");
+        let attempt = |password: &str| from_ip(pb::LoginRequest { login: "dave".into(), password: password.into(), ..Default::default() }, "203.0.113.9");
         for _ in 0..5 {
             let status = app.client.login(attempt("wrong password")).await.unwrap_err();
             assert_eq!(status.code(), Code::Unauthenticated);
@@ -132,12 +132,12 @@ on_both_backends! {
         let retry_after: u64 = status.metadata().get("retry-after").expect("retry-after").to_str().unwrap().parse().unwrap();
         assert!((1..=60).contains(&retry_after), "{retry_after}");
         // The owner from another address is not locked out by the attacker.
-        let elsewhere = from_ip(pb::LoginRequest { login: "dave".into(), password: PASSWORD.into() }, "198.51.100.20");
+        let elsewhere = from_ip(pb::LoginRequest { login: "dave".into(), password: PASSWORD.into(), ..Default::default() }, "198.51.100.20");
         assert!(app.client.login(elsewhere).await.is_ok());
     }
 
     async fn an_unknown_account_locks_out_exactly_like_a_real_one(app) {
-        let attempt = || from_ip(pb::LoginRequest { login: "ghost".into(), password: "wrong password".into() }, "203.0.113.10");
+        let attempt = || from_ip(pb::LoginRequest { login: "ghost".into(), password: "wrong password".into(), ..Default::default() }, "203.0.113.10");
         for _ in 0..5 {
             assert_eq!(app.client.login(attempt()).await.unwrap_err().code(), Code::Unauthenticated);
         }
@@ -146,16 +146,16 @@ on_both_backends! {
 
     async fn one_ip_spraying_many_accounts_is_stopped_by_the_per_ip_limit(app) {
         for i in 0..20 {
-            let r = from_ip(pb::LoginRequest { login: format!("user{i}"), password: "wrong password".into() }, "203.0.113.11");
+            let r = from_ip(pb::LoginRequest { login: format!("user{i}"), password: "wrong password".into(), ..Default::default() }, "203.0.113.11");
             assert_eq!(app.client.login(r).await.unwrap_err().code(), Code::Unauthenticated, "attempt {i}");
         }
-        let r = from_ip(pb::LoginRequest { login: "user99".into(), password: "wrong password".into() }, "203.0.113.11");
+        let r = from_ip(pb::LoginRequest { login: "user99".into(), password: "wrong password".into(), ..Default::default() }, "203.0.113.11");
         assert_eq!(app.client.login(r).await.unwrap_err().code(), Code::ResourceExhausted);
     }
 
     async fn a_success_clears_the_pair_counter(app) {
         app.sign_up("erin").await;
-        let attempt = |password: &str| from_ip(pb::LoginRequest { login: "erin".into(), password: password.into() }, "203.0.113.12");
+        let attempt = |password: &str| from_ip(pb::LoginRequest { login: "erin".into(), password: password.into(), ..Default::default() }, "203.0.113.12");
         for _ in 0..4 {
             app.client.login(attempt("wrong password")).await.unwrap_err();
         }

@@ -5,9 +5,11 @@ mod support;
 
 mod accounts;
 mod authz;
+mod events_worker;
 mod gateway;
 mod kafka;
 mod operations;
+mod overload;
 mod process;
 mod store_contract;
 mod tokens;

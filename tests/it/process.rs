@@ -12,15 +12,15 @@ use auth_service::grpc::pb::{self, auth_service_client::AuthServiceClient};
 
 use crate::support::{PASSWORD, channel, free_port, http_get};
 
-struct Server {
-    child: Child,
-    grpc: SocketAddr,
-    http: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) grpc: SocketAddr,
+    pub(crate) http: SocketAddr,
 }
 
 /// Starts the binary with only the given `AUTH_*` variables (nothing
 /// inherited) in `cwd`.
-fn start(cwd: &Path, env: &[(&str, &str)]) -> Server {
+pub(crate) fn start(cwd: &Path, env: &[(&str, &str)]) -> Server {
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_auth-service"));
@@ -43,7 +43,7 @@ fn start(cwd: &Path, env: &[(&str, &str)]) -> Server {
 }
 
 impl Server {
-    async fn ready(&mut self) {
+    pub(crate) async fn ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -59,7 +59,7 @@ impl Server {
         panic!("server not ready in time");
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
@@ -68,7 +68,7 @@ impl Server {
         assert!(ok, "kill -{name}");
     }
 
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -79,13 +79,13 @@ impl Server {
         }
     }
 
-    async fn client(&self) -> AuthServiceClient<tonic::transport::Channel> {
+    pub(crate) async fn client(&self) -> AuthServiceClient<tonic::transport::Channel> {
         AuthServiceClient::new(channel(self.grpc).await)
     }
 }
 
 /// Signs up `name` (`name@example.com`, the test password).
-async fn sign_up(
+pub(crate) async fn sign_up(
     client: &mut AuthServiceClient<tonic::transport::Channel>,
     name: &str,
 ) -> pb::User {
@@ -130,6 +130,7 @@ async fn starts_from_an_empty_dir_keeps_data_and_keys_across_restarts_and_exits_
         .login(pb::LoginRequest {
             login: "zoe".into(),
             password: PASSWORD.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -160,6 +161,7 @@ async fn starts_from_an_empty_dir_keeps_data_and_keys_across_restarts_and_exits_
         .login(pb::LoginRequest {
             login: "zoe@example.com".into(),
             password: PASSWORD.into(),
+            ..Default::default()
         })
         .await
         .expect("the account survived");
@@ -242,6 +244,12 @@ async fn a_sigkill_during_a_burst_loses_no_committed_event() {
         // Rows the killed relay had leased wait for their lease to expire;
         // the default 30 s would equal the wait below.
         ("AUTH_KAFKA__RELAY_LEASE_SECS", "3"),
+        // Only the relay is under test (the consumer would need Redis).
+        ("AUTH_KAFKA__CONSUMER_ENABLED", "false"),
+        // The burst comes from one address: let it all queue.
+        ("AUTH_PASSWORD__MAX_QUEUED", "1000"),
+        ("AUTH_PASSWORD__MAX_QUEUED_PER_SOURCE", "1000"),
+        ("AUTH_PASSWORD__MAX_WAIT_MS", "60000"),
         ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
         ("AUTH_PASSWORD__ITERATIONS", "1"),
     ];
@@ -373,6 +381,7 @@ async fn rotate_key_then_sighup_signs_with_the_new_key_and_old_tokens_still_veri
     let login = || pb::LoginRequest {
         login: "rot".into(),
         password: PASSWORD.into(),
+        ..Default::default()
     };
     let before = client
         .login(login())
@@ -434,7 +443,14 @@ async fn sigterm_drains_in_flight_calls_before_exiting_0() {
     let cwd = tempfile::tempdir().unwrap();
     // Default argon2 cost: eight logins queue on a one-worker hashing pool
     // for well over 100 ms, so most are still in flight at the signal.
-    let mut server = start(cwd.path(), &[("AUTH_PASSWORD__MAX_CONCURRENT_HASHES", "1")]);
+    let mut server = start(
+        cwd.path(),
+        &[
+            ("AUTH_PASSWORD__MAX_CONCURRENT_HASHES", "1"),
+            // All eight wait in the queue, however slow the machine.
+            ("AUTH_PASSWORD__MAX_WAIT_MS", "60000"),
+        ],
+    );
     server.ready().await;
     let mut client = server.client().await;
     sign_up(&mut client, "drain").await;
@@ -445,6 +461,7 @@ async fn sigterm_drains_in_flight_calls_before_exiting_0() {
                 c.login(pb::LoginRequest {
                     login: "drain".into(),
                     password: PASSWORD.into(),
+                    ..Default::default()
                 })
                 .await
             })
@@ -466,9 +483,17 @@ async fn sigterm_drains_in_flight_calls_before_exiting_0() {
 async fn sigterm_exits_0_after_the_kafka_broker_is_gone() {
     let mut tansu = crate::support::Tansu::start().await;
     let cwd = tempfile::tempdir().unwrap();
+    // The consumer runs in the supervised worker process, which revokes
+    // through Redis.
+    let database_url = crate::support::fresh_postgres_url().await;
+    let redis_url = crate::support::env_url("TEST_REDIS_URL");
+    let prefix = format!("t{}:", uuid::Uuid::new_v4().simple());
     let mut server = start(
         cwd.path(),
         &[
+            ("AUTH_DATABASE_URL", database_url.as_str()),
+            ("AUTH_REDIS_URL", redis_url.as_str()),
+            ("AUTH_REDIS_KEY_PREFIX", prefix.as_str()),
             ("AUTH_KAFKA_BROKERS", tansu.brokers.as_str()),
             ("AUTH_KAFKA__TOPIC_PARTITIONS", "1"),
             ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
@@ -482,6 +507,7 @@ async fn sigterm_exits_0_after_the_kafka_broker_is_gone() {
         .login(pb::LoginRequest {
             login: "gone".into(),
             password: PASSWORD.into(),
+            ..Default::default()
         })
         .await
         .unwrap()

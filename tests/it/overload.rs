@@ -1,0 +1,202 @@
+//! Login under overload and distributed guessing: the bounded hashing queue
+//! refuses what it cannot start in time, and a device that logged in to the
+//! account before keeps a lane of its own (OWASP's device-cookie defence).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use auth_service::grpc::pb;
+use tonic::Code;
+
+use crate::support::{Backend, PASSWORD, TestApp, from_ip};
+
+fn login(name: &str, password: &str, device_token: &str) -> pb::LoginRequest {
+    pb::LoginRequest {
+        login: name.into(),
+        password: password.into(),
+        device_token: device_token.into(),
+    }
+}
+
+crate::on_both_backends! {
+    async fn a_device_token_keeps_its_owner_out_of_a_lockout_caused_elsewhere(app) {
+        let mut app = TestApp::spawn_with(app.backend, |c| {
+            c.lockout.max_failures_per_account = 3;
+        })
+        .await;
+        app.sign_up("owner").await;
+        app.sign_up("other").await;
+        let first = app.client.login(from_ip(login("owner", PASSWORD, ""), "198.51.100.1")).await.unwrap().into_inner();
+        assert!(!first.device_token.is_empty(), "a login returns a device token");
+        let other = app.client.login(from_ip(login("other", PASSWORD, ""), "198.51.100.2")).await.unwrap().into_inner();
+
+        // A distributed guessing run: every attempt from a new address.
+        for i in 0..3 {
+            let status = app.client.login(from_ip(login("owner", "wrong password", ""), &format!("203.0.113.{i}"))).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated);
+        }
+        // The account is locked for everyone without the device token…
+        let status = app.client.login(from_ip(login("owner", PASSWORD, ""), "198.51.100.1")).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        // …and for tokens that are not this account's device token.
+        for wrong in [other.device_token.as_str(), first.access_token.as_str(), "garbage", &"x".repeat(100_000)] {
+            let status = app.client.login(from_ip(login("owner", PASSWORD, wrong), "198.51.100.1")).await.unwrap_err();
+            assert_eq!(status.code(), Code::ResourceExhausted, "a foreign token opened the device lane");
+        }
+        // The owner's device gets in, from any address.
+        let again = app.client.login(from_ip(login("owner", PASSWORD, &first.device_token), "192.0.2.77")).await.expect("the known device is not locked out");
+        assert!(!again.into_inner().device_token.is_empty());
+        // A device token is no access token.
+        let status = app.validate(&first.device_token).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        // Failures from the device itself still lock the device.
+        for _ in 0..5 {
+            let _ = app.client.login(from_ip(login("owner", "wrong password", &first.device_token), "192.0.2.77")).await;
+        }
+        let status = app.client.login(from_ip(login("owner", PASSWORD, &first.device_token), "192.0.2.77")).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+    }
+}
+
+/// One hashing thread with real argon2 cost, a queue of 2 and one waiting
+/// job per source: a flood from many addresses gets Unavailable with
+/// retry-after at once, and the owner's device still logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_is_refused_at_once_and_a_known_device_still_gets_in() {
+    let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+        c.password.memory_kib = 19 * 1024;
+        c.password.iterations = 2;
+        c.password.max_concurrent_hashes = 1;
+        c.password.max_queued = 2;
+        c.password.max_queued_per_source = 1;
+        c.password.max_wait_ms = 2000;
+        // The flood is about hashing capacity, not lockout.
+        c.lockout.max_failures_per_ip = 1_000_000;
+        c.lockout.max_failures_per_account = 1_000_000;
+        c.lockout.max_failures_per_account_ip = 1_000_000;
+    })
+    .await;
+    app.sign_up("victim").await;
+    let device = app
+        .client
+        .login(from_ip(login("victim", PASSWORD, ""), "198.51.100.9"))
+        .await
+        .unwrap()
+        .into_inner()
+        .device_token;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let flood: Vec<_> = (0..32)
+        .map(|i| {
+            let mut client = app.client.clone();
+            let (stop, refused) = (stop.clone(), refused.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let ip = format!("10.{}.{}.{}", i, n / 250, n % 250);
+                    match client
+                        .login(from_ip(
+                            login(&format!("nobody{i}x{n}"), "guess guess", ""),
+                            &ip,
+                        ))
+                        .await
+                    {
+                        Err(s) if s.code() == Code::Unavailable => {
+                            assert!(
+                                s.metadata().get("retry-after").is_some(),
+                                "Unavailable without retry-after"
+                            );
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(s) => assert_eq!(s.code(), Code::Unauthenticated, "{s:?}"),
+                        Ok(_) => panic!("a guess logged in"),
+                    }
+                }
+            })
+        })
+        .collect();
+    // Wait until the queue is full (refusals happen).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while refused.load(Ordering::Relaxed) < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..3 {
+        app.client
+            .login(from_ip(login("victim", PASSWORD, &device), "192.0.2.1"))
+            .await
+            .expect("the known device logs in through the flood");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in flood {
+        task.await.unwrap();
+    }
+}
+
+/// Hashing jobs started so far (the wait histogram counts one per start).
+async fn hashes_started(app: &TestApp) -> u64 {
+    let (_, page) = app.http_get("/metrics").await;
+    page.lines()
+        .find_map(|l| l.strip_prefix("password_hash_wait_seconds_count "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// A caller whose own deadline passes while its login waits is never
+/// hashed: exactly the backlog's logins start, not the late one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_whose_deadline_passes_in_the_queue_is_never_hashed() {
+    let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+        c.password.memory_kib = 19 * 1024;
+        c.password.iterations = 4;
+        c.password.max_concurrent_hashes = 1;
+        c.password.max_wait_ms = 60_000;
+    })
+    .await;
+    app.sign_up("patient").await;
+    let before = hashes_started(&app).await;
+    // Keep the one hashing thread busy with a backlog from other sources.
+    let backlog: Vec<_> = (0..4)
+        .map(|i| {
+            let mut client = app.client.clone();
+            tokio::spawn(async move {
+                client
+                    .login(from_ip(
+                        login("patient", PASSWORD, ""),
+                        &format!("10.0.0.{i}"),
+                    ))
+                    .await
+                    .expect("the backlog logs in");
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut request = from_ip(login("patient", PASSWORD, ""), "10.9.9.9");
+    request.set_timeout(Duration::from_millis(30));
+    let status = app.client.clone().login(request).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            Code::DeadlineExceeded | Code::Unavailable | Code::Cancelled
+        ),
+        "{status:?}"
+    );
+    for task in backlog {
+        task.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        hashes_started(&app).await - before,
+        4,
+        "only the backlog was hashed, not the login whose caller had given up"
+    );
+}
