@@ -18,6 +18,14 @@
 //! * `propagate ADDR_A ADDR_B N` — revocation propagation: log out on
 //!   replica A, poll ValidateToken on replica B until it refuses; N rounds.
 //!
+//! * `flood ADDR RATE SOURCES SECONDS` — login overload: 256 loops send RATE
+//!   logins per second in all for unknown accounts, each from one of SOURCES
+//!   client addresses (`x-forwarded-for`; `fresh` = a new address per
+//!   attempt), while real users log in every 100 ms, alternately a new user
+//!   from a new address without a device token and a returning one with its
+//!   device token. Reports their latency (unloaded first, then under the
+//!   flood) and how fast the excess was refused.
+//!
 //! Every request loop is bounded by its duration and targets loopback only.
 
 use std::{
@@ -156,6 +164,151 @@ where
     );
 }
 
+fn report(label: &str, mut v: Vec<Duration>) {
+    v.sort();
+    println!(
+        "{label}: n={} p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        v.len(),
+        percentile(&v, 50.0).as_secs_f64() * 1e3,
+        percentile(&v, 99.0).as_secs_f64() * 1e3,
+        v.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
+
+fn from(message: pb::LoginRequest, ip: &str) -> tonic::Request<pb::LoginRequest> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-forwarded-for", ip.parse().unwrap());
+    request
+}
+
+/// The real user's logins for `seconds`: (without token, with token).
+async fn real_user(
+    client: &mut AuthServiceClient<Channel>,
+    device: &str,
+    seconds: u64,
+) -> (Vec<Duration>, Vec<Duration>, u64) {
+    let (mut plain, mut known, mut refused) = (Vec::new(), Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        i += 1;
+        let token = if i.is_multiple_of(2) { device } else { "" };
+        // A user without a device token is someone arriving for the first
+        // time: a new address each time.
+        let ip = if token.is_empty() {
+            format!("192.0.{}.{}", 2 + (i >> 8) % 250, i & 255)
+        } else {
+            "198.51.100.1".to_owned()
+        };
+        let t = Instant::now();
+        let answer = client
+            .login(from(
+                pb::LoginRequest {
+                    login: "realuser".into(),
+                    password: PASSWORD.into(),
+                    device_token: token.into(),
+                },
+                &ip,
+            ))
+            .await;
+        match answer {
+            Ok(_) if token.is_empty() => plain.push(t.elapsed()),
+            Ok(_) => known.push(t.elapsed()),
+            Err(_) => refused += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (plain, known, refused)
+}
+
+async fn flood(addr: &str, rate: u64, sources: &str, seconds: u64) {
+    let attackers = 256;
+    let mut c = client(addr).await;
+    ensure_user(&mut c, "realuser").await;
+    let device = c
+        .login(from(
+            pb::LoginRequest {
+                login: "realuser".into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            },
+            "192.0.2.1",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .device_token;
+    let (plain, known, _) = real_user(&mut c, &device, 5).await;
+    report("unloaded, no device token", plain);
+    report("unloaded, device token", known);
+
+    let fresh = sources == "fresh";
+    let sources: u64 = if fresh { 0 } else { sources.parse().unwrap() };
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..attackers)
+        .map(|i| {
+            let (stop, counter) = (stop.clone(), counter.clone());
+            let addr = addr.to_owned();
+            tokio::spawn(async move {
+                let mut c = client(&addr).await;
+                let (mut refused, mut answered) = (Vec::new(), 0u64);
+                let mut pace =
+                    tokio::time::interval(Duration::from_secs_f64(attackers as f64 / rate as f64));
+                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                while !stop.load(Ordering::Relaxed) {
+                    pace.tick().await;
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let id = if fresh { n } else { n % sources };
+                    let ip = format!("10.{}.{}.{}", (id >> 16) & 255, (id >> 8) & 255, id & 255);
+                    let t = Instant::now();
+                    let answer = c
+                        .login(from(
+                            pb::LoginRequest {
+                                login: format!("nobody{i}x{n}"),
+                                password: "guess guess".into(),
+                                ..Default::default()
+                            },
+                            &ip,
+                        ))
+                        .await;
+                    match answer {
+                        Err(s) if s.code() == tonic::Code::Unavailable => refused.push(t.elapsed()),
+                        _ => answered += 1,
+                    }
+                }
+                (refused, answered)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let (plain, known, real_refused) = real_user(&mut c, &device, seconds).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut refused, mut answered) = (Vec::new(), 0);
+    for t in tasks {
+        let (r, a) = t.await.unwrap();
+        refused.extend(r);
+        answered += a;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "flood: {attackers} loops at {rate}/s from {} sources: {:.0} attempts/s sent, {:.0}/s hashed (answered), {:.0}/s refused; real user refused {real_refused} times",
+        if fresh {
+            "fresh".to_owned()
+        } else {
+            sources.to_string()
+        },
+        (answered as f64 + refused.len() as f64) / elapsed,
+        answered as f64 / elapsed,
+        refused.len() as f64 / elapsed,
+    );
+    report("refusal latency", refused);
+    report("under flood, no device token", plain);
+    report("under flood, device token", known);
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -166,6 +319,15 @@ async fn main() {
     };
     match arg(0).as_str() {
         "argon2" => argon2_rate(arg(1).parse().unwrap(), arg(2).parse().unwrap()),
+        "flood" => {
+            flood(
+                &arg(1),
+                arg(2).parse().unwrap(),
+                &arg(3),
+                arg(4).parse().unwrap(),
+            )
+            .await
+        }
         "login" => {
             let addr = arg(1);
             let concurrency: usize = arg(2).parse().unwrap();

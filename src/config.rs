@@ -56,6 +56,22 @@ pub struct Config {
     /// stay in the outbox.
     pub kafka_brokers: Option<String>,
     pub kafka: KafkaConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on what a caller may send to the gRPC listeners. Larger input is
+/// refused with a clear error before it is buffered or parsed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest AuthService request message, in bytes (its requests are a few
+    /// hundred bytes; a password is at most 4 KiB). Larger: ResourceExhausted.
+    pub max_api_message_bytes: usize,
+    /// Largest ext_authz CheckRequest, in bytes (it carries the HTTP headers
+    /// Envoy forwards; Envoy's own header limit is 60 KiB).
+    pub max_check_message_bytes: usize,
+    /// Largest HTTP/2 header block (gRPC metadata) a caller may send, in bytes.
+    pub max_header_bytes: u32,
 }
 
 /// Event publishing and consuming (used when `kafka_brokers` is set).
@@ -344,6 +360,11 @@ impl Default for Config {
             authz: AuthzConfig::default(),
             kafka_brokers: None,
             kafka: KafkaConfig::default(),
+            limits: LimitsConfig {
+                max_api_message_bytes: 64 * 1024,
+                max_check_message_bytes: 256 * 1024,
+                max_header_bytes: 64 * 1024,
+            },
         }
     }
 }
@@ -367,6 +388,18 @@ impl Config {
             figment = figment.merge(Toml::file(path));
         }
         figment = figment.merge(Env::prefixed("AUTH_").split("__").ignore(&["config"]));
+        Self::extract(figment)
+    }
+
+    /// Defaults, then `toml` (no environment): what a configuration file
+    /// with this text gives.
+    pub fn from_toml(toml: &str) -> Result<Self, ConfigError> {
+        Self::extract(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+        )
+    }
+
+    fn extract(figment: Figment) -> Result<Self, ConfigError> {
         let config: Config = figment.extract().map_err(|e| ConfigError(describe(e)))?;
         config.validate()?;
         Ok(config)
@@ -514,6 +547,13 @@ impl Config {
                 "database_timeout_ms (AUTH_DATABASE_TIMEOUT_MS)",
                 "must be positive",
             );
+        }
+        let m = &self.limits;
+        if m.max_api_message_bytes < 8 * 1024
+            || m.max_check_message_bytes < 8 * 1024
+            || m.max_header_bytes < 8 * 1024
+        {
+            return fail("limits", "message and header limits must be at least 8 KiB");
         }
         if self.database_max_connections == 0 {
             return fail("database_max_connections", "must be positive");

@@ -78,6 +78,16 @@ pub fn client_ip<'a>(
     peer
 }
 
+/// The token of an `authorization: Bearer <token>` value (scheme case
+/// insensitive); for gRPC metadata and for the headers inside a CheckRequest.
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let (scheme, token) = authorization?.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -258,15 +258,19 @@ impl Application {
             );
         }
 
+        let limits = self.config.limits.clone();
         let ext_authz = || {
             AuthorizationServer::new(ExtAuthz::new(
                 self.services.authorizer.clone(),
                 self.config.trusted_proxy_hops,
             ))
+            .max_decoding_message_size(limits.max_check_message_bytes)
         };
+        // Larger metadata is refused by the HTTP/2 layer before any handler.
+        let server = || Server::builder().http2_max_header_list_size(limits.max_header_bytes);
         let check = match self.check_listener {
             Some(listener) => {
-                let server = Server::builder()
+                let server = server()
                     .add_service(ext_authz())
                     .serve_with_incoming_shutdown(
                         incoming(listener),
@@ -286,10 +290,12 @@ impl Application {
             self.services.tokens.clone(),
             self.config.trusted_proxy_hops,
         );
-        let grpc = Server::builder()
+        let grpc = server()
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(AuthServiceServer::new(api))
+            .add_service(
+                AuthServiceServer::new(api).max_decoding_message_size(limits.max_api_message_bytes),
+            )
             .add_service(ext_authz())
             .serve_with_incoming_shutdown(
                 incoming(self.grpc_listener),

@@ -22,9 +22,10 @@
 //!   the account: see `tokens::device`), then the job whose source has used
 //!   the least hashing recently (usage decays with a half-life of
 //!   [`USAGE_HALF_LIFE`]). A source flooding the service therefore queues
-//!   behind everyone who has not, instead of in front of them, and when the
-//!   queue is full a known device takes the place of the newest job of the
-//!   heaviest source.
+//!   behind everyone who has not, instead of in front of them. When the queue
+//!   is full, a known device, or a source that has used at least one hash
+//!   less than the heaviest source waiting, takes the place of that source's
+//!   newest job.
 
 use std::{
     collections::HashMap,
@@ -221,43 +222,13 @@ impl Scheduler {
         if state.closed {
             return Err(HashError::PoolClosed);
         }
-        if let Some(source) = &admission.source
-            && !admission.known_device
-            && state
-                .waiting
-                .iter()
-                .filter(|q| q.source.as_ref() == Some(source))
-                .count()
-                >= self.config.max_queued_per_source
-        {
-            return Err(self.overloaded("source_queue_full"));
-        }
-        if state.waiting.len() >= self.config.max_queued {
-            if !admission.known_device {
-                return Err(self.overloaded("queue_full"));
+        match self.place(&state, admission, now) {
+            Err(reason) => return Err(self.overloaded(reason)),
+            Ok(Some(victim)) => {
+                let evicted = state.waiting.swap_remove(victim);
+                evicted.job.refuse(self.overloaded("evicted"));
             }
-            // A known device takes the place of the newest job of the
-            // source that used the most.
-            let usage = &state.usage;
-            let victim = state
-                .waiting
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| !q.known)
-                .max_by(|(_, a), (_, b)| {
-                    usage
-                        .of(a.source.as_ref(), now)
-                        .total_cmp(&usage.of(b.source.as_ref(), now))
-                        .then(a.seq.cmp(&b.seq))
-                })
-                .map(|(i, _)| i);
-            match victim {
-                Some(i) => {
-                    let evicted = state.waiting.swap_remove(i);
-                    evicted.job.refuse(self.overloaded("evicted"));
-                }
-                None => return Err(self.overloaded("queue_full")),
-            }
+            Ok(None) => {}
         }
         state.seq += 1;
         let seq = state.seq;
@@ -272,6 +243,58 @@ impl Scheduler {
         drop(state);
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Whether a job for `admission` can be queued now: `Ok(None)` into a
+    /// free place, `Ok(Some(i))` in place of waiting job `i`, `Err(reason)`
+    /// not at all. A full queue makes room for a known device, or for a
+    /// source that has used at least one hash less than the heaviest source
+    /// waiting, by dropping that source's newest job.
+    fn place(
+        &self,
+        state: &QueueState,
+        admission: &Admission,
+        now: Instant,
+    ) -> Result<Option<usize>, &'static str> {
+        if let Some(source) = &admission.source
+            && !admission.known_device
+            && state
+                .waiting
+                .iter()
+                .filter(|q| q.source.as_ref() == Some(source))
+                .count()
+                >= self.config.max_queued_per_source
+        {
+            return Err("source_queue_full");
+        }
+        if state.waiting.len() < self.config.max_queued {
+            return Ok(None);
+        }
+        let usage = &state.usage;
+        let victim = state
+            .waiting
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| !q.known)
+            .map(|(i, q)| (i, usage.of(q.source.as_ref(), now), q.seq))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(a.2.cmp(&b.2)));
+        match victim {
+            Some((i, heaviest, _))
+                if admission.known_device
+                    || usage.of(admission.source.as_ref(), now) + 1.0 <= heaviest =>
+            {
+                Ok(Some(i))
+            }
+            _ => Err("queue_full"),
+        }
+    }
+
+    /// Whether a job for `admission` would be queued now (nothing changes):
+    /// lets a caller refuse before doing any other work for it.
+    fn admissible(&self, admission: &Admission) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|state| self.place(&state, admission, Instant::now()).is_ok())
     }
 
     /// The next job to run: known devices first (oldest first), then the
@@ -324,7 +347,8 @@ impl Scheduler {
                 .map(|(i, _)| i);
             if let Some(i) = best {
                 let queued = state.waiting.swap_remove(i);
-                if let Some(source) = &queued.source {
+                // A known device's hashing is not held against its address.
+                if let Some(source) = queued.source.as_ref().filter(|_| !queued.known) {
                     state.usage.add(source, now);
                 }
                 metrics::gauge!("password_hash_queue_depth").set(state.waiting.len() as f64);
@@ -409,6 +433,17 @@ impl PasswordHasher {
         .map_err(|_| HashError::Hash("dummy password".into()))?;
         hasher.dummy_hash = Arc::from(hasher.hash(&dummy, &Admission::default()).await?);
         Ok(hasher)
+    }
+
+    /// Whether a job for `admission` would be queued right now; a caller
+    /// refuses at once, before reading the database, when it would not.
+    pub fn admissible(&self, admission: &Admission) -> bool {
+        self.scheduler.admissible(admission)
+    }
+
+    /// What a refused caller is told to wait.
+    pub fn retry_after(&self) -> Duration {
+        self.scheduler.retry_after()
     }
 
     /// Hashing threads of this pool.
@@ -842,6 +877,30 @@ mod tests {
         let mut state = s.state.lock().unwrap();
         assert_eq!(name(s.pick(&mut state, now)), "device");
         assert_eq!(name(s.pick(&mut state, now)), "flood-1");
+    }
+
+    #[test]
+    fn a_quiet_source_takes_the_place_of_a_flooding_one_in_a_full_queue() {
+        let s = scheduler(2, 10);
+        let now = Instant::now();
+        for _ in 0..5 {
+            s.state.lock().unwrap().usage.add(&Arc::from("flood"), now);
+        }
+        let (j, mut first) = job("flood-1");
+        s.submit(j, &from("flood")).unwrap();
+        let (j, mut second) = job("flood-2");
+        s.submit(j, &from("flood")).unwrap();
+        assert!(!s.admissible(&from("flood")), "the flood itself is refused");
+        assert!(s.admissible(&from("quiet")));
+        let (j, _q) = job("quiet");
+        s.submit(j, &from("quiet")).unwrap();
+        assert!(refused(&mut second) && !refused(&mut first));
+        let (j, _r) = job("fresh");
+        s.submit(j, &from("fresh")).unwrap();
+        assert!(refused(&mut first), "the last flood job made room too");
+        // Equally fresh sources do not push each other out.
+        let (j, _t) = job("another");
+        assert!(s.submit(j, &from("another")).is_err());
     }
 
     #[test]

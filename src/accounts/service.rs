@@ -168,6 +168,20 @@ impl AccountService {
             unreachable!("finish() fails when any field was refused")
         };
         let client_ip = ctx.client_ip.as_deref().unwrap_or("unknown");
+        let mut admission = Admission {
+            source: Some(Arc::from(client_ip)),
+            known_device: false,
+            deadline: ctx.deadline,
+        };
+        // Under overload an attempt without a device token is refused before
+        // it costs a database read (with one, the token must be checked
+        // against the account first).
+        if device_token.is_empty() && !self.hasher.admissible(&admission) {
+            metrics::counter!("login_attempts_total", "outcome" => "overloaded").increment(1);
+            return Err(AccountError::Overloaded {
+                retry_after: self.hasher.retry_after(),
+            });
+        }
 
         let credentials = self.users.find_credentials(&login).await?;
         // A device that logged in to this very account before has a lane of
@@ -180,11 +194,7 @@ impl AccountService {
             metrics::counter!("login_attempts_total", "outcome" => "locked_out").increment(1);
             return Err(locked.into());
         }
-        let admission = Admission {
-            source: Some(Arc::from(client_ip)),
-            known_device: device.is_some(),
-            deadline: ctx.deadline,
-        };
+        admission.known_device = device.is_some();
         // Verify even when there is no account (against a dummy hash) so
         // both cases take the same time.
         let verification = match self

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     authz::{AccessRequest, Authorizer, Decision, Denial},
-    client_ip,
+    bearer, client_ip,
 };
 
 /// Headers the service sets for the upstream; any a client sent are replaced
@@ -36,14 +36,6 @@ impl ExtAuthz {
             trusted_proxy_hops,
         }
     }
-}
-
-fn bearer(authorization: Option<&str>) -> Option<&str> {
-    let (scheme, token) = authorization?.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
 }
 
 fn json_body(code: &str, message: &str) -> String {

@@ -33,6 +33,14 @@ struct LifecycleMessage {
     user_id: Uuid,
 }
 
+/// The user a lifecycle message is about (`{"user_id": "<uuid>"}`, other
+/// fields ignored). Untrusted bytes from another service.
+pub fn parse_lifecycle(payload: &[u8]) -> Result<Uuid, String> {
+    serde_json::from_slice::<LifecycleMessage>(payload)
+        .map(|m| m.user_id)
+        .map_err(|e| e.to_string())
+}
+
 pub struct LifecycleConsumer {
     consumer: Closing,
     dlq: FutureProducer,
@@ -122,9 +130,9 @@ impl LifecycleConsumer {
         let parsed = message
             .payload()
             .ok_or_else(|| "empty payload".to_owned())
-            .and_then(|p| serde_json::from_slice::<LifecycleMessage>(p).map_err(|e| e.to_string()));
+            .and_then(parse_lifecycle);
         let user_id = match parsed {
-            Ok(m) => m.user_id,
+            Ok(user_id) => user_id,
             Err(reason) => return self.park(message, Park::Unparseable(reason), stop).await,
         };
         let status = if deleted {

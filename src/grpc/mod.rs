@@ -109,12 +109,7 @@ pub fn grpc_timeout(metadata: &MetadataMap) -> Option<std::time::Duration> {
 }
 
 fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    crate::bearer(metadata.get("authorization")?.to_str().ok())
 }
 
 fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {

@@ -6,6 +6,7 @@ mod support;
 mod accounts;
 mod authz;
 mod events_worker;
+mod fuzz;
 mod gateway;
 mod kafka;
 mod operations;
