@@ -26,6 +26,10 @@
 //!   device token. Reports their latency (unloaded first, then under the
 //!   flood) and how fast the excess was refused.
 //!
+//! * `many-tokens ADDR KEYS_DIR N` — N distinct users' access tokens, minted
+//!   with the service's signing key, each checked once through ext_authz
+//!   (for the memory benchmark).
+//!
 //! Every request loop is bounded by its duration and targets loopback only.
 
 use std::{
@@ -309,6 +313,73 @@ async fn flood(addr: &str, rate: u64, sources: &str, seconds: u64) {
     report("under flood, device token", known);
 }
 
+/// Mints `n` access tokens of `n` distinct users with the service's own
+/// signing key (`keys_dir`), as `n` logins would, and has each checked once
+/// through ext_authz from an address of its own. Prints how many were allowed.
+async fn many_tokens(addr: &str, keys_dir: &str, n: usize) {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let config = Config::default().tokens;
+    let ring = auth_service::tokens::keys::KeyRing::load(std::path::Path::new(keys_dir), false)
+        .expect("the service's keys");
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some(ring.signing_kid().to_owned());
+    let now = auth_service::unix_now();
+    let tokens: Vec<String> = (0..n)
+        .map(|_| {
+            let claims = auth_service::tokens::Claims {
+                iss: config.issuer.clone(),
+                aud: config.audience.clone(),
+                sub: uuid::Uuid::now_v7(),
+                exp: now + 900,
+                iat: now,
+                nbf: now,
+                jti: uuid::Uuid::now_v7(),
+                sid: uuid::Uuid::now_v7(),
+                roles: vec!["user".into()],
+            };
+            jsonwebtoken::encode(&header, &claims, ring.signing_key()).unwrap()
+        })
+        .collect();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let tokens = Arc::new(tokens);
+    let next = Arc::new(AtomicU64::new(0));
+    let allowed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (tokens, next, allowed) = (tokens.clone(), next.clone(), allowed.clone());
+            let mut authz = AuthorizationClient::new(channel.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(token) = tokens.get(i) else { break };
+                    let ip = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+                    let answer = authz
+                        .check(check_request_from(token, &ip))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    if answer.status.is_some_and(|s| s.code == 0) {
+                        allowed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    println!(
+        "{n} distinct tokens checked once each in {:.1} s: {} allowed",
+        started.elapsed().as_secs_f64(),
+        allowed.load(Ordering::Relaxed)
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -319,6 +390,7 @@ async fn main() {
     };
     match arg(0).as_str() {
         "argon2" => argon2_rate(arg(1).parse().unwrap(), arg(2).parse().unwrap()),
+        "many-tokens" => many_tokens(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         "flood" => {
             flood(
                 &arg(1),
@@ -436,10 +508,14 @@ async fn main() {
 }
 
 fn check_request(token: &str) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    check_request_from(token, "203.0.113.50")
+}
+
+fn check_request_from(token: &str, ip: &str) -> envoy_types::ext_authz::v3::pb::CheckRequest {
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
     let headers = [
         ("authorization".to_owned(), format!("Bearer {token}")),
-        ("x-forwarded-for".to_owned(), "203.0.113.50".to_owned()),
+        ("x-forwarded-for".to_owned(), ip.to_owned()),
     ];
     envoy_types::ext_authz::v3::pb::CheckRequest {
         attributes: Some(AttributeContext {

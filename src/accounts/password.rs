@@ -3,8 +3,9 @@
 //! Hashing is CPU- and memory-bound for tens of milliseconds, so it never runs
 //! on the async workers. `max_concurrent_hashes` OS threads (one per core by
 //! default) take jobs from a bounded queue; each keeps its argon2 memory
-//! (19 MiB at the defaults) for its whole life instead of allocating and
-//! faulting in a fresh buffer per hash. Unknown users are verified against a
+//! (19 MiB at the defaults) from one job to the next instead of allocating
+//! and faulting in a fresh buffer per hash, and gives it back after
+//! [`RELEASE_MEMORY_AFTER`] without work. Unknown users are verified against a
 //! dummy hash with the same parameters so a login for a missing account costs
 //! the same as one for a real account.
 //!
@@ -301,8 +302,11 @@ impl Scheduler {
     /// least recently used source (oldest first among equals). Jobs past
     /// their deadline, or whose caller is gone, are dropped on the way.
     /// `None` when the pool is shut down.
-    fn next(&self) -> Option<Job> {
+    /// `None` when the pool is shut down. After `idle` without a job,
+    /// `idle_hook` runs once (outside the lock) before waiting on.
+    fn next(&self, idle: Duration, idle_hook: &mut impl FnMut()) -> Option<Job> {
         let mut state = self.state.lock().ok()?;
+        let mut hooked = false;
         loop {
             if state.closed {
                 return None;
@@ -312,7 +316,18 @@ impl Scheduler {
             }
             // Sleep until a job arrives. A job that expires meanwhile is
             // refused when a worker next looks, at most one hash later.
-            state = self.ready.wait(state).ok()?;
+            if hooked {
+                state = self.ready.wait(state).ok()?;
+            } else {
+                let (guard, waited) = self.ready.wait_timeout(state, idle).ok()?;
+                state = guard;
+                if waited.timed_out() {
+                    hooked = true;
+                    drop(state);
+                    idle_hook();
+                    state = self.state.lock().ok()?;
+                }
+            }
         }
     }
 
@@ -499,9 +514,16 @@ impl PasswordHasher {
     }
 }
 
+/// A worker that has hashed nothing for this long gives its argon2 memory
+/// (19 MiB at the defaults) back; the next job allocates it again (a few
+/// milliseconds, once). An idle service holds no hashing memory.
+const RELEASE_MEMORY_AFTER: Duration = Duration::from_secs(10);
+
 fn worker(scheduler: &Scheduler, params: &Params) {
-    let mut memory = vec![Block::default(); params.block_count()];
-    while let Some(job) = scheduler.next() {
+    let mut memory: Vec<Block> = Vec::new();
+    while let Some(job) = scheduler.next(RELEASE_MEMORY_AFTER, &mut || {
+        memory = Vec::new();
+    }) {
         match job {
             Job::Hash { password, reply } => {
                 let _ = reply.send(hash_with(params, &password, &mut memory));
@@ -517,11 +539,24 @@ fn worker(scheduler: &Scheduler, params: &Params) {
     }
 }
 
+/// The smallest capacity a worker's buffer is allocated with, in 1 KiB
+/// blocks: 33 MiB. glibc serves an allocation that large with its own
+/// mapping and unmaps it when freed. A smaller one would, after the first
+/// such free, come from the heap (glibc raises its mmap threshold to the size
+/// of a freed mapping, up to 32 MiB) and stay resident after the worker
+/// releases it. Only the pages argon2 touches (19 MiB at the defaults) count
+/// in RSS.
+const MIN_CAPACITY_BLOCKS: usize = 33 * 1024;
+
 fn memory_for<'m>(memory: &'m mut Vec<Block>, params: &Params) -> &'m mut [Block] {
-    if memory.len() < params.block_count() {
-        memory.resize(params.block_count(), Block::default());
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        if memory.capacity() < blocks {
+            *memory = Vec::with_capacity(blocks.max(MIN_CAPACITY_BLOCKS));
+        }
+        memory.resize(blocks, Block::default());
     }
-    &mut memory[..params.block_count()]
+    &mut memory[..blocks]
 }
 
 fn failed(e: impl std::fmt::Display) -> HashError {

@@ -94,12 +94,12 @@ pub fn producer(
         .create()
 }
 
-/// Creates whichever of `topics` are missing.
+/// Creates whichever of `topics` are missing; returns how many it created.
 pub async fn ensure_topics(
     brokers: &str,
     config: &KafkaConfig,
     topics: &[String],
-) -> Result<(), String> {
+) -> Result<usize, String> {
     let admin: AdminClient<DefaultClientContext> = client_config(brokers, config)
         .create()
         .map_err(|e| e.to_string())?;
@@ -118,11 +118,13 @@ pub async fn ensure_topics(
         .create_topics(new.iter(), &options)
         .await
         .map_err(|e| e.to_string())?;
+    let mut created = 0;
     for result in results {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => created += 1,
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => return Err(format!("creating topic {topic}: {code}")),
         }
     }
-    Ok(())
+    Ok(created)
 }

@@ -31,6 +31,10 @@ pub struct Relay {
     config: KafkaConfig,
 }
 
+/// Consecutive rounds that delivered nothing before the producer is
+/// replaced.
+const RENEW_AFTER_FAILED_ROUNDS: u32 = 2;
+
 /// Why a round published nothing.
 #[derive(Debug)]
 pub enum RoundError {
@@ -42,6 +46,8 @@ pub enum RoundError {
         count: usize,
         first_error: String,
         unknown_topic: bool,
+        /// The broker lacked topics and they were created again.
+        topics_recreated: bool,
     },
 }
 
@@ -119,7 +125,21 @@ impl Relay {
                             "the broker does not know the event topics and kafka.create_topics is off: create them, events wait in the outbox"
                         );
                     }
-                    self.renew_producer_if_fatal();
+                    if let Some(reason) = self.producer_fatal_error() {
+                        self.renew_producer(&reason);
+                    } else if let RoundError::Undelivered {
+                        topics_recreated: true,
+                        ..
+                    } = error
+                    {
+                        // A producer that saw its topics vanish goes on
+                        // timing out every send after they are back.
+                        self.renew_producer("the broker had lost its topics");
+                    } else if failures.is_multiple_of(RENEW_AFTER_FAILED_ROUNDS)
+                        && matches!(error, RoundError::Undelivered { .. })
+                    {
+                        self.renew_producer("no delivery in several rounds");
+                    }
                     backoff(failures)
                 }
             };
@@ -150,35 +170,48 @@ impl Relay {
         }
     }
 
-    /// An idempotent producer that hits a fatal error (the broker lost its
-    /// producer state, e.g. it came back empty) refuses every later send:
-    /// replace it. Its unacknowledged rows stay leased and are sent again.
-    fn renew_producer_if_fatal(&mut self) {
-        let Some((code, reason)) = self.producer.client().fatal_error() else {
-            return;
-        };
-        tracing::warn!(?code, %reason, "Kafka producer hit a fatal error; creating a new one");
+    /// An idempotent producer that hit a fatal error (the broker lost its
+    /// producer state) refuses every later send.
+    fn producer_fatal_error(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("fatal error {code:?}: {reason}"))
+    }
+
+    /// Replaces the producer with a new one (new connections, metadata and
+    /// producer id). Rows it had not delivered stay leased and are sent
+    /// again by the new one.
+    fn renew_producer(&mut self, why: &str) {
+        tracing::warn!(why, "creating a new Kafka producer");
         match kafka::producer(&self.brokers, &self.config) {
             Ok(producer) => {
                 metrics::counter!("outbox_producer_renewals_total").increment(1);
-                self.producer = producer;
+                let old = std::mem::replace(&mut self.producer, producer);
+                // Dropping purges and destroys the client, which may wait
+                // on its threads: not on a runtime worker.
+                tokio::task::spawn_blocking(move || drop(old));
             }
             Err(error) => tracing::error!(%error, "cannot create a new Kafka producer"),
         }
     }
 
-    /// The broker answered "unknown topic" (it lost them): create them again
-    /// and release the rows at once; `false` when that did not work.
+    /// Creates whichever topics the broker lacks (it may have lost them);
+    /// `true` when it created any.
     async fn recreate_topics(&self) -> bool {
         let topics = kafka::all_topics(&self.config);
         match kafka::ensure_topics(&self.brokers, &self.config, &topics).await {
-            Ok(()) => {
+            Ok(0) => false,
+            Ok(created) => {
                 metrics::counter!("outbox_topics_recreated_total").increment(1);
-                tracing::warn!("the broker had lost the event topics: created them again");
+                tracing::warn!(
+                    created,
+                    "the broker had lost event topics: created them again"
+                );
                 true
             }
             Err(error) => {
-                tracing::warn!(%error, "re-creating the event topics failed");
+                tracing::debug!(%error, "checking the event topics failed");
                 false
             }
         }
@@ -235,8 +268,12 @@ impl Relay {
             .await
             .map_err(store)?;
         metrics::counter!("outbox_published_total").increment(published.len() as u64);
-        // Topics re-created: the rows go again at once, not after a backoff.
-        let recreated = unknown_topic && self.config.create_topics && self.recreate_topics().await;
+        // A broker that lost its topics answers "unknown topic", or lets the
+        // messages time out (librdkafka waits for the topic to appear): with
+        // creation on, any undelivered row makes sure the topics exist
+        // (idempotent). When that created one, the rows go again at once.
+        let recreated =
+            !failed.is_empty() && self.config.create_topics && self.recreate_topics().await;
         for event in &failed {
             let retry_at = if recreated {
                 OffsetDateTime::now_utc()
@@ -254,6 +291,7 @@ impl Relay {
                 count: failed.len(),
                 first_error: first_error.unwrap_or_default(),
                 unknown_topic,
+                topics_recreated: recreated,
             });
         }
         Ok(batch.len())
