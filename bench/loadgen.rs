@@ -26,6 +26,10 @@
 //!   device token. Reports their latency (unloaded first, then under the
 //!   flood) and how fast the excess was refused.
 //!
+//! * `chaos ADDR SECONDS ACKED_FILE` — steady sign-up and ValidateToken load
+//!   (4 loops each) while `bench/chaos` breaks backends: prints, per second,
+//!   answers by gRPC code and the longest call, and writes the id of every
+//!   acknowledged sign-up to ACKED_FILE (to check none was lost).
 //! * `many-tokens ADDR KEYS_DIR N` — N distinct users' access tokens, minted
 //!   with the service's signing key, each checked once through ext_authz
 //!   (for the memory benchmark).
@@ -313,6 +317,109 @@ async fn flood(addr: &str, rate: u64, sources: &str, seconds: u64) {
     report("under flood, device token", known);
 }
 
+async fn chaos(addr: &str, seconds: u64, acked_file: &str) {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    let mut setup = client(addr).await;
+    ensure_user(&mut setup, "chaosv").await;
+    let token = setup
+        .login(pb::LoginRequest {
+            login: "chaosv".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    // (second, code) -> count; second -> longest call.
+    let counts = Arc::new(Mutex::new(BTreeMap::<(u64, String), u64>::new()));
+    let slowest = Arc::new(Mutex::new(BTreeMap::<u64, Duration>::new()));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let serial = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (counts, slowest, acked, serial) = (
+                counts.clone(),
+                slowest.clone(),
+                acked.clone(),
+                serial.clone(),
+            );
+            let (addr, token) = (addr.to_owned(), token.clone());
+            tokio::spawn(async move {
+                let mut c = client(&addr).await;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let (code, id) = if i % 2 == 0 {
+                        let n = serial.fetch_add(1, Ordering::Relaxed);
+                        let name = format!("chaos{}x{n}", std::process::id());
+                        let answer = c
+                            .create_user(pb::CreateUserRequest {
+                                email: format!("{name}@example.com"),
+                                username: name,
+                                password: PASSWORD.into(),
+                            })
+                            .await;
+                        match answer {
+                            Ok(r) => ("OK".to_owned(), r.into_inner().user.map(|u| u.id)),
+                            Err(s) => (format!("{:?}", s.code()), None),
+                        }
+                    } else {
+                        let request = pb::ValidateTokenRequest {
+                            token: token.clone(),
+                        };
+                        match c.validate_token(request).await {
+                            Ok(_) => ("OK".to_owned(), None),
+                            Err(s) => (format!("{:?}", s.code()), None),
+                        }
+                    };
+                    let took = t.elapsed();
+                    let second = t.duration_since(started).as_secs();
+                    {
+                        *counts.lock().unwrap().entry((second, code)).or_default() += 1;
+                        let mut slow = slowest.lock().unwrap();
+                        let entry = slow.entry(second).or_default();
+                        *entry = (*entry).max(took);
+                        if let Some(id) = id {
+                            acked.lock().unwrap().push(id);
+                        }
+                    }
+                    if took < Duration::from_millis(5) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let counts = counts.lock().unwrap();
+    let slowest = slowest.lock().unwrap();
+    for second in 0..seconds {
+        let line: Vec<String> = counts
+            .iter()
+            .filter(|((s, _), _)| *s == second)
+            .map(|((_, code), n)| format!("{code} {n}"))
+            .collect();
+        println!(
+            "t={second:>2}s  {:<60} longest {:.0} ms",
+            line.join(", "),
+            slowest
+                .get(&second)
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3
+        );
+    }
+    let acked = acked.lock().unwrap();
+    std::fs::write(acked_file, acked.join("\n")).unwrap();
+    println!("{} sign-ups acknowledged", acked.len());
+}
+
 /// Mints `n` access tokens of `n` distinct users with the service's own
 /// signing key (`keys_dir`), as `n` logins would, and has each checked once
 /// through ext_authz from an address of its own. Prints how many were allowed.
@@ -390,6 +497,7 @@ async fn main() {
     };
     match arg(0).as_str() {
         "argon2" => argon2_rate(arg(1).parse().unwrap(), arg(2).parse().unwrap()),
+        "chaos" => chaos(&arg(1), arg(2).parse().unwrap(), &arg(3)).await,
         "many-tokens" => many_tokens(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         "flood" => {
             flood(

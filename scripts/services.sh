@@ -104,9 +104,9 @@ services_start() {
   mkdir -p "$SERVICES_WORK/pg"
   [ "$(id -u)" -eq 0 ] && chown postgres "$SERVICES_WORK/pg"
   pg "$PG_BIN/initdb" -D "$SERVICES_WORK/pg" -U "$pg_user" --auth=trust -E UTF8 >/dev/null
-  pg "$PG_BIN/pg_ctl" -D "$SERVICES_WORK/pg" -l "$SERVICES_WORK/pg/server.log" -w \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $SERVICES_WORK/pg -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
-    start >/dev/null
+  # Kept for callers that restart the server (bench/chaos).
+  PG_OPTIONS="-p $PG_PORT -c listen_addresses=127.0.0.1 -k $SERVICES_WORK/pg -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400"
+  pg "$PG_BIN/pg_ctl" -D "$SERVICES_WORK/pg" -l "$SERVICES_WORK/pg/server.log" -w -o "$PG_OPTIONS" start >/dev/null
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
     --logfile "$SERVICES_WORK/redis.log" --dir "$SERVICES_WORK" >/dev/null
   export TEST_DATABASE_URL="postgres://$pg_user@127.0.0.1:$PG_PORT/postgres"

@@ -16,6 +16,7 @@ pub(crate) struct Server {
     pub(crate) child: Child,
     pub(crate) grpc: SocketAddr,
     pub(crate) http: SocketAddr,
+    log: std::path::PathBuf,
 }
 
 /// Starts the binary with only the given `AUTH_*` variables (nothing
@@ -31,7 +32,8 @@ pub(crate) fn start(cwd: &Path, env: &[(&str, &str)]) -> Server {
         .env("AUTH_GRPC_ADDR", grpc.to_string())
         .env("AUTH_HTTP_ADDR", http.to_string())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        // Kept for the panic message when the server stops early.
+        .stderr(std::fs::File::create(cwd.join("server.log")).unwrap());
     for (k, v) in env {
         command.env(k, v);
     }
@@ -39,6 +41,7 @@ pub(crate) fn start(cwd: &Path, env: &[(&str, &str)]) -> Server {
         child: command.spawn().unwrap(),
         grpc,
         http,
+        log: cwd.join("server.log"),
     }
 }
 
@@ -47,7 +50,16 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("server exited early: {status}");
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: String = log
+                    .chars()
+                    .rev()
+                    .take(2000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!("server exited early: {status}; its log ends:\n{tail}");
             }
             if tokio::net::TcpStream::connect(self.http).await.is_ok()
                 && http_get(self.http, "/readyz").await.0 == 200
