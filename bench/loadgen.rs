@@ -126,6 +126,21 @@ async fn ensure_user(client: &mut AuthServiceClient<Channel>, name: &str) {
         .await;
 }
 
+/// Signs `name` up (if needed) and logs in; the access token.
+async fn user_token(client: &mut AuthServiceClient<Channel>, name: &str) -> String {
+    ensure_user(client, name).await;
+    client
+        .login(pb::LoginRequest {
+            login: name.into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token
+}
+
 /// Runs `concurrency` loops of `call` for `seconds`; prints rate and latency.
 async fn drive<F, Fut>(label: &str, concurrency: usize, seconds: u64, call: F)
 where
@@ -321,17 +336,7 @@ async fn chaos(addr: &str, seconds: u64, acked_file: &str) {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
     let mut setup = client(addr).await;
-    ensure_user(&mut setup, "chaosv").await;
-    let token = setup
-        .login(pb::LoginRequest {
-            login: "chaosv".into(),
-            password: PASSWORD.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .access_token;
+    let token = user_token(&mut setup, "chaosv").await;
     // (second, code) -> count; second -> longest call.
     let counts = Arc::new(Mutex::new(BTreeMap::<(u64, String), u64>::new()));
     let slowest = Arc::new(Mutex::new(BTreeMap::<u64, Duration>::new()));
@@ -536,17 +541,7 @@ async fn main() {
             let addr = arg(1);
             let concurrency: usize = arg(2).parse().unwrap();
             let mut setup = client(&addr).await;
-            ensure_user(&mut setup, "benchv").await;
-            let token = setup
-                .login(pb::LoginRequest {
-                    login: "benchv".into(),
-                    password: PASSWORD.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .access_token;
+            let token = user_token(&mut setup, "benchv").await;
             let clients: Arc<Vec<_>> =
                 Arc::new(futures::future::join_all((0..concurrency).map(|_| client(&addr))).await);
             drive(
@@ -567,17 +562,7 @@ async fn main() {
         }
         "token" => {
             let mut c = client(&arg(1)).await;
-            ensure_user(&mut c, &arg(2)).await;
-            let pair = c
-                .login(pb::LoginRequest {
-                    login: arg(2),
-                    password: PASSWORD.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            println!("{}", pair.access_token);
+            println!("{}", user_token(&mut c, &arg(2)).await);
         }
         "check" => check_load(&arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap()).await,
         "propagate" => propagate(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
@@ -646,17 +631,7 @@ fn check_request_from(token: &str, ip: &str) -> envoy_types::ext_authz::v3::pb::
 async fn check_load(addr: &str, rps: u64, seconds: u64) {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     let mut setup = client(addr).await;
-    ensure_user(&mut setup, "benchc").await;
-    let token = setup
-        .login(pb::LoginRequest {
-            login: "benchc".into(),
-            password: PASSWORD.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .access_token;
+    let token = user_token(&mut setup, "benchc").await;
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()

@@ -23,6 +23,16 @@ pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
     )
 }
 
+/// `code` with `retry-after` (whole seconds, at least 1) in the metadata.
+fn with_retry_after(code: Code, message: &str, retry_after: std::time::Duration) -> Status {
+    let secs = retry_after.as_secs().max(1);
+    let mut status = Status::new(code, format!("{message}; retry after {secs} seconds"));
+    status
+        .metadata_mut()
+        .insert("retry-after", MetadataValue::from(secs));
+    status
+}
+
 pub fn unauthenticated(message: &'static str) -> Status {
     Status::unauthenticated(message)
 }
@@ -75,25 +85,13 @@ impl From<AccountError> for Status {
                 )
             }
             AccountError::InvalidCredentials => unauthenticated("invalid login or password"),
-            AccountError::LockedOut { retry_after } => {
-                let secs = retry_after.as_secs().max(1);
-                let mut status = Status::resource_exhausted(format!(
-                    "too many failed logins; retry after {secs} seconds"
-                ));
-                status
-                    .metadata_mut()
-                    .insert("retry-after", MetadataValue::from(secs));
-                status
-            }
+            AccountError::LockedOut { retry_after } => with_retry_after(
+                Code::ResourceExhausted,
+                "too many failed logins",
+                retry_after,
+            ),
             AccountError::Overloaded { retry_after } => {
-                let secs = retry_after.as_secs().max(1);
-                let mut status = Status::unavailable(format!(
-                    "the service is at capacity; retry after {secs} seconds"
-                ));
-                status
-                    .metadata_mut()
-                    .insert("retry-after", MetadataValue::from(secs));
-                status
+                with_retry_after(Code::Unavailable, "the service is at capacity", retry_after)
             }
             AccountError::Disabled => Status::permission_denied("account is not active"),
             AccountError::NotFound => Status::not_found("user not found"),
