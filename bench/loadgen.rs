@@ -30,9 +30,10 @@
 //!   (4 loops each) while `bench/chaos` breaks backends: prints, per second,
 //!   answers by gRPC code and the longest call, and writes the id of every
 //!   acknowledged sign-up to ACKED_FILE (to check none was lost).
-//! * `many-tokens ADDR KEYS_DIR N` — N distinct users' access tokens, minted
-//!   with the service's signing key, each checked once through ext_authz
-//!   (for the memory benchmark).
+//! * `many-tokens ADDR KEYS_DIR N [one-address]` — N distinct users' access
+//!   tokens, minted with the service's signing key, each checked once through
+//!   ext_authz from an address of its own (or all from one), for the memory
+//!   benchmark.
 //!
 //! Every request loop is bounded by its duration and targets loopback only.
 
@@ -428,7 +429,7 @@ async fn chaos(addr: &str, seconds: u64, acked_file: &str) {
 /// Mints `n` access tokens of `n` distinct users with the service's own
 /// signing key (`keys_dir`), as `n` logins would, and has each checked once
 /// through ext_authz from an address of its own. Prints how many were allowed.
-async fn many_tokens(addr: &str, keys_dir: &str, n: usize) {
+async fn many_tokens(addr: &str, keys_dir: &str, n: usize, one_address: bool) {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     let config = Config::default().tokens;
     let ring = auth_service::tokens::keys::KeyRing::load(std::path::Path::new(keys_dir), false)
@@ -469,7 +470,11 @@ async fn many_tokens(addr: &str, keys_dir: &str, n: usize) {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(token) = tokens.get(i) else { break };
-                    let ip = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+                    let ip = if one_address {
+                        "10.0.0.1".to_owned()
+                    } else {
+                        format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
+                    };
                     let answer = authz
                         .check(check_request_from(token, &ip))
                         .await
@@ -503,7 +508,10 @@ async fn main() {
     match arg(0).as_str() {
         "argon2" => argon2_rate(arg(1).parse().unwrap(), arg(2).parse().unwrap()),
         "chaos" => chaos(&arg(1), arg(2).parse().unwrap(), &arg(3)).await,
-        "many-tokens" => many_tokens(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
+        "many-tokens" => {
+            let one_address = args.get(4).is_some_and(|a| a == "one-address");
+            many_tokens(&arg(1), &arg(2), arg(3).parse().unwrap(), one_address).await
+        }
         "flood" => {
             flood(
                 &arg(1),
