@@ -72,6 +72,11 @@ pub struct LimitsConfig {
     pub max_check_message_bytes: usize,
     /// Largest HTTP/2 header block (gRPC metadata) a caller may send, in bytes.
     pub max_header_bytes: u32,
+    /// Every AuthService call ends within this many milliseconds (Unavailable
+    /// otherwise), whatever a backend does — a database that stops answering
+    /// on an open connection included. 0: `database_timeout_ms` +
+    /// `password.max_wait_ms` + 1000, so the more specific answers come first.
+    pub request_timeout_ms: u64,
 }
 
 /// Event publishing and consuming (used when `kafka_brokers` is set).
@@ -364,6 +369,7 @@ impl Default for Config {
                 max_api_message_bytes: 64 * 1024,
                 max_check_message_bytes: 256 * 1024,
                 max_header_bytes: 64 * 1024,
+                request_timeout_ms: 0,
             },
         }
     }
@@ -581,6 +587,14 @@ impl Config {
 
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    /// The bound on one AuthService call.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(match self.limits.request_timeout_ms {
+            0 => self.database_timeout_ms + self.password.max_wait_ms + 1000,
+            n => n,
+        })
     }
 
     /// The hashing queue's bounds.

@@ -289,6 +289,7 @@ impl Application {
             self.services.accounts.clone(),
             self.services.tokens.clone(),
             self.config.trusted_proxy_hops,
+            self.config.request_timeout(),
         );
         let grpc = server()
             .add_service(health_service)

@@ -34,6 +34,7 @@ pub struct AuthApi {
     accounts: Arc<AccountService>,
     tokens: Arc<TokenService>,
     trusted_proxy_hops: usize,
+    request_timeout: std::time::Duration,
 }
 
 impl AuthApi {
@@ -41,11 +42,13 @@ impl AuthApi {
         accounts: Arc<AccountService>,
         tokens: Arc<TokenService>,
         trusted_proxy_hops: usize,
+        request_timeout: std::time::Duration,
     ) -> Self {
         Self {
             accounts,
             tokens,
             trusted_proxy_hops,
+            request_timeout,
         }
     }
 
@@ -165,13 +168,46 @@ fn code_label(code: Code) -> &'static str {
     }
 }
 
-/// Counts and times one RPC by method and resulting code.
-async fn observed<T>(
+impl AuthApi {
+    /// Runs one RPC within the request timeout, and counts and times it by
+    /// method and resulting code. A call past the timeout is dropped (a
+    /// transaction it had open is rolled back) and answered Unavailable.
+    async fn observed<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let result = within(self.request_timeout, method, call).await;
+        record(method, started, result)
+    }
+}
+
+/// `call`'s answer, or Unavailable once `timeout` has passed (the call is
+/// dropped).
+async fn within<T>(
+    timeout: std::time::Duration,
     method: &'static str,
     call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                method,
+                ?timeout,
+                "call timed out: a backend does not answer"
+            );
+            Err(Status::unavailable("the request timed out; retry later"))
+        }
+    }
+}
+
+fn record<T>(
+    method: &'static str,
+    started: Instant,
+    result: Result<T, Status>,
 ) -> Result<Response<T>, Status> {
-    let started = Instant::now();
-    let result = call.await;
     let code = code_label(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
     metrics::counter!("grpc_server_requests_total", "method" => method, "code" => code)
         .increment(1);
@@ -188,7 +224,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let ctx = self.context(&request);
         let body = request.into_inner();
-        observed("CreateUser", async {
+        self.observed("CreateUser", async {
             let user = self
                 .accounts
                 .sign_up(&body.email, &body.username, &body.password, &ctx)
@@ -206,7 +242,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::TokenResponse>, Status> {
         let ctx = self.context(&request);
         let body = request.into_inner();
-        observed("Login", async {
+        self.observed("Login", async {
             Ok(token_response(
                 self.accounts
                     .login(&body.login, &body.password, &body.device_token, &ctx)
@@ -222,7 +258,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::TokenResponse>, Status> {
         let ctx = self.context(&request);
         let body = request.into_inner();
-        observed("RefreshToken", async {
+        self.observed("RefreshToken", async {
             Ok(token_response(
                 self.accounts.refresh(&body.refresh_token, &ctx).await?,
             ))
@@ -236,7 +272,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::LogoutResponse>, Status> {
         let ctx = self.context(&request);
         let (metadata, _, body) = request.into_parts();
-        observed("Logout", async {
+        self.observed("Logout", async {
             let caller = self.caller(&metadata).await?;
             let refresh =
                 (!body.refresh_token.is_empty()).then(|| SecretString::from(body.refresh_token));
@@ -251,7 +287,7 @@ impl AuthService for AuthApi {
         request: Request<pb::ValidateTokenRequest>,
     ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
         let body = request.into_inner();
-        observed("ValidateToken", async {
+        self.observed("ValidateToken", async {
             if body.token.is_empty() {
                 return Err(error::invalid_argument(&[
                     crate::error::FieldViolation::new("token", "is required"),
@@ -275,7 +311,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetMeRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        observed("GetMe", async {
+        self.observed("GetMe", async {
             let caller = self.caller(request.metadata()).await?;
             Ok(user_pb(&self.accounts.me(&caller).await?))
         })
@@ -288,7 +324,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let ctx = self.context(&request);
         let (metadata, _, body) = request.into_parts();
-        observed("ChangePassword", async {
+        self.observed("ChangePassword", async {
             let caller = self.caller(&metadata).await?;
             self.accounts
                 .change_password(&caller, &body.current_password, &body.new_password, &ctx)
@@ -304,7 +340,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::SuspendUserResponse>, Status> {
         let ctx = self.context(&request);
         let (metadata, _, body) = request.into_parts();
-        observed("SuspendUser", async {
+        self.observed("SuspendUser", async {
             let admin = self.admin(&metadata).await?;
             let user = self
                 .accounts
@@ -323,7 +359,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
         let ctx = self.context(&request);
         let (metadata, _, body) = request.into_parts();
-        observed("RevokeUserSessions", async {
+        self.observed("RevokeUserSessions", async {
             let admin = self.admin(&metadata).await?;
             let revoked = self
                 .accounts
@@ -342,7 +378,7 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::SetUserRolesResponse>, Status> {
         let ctx = self.context(&request);
         let (metadata, _, body) = request.into_parts();
-        observed("SetUserRoles", async {
+        self.observed("SetUserRoles", async {
             let admin = self.admin(&metadata).await?;
             let user = self
                 .accounts
@@ -359,6 +395,15 @@ impl AuthService for AuthApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_that_never_ends_is_answered_unavailable_at_the_timeout() {
+        let timeout = std::time::Duration::from_millis(20);
+        let answer: Result<(), Status> = within(timeout, "Test", std::future::pending()).await;
+        assert_eq!(answer.unwrap_err().code(), Code::Unavailable);
+        let answer = within(timeout, "Test", async { Ok(7) }).await;
+        assert_eq!(answer.unwrap(), 7, "a call that ends keeps its answer");
+    }
 
     fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
         let mut m = MetadataMap::new();

@@ -173,3 +173,39 @@ async fn when_postgres_is_cut_off_calls_answer_unavailable_and_health_turns_not_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// PostgreSQL stops answering on connections that stay open (a hung server
+/// or a network that drops packets): a call that needs it still ends, with
+/// Unavailable, within the request timeout; calls that do not need it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_postgres_goes_silent_calls_end_unavailable_within_the_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(Backend::Production, dir.path()).await;
+    let url = config.database_url.clone().unwrap();
+    let (scheme_host, db) = url.rsplit_once('/').unwrap();
+    let (prefix, host_port) = scheme_host.rsplit_once('@').unwrap();
+    let target: std::net::SocketAddr = host_port.parse().unwrap();
+    let cutter = crate::support::Cutter::start(target).await;
+    config.database_url = Some(format!("{prefix}@{}/{db}", cutter.addr));
+    config.database_timeout_ms = 500;
+    config.limits.request_timeout_ms = 1500;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    app.sign_up("sam").await;
+    let token = app.login_ok("sam").await.access_token;
+
+    cutter.silence();
+
+    // Without a bound the call would wait as long as the silence lasts.
+    let call = app.client.create_user(pb::CreateUserRequest {
+        email: "t@example.com".into(),
+        username: "tess".into(),
+        password: crate::support::PASSWORD.into(),
+    });
+    let status = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the call ended")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Token validation does not touch the database.
+    app.validate(&token).await.expect("validation goes on");
+}

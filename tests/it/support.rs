@@ -400,6 +400,7 @@ macro_rules! on_both_backends {
 pub struct Cutter {
     pub addr: SocketAddr,
     stop: CancellationToken,
+    silent: CancellationToken,
 }
 
 impl Cutter {
@@ -407,7 +408,8 @@ impl Cutter {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let token = stop.clone();
+        let silent = CancellationToken::new();
+        let (token, quiet) = (stop.clone(), silent.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -417,19 +419,35 @@ impl Cutter {
                 let Ok((mut inbound, _)) = accepted else {
                     return;
                 };
-                let token = token.clone();
+                let (token, quiet) = (token.clone(), quiet.clone());
                 tokio::spawn(async move {
+                    if quiet.is_cancelled() {
+                        // Silent: take the connection, say nothing.
+                        token.cancelled().await;
+                        return;
+                    }
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
                         () = token.cancelled() => {}
+                        () = quiet.cancelled() => {
+                            // Keep both ends open, forward nothing.
+                            token.cancelled().await;
+                        }
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                     }
+                    drop((inbound, outbound));
                 });
             }
         });
-        Self { addr, stop }
+        Self { addr, stop, silent }
+    }
+
+    /// Keeps every connection open but forwards nothing more, and accepts
+    /// new ones without answering: a backend that hangs.
+    pub fn silence(&self) {
+        self.silent.cancel();
     }
 
     /// Drops every forwarded connection and refuses new ones.
