@@ -113,18 +113,27 @@ async fn when_redis_dies_validation_and_login_fail_closed_with_unavailable() {
         .expect("sign-up does not depend on Redis");
 }
 
-/// PostgreSQL cut off mid-run: calls that need it answer Unavailable within
-/// `database_timeout_ms`, readiness fails and gRPC health turns NOT_SERVING.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_postgres_is_cut_off_calls_answer_unavailable_and_health_turns_not_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config_for(Backend::Production, dir.path()).await;
+/// A production configuration whose PostgreSQL is reached through a
+/// [`Cutter`](crate::support::Cutter) the test controls.
+async fn postgres_behind_a_cutter(
+    dir: &std::path::Path,
+) -> (auth_service::config::Config, crate::support::Cutter) {
+    let mut config = config_for(Backend::Production, dir).await;
     let url = config.database_url.clone().unwrap();
     let (scheme_host, db) = url.rsplit_once('/').unwrap();
     let (prefix, host_port) = scheme_host.rsplit_once('@').unwrap();
     let target: std::net::SocketAddr = host_port.parse().unwrap();
     let cutter = crate::support::Cutter::start(target).await;
     config.database_url = Some(format!("{prefix}@{}/{db}", cutter.addr));
+    (config, cutter)
+}
+
+/// PostgreSQL cut off mid-run: calls that need it answer Unavailable within
+/// `database_timeout_ms`, readiness fails and gRPC health turns NOT_SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_postgres_is_cut_off_calls_answer_unavailable_and_health_turns_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, cutter) = postgres_behind_a_cutter(dir.path()).await;
     config.database_timeout_ms = 500;
     let mut app = TestApp::start(Backend::Production, config, dir).await;
     app.sign_up("quinn").await;
@@ -180,13 +189,7 @@ async fn when_postgres_is_cut_off_calls_answer_unavailable_and_health_turns_not_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_postgres_goes_silent_calls_end_unavailable_within_the_request_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config_for(Backend::Production, dir.path()).await;
-    let url = config.database_url.clone().unwrap();
-    let (scheme_host, db) = url.rsplit_once('/').unwrap();
-    let (prefix, host_port) = scheme_host.rsplit_once('@').unwrap();
-    let target: std::net::SocketAddr = host_port.parse().unwrap();
-    let cutter = crate::support::Cutter::start(target).await;
-    config.database_url = Some(format!("{prefix}@{}/{db}", cutter.addr));
+    let (mut config, cutter) = postgres_behind_a_cutter(dir.path()).await;
     config.database_timeout_ms = 500;
     config.limits.request_timeout_ms = 1500;
     let mut app = TestApp::start(Backend::Production, config, dir).await;
