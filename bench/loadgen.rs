@@ -179,24 +179,27 @@ where
     let elapsed = started.elapsed().as_secs_f64();
     all.sort();
     println!(
-        "{label} concurrency={concurrency}: {} ok, {errors} errors in {elapsed:.1}s = {:.1} req/s; p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        "{label} concurrency={concurrency}: {} ok, {errors} errors in {elapsed:.1}s = {:.1} req/s; {}",
         all.len(),
         all.len() as f64 / elapsed,
-        percentile(&all, 50.0).as_secs_f64() * 1e3,
-        percentile(&all, 99.0).as_secs_f64() * 1e3,
-        all.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        latency_summary(&all),
     );
+}
+
+/// `p50 …, p99 …, max …` of sorted latencies, in milliseconds.
+fn latency_summary(sorted: &[Duration]) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        ms(percentile(sorted, 50.0)),
+        ms(percentile(sorted, 99.0)),
+        ms(sorted.last().copied().unwrap_or_default()),
+    )
 }
 
 fn report(label: &str, mut v: Vec<Duration>) {
     v.sort();
-    println!(
-        "{label}: n={} p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        v.len(),
-        percentile(&v, 50.0).as_secs_f64() * 1e3,
-        percentile(&v, 99.0).as_secs_f64() * 1e3,
-        v.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
-    );
+    println!("{label}: n={} {}", v.len(), latency_summary(&v));
 }
 
 fn from(message: pb::LoginRequest, ip: &str) -> tonic::Request<pb::LoginRequest> {

@@ -65,12 +65,15 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest AuthService request message, in bytes (its requests are a few
-    /// hundred bytes; a password is at most 4 KiB). Larger: ResourceExhausted.
+    /// hundred bytes; a password is at most 4 KiB). Larger: OutOfRange.
     pub max_api_message_bytes: usize,
     /// Largest ext_authz CheckRequest, in bytes (it carries the HTTP headers
     /// Envoy forwards; Envoy's own header limit is 60 KiB).
     pub max_check_message_bytes: usize,
-    /// Largest HTTP/2 header block (gRPC metadata) a caller may send, in bytes.
+    /// Largest HTTP/2 header block (gRPC metadata) a caller may send, in
+    /// bytes. The default (64 KiB) is above the HTTP/2 server's own 16 KiB so
+    /// that whatever the gateway admits (32 KiB of client headers, plus what
+    /// Envoy adds) reaches the service; larger is refused before any handler.
     pub max_header_bytes: u32,
     /// Every AuthService call ends within this many milliseconds (Unavailable
     /// otherwise), whatever a backend does — a database that stops answering
@@ -445,11 +448,11 @@ impl Config {
                 "needs 0 < min_length <= max_length <= 1024",
             );
         }
-        if p.max_queued_per_source == 0 || p.max_wait_ms == 0 {
-            return fail(
-                "password.max_queued_per_source",
-                "max_queued_per_source and max_wait_ms must be positive",
-            );
+        if p.max_queued_per_source == 0 {
+            return fail("password.max_queued_per_source", "must be positive");
+        }
+        if p.max_wait_ms == 0 {
+            return fail("password.max_wait_ms", "must be positive");
         }
         let t = &self.tokens;
         if t.access_ttl_secs == 0 || t.refresh_idle_ttl_secs == 0 || t.device_ttl_secs == 0 {

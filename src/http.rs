@@ -1,4 +1,5 @@
-//! The HTTP admin port: liveness, readiness, Prometheus metrics and the JWKS.
+//! The HTTP admin port: liveness, readiness, Prometheus metrics and the JWKS;
+//! and the event worker's smaller one (liveness and metrics).
 
 use std::sync::Arc;
 
@@ -43,10 +44,21 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     (StatusCode::OK, "ready".to_owned())
 }
 
+/// The `auth-service events` process: `/healthz` and `/metrics`.
+pub fn worker_router(metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(move || prometheus(metrics.clone())))
+}
+
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    prometheus(state.metrics).await
+}
+
+async fn prometheus(metrics: PrometheusHandle) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        metrics.render(),
     )
 }
 

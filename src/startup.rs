@@ -136,8 +136,8 @@ impl Application {
         })
     }
 
-    /// The command that starts the supervised event worker; default: this
-    /// executable's `events --supervised`.
+    /// The command that starts the supervised event worker (needed when
+    /// `kafka.worker = "supervised"`).
     pub fn with_worker_command(mut self, command: WorkerCommand) -> Self {
         self.worker_command = Some(command);
         self
@@ -241,11 +241,11 @@ impl Application {
                 }
             })),
             (Some(_), EventsWorker::Supervised) => {
-                let command = match self.worker_command.clone() {
-                    Some(command) => command,
-                    None => WorkerCommand::current_exe(None)
-                        .context("locating this executable for the event worker")?,
-                };
+                // Set by `main`: only the auth-service executable can start
+                // its own worker (a test binary's current_exe cannot).
+                let command = self.worker_command.clone().context(
+                    "kafka.worker = \"supervised\" needs the command that starts `auth-service events` (Application::with_worker_command)",
+                )?;
                 Some(tokio::spawn(
                     worker::Supervisor::new(command).run(stop.clone()),
                 ))
@@ -369,18 +369,8 @@ pub async fn run_events_worker(
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding kafka.worker_http_addr {addr}"))?;
-        let handle = telemetry::metrics_handle();
-        let router = axum::Router::new()
-            .route("/healthz", axum::routing::get(|| async { "ok" }))
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let handle = handle.clone();
-                    async move { handle.render() }
-                }),
-            );
         tokio::spawn(
-            axum::serve(listener, router)
+            axum::serve(listener, http::worker_router(telemetry::metrics_handle()))
                 .with_graceful_shutdown(stop.clone().cancelled_owned())
                 .into_future(),
         );

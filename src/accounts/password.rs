@@ -20,7 +20,7 @@
 //! * a job that has not *started* within `max_wait` — or by its caller's own
 //!   deadline, whichever is sooner — is refused, never hashed late;
 //! * workers take jobs of **known devices** first (a valid device token for
-//!   the account: see `tokens::device`), then the job whose source has used
+//!   the account: see `TokenService::known_device`), then the job whose source has used
 //!   the least hashing recently (usage decays with a half-life of
 //!   [`USAGE_HALF_LIFE`]). A source flooding the service therefore queues
 //!   behind everyone who has not, instead of in front of them. When the queue
@@ -146,6 +146,7 @@ struct Queued {
     job: Job,
     source: Option<Arc<str>>,
     known: bool,
+    queued_at: Instant,
     deadline: Instant,
     seq: u64,
 }
@@ -194,7 +195,6 @@ struct Scheduler {
     state: Mutex<QueueState>,
     ready: Condvar,
     config: AdmissionConfig,
-    workers: usize,
 }
 
 impl Scheduler {
@@ -237,6 +237,7 @@ impl Scheduler {
             job,
             source: admission.source.clone(),
             known: admission.known_device,
+            queued_at: now,
             deadline,
             seq,
         });
@@ -301,7 +302,6 @@ impl Scheduler {
     /// The next job to run: known devices first (oldest first), then the
     /// least recently used source (oldest first among equals). Jobs past
     /// their deadline, or whose caller is gone, are dropped on the way.
-    /// `None` when the pool is shut down.
     /// `None` when the pool is shut down. After `idle` without a job,
     /// `idle_hook` runs once (outside the lock) before waiting on.
     fn next(&self, idle: Duration, idle_hook: &mut impl FnMut()) -> Option<Job> {
@@ -332,47 +332,44 @@ impl Scheduler {
     }
 
     fn pick(&self, state: &mut QueueState, now: Instant) -> Option<Job> {
-        {
-            let mut i = 0;
-            while i < state.waiting.len() {
-                if state.waiting[i].deadline <= now {
-                    let expired = state.waiting.swap_remove(i);
-                    expired.job.refuse(self.overloaded("wait_expired"));
-                } else if state.waiting[i].job.abandoned() {
-                    state.waiting.swap_remove(i);
-                } else {
-                    i += 1;
-                }
+        let mut i = 0;
+        while i < state.waiting.len() {
+            if state.waiting[i].deadline <= now {
+                let expired = state.waiting.swap_remove(i);
+                expired.job.refuse(self.overloaded("wait_expired"));
+            } else if state.waiting[i].job.abandoned() {
+                state.waiting.swap_remove(i);
+            } else {
+                i += 1;
             }
-            let usage = &state.usage;
-            let best = state
-                .waiting
-                .iter()
-                .enumerate()
-                .min_by(|(_, a), (_, b)| {
-                    b.known
-                        .cmp(&a.known)
-                        .then_with(|| {
-                            usage
-                                .of(a.source.as_ref(), now)
-                                .total_cmp(&usage.of(b.source.as_ref(), now))
-                        })
-                        .then(a.seq.cmp(&b.seq))
-                })
-                .map(|(i, _)| i);
-            if let Some(i) = best {
-                let queued = state.waiting.swap_remove(i);
-                // A known device's hashing is not held against its address.
-                if let Some(source) = queued.source.as_ref().filter(|_| !queued.known) {
-                    state.usage.add(source, now);
-                }
-                metrics::gauge!("password_hash_queue_depth").set(state.waiting.len() as f64);
-                metrics::histogram!("password_hash_wait_seconds")
-                    .record((now + self.config.max_wait - queued.deadline).as_secs_f64());
-                return Some(queued.job);
-            }
-            None
         }
+        let usage = &state.usage;
+        let best = state
+            .waiting
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| {
+                b.known
+                    .cmp(&a.known)
+                    .then_with(|| {
+                        usage
+                            .of(a.source.as_ref(), now)
+                            .total_cmp(&usage.of(b.source.as_ref(), now))
+                    })
+                    .then(a.seq.cmp(&b.seq))
+            })
+            .map(|(i, _)| i)?;
+        let queued = state.waiting.swap_remove(best);
+        // A known device's hashing is not held against its address.
+        if let Some(source) = queued.source.as_ref().filter(|_| !queued.known) {
+            state.usage.add(source, now);
+        }
+        metrics::gauge!("password_hash_queue_depth").set(state.waiting.len() as f64);
+        metrics::histogram!("password_hash_wait_seconds").record(
+            now.saturating_duration_since(queued.queued_at)
+                .as_secs_f64(),
+        );
+        Some(queued.job)
     }
 }
 
@@ -424,7 +421,6 @@ impl PasswordHasher {
             state: Mutex::new(QueueState::default()),
             ready: Condvar::new(),
             config: admission,
-            workers,
         });
         for i in 0..workers {
             let scheduler = scheduler.clone();
@@ -459,11 +455,6 @@ impl PasswordHasher {
     /// What a refused caller is told to wait.
     pub fn retry_after(&self) -> Duration {
         self.scheduler.retry_after()
-    }
-
-    /// Hashing threads of this pool.
-    pub fn workers(&self) -> usize {
-        self.scheduler.workers
     }
 
     async fn submit<T>(
@@ -793,7 +784,6 @@ mod tests {
                 max_queued_per_source: per_source,
                 max_wait: Duration::from_secs(10),
             },
-            workers: 1,
         }
     }
 

@@ -66,6 +66,12 @@ fn overloaded(error: HashError) -> AccountError {
     }
 }
 
+/// A login refused because hashing is at capacity (counted as such).
+fn login_overloaded(retry_after: std::time::Duration) -> AccountError {
+    metrics::counter!("login_attempts_total", "outcome" => "overloaded").increment(1);
+    AccountError::Overloaded { retry_after }
+}
+
 fn parse_user_id(raw: &str) -> Result<Uuid, AccountError> {
     Uuid::parse_str(raw.trim())
         .map_err(|_| AccountError::Invalid(vec![FieldViolation::new("user_id", "must be a UUID")]))
@@ -168,19 +174,12 @@ impl AccountService {
             unreachable!("finish() fails when any field was refused")
         };
         let client_ip = ctx.client_ip.as_deref().unwrap_or("unknown");
-        let mut admission = Admission {
-            source: Some(Arc::from(client_ip)),
-            known_device: false,
-            deadline: ctx.deadline,
-        };
+        let mut admission = Self::admission(ctx);
         // Under overload an attempt without a device token is refused before
         // it costs a database read (with one, the token must be checked
         // against the account first).
         if device_token.is_empty() && !self.hasher.admissible(&admission) {
-            metrics::counter!("login_attempts_total", "outcome" => "overloaded").increment(1);
-            return Err(AccountError::Overloaded {
-                retry_after: self.hasher.retry_after(),
-            });
+            return Err(login_overloaded(self.hasher.retry_after()));
         }
 
         let credentials = self.users.find_credentials(&login).await?;
@@ -207,8 +206,7 @@ impl AccountService {
             .await
         {
             Err(HashError::Overloaded { retry_after }) => {
-                metrics::counter!("login_attempts_total", "outcome" => "overloaded").increment(1);
-                return Err(AccountError::Overloaded { retry_after });
+                return Err(login_overloaded(retry_after));
             }
             other => other?,
         };

@@ -138,6 +138,8 @@ impl Relay {
                     } else if failures.is_multiple_of(RENEW_AFTER_FAILED_ROUNDS)
                         && matches!(error, RoundError::Undelivered { .. })
                     {
+                        // The same wedge when another relay re-created the
+                        // topics first (this one then creates none).
                         self.renew_producer("no delivery in several rounds");
                     }
                     backoff(failures)

@@ -67,7 +67,9 @@ pub enum Attempt<'a> {
     KnownDevice(uuid::Uuid),
 }
 
-/// The counters an attempt is checked against, with their limits.
+/// The counters an attempt is checked against, with their limits. The
+/// first is the attempt's own (the pair, or the device): the one a success
+/// clears.
 struct Keys(Vec<(String, u32)>);
 
 impl LoginLockout {

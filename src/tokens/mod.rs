@@ -310,12 +310,17 @@ impl TokenService {
                 .map(str::to_owned)
                 .collect(),
         };
+        Ok((self.sign_claims(&claims)?, ttl))
+    }
+
+    /// `claims` as a JWT signed with the current signing key (EdDSA, `kid`).
+    fn sign_claims(&self, claims: &impl Serialize) -> Result<SecretString, TokenError> {
         let ring = self.keys.load();
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(ring.signing_kid().to_owned());
-        let token = jsonwebtoken::encode(&header, &claims, ring.signing_key())
-            .map_err(|e| TokenError::Signing(e.to_string()))?;
-        Ok((SecretString::from(token), ttl))
+        jsonwebtoken::encode(&header, claims, ring.signing_key())
+            .map(SecretString::from)
+            .map_err(|e| TokenError::Signing(e.to_string()))
     }
 
     /// A device token for `user_id` (valid `tokens.device_ttl_secs`).
@@ -330,12 +335,7 @@ impl TokenService {
             nbf: iat,
             jti: Uuid::now_v7(),
         };
-        let ring = self.keys.load();
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(ring.signing_kid().to_owned());
-        jsonwebtoken::encode(&header, &claims, ring.signing_key())
-            .map(SecretString::from)
-            .map_err(|e| TokenError::Signing(e.to_string()))
+        self.sign_claims(&claims)
     }
 
     /// The device id when `token` is a valid device token of `user_id`;
@@ -346,15 +346,7 @@ impl TokenService {
         if token.is_empty() || token.len() > 1024 {
             return None;
         }
-        let header = jsonwebtoken::decode_header(token).ok()?;
-        if header.alg != Algorithm::EdDSA {
-            return None;
-        }
-        let ring = self.keys.load();
-        let key = ring.verifying_key(header.kid.as_deref()?)?;
-        let claims = jsonwebtoken::decode::<DeviceClaims>(token, key, &self.device_validation)
-            .ok()?
-            .claims;
+        let claims: DeviceClaims = self.decode(token, &self.device_validation).ok()?;
         (claims.sub == user_id).then_some(claims.jti)
     }
 
@@ -462,6 +454,16 @@ impl TokenService {
     }
 
     fn verify_uncached(&self, token: &str) -> Result<Claims, InvalidToken> {
+        self.decode(token, &self.validation)
+    }
+
+    /// Signature (EdDSA only, a known `kid`) and the claims `validation`
+    /// asks for.
+    fn decode<C: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        validation: &Validation,
+    ) -> Result<C, InvalidToken> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                 InvalidToken::Algorithm
@@ -478,16 +480,14 @@ impl TokenService {
             .and_then(|kid| ring.verifying_key(kid))
             .ok_or(InvalidToken::UnknownKey)?;
         let data =
-            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => InvalidToken::Expired,
-                    ErrorKind::ImmatureSignature => InvalidToken::NotYetValid,
-                    ErrorKind::InvalidIssuer => InvalidToken::Issuer,
-                    ErrorKind::InvalidAudience => InvalidToken::Audience,
-                    ErrorKind::InvalidSignature => InvalidToken::Signature,
-                    ErrorKind::InvalidAlgorithm => InvalidToken::Algorithm,
-                    _ => InvalidToken::Malformed,
-                }
+            jsonwebtoken::decode::<C>(token, key, validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => InvalidToken::Expired,
+                ErrorKind::ImmatureSignature => InvalidToken::NotYetValid,
+                ErrorKind::InvalidIssuer => InvalidToken::Issuer,
+                ErrorKind::InvalidAudience => InvalidToken::Audience,
+                ErrorKind::InvalidSignature => InvalidToken::Signature,
+                ErrorKind::InvalidAlgorithm => InvalidToken::Algorithm,
+                _ => InvalidToken::Malformed,
             })?;
         Ok(data.claims)
     }

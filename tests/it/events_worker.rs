@@ -41,6 +41,15 @@ impl Deployment {
         self
     }
 
+    /// The server started in a directory of its own, once it is ready
+    /// (keep the directory as long as the server).
+    async fn running(&self) -> (Server, tempfile::TempDir) {
+        let cwd = tempfile::tempdir().unwrap();
+        let mut server = self.start(cwd.path());
+        server.ready().await;
+        (server, cwd)
+    }
+
     fn start(&self, cwd: &std::path::Path) -> Server {
         let mut env: Vec<(&str, &str)> = vec![
             ("AUTH_DATABASE_URL", &self.database_url),
@@ -165,9 +174,7 @@ async fn api_answers(server: &Server, name: &str) {
 async fn a_crashing_event_worker_never_stops_the_api_and_is_restarted() {
     let tansu = Tansu::start().await;
     let deployment = Deployment::new(&tansu).await;
-    let cwd = tempfile::tempdir().unwrap();
-    let mut server = deployment.start(cwd.path());
-    server.ready().await;
+    let (mut server, _cwd) = deployment.running().await;
     api_answers(&server, "before").await;
     deployment.all_published(Duration::from_secs(30)).await;
 
@@ -211,9 +218,7 @@ async fn a_crashing_event_worker_never_stops_the_api_and_is_restarted() {
 async fn the_event_worker_does_not_outlive_a_killed_server() {
     let tansu = Tansu::start().await;
     let deployment = Deployment::new(&tansu).await;
-    let cwd = tempfile::tempdir().unwrap();
-    let mut server = deployment.start(cwd.path());
-    server.ready().await;
+    let (mut server, _cwd) = deployment.running().await;
     let worker = worker_of(&server).await;
     assert!(running(worker));
     // SIGKILL: no shutdown code runs in the server; the worker notices its
@@ -238,9 +243,7 @@ async fn the_event_worker_does_not_outlive_a_killed_server() {
 async fn a_broker_that_comes_back_empty_gets_its_topics_back_and_every_event_arrives() {
     let mut tansu = Tansu::start().await;
     let deployment = Deployment::new(&tansu).await;
-    let cwd = tempfile::tempdir().unwrap();
-    let mut server = deployment.start(cwd.path());
-    server.ready().await;
+    let (mut server, _cwd) = deployment.running().await;
     let mut client = server.client().await;
     for i in 0..20 {
         sign_up(&mut client, &format!("early{i}")).await;
@@ -293,9 +296,7 @@ async fn without_topic_creation_missing_topics_are_reported_and_events_wait() {
         .set("AUTH_KAFKA__CREATE_TOPICS", "false")
         .set("AUTH_KAFKA__CONSUMER_ENABLED", "false")
         .set("AUTH_KAFKA__WORKER_HTTP_ADDR", worker_http.clone());
-    let cwd = tempfile::tempdir().unwrap();
-    let mut server = deployment.start(cwd.path());
-    server.ready().await;
+    let (mut server, _cwd) = deployment.running().await;
     let mut client = server.client().await;
     let user = sign_up(&mut client, "waits").await;
 
@@ -349,9 +350,7 @@ async fn a_commit_in_the_server_wakes_the_relay_in_the_worker_process() {
     let deployment = Deployment::new(&tansu)
         .await
         .set("AUTH_KAFKA__RELAY_IDLE_MS", "3600000");
-    let cwd = tempfile::tempdir().unwrap();
-    let mut server = deployment.start(cwd.path());
-    server.ready().await;
+    let (mut server, _cwd) = deployment.running().await;
     worker_of(&server).await;
     let mut client = server.client().await;
     // Give the worker time to create topics and go idle, so the sign-ups

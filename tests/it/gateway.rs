@@ -515,12 +515,15 @@ async fn raw_status(addr: SocketAddr, head_extra: &str, body: &[u8]) -> u16 {
 async fn oversized_and_malformed_requests_get_a_4xx_at_the_gateway() {
     let stack = Stack::start(|_| {}).await;
     let addr = stack.gateway.addr;
-    let huge_header = format!("authorization: Bearer {}\r\n", "a".repeat(1 << 20));
-    assert_eq!(
-        raw_status(addr, &huge_header, b"{}").await,
-        431,
-        "1 MB header"
-    );
+    // 40 KB: over the gateway's 32 KiB, under Envoy's own 60 KiB default.
+    for size in [40_000, 1 << 20] {
+        let huge_header = format!("authorization: Bearer {}\r\n", "a".repeat(size));
+        assert_eq!(
+            raw_status(addr, &huge_header, b"{}").await,
+            431,
+            "{size}-byte header"
+        );
+    }
     let big_body = format!(r#"{{"email":"{}"}}"#, "a".repeat(10 << 20));
     assert_eq!(
         raw_status(addr, "", big_body.as_bytes()).await,
@@ -562,21 +565,40 @@ async fn oversized_and_malformed_requests_get_a_4xx_at_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_grpc_messages_and_metadata_are_refused() {
     let mut app = TestApp::spawn(Backend::Embedded).await;
+    // 100 KB is over `limits.max_api_message_bytes` (64 KiB) and under
+    // tonic's own 4 MiB: refused by the configured limit, not the default.
+    for size in [100_000, 10 << 20] {
+        let status = app
+            .client
+            .create_user(pb::CreateUserRequest {
+                email: "big@example.com".into(),
+                username: "big".into(),
+                password: "p".repeat(size),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{size}: {status:?}");
+    }
+    let with_junk = |bytes: usize| {
+        let mut request = tonic::Request::new(pb::ValidateTokenRequest { token: "x".into() });
+        request
+            .metadata_mut()
+            .insert("x-junk", "j".repeat(bytes).parse().unwrap());
+        request
+    };
+    // 20 KB of metadata is over the HTTP/2 server's default (16 KiB) and
+    // under `limits.max_header_bytes` (64 KiB): it reaches the handler.
     let status = app
         .client
-        .create_user(pb::CreateUserRequest {
-            email: "big@example.com".into(),
-            username: "big".into(),
-            password: "p".repeat(10 << 20),
-        })
+        .validate_token(with_junk(20_000))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
-    let mut request = tonic::Request::new(pb::ValidateTokenRequest { token: "x".into() });
-    request
-        .metadata_mut()
-        .insert("x-junk", "j".repeat(1 << 20).parse().unwrap());
-    let status = app.client.validate_token(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let status = app
+        .client
+        .validate_token(with_junk(100_000))
+        .await
+        .unwrap_err();
     assert_ne!(status.code(), tonic::Code::Ok);
     assert_ne!(
         status.code(),

@@ -63,15 +63,21 @@ crate::on_both_backends! {
     }
 }
 
+/// Real argon2 memory cost (19 MiB) with `iterations`, on one hashing
+/// thread: hashes slow enough for a queue to form.
+fn one_slow_hashing_thread(c: &mut auth_service::config::Config, iterations: u32) {
+    c.password.memory_kib = 19 * 1024;
+    c.password.iterations = iterations;
+    c.password.max_concurrent_hashes = 1;
+}
+
 /// One hashing thread with real argon2 cost, a queue of 2 and one waiting
 /// job per source: a flood from many addresses gets Unavailable with
 /// retry-after at once, and the owner's device still logs in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_flood_is_refused_at_once_and_a_known_device_still_gets_in() {
     let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
-        c.password.memory_kib = 19 * 1024;
-        c.password.iterations = 2;
-        c.password.max_concurrent_hashes = 1;
+        one_slow_hashing_thread(c, 2);
         c.password.max_queued = 2;
         c.password.max_queued_per_source = 1;
         c.password.max_wait_ms = 2000;
@@ -156,9 +162,7 @@ async fn hashes_started(app: &TestApp) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_whose_deadline_passes_in_the_queue_is_never_hashed() {
     let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
-        c.password.memory_kib = 19 * 1024;
-        c.password.iterations = 4;
-        c.password.max_concurrent_hashes = 1;
+        one_slow_hashing_thread(c, 4);
         c.password.max_wait_ms = 60_000;
     })
     .await;
