@@ -24,6 +24,9 @@
 //!     shared through Redis with local leases);
 //!   * [`authz`] — the ext_authz decision: route policy, token, revocation,
 //!     roles, rate limit;
+//!   * [`platforms`] — streaming-platform accounts: OAuth 2.0 + PKCE
+//!     linking per platform, the sealed token vault, refresh on demand with
+//!     one refresh per account across replicas, webhooks;
 //!   * [`events`] — domain events written to the transactional outbox, their
 //!     wire envelope, the Kafka relay and the lifecycle consumer.
 //! * Adapters at the edge: [`grpc`] (AuthService, error mapping to gRPC
@@ -42,6 +45,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod http;
+pub mod platforms;
 pub mod ratelimit;
 pub mod revocation;
 pub mod startup;
@@ -52,6 +56,14 @@ pub mod tokens;
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Now, at the precision every store keeps (PostgreSQL: microseconds), so
+/// a value returned by a write equals the one read back later.
+pub fn now_micros() -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
 }
 
 /// The client address: the `x-forwarded-for` entry `hops` from the right

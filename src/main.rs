@@ -40,6 +40,12 @@ enum Command {
     /// Add a new signing key (it signs after the next start or SIGHUP) and
     /// delete keys retired longer than an access-token lifetime ago.
     RotateKey,
+    /// Add a new platform-token vault key; it seals from the next start on
+    /// (old keys still open). Then run `reseal-platform-tokens`.
+    RotatePlatformKey,
+    /// Re-encrypt every stored platform token under the current vault key
+    /// (safe while servers run).
+    ResealPlatformTokens,
     /// Replace the roles of a user, e.g. `set-roles alice admin user`.
     SetRoles {
         /// Email or username.
@@ -81,6 +87,30 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "new signing key {kid}; removed {removed:?}; send SIGHUP to running servers to use it"
             );
+            Ok(())
+        }
+        Command::RotatePlatformKey => {
+            let id = auth_service::platforms::vault::generate_key(&config.platform_keys_dir())?;
+            println!(
+                "new platform-token key {id}; restart servers to seal with it, then run reseal-platform-tokens"
+            );
+            Ok(())
+        }
+        Command::ResealPlatformTokens => {
+            let database = open_database(&config).await?;
+            let vault = auth_service::platforms::vault::Vault::load(
+                &config.platform_keys_dir(),
+                config.platforms.current_key_id.as_deref(),
+                false,
+            )?;
+            let key = vault.current_key_id().to_owned();
+            let platforms = auth_service::platforms::service::PlatformService::new(
+                database.platforms.clone(),
+                std::sync::Arc::new(vault),
+                &config.platforms,
+            )?;
+            let moved = platforms.reseal_all().await?;
+            println!("{moved} platform accounts re-sealed under key {key}");
             Ok(())
         }
         Command::SetRoles { login, roles } => {

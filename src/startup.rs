@@ -24,6 +24,7 @@ use crate::{
         pb::{self, auth_service_server::AuthServiceServer},
     },
     http::{self, AdminState},
+    platforms::{service::PlatformService, vault::Vault},
     ratelimit::LoginLockout,
     ratelimit::quota::RateLimiter,
     revocation::Revocations,
@@ -40,6 +41,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// `events` worker both run on.
 pub struct Services {
     pub accounts: Arc<AccountService>,
+    pub platforms: Arc<PlatformService>,
     pub tokens: Arc<TokenService>,
     pub authorizer: Arc<Authorizer>,
     pub database: Database,
@@ -88,8 +90,23 @@ impl Services {
         let authorizer = Arc::new(
             Authorizer::new(&config.authz, tokens.clone(), limiter).context("authz.routes")?,
         );
+        let vault = Vault::load(
+            &config.platform_keys_dir(),
+            config.platforms.current_key_id.as_deref(),
+            config.platforms.generate_key_if_missing,
+        )
+        .context("loading the platform-token vault keys (platforms.keys_dir)")?;
+        let platforms = Arc::new(
+            PlatformService::new(
+                database.platforms.clone(),
+                Arc::new(vault),
+                &config.platforms,
+            )
+            .context("platforms")?,
+        );
         Ok(Self {
             accounts,
+            platforms,
             tokens,
             authorizer,
             database,
@@ -168,6 +185,10 @@ impl Application {
 
     pub fn accounts(&self) -> Arc<AccountService> {
         self.services.accounts.clone()
+    }
+
+    pub fn platforms(&self) -> Arc<PlatformService> {
+        self.services.platforms.clone()
     }
 
     pub fn database(&self) -> Database {
@@ -252,6 +273,8 @@ impl Application {
             }
         };
 
+        tokio::spawn(self.services.platforms.clone().run_keepalive(stop.clone()));
+
         if let Some(redis) = self.services.redis.clone() {
             tokio::spawn(
                 redis.follow_revocations(self.services.tokens.revocations().clone(), stop.clone()),
@@ -288,6 +311,7 @@ impl Application {
         let api = AuthApi::new(
             self.services.accounts.clone(),
             self.services.tokens.clone(),
+            self.services.platforms.clone(),
             self.config.trusted_proxy_hops,
             self.config.request_timeout(),
         );
@@ -305,6 +329,7 @@ impl Application {
 
         let admin = http::router(AdminState {
             tokens: self.services.tokens.clone(),
+            platforms: self.services.platforms.clone(),
             database: self.services.database.health.clone(),
             redis: self
                 .services

@@ -172,6 +172,8 @@ pub struct Role(String);
 impl Role {
     pub const ADMIN: &'static str = "admin";
     pub const USER: &'static str = "user";
+    /// Internal services (GetPlatformAccessToken); granted by an admin.
+    pub const SERVICE: &'static str = "service";
 
     pub fn parse(field: &'static str, raw: &str) -> Result<Self, FieldViolation> {
         let value = raw.trim();

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use secrecy::SecretString;
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
@@ -47,14 +46,6 @@ pub struct AccountService {
     lockout: LoginLockout,
     tokens: Arc<TokenService>,
     policy: PasswordConfig,
-}
-
-/// Now, at the precision every store keeps (PostgreSQL: microseconds), so
-/// the user returned by sign-up equals the one read back later.
-fn now_micros() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
-        .unwrap_or(now)
 }
 
 /// A refusal of the hashing queue is an overload answer, not an internal
@@ -145,7 +136,7 @@ impl AccountService {
             username,
             roles: vec![Role::user()],
             status: UserStatus::Active,
-            created_at: now_micros(),
+            created_at: crate::now_micros(),
         };
         let event = OutboxEvent::user_created(&user, ctx);
         match self.users.insert_user(&user, &hash, &event).await {

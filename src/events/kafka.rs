@@ -14,7 +14,7 @@ use rdkafka::{
 use crate::config::KafkaConfig;
 
 /// The event types published, i.e. the topic suffixes.
-pub const EVENT_TOPICS: [&str; 9] = [
+pub const EVENT_TOPICS: [&str; 12] = [
     "user_created",
     "login_succeeded",
     "login_failed",
@@ -24,6 +24,9 @@ pub const EVENT_TOPICS: [&str; 9] = [
     "roles_changed",
     "password_changed",
     "user_deleted",
+    "platform_connected",
+    "platform_disconnected",
+    "platform_reauth_required",
 ];
 
 pub fn topic_for(config: &KafkaConfig, event_type: &str) -> String {

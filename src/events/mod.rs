@@ -16,7 +16,10 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::accounts::model::{Role, User};
+use crate::{
+    accounts::model::{Role, User},
+    platforms::{AccountStatus, PlatformAccount},
+};
 
 /// The event types and their topic suffixes (`auth.events.<name>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,6 +34,9 @@ pub enum EventType {
     RolesChanged,
     PasswordChanged,
     UserDeleted,
+    PlatformConnected,
+    PlatformDisconnected,
+    PlatformReauthRequired,
 }
 
 impl EventType {
@@ -45,6 +51,9 @@ impl EventType {
             Self::RolesChanged => "roles_changed",
             Self::PasswordChanged => "password_changed",
             Self::UserDeleted => "user_deleted",
+            Self::PlatformConnected => "platform_connected",
+            Self::PlatformDisconnected => "platform_disconnected",
+            Self::PlatformReauthRequired => "platform_reauth_required",
         }
     }
 }
@@ -181,6 +190,64 @@ impl OutboxEvent {
 
     pub fn password_changed(user_id: Uuid, ctx: &RequestContext) -> Self {
         Self::new(EventType::PasswordChanged, Some(user_id), json!({}), ctx)
+    }
+
+    /// A streaming-platform account was linked (never its tokens).
+    pub fn platform_connected(account: &PlatformAccount, ctx: &RequestContext) -> Self {
+        Self::new(
+            EventType::PlatformConnected,
+            Some(account.user_id),
+            json!({
+                "platform": account.platform.as_str(),
+                "platform_user_id": account.platform_user_id,
+                "login": account.login,
+                "scopes": account.scopes,
+            }),
+            ctx,
+        )
+    }
+
+    /// `revoked_at_platform`: whether the platform confirmed the revocation
+    /// (false when it failed or the platform has no revocation endpoint).
+    pub fn platform_disconnected(
+        account: &PlatformAccount,
+        revoked_at_platform: bool,
+        ctx: &RequestContext,
+    ) -> Self {
+        Self::new(
+            EventType::PlatformDisconnected,
+            Some(account.user_id),
+            json!({
+                "platform": account.platform.as_str(),
+                "platform_user_id": account.platform_user_id,
+                "scopes": account.scopes,
+                "revoked_at_platform": revoked_at_platform,
+            }),
+            ctx,
+        )
+    }
+
+    /// The account's tokens no longer work: `status` is `reauth_required`
+    /// (the platform refused a refresh) or `revoked` (the user removed the
+    /// application at the platform); `reason` says what happened.
+    pub fn platform_reauth_required(
+        account: &PlatformAccount,
+        status: AccountStatus,
+        reason: &str,
+        ctx: &RequestContext,
+    ) -> Self {
+        Self::new(
+            EventType::PlatformReauthRequired,
+            Some(account.user_id),
+            json!({
+                "platform": account.platform.as_str(),
+                "platform_user_id": account.platform_user_id,
+                "scopes": account.scopes,
+                "status": status.as_str(),
+                "reason": reason,
+            }),
+            ctx,
+        )
     }
 }
 

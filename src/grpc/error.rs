@@ -6,6 +6,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     accounts::AccountError,
+    platforms::PlatformError,
     error::{BackendError, FieldViolation},
     tokens::TokenError,
 };
@@ -102,6 +103,64 @@ impl From<AccountError> for Status {
                 tracing::error!(%cause, "password hashing failed");
                 Status::internal("internal error")
             }
+        }
+    }
+}
+
+impl From<PlatformError> for Status {
+    fn from(error: PlatformError) -> Self {
+        match error {
+            PlatformError::Disabled(platform) => Status::failed_precondition(format!(
+                "platform {platform} is not configured on this service"
+            )),
+            PlatformError::Invalid(violations) => invalid_argument(&violations),
+            PlatformError::NotLinked(platform) => {
+                Status::not_found(format!("no {platform} account is linked"))
+            }
+            PlatformError::LinkedElsewhere(platform) => Status::already_exists(format!(
+                "this {platform} account is already linked to another user"
+            )),
+            PlatformError::Refused { platform, reason } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "PLATFORM_REFUSED",
+                    "auth.immersiverse",
+                    [("platform".to_owned(), platform.to_string()), ("error".to_owned(), reason.clone())],
+                );
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    format!("{platform} refused the authorization: {reason}"),
+                    details,
+                )
+            }
+            PlatformError::ReauthRequired { platform, status } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "PLATFORM_REAUTH_REQUIRED",
+                    "auth.immersiverse",
+                    [("platform".to_owned(), platform.to_string()), ("status".to_owned(), status.to_owned())],
+                );
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    format!("the {platform} account must be linked again ({status})"),
+                    details,
+                )
+            }
+            PlatformError::Unavailable {
+                platform,
+                retry_after,
+            } => with_retry_after(
+                Code::Unavailable,
+                &format!("{platform} is not answering"),
+                retry_after,
+            ),
+            PlatformError::Forbidden(message) => Status::permission_denied(message),
+            PlatformError::Sealed(cause) => {
+                tracing::error!(%cause, "platform tokens do not open");
+                Status::internal("internal error")
+            }
+            PlatformError::Token(e) => e.into(),
+            PlatformError::Backend(e) => e.into(),
         }
     }
 }

@@ -15,6 +15,10 @@ use crate::{
         service::{AccountService, AdminCaller},
     },
     events::RequestContext,
+    platforms::{
+        AccountStatus, Platform, PlatformAccount,
+        service::{PlatformService, ServiceCaller},
+    },
     tokens::{Principal, TokenPair, TokenService},
 };
 
@@ -33,6 +37,7 @@ use pb::auth_service_server::AuthService;
 pub struct AuthApi {
     accounts: Arc<AccountService>,
     tokens: Arc<TokenService>,
+    platforms: Arc<PlatformService>,
     trusted_proxy_hops: usize,
     request_timeout: std::time::Duration,
 }
@@ -41,12 +46,14 @@ impl AuthApi {
     pub fn new(
         accounts: Arc<AccountService>,
         tokens: Arc<TokenService>,
+        platforms: Arc<PlatformService>,
         trusted_proxy_hops: usize,
         request_timeout: std::time::Duration,
     ) -> Self {
         Self {
             accounts,
             tokens,
+            platforms,
             trusted_proxy_hops,
             request_timeout,
         }
@@ -153,6 +160,48 @@ fn token_response(pair: TokenPair) -> pb::TokenResponse {
     }
 }
 
+/// The request's platform; InvalidArgument naming `platform` otherwise.
+fn platform(value: i32) -> Result<Platform, Status> {
+    match pb::Platform::try_from(value) {
+        Ok(pb::Platform::Twitch) => Ok(Platform::Twitch),
+        Ok(pb::Platform::Youtube) => Ok(Platform::Youtube),
+        Ok(pb::Platform::Facebook) => Ok(Platform::Facebook),
+        Ok(pb::Platform::Soop) => Ok(Platform::Soop),
+        Ok(pb::Platform::Unspecified) | Err(_) => Err(error::invalid_argument(&[
+            crate::error::FieldViolation::new(
+                "platform",
+                "must be one of PLATFORM_TWITCH, PLATFORM_YOUTUBE, PLATFORM_FACEBOOK, PLATFORM_SOOP",
+            ),
+        ])),
+    }
+}
+
+fn platform_pb(platform: Platform) -> pb::Platform {
+    match platform {
+        Platform::Twitch => pb::Platform::Twitch,
+        Platform::Youtube => pb::Platform::Youtube,
+        Platform::Facebook => pb::Platform::Facebook,
+        Platform::Soop => pb::Platform::Soop,
+    }
+}
+
+fn platform_account_pb(account: &PlatformAccount) -> pb::PlatformAccount {
+    pb::PlatformAccount {
+        platform: platform_pb(account.platform) as i32,
+        platform_user_id: account.platform_user_id.clone(),
+        login: account.login.clone(),
+        display_name: account.display_name.clone(),
+        scopes: account.scopes.clone(),
+        connected_at: Some(timestamp(account.connected_at)),
+        token_expires_at: account.token_expires_at.map(timestamp),
+        status: match account.status {
+            AccountStatus::Active => pb::PlatformAccountStatus::Active,
+            AccountStatus::ReauthRequired => pb::PlatformAccountStatus::ReauthRequired,
+            AccountStatus::Revoked => pb::PlatformAccountStatus::Revoked,
+        } as i32,
+    }
+}
+
 fn code_label(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
@@ -160,6 +209,7 @@ fn code_label(code: Code) -> &'static str {
         Code::Unauthenticated => "Unauthenticated",
         Code::PermissionDenied => "PermissionDenied",
         Code::NotFound => "NotFound",
+        Code::FailedPrecondition => "FailedPrecondition",
         Code::AlreadyExists => "AlreadyExists",
         Code::ResourceExhausted => "ResourceExhausted",
         Code::Unavailable => "Unavailable",
@@ -386,6 +436,106 @@ impl AuthService for AuthApi {
                 .await?;
             Ok(pb::SetUserRolesResponse {
                 user: Some(user_pb(&user)),
+            })
+        })
+        .await
+    }
+
+    async fn start_platform_link(
+        &self,
+        request: Request<pb::StartPlatformLinkRequest>,
+    ) -> Result<Response<pb::StartPlatformLinkResponse>, Status> {
+        let (metadata, _, body) = request.into_parts();
+        self.observed("StartPlatformLink", async {
+            let caller = self.caller(&metadata).await?;
+            let started = self
+                .platforms
+                .start_link(&caller, platform(body.platform)?)
+                .await?;
+            Ok(pb::StartPlatformLinkResponse {
+                authorization_url: started.authorization_url,
+                state: started.state,
+                expires_at: Some(timestamp(started.expires_at)),
+                pkce: started.pkce,
+            })
+        })
+        .await
+    }
+
+    async fn connect_platform_account(
+        &self,
+        request: Request<pb::ConnectPlatformAccountRequest>,
+    ) -> Result<Response<pb::PlatformAccount>, Status> {
+        let ctx = self.context(&request);
+        let (metadata, _, body) = request.into_parts();
+        self.observed("ConnectPlatformAccount", async {
+            let caller = self.caller(&metadata).await?;
+            let account = self
+                .platforms
+                .connect(
+                    &caller,
+                    platform(body.platform)?,
+                    &body.code,
+                    &body.state,
+                    &body.error,
+                    &ctx,
+                )
+                .await?;
+            Ok(platform_account_pb(&account))
+        })
+        .await
+    }
+
+    async fn list_platform_accounts(
+        &self,
+        request: Request<pb::ListPlatformAccountsRequest>,
+    ) -> Result<Response<pb::ListPlatformAccountsResponse>, Status> {
+        self.observed("ListPlatformAccounts", async {
+            let caller = self.caller(request.metadata()).await?;
+            let accounts = self.platforms.list(&caller).await?;
+            Ok(pb::ListPlatformAccountsResponse {
+                accounts: accounts.iter().map(platform_account_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn disconnect_platform_account(
+        &self,
+        request: Request<pb::DisconnectPlatformAccountRequest>,
+    ) -> Result<Response<pb::DisconnectPlatformAccountResponse>, Status> {
+        let ctx = self.context(&request);
+        let (metadata, _, body) = request.into_parts();
+        self.observed("DisconnectPlatformAccount", async {
+            let caller = self.caller(&metadata).await?;
+            let revoked = self
+                .platforms
+                .disconnect(&caller, platform(body.platform)?, &ctx)
+                .await?;
+            Ok(pb::DisconnectPlatformAccountResponse {
+                revoked_at_platform: revoked,
+            })
+        })
+        .await
+    }
+
+    async fn get_platform_access_token(
+        &self,
+        request: Request<pb::GetPlatformAccessTokenRequest>,
+    ) -> Result<Response<pb::GetPlatformAccessTokenResponse>, Status> {
+        let ctx = self.context(&request);
+        let (metadata, _, body) = request.into_parts();
+        self.observed("GetPlatformAccessToken", async {
+            let service = ServiceCaller::check(self.caller(&metadata).await?)?;
+            let grant = self
+                .platforms
+                .access_token(&service, &body.user_id, platform(body.platform)?, &ctx)
+                .await?;
+            Ok(pb::GetPlatformAccessTokenResponse {
+                access_token: grant.access_token.expose_secret().to_owned(),
+                expires_at: grant.expires_at.map(timestamp),
+                platform_user_id: grant.platform_user_id,
+                scopes: grant.scopes,
             })
         })
         .await

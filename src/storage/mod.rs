@@ -3,9 +3,11 @@
 //! | role | production | embedded default |
 //! |---|---|---|
 //! | accounts, sessions, outbox | PostgreSQL (`sql`) | SQLite (`sql`) |
+//! | platform accounts, link states, webhook ids | PostgreSQL (`platforms`) | SQLite (`platforms`) |
 //! | revocations, login counters | Redis (`redis`) | in process (`memory`) |
 
 pub mod memory;
+pub mod platforms;
 pub mod redis;
 pub mod sql;
 
@@ -28,6 +30,7 @@ use crate::{
     config::Config,
     error::BackendError,
     events::{OutboxReader, RelayStore},
+    platforms::store::PlatformStore,
     ratelimit::{
         FailureCounter,
         quota::{MemoryQuota, QuotaStore},
@@ -56,11 +59,12 @@ pub struct Database {
     pub sessions: Arc<dyn SessionStore>,
     pub outbox: Arc<dyn OutboxReader>,
     pub relay: Arc<dyn RelayStore>,
+    pub platforms: Arc<dyn PlatformStore>,
     pub health: Arc<dyn Ping>,
 }
 
 impl Database {
-    fn from_store<S: UserStore + SessionStore + OutboxReader + RelayStore + Ping>(
+    fn from_store<S: UserStore + SessionStore + OutboxReader + RelayStore + PlatformStore + Ping>(
         store: S,
     ) -> Self {
         let store = Arc::new(store);
@@ -69,6 +73,7 @@ impl Database {
             sessions: store.clone(),
             outbox: store.clone(),
             relay: store.clone(),
+            platforms: store.clone(),
             health: store,
         }
     }

@@ -122,6 +122,26 @@ macro_rules! user_columns {
     };
 }
 
+/// Inserts `$event` into the outbox within the transaction `$tx`.
+macro_rules! insert_event {
+    ($tx:expr, $event:expr) => {
+        sqlx::query(
+            "INSERT INTO outbox (id, event_type, user_id, occurred_at, payload, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind($event.id)
+        .bind($event.event_type.as_str())
+        .bind($event.user_id)
+        .bind($event.occurred_at)
+        .bind(sqlx::types::Json(&$event.data))
+        .bind($event.traceparent.as_deref())
+        .execute(&mut *$tx)
+        .await
+        .map_err($crate::storage::sql::db_error)?
+    };
+}
+pub(crate) use insert_event;
+
 /// Implements `UserStore`, `SessionStore` and `OutboxReader` for
 /// `SqlStore<$db>`.
 macro_rules! sql_store {
@@ -142,24 +162,6 @@ macro_rules! sql_store {
                 storage::sql::{SqlStore, UserRow, conflicting_field, db_error},
                 tokens::store::{NewRefreshToken, NewSession, RotateRequest, Rotation, SessionStore, TokenHash},
             };
-
-            macro_rules! insert_event {
-                ($tx:expr, $event:expr) => {
-                    sqlx::query(
-                        "INSERT INTO outbox (id, event_type, user_id, occurred_at, payload, traceparent) \
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind($event.id)
-                    .bind($event.event_type.as_str())
-                    .bind($event.user_id)
-                    .bind($event.occurred_at)
-                    .bind(Json(&$event.data))
-                    .bind($event.traceparent.as_deref())
-                    .execute(&mut *$tx)
-                    .await
-                    .map_err(db_error)?
-                };
-            }
 
             macro_rules! revoke_all_sessions {
                 ($tx:expr, $user_id:expr, $now:expr, $reason:expr) => {

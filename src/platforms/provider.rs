@@ -1,0 +1,725 @@
+//! The platforms' OAuth 2.0 endpoints, one [`Profile`] per platform over the
+//! `oauth2` crate (authorization URL, PKCE S256, code and refresh grants) and
+//! a rustls `reqwest` client (identity, validation, revocation, Facebook's
+//! token exchange). Every call has the configured timeout; transient failures
+//! (connection, timeout, 5xx) are retried with backoff where a retry is safe.
+//!
+//! | | PKCE | client auth | refresh model | identity |
+//! |---|---|---|---|---|
+//! | Twitch | no (not documented by Twitch) | secret in body | rotating refresh token; `/oauth2/validate` hourly | Helix `GET /users` with `Client-Id` |
+//! | YouTube (Google) | S256 | secret in body | refresh token (`access_type=offline`, `prompt=consent`), kept across refreshes | `GET /youtube/v3/channels?part=snippet&mine=true` |
+//! | Facebook | S256 | secret in body | none: the short-lived token is exchanged for a long-lived one (`fb_exchange_token`) and re-exchanged before it expires | `GET /me?fields=id,name` |
+//! | SOOP | no | secret in body | refresh token | `POST /user/stationinfo` |
+//!
+//! Token responses differ: Twitch returns `scope` as a JSON array, the
+//! others a space-delimited string or nothing; Facebook has no refresh token;
+//! Twitch's errors are `{"status":400,"message":…}` rather than RFC 6749's
+//! `{"error":…}`. [`PlatformTokenResponse`] and [`CallError`] absorb that.
+
+use std::{
+    sync::atomic::{AtomicU16, Ordering},
+    time::Duration,
+};
+
+use oauth2::{
+    AccessToken, AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
+    EndpointNotSet, EndpointSet, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
+    RequestTokenError, Scope, TokenResponse, TokenUrl,
+    basic::{BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{Identity, Platform};
+use crate::config::ProviderConfig;
+
+/// What differs between platforms beyond their URLs.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    pub pkce: bool,
+    /// Extra parameters of the authorization request.
+    pub auth_params: &'static [(&'static str, &'static str)],
+    /// How scopes are joined in the authorization URL.
+    pub scope_separator: &'static str,
+    pub refresh: RefreshModel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshModel {
+    /// `grant_type=refresh_token`; the platform may rotate the token.
+    RefreshToken,
+    /// No refresh token: re-exchange the long-lived access token
+    /// (`grant_type=fb_exchange_token`) while it is still valid.
+    ExchangeLongLived,
+}
+
+impl Profile {
+    pub fn of(platform: Platform) -> Self {
+        match platform {
+            Platform::Twitch => Self {
+                pkce: false,
+                auth_params: &[],
+                scope_separator: " ",
+                refresh: RefreshModel::RefreshToken,
+            },
+            Platform::Youtube => Self {
+                pkce: true,
+                auth_params: &[("access_type", "offline"), ("prompt", "consent")],
+                scope_separator: " ",
+                refresh: RefreshModel::RefreshToken,
+            },
+            Platform::Facebook => Self {
+                pkce: true,
+                auth_params: &[],
+                scope_separator: ",",
+                refresh: RefreshModel::ExchangeLongLived,
+            },
+            Platform::Soop => Self {
+                pkce: false,
+                auth_params: &[],
+                scope_separator: " ",
+                refresh: RefreshModel::RefreshToken,
+            },
+        }
+    }
+}
+
+/// Tokens as a platform granted them.
+#[derive(Debug)]
+pub struct Grant {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub expires_in: Option<Duration>,
+    /// `None`: the platform did not say (the requested scopes stand).
+    pub scopes: Option<Vec<String>>,
+}
+
+/// How a platform call failed. Messages never carry a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The grant is dead: revoked at the platform, expired, already used.
+    #[error("invalid_grant: {0}")]
+    InvalidGrant(String),
+    /// Another refusal (bad client, redirect mismatch, missing scope).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Worth a retry later: connection, timeout, 5xx, a garbled answer.
+    #[error("transient: {0}")]
+    Transient(String),
+}
+
+/// A token response in any of the platforms' shapes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlatformTokenResponse {
+    access_token: AccessToken,
+    #[serde(default)]
+    token_type: AnyTokenType,
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    refresh_token: Option<RefreshToken>,
+    #[serde(default, rename = "scope", deserialize_with = "scope_list")]
+    scopes: Option<Vec<Scope>>,
+}
+
+/// Whatever `token_type` says (`bearer`, `Bearer`, or nothing).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnyTokenType(Option<String>);
+impl oauth2::TokenType for AnyTokenType {}
+
+impl TokenResponse for PlatformTokenResponse {
+    type TokenType = AnyTokenType;
+    fn access_token(&self) -> &AccessToken {
+        &self.access_token
+    }
+    fn token_type(&self) -> &AnyTokenType {
+        &self.token_type
+    }
+    fn expires_in(&self) -> Option<Duration> {
+        self.expires_in.map(Duration::from_secs)
+    }
+    fn refresh_token(&self) -> Option<&RefreshToken> {
+        self.refresh_token.as_ref()
+    }
+    fn scopes(&self) -> Option<&Vec<Scope>> {
+        self.scopes.as_ref()
+    }
+}
+
+/// `"a b"` (RFC 6749), `["a","b"]` (Twitch), or null.
+fn scope_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Scope>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Text(String),
+        List(Vec<String>),
+    }
+    Ok(Option::<Form>::deserialize(d)?.map(|form| {
+        let names: Vec<String> = match form {
+            Form::Text(text) => text
+                .split([' ', ','])
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            Form::List(list) => list,
+        };
+        names.into_iter().map(Scope::new).collect()
+    }))
+}
+
+type OAuthClient = oauth2::Client<
+    BasicErrorResponse,
+    PlatformTokenResponse,
+    BasicTokenIntrospectionResponse,
+    oauth2::StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// A transport failure or a 5xx, as the oauth2 crate's HTTP client error.
+#[derive(Debug, thiserror::Error)]
+enum HttpFailure {
+    #[error("the platform answered HTTP {0}")]
+    Status(u16),
+    #[error("{0}")]
+    Transport(String),
+}
+
+impl HttpFailure {
+    /// reqwest's message without the URL (a query string may hold a token).
+    fn transport(error: reqwest::Error) -> Self {
+        let kind = if error.is_timeout() {
+            "timed out"
+        } else if error.is_connect() {
+            "connection failed"
+        } else {
+            "request failed"
+        };
+        Self::Transport(format!("{kind}: {}", error.without_url()))
+    }
+}
+
+/// One configured platform.
+pub struct Provider {
+    pub platform: Platform,
+    pub profile: Profile,
+    client_id: String,
+    client_secret: SecretString,
+    scopes: Vec<String>,
+    redirect_uri: String,
+    api_url: String,
+    revoke_url: Option<String>,
+    validate_url: Option<String>,
+    token_url: String,
+    oauth: OAuthClient,
+    http: reqwest::Client,
+    attempts: u32,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("platform", &self.platform)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Provider {
+    /// `None` when the platform has no client id (disabled). The
+    /// configuration was validated at load.
+    pub fn new(
+        platform: Platform,
+        config: &ProviderConfig,
+        timeout: Duration,
+        attempts: u32,
+    ) -> anyhow::Result<Option<Self>> {
+        let (Some(client_id), Some(secret), Some(redirect)) = (
+            config.client_id.clone(),
+            config.client_secret.clone(),
+            config.redirect_uri.clone(),
+        ) else {
+            return Ok(None);
+        };
+        let oauth = oauth2::Client::new(ClientId::new(client_id.clone()))
+            .set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()))
+            .set_auth_uri(AuthUrl::new(config.auth_url.clone())?)
+            .set_token_uri(TokenUrl::new(config.token_url.clone())?)
+            .set_redirect_uri(RedirectUrl::new(redirect.clone())?)
+            .set_auth_type(AuthType::RequestBody);
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            // A token endpoint that redirects is not followed (SSRF, and the
+            // secret would go along).
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("immersiverse-auth/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Some(Self {
+            platform,
+            profile: Profile::of(platform),
+            client_id,
+            client_secret: secret,
+            scopes: config.scopes.clone(),
+            redirect_uri: redirect,
+            api_url: config.api_url.trim_end_matches('/').to_owned(),
+            revoke_url: config.revoke_url.clone(),
+            validate_url: config.validate_url.clone(),
+            token_url: config.token_url.clone(),
+            oauth,
+            http,
+            attempts: attempts.max(1),
+        }))
+    }
+
+    pub fn redirect_uri(&self) -> &str {
+        &self.redirect_uri
+    }
+
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// The URL to send the user to, and the PKCE verifier to keep (when the
+    /// platform supports PKCE).
+    pub fn authorization_url(&self, state: &str) -> (String, Option<SecretString>) {
+        let state = state.to_owned();
+        let mut request = self.oauth.authorize_url(move || CsrfToken::new(state));
+        if !self.scopes.is_empty() {
+            // One joined parameter: Facebook takes commas.
+            request = request.add_scope(Scope::new(
+                self.scopes.join(self.profile.scope_separator),
+            ));
+        }
+        for (name, value) in self.profile.auth_params {
+            request = request.add_extra_param(*name, *value);
+        }
+        let verifier = if self.profile.pkce {
+            let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+            request = request.set_pkce_challenge(challenge);
+            Some(SecretString::from(verifier.secret().clone()))
+        } else {
+            None
+        };
+        let (url, _) = request.url();
+        (url.to_string(), verifier)
+    }
+
+    /// Exchanges an authorization code (not retried: a code is single-use).
+    /// Facebook's short-lived token is exchanged for a long-lived one.
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        verifier: Option<&SecretString>,
+    ) -> Result<Grant, CallError> {
+        let status = AtomicU16::new(0);
+        let mut request = self
+            .oauth
+            .exchange_code(AuthorizationCode::new(code.to_owned()));
+        if let Some(verifier) = verifier {
+            request =
+                request.set_pkce_verifier(PkceCodeVerifier::new(verifier.expose_secret().into()));
+        }
+        let sender = Sender {
+            http: &self.http,
+            status: &status,
+        };
+        let grant = grant(request.request_async(&sender).await, &status)?;
+        match self.profile.refresh {
+            RefreshModel::RefreshToken => Ok(grant),
+            RefreshModel::ExchangeLongLived => self.extend(&grant.access_token).await,
+        }
+    }
+
+    /// A new access token from the stored grant: the refresh token, or for
+    /// Facebook the current long-lived token.
+    pub async fn refresh(
+        &self,
+        refresh_token: Option<&SecretString>,
+        access_token: &SecretString,
+    ) -> Result<Grant, CallError> {
+        match self.profile.refresh {
+            RefreshModel::ExchangeLongLived => self.extend(access_token).await,
+            RefreshModel::RefreshToken => {
+                let refresh_token = refresh_token.ok_or_else(|| {
+                    CallError::InvalidGrant("no refresh token was granted".into())
+                })?;
+                self.retrying(|| async move {
+                    let status = AtomicU16::new(0);
+                    let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
+                    let sender = Sender {
+                        http: &self.http,
+                        status: &status,
+                    };
+                    let result = self
+                        .oauth
+                        .exchange_refresh_token(&token)
+                        .request_async(&sender)
+                        .await;
+                    grant(result, &status)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Facebook: `GET <token_url>?grant_type=fb_exchange_token&…`.
+    async fn extend(&self, access_token: &SecretString) -> Result<Grant, CallError> {
+        self.retrying(|| async move {
+            let response = self
+                .http
+                .get(&self.token_url)
+                .query(&[
+                    ("grant_type", "fb_exchange_token"),
+                    ("client_id", self.client_id.as_str()),
+                    ("client_secret", self.client_secret.expose_secret()),
+                    ("fb_exchange_token", access_token.expose_secret()),
+                ])
+                .send()
+                .await
+                .map_err(transport)?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await.map_err(transport)?;
+            if status >= 500 {
+                return Err(CallError::Transient(format!("HTTP {status}")));
+            }
+            if status >= 400 {
+                // Graph API: {"error":{"message":…,"type":"OAuthException","code":190}}
+                return Err(CallError::InvalidGrant(graph_error(&body)));
+            }
+            let parsed: PlatformTokenResponse = serde_json::from_slice(&body)
+                .map_err(|_| CallError::Transient("unreadable token response".into()))?;
+            Ok(Grant::from(&parsed))
+        })
+        .await
+    }
+
+    /// Who the token belongs to.
+    pub async fn identity(&self, access_token: &SecretString) -> Result<Identity, CallError> {
+        self.retrying(|| async move {
+            let token = access_token.expose_secret();
+            let request = match self.platform {
+                Platform::Twitch => self
+                    .http
+                    .get(format!("{}/users", self.api_url))
+                    .bearer_auth(token)
+                    .header("Client-Id", &self.client_id),
+                Platform::Youtube => self
+                    .http
+                    .get(format!("{}/youtube/v3/channels", self.api_url))
+                    .query(&[("part", "snippet"), ("mine", "true")])
+                    .bearer_auth(token),
+                Platform::Facebook => self
+                    .http
+                    .get(format!("{}/me", self.api_url))
+                    .query(&[("fields", "id,name")])
+                    .bearer_auth(token),
+                Platform::Soop => self
+                    .http
+                    .post(format!("{}/user/stationinfo", self.api_url))
+                    .bearer_auth(token)
+                    .form(&[("client_id", self.client_id.as_str())]),
+            };
+            let body = checked(request.send().await.map_err(transport)?).await?;
+            parse_identity(self.platform, &body)
+                .ok_or_else(|| CallError::Transient("unreadable identity response".into()))
+        })
+        .await
+    }
+
+    /// Twitch's `/oauth2/validate`: `Ok(false)` when the token is no longer
+    /// valid. Platforms without the endpoint always answer `Ok(true)`.
+    pub async fn validate(&self, access_token: &SecretString) -> Result<bool, CallError> {
+        let Some(url) = &self.validate_url else {
+            return Ok(true);
+        };
+        self.retrying(|| async move {
+            let response = self
+                .http
+                .get(url)
+                .header(
+                    reqwest::header::AUTHORIZATION,
+                    format!("OAuth {}", access_token.expose_secret()),
+                )
+                .send()
+                .await
+                .map_err(transport)?;
+            match response.status().as_u16() {
+                200..=299 => Ok(true),
+                401 => Ok(false),
+                s if s >= 500 => Err(CallError::Transient(format!("HTTP {s}"))),
+                s => Err(CallError::Refused(format!("validate answered HTTP {s}"))),
+            }
+        })
+        .await
+    }
+
+    /// Revokes the grant at the platform. `Ok(false)`: the platform has no
+    /// revocation endpoint.
+    pub async fn revoke(
+        &self,
+        access_token: &SecretString,
+        refresh_token: Option<&SecretString>,
+    ) -> Result<bool, CallError> {
+        let Some(url) = &self.revoke_url else {
+            return Ok(false);
+        };
+        self.retrying(|| async move {
+            let request = match self.platform {
+                // Revoking the access token ends the authorization.
+                Platform::Twitch => self.http.post(url).form(&[
+                    ("client_id", self.client_id.as_str()),
+                    ("token", access_token.expose_secret()),
+                ]),
+                // Revoking the refresh token revokes the whole grant.
+                Platform::Youtube => self.http.post(url).form(&[(
+                    "token",
+                    refresh_token.unwrap_or(access_token).expose_secret(),
+                )]),
+                Platform::Facebook => self.http.delete(url).bearer_auth(access_token.expose_secret()),
+                Platform::Soop => return Ok(false),
+            };
+            checked(request.send().await.map_err(transport)?).await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Runs `call` up to the configured attempts while it fails transiently,
+    /// with backoff from 100 ms.
+    async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, CallError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, CallError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Err(CallError::Transient(why)) if attempt < self.attempts => {
+                    tracing::debug!(platform = %self.platform, attempt, why, "platform call failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << (attempt - 1).min(5))).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The oauth2 crate's HTTP client: reqwest, with 5xx turned into a
+/// transport-level error (so it is told apart from a refusal) and the status
+/// kept for classifying unparseable error bodies.
+struct Sender<'a> {
+    http: &'a reqwest::Client,
+    status: &'a AtomicU16,
+}
+
+type SendFuture<'c> =
+    std::pin::Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpFailure>> + Send + 'c>>;
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
+    type Error = HttpFailure;
+    type Future = SendFuture<'c>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let response = self
+                .http
+                .request(parts.method, parts.uri.to_string())
+                .headers(parts.headers)
+                .body(body)
+                .send()
+                .await
+                .map_err(HttpFailure::transport)?;
+            let code = response.status();
+            self.status.store(code.as_u16(), Ordering::Relaxed);
+            if code.is_server_error() {
+                return Err(HttpFailure::Status(code.as_u16()));
+            }
+            let mut builder = oauth2::http::Response::builder().status(code);
+            for (name, value) in response.headers() {
+                builder = builder.header(name, value);
+            }
+            let body = response.bytes().await.map_err(HttpFailure::transport)?;
+            builder
+                .body(body.to_vec())
+                .map_err(|e| HttpFailure::Transport(e.to_string()))
+        })
+    }
+}
+
+impl From<&PlatformTokenResponse> for Grant {
+    fn from(r: &PlatformTokenResponse) -> Self {
+        Self {
+            access_token: SecretString::from(r.access_token.secret().clone()),
+            refresh_token: r
+                .refresh_token
+                .as_ref()
+                .map(|t| SecretString::from(t.secret().clone())),
+            expires_in: r.expires_in(),
+            scopes: r
+                .scopes
+                .as_ref()
+                .map(|s| s.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+}
+
+/// Classifies the oauth2 crate's result.
+fn grant(
+    result: Result<PlatformTokenResponse, RequestTokenError<HttpFailure, BasicErrorResponse>>,
+    status: &AtomicU16,
+) -> Result<Grant, CallError> {
+    match result {
+        Ok(response) => Ok(Grant::from(&response)),
+        Err(RequestTokenError::ServerResponse(e)) => {
+            let code = e.error().as_ref().to_owned();
+            let text = match e.error_description() {
+                Some(d) => format!("{code} ({d})"),
+                None => code.clone(),
+            };
+            Err(if code == "invalid_grant" {
+                CallError::InvalidGrant(text)
+            } else {
+                CallError::Refused(text)
+            })
+        }
+        Err(RequestTokenError::Request(e)) => Err(CallError::Transient(e.to_string())),
+        Err(RequestTokenError::Parse(_, body)) => match status.load(Ordering::Relaxed) {
+            // Twitch: {"status":400,"message":"Invalid refresh token"}.
+            400 | 401 => Err(CallError::InvalidGrant(twitch_message(&body))),
+            s => Err(CallError::Transient(format!(
+                "unreadable token response (HTTP {s})"
+            ))),
+        },
+        Err(RequestTokenError::Other(e)) => Err(CallError::Transient(e)),
+    }
+}
+
+fn transport(error: reqwest::Error) -> CallError {
+    CallError::Transient(HttpFailure::transport(error).to_string())
+}
+
+/// The body of a 2xx answer; 5xx is transient, 401 a dead token, other 4xx
+/// a refusal.
+async fn checked(response: reqwest::Response) -> Result<Vec<u8>, CallError> {
+    let status = response.status().as_u16();
+    let body = response.bytes().await.map_err(transport)?;
+    match status {
+        200..=299 => Ok(body.to_vec()),
+        401 => Err(CallError::InvalidGrant("the platform refused the token".into())),
+        s if s >= 500 => Err(CallError::Transient(format!("HTTP {s}"))),
+        s => Err(CallError::Refused(format!("HTTP {s}"))),
+    }
+}
+
+fn twitch_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "the platform refused the grant".into())
+}
+
+fn graph_error(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "the platform refused the token".into())
+}
+
+/// The identity in each platform's response shape.
+pub fn parse_identity(platform: Platform, body: &[u8]) -> Option<Identity> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = |v: &serde_json::Value, p: &str| v.pointer(p)?.as_str().map(str::to_owned);
+    let identity = match platform {
+        // {"data":[{"id":"141981764","login":"twitchdev","display_name":"TwitchDev",…}]}
+        Platform::Twitch => Identity {
+            platform_user_id: text(&v, "/data/0/id")?,
+            login: text(&v, "/data/0/login")?,
+            display_name: text(&v, "/data/0/display_name")?,
+        },
+        // {"items":[{"id":"UC…","snippet":{"title":"…","customUrl":"@…"}}]}
+        Platform::Youtube => Identity {
+            platform_user_id: text(&v, "/items/0/id")?,
+            login: text(&v, "/items/0/snippet/customUrl").unwrap_or_default(),
+            display_name: text(&v, "/items/0/snippet/title")?,
+        },
+        // {"id":"…","name":"…"}
+        Platform::Facebook => Identity {
+            platform_user_id: text(&v, "/id")?,
+            login: String::new(),
+            display_name: text(&v, "/name")?,
+        },
+        // {"result":1,"data":{"user_id":"…","user_nick":"…"}}
+        Platform::Soop => Identity {
+            platform_user_id: text(&v, "/data/user_id")?,
+            login: text(&v, "/data/user_id")?,
+            display_name: text(&v, "/data/user_nick").unwrap_or_default(),
+        },
+    };
+    (!identity.platform_user_id.is_empty()).then_some(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_responses_of_every_shape_parse() {
+        let twitch: PlatformTokenResponse = serde_json::from_str(
+            r#"{"access_token":"a","refresh_token":"r","expires_in":14124,"scope":["chat:read","user:read:email"],"token_type":"bearer"}"#,
+        )
+        .unwrap();
+        let g = Grant::from(&twitch);
+        assert_eq!(
+            g.scopes.unwrap(),
+            vec!["chat:read".to_owned(), "user:read:email".to_owned()]
+        );
+        assert_eq!(g.expires_in, Some(Duration::from_secs(14124)));
+        let google: PlatformTokenResponse = serde_json::from_str(
+            r#"{"access_token":"a","expires_in":3599,"scope":"openid https://www.googleapis.com/auth/youtube.readonly","token_type":"Bearer"}"#,
+        )
+        .unwrap();
+        assert_eq!(Grant::from(&google).scopes.unwrap().len(), 2);
+        assert!(Grant::from(&google).refresh_token.is_none());
+        let facebook: PlatformTokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","token_type":"bearer","expires_in":5183944}"#)
+                .unwrap();
+        assert!(Grant::from(&facebook).scopes.is_none());
+        let bare: PlatformTokenResponse = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
+        assert!(Grant::from(&bare).expires_in.is_none());
+    }
+
+    #[test]
+    fn identities_are_read_from_each_platform_shape() {
+        let t = parse_identity(
+            Platform::Twitch,
+            br#"{"data":[{"id":"141981764","login":"twitchdev","display_name":"TwitchDev"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(t.platform_user_id, "141981764");
+        assert_eq!(t.login, "twitchdev");
+        assert!(parse_identity(Platform::Twitch, br#"{"data":[]}"#).is_none());
+        let y = parse_identity(
+            Platform::Youtube,
+            br#"{"items":[{"id":"UCabc","snippet":{"title":"Chan","customUrl":"@chan"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!((y.platform_user_id.as_str(), y.login.as_str()), ("UCabc", "@chan"));
+        assert!(parse_identity(Platform::Youtube, br#"{"items":[]}"#).is_none());
+        let f = parse_identity(Platform::Facebook, br#"{"id":"10","name":"Ann"}"#).unwrap();
+        assert_eq!(f.display_name, "Ann");
+        let s = parse_identity(
+            Platform::Soop,
+            br#"{"result":1,"data":{"user_id":"soopy","user_nick":"Soopy"}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.platform_user_id, "soopy");
+        assert!(parse_identity(Platform::Soop, b"not json").is_none());
+    }
+}

@@ -1,0 +1,950 @@
+//! The platform-account use cases.
+//!
+//! **Refresh.** GetPlatformAccessToken answers from the stored token while it
+//! is valid for longer than the skew (one read, one decryption, no platform
+//! call). Otherwise one caller takes the account's refresh lease in the
+//! database (a conditional UPDATE on the row's token version, so exactly one
+//! replica wins) and refreshes; the others wait for the row's version to
+//! move and answer with the token it stored. The refresh runs in a task of
+//! its own, so a caller that gives up (deadline, disconnect) never abandons
+//! a rotated refresh token between the platform's answer and the database:
+//! the new tokens are stored before any access token is returned.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    AccountStatus, Platform, PlatformAccount, PlatformError,
+    provider::{CallError, Grant, Provider},
+    store::{LinkOutcome, LinkState, PlatformStore, SealedTokens, StoredAccount},
+    vault::Vault,
+    webhooks,
+};
+use crate::{
+    accounts::model::Role,
+    config::PlatformsConfig,
+    error::FieldViolation,
+    events::{OutboxEvent, RequestContext},
+    tokens::Principal,
+};
+
+/// Longest `state` and `code` accepted (platform codes are far shorter).
+const MAX_STATE_LEN: usize = 256;
+const MAX_CODE_LEN: usize = 2048;
+/// How often a caller waiting on another replica's refresh looks again.
+const LEASE_POLL: Duration = Duration::from_millis(20);
+
+/// Proof that the caller holds the `service` role (internal services).
+#[derive(Debug, Clone)]
+pub struct ServiceCaller(Principal);
+
+impl ServiceCaller {
+    pub fn check(principal: Principal) -> Result<Self, PlatformError> {
+        if principal.has_role(Role::SERVICE) {
+            Ok(Self(principal))
+        } else {
+            Err(PlatformError::Forbidden(
+                "the service role is required to read platform tokens",
+            ))
+        }
+    }
+
+    pub fn user_id(&self) -> Uuid {
+        self.0.user_id
+    }
+}
+
+/// What StartPlatformLink returns.
+#[derive(Debug)]
+pub struct StartedLink {
+    pub authorization_url: String,
+    pub state: String,
+    pub expires_at: OffsetDateTime,
+    pub pkce: bool,
+}
+
+/// A usable platform access token.
+#[derive(Debug)]
+pub struct AccessGrant {
+    pub access_token: SecretString,
+    pub expires_at: Option<OffsetDateTime>,
+    pub platform_user_id: String,
+    pub scopes: Vec<String>,
+}
+
+/// What a verified EventSub message asks of the endpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EventSubReply {
+    /// `webhook_callback_verification`: answer the raw challenge.
+    Challenge(String),
+    /// Handled (or deliberately ignored).
+    Accepted,
+    /// A message id seen before: acknowledged, nothing done again.
+    Duplicate,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    /// This webhook is not configured here (404).
+    #[error("webhook not configured")]
+    NotConfigured,
+    /// Missing, bad or stale signature (403); nothing changed.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// The signed body is not what the platform sends (400).
+    #[error("{0}")]
+    Malformed(&'static str),
+    /// The database could not record or apply it (503: the platform retries).
+    #[error("temporarily unavailable")]
+    Unavailable,
+}
+
+/// Counts of one keep-alive round.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KeepaliveReport {
+    pub extended: u32,
+    pub validated: u32,
+    pub reauth_required: u32,
+    pub failed: u32,
+}
+
+pub struct PlatformService {
+    store: Arc<dyn PlatformStore>,
+    vault: Arc<Vault>,
+    providers: BTreeMap<Platform, Arc<Provider>>,
+    config: PlatformsConfig,
+}
+
+fn sha256(value: &str) -> [u8; 32] {
+    Sha256::digest(value.as_bytes()).into()
+}
+
+/// Associated data binding a sealed token to its row and role.
+fn token_aad(user_id: Uuid, platform: Platform, role: &str) -> Vec<u8> {
+    format!("{user_id}:{platform}:{role}").into_bytes()
+}
+
+fn invalid(field: &'static str, description: impl Into<String>) -> PlatformError {
+    PlatformError::Invalid(vec![FieldViolation::new(field, description.into())])
+}
+
+fn unavailable(platform: Platform) -> PlatformError {
+    PlatformError::Unavailable {
+        platform,
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+impl PlatformService {
+    pub fn new(
+        store: Arc<dyn PlatformStore>,
+        vault: Arc<Vault>,
+        config: &PlatformsConfig,
+    ) -> anyhow::Result<Self> {
+        let mut providers = BTreeMap::new();
+        let timeout = Duration::from_millis(config.http_timeout_ms);
+        for platform in Platform::ALL {
+            if let Some(provider) = Provider::new(
+                platform,
+                config.provider(platform),
+                timeout,
+                config.retry_attempts,
+            )? {
+                providers.insert(platform, Arc::new(provider));
+            }
+        }
+        Ok(Self {
+            store,
+            vault,
+            providers,
+            config: config.clone(),
+        })
+    }
+
+    /// The platforms with a client configured.
+    pub fn enabled(&self) -> Vec<Platform> {
+        self.providers.keys().copied().collect()
+    }
+
+    fn provider(&self, platform: Platform) -> Result<&Arc<Provider>, PlatformError> {
+        self.providers
+            .get(&platform)
+            .ok_or(PlatformError::Disabled(platform))
+    }
+
+    /// A single-use state bound to the caller, the platform and its redirect
+    /// URI, and the platform's authorization URL carrying it (and the PKCE
+    /// challenge where supported).
+    pub async fn start_link(
+        &self,
+        caller: &Principal,
+        platform: Platform,
+    ) -> Result<StartedLink, PlatformError> {
+        let provider = self.provider(platform)?;
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).expect("the OS random source works");
+        let state = URL_SAFE_NO_PAD.encode(raw);
+        let state_hash = sha256(&state);
+        let (authorization_url, verifier) = provider.authorization_url(&state);
+        let aad = verifier_aad(caller.user_id, platform, &state_hash);
+        let expires_at = crate::now_micros() + Duration::from_secs(self.config.state_ttl_secs);
+        let link = LinkState {
+            user_id: caller.user_id,
+            platform,
+            redirect_uri: provider.redirect_uri().to_owned(),
+            verifier: verifier
+                .as_ref()
+                .map(|v| self.vault.seal(v.expose_secret(), &aad)),
+            expires_at,
+        };
+        self.store.insert_link_state(&state_hash, &link).await?;
+        metrics::counter!("platform_links_total", "platform" => platform.as_str(), "outcome" => "started")
+            .increment(1);
+        Ok(StartedLink {
+            authorization_url,
+            state,
+            expires_at,
+            pkce: verifier.is_some(),
+        })
+    }
+
+    /// Completes a link: spends the state, exchanges the code (with the PKCE
+    /// verifier), reads the platform identity and stores the account with
+    /// its `platform_connected` event. `platform_error` is the `error` the
+    /// platform put on the redirect instead of a code (`access_denied`).
+    pub async fn connect(
+        &self,
+        caller: &Principal,
+        platform: Platform,
+        code: &str,
+        state: &str,
+        platform_error: &str,
+        ctx: &RequestContext,
+    ) -> Result<PlatformAccount, PlatformError> {
+        let provider = self.provider(platform)?;
+        let mut violations = Vec::new();
+        if state.is_empty() {
+            violations.push(FieldViolation::new("state", "is required"));
+        } else if state.len() > MAX_STATE_LEN {
+            violations.push(FieldViolation::new("state", "is too long"));
+        }
+        if platform_error.is_empty() && code.is_empty() {
+            violations.push(FieldViolation::new("code", "is required"));
+        } else if code.len() > MAX_CODE_LEN || platform_error.len() > MAX_STATE_LEN {
+            violations.push(FieldViolation::new("code", "is too long"));
+        }
+        if !violations.is_empty() {
+            return Err(PlatformError::Invalid(violations));
+        }
+        let outcome = |o: &'static str| {
+            metrics::counter!("platform_links_total", "platform" => platform.as_str(), "outcome" => o)
+                .increment(1);
+        };
+        let state_hash = sha256(state);
+        // Taken (deleted) whatever follows: a state is good for one try.
+        let link = self
+            .store
+            .take_link_state(&state_hash)
+            .await?
+            .ok_or_else(|| invalid("state", "is unknown or was already used"))?;
+        if link.user_id != caller.user_id || link.platform != platform {
+            outcome("wrong_party");
+            return Err(invalid(
+                "state",
+                "was issued to another user or for another platform",
+            ));
+        }
+        if link.expires_at < OffsetDateTime::now_utc() {
+            outcome("expired");
+            return Err(invalid("state", "has expired; start the link again"));
+        }
+        if link.redirect_uri != provider.redirect_uri() {
+            return Err(invalid(
+                "state",
+                "was issued for another redirect URI; start the link again",
+            ));
+        }
+        if !platform_error.is_empty() {
+            outcome("denied");
+            return Err(PlatformError::Refused {
+                platform,
+                reason: platform_error.to_owned(),
+            });
+        }
+        let verifier = match &link.verifier {
+            Some(sealed) => Some(self.vault.open(
+                &sealed.key_id,
+                &sealed.bytes,
+                &verifier_aad(caller.user_id, platform, &state_hash),
+            )?),
+            None => None,
+        };
+        let grant = provider
+            .exchange_code(code, verifier.as_ref())
+            .await
+            .map_err(|e| {
+                outcome("refused");
+                link_error(platform, e)
+            })?;
+        let identity = provider
+            .identity(&grant.access_token)
+            .await
+            .map_err(|e| link_error(platform, e))?;
+        let now = crate::now_micros();
+        let account = PlatformAccount {
+            user_id: caller.user_id,
+            platform,
+            platform_user_id: identity.platform_user_id,
+            login: identity.login,
+            display_name: identity.display_name,
+            scopes: grant
+                .scopes
+                .clone()
+                .unwrap_or_else(|| provider.scopes().to_vec()),
+            status: AccountStatus::Active,
+            connected_at: now,
+            token_expires_at: grant.expires_in.map(|d| now + d),
+        };
+        let tokens = self.seal(
+            caller.user_id,
+            platform,
+            &grant.access_token,
+            grant.refresh_token.as_ref(),
+            account.token_expires_at,
+        );
+        // Distinct from any version a previous link of this row had.
+        let version = i64::try_from(now.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX);
+        let event = OutboxEvent::platform_connected(&account, ctx);
+        match self
+            .store
+            .link_account(&account, &tokens, version, &event)
+            .await?
+        {
+            LinkOutcome::Linked => {
+                outcome("linked");
+                Ok(account)
+            }
+            LinkOutcome::LinkedElsewhere => {
+                outcome("linked_elsewhere");
+                // The grant just obtained is of no use: hand it back.
+                let provider = provider.clone();
+                tokio::spawn(async move {
+                    let _ = provider
+                        .revoke(&grant.access_token, grant.refresh_token.as_ref())
+                        .await;
+                });
+                Err(PlatformError::LinkedElsewhere(platform))
+            }
+        }
+    }
+
+    /// The caller's linked accounts (never tokens).
+    pub async fn list(&self, caller: &Principal) -> Result<Vec<PlatformAccount>, PlatformError> {
+        Ok(self.store.accounts_of(caller.user_id).await?)
+    }
+
+    /// Revokes the grant at the platform (best effort; the result is in the
+    /// event), deletes the account and its tokens, writes
+    /// `platform_disconnected`. Returns whether the platform confirmed.
+    pub async fn disconnect(
+        &self,
+        caller: &Principal,
+        platform: Platform,
+        ctx: &RequestContext,
+    ) -> Result<bool, PlatformError> {
+        let provider = self.provider(platform)?;
+        let stored = self
+            .store
+            .find_account(caller.user_id, platform)
+            .await?
+            .ok_or(PlatformError::NotLinked(platform))?;
+        let revoked = match self.open(&stored) {
+            Ok((access, refresh)) => match provider.revoke(&access, refresh.as_ref()).await {
+                Ok(confirmed) => confirmed,
+                Err(error) => {
+                    tracing::warn!(%platform, %error, "revoking at the platform failed; deleting the tokens anyway");
+                    false
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%platform, %error, "stored tokens do not open; deleting them");
+                false
+            }
+        };
+        let event = OutboxEvent::platform_disconnected(&stored.account, revoked, ctx);
+        if !self
+            .store
+            .delete_account(caller.user_id, platform, &event)
+            .await?
+        {
+            return Err(PlatformError::NotLinked(platform));
+        }
+        Ok(revoked)
+    }
+
+    /// A valid access token of `user_id`'s account on `platform`, refreshed
+    /// first when it expires within the skew.
+    pub async fn access_token(
+        &self,
+        _caller: &ServiceCaller,
+        user_id: &str,
+        platform: Platform,
+        ctx: &RequestContext,
+    ) -> Result<AccessGrant, PlatformError> {
+        let user_id = Uuid::parse_str(user_id.trim()).map_err(|_| invalid("user_id", "must be a UUID"))?;
+        let provider = self.provider(platform)?.clone();
+        let skew = Duration::from_secs(self.config.refresh_skew_secs);
+        let lease = Duration::from_millis(self.config.refresh_lease_ms);
+        // Waiting for another replica's refresh is bounded by its lease.
+        let give_up = tokio::time::Instant::now() + lease + Duration::from_millis(500);
+        loop {
+            let stored = self
+                .store
+                .find_account(user_id, platform)
+                .await?
+                .ok_or(PlatformError::NotLinked(platform))?;
+            if stored.account.status != AccountStatus::Active {
+                return Err(PlatformError::ReauthRequired {
+                    platform,
+                    status: stored.account.status.as_str(),
+                });
+            }
+            let now = OffsetDateTime::now_utc();
+            if stored.tokens.expires_at.is_none_or(|e| e > now + skew) {
+                metrics::counter!("platform_token_reads_total", "platform" => platform.as_str(), "path" => "fresh")
+                    .increment(1);
+                return self.grant_from(&stored);
+            }
+            let leased = stored.lease_until.is_some_and(|until| until > now);
+            if !leased
+                && self
+                    .store
+                    .take_refresh_lease(user_id, platform, stored.version, now, now + lease)
+                    .await?
+            {
+                // Detached: it finishes and stores even if this call is
+                // dropped.
+                let this = self.refresher(provider.clone());
+                let ctx = ctx.clone();
+                return tokio::spawn(async move { this.refresh(stored, &ctx).await })
+                    .await
+                    .map_err(|_| unavailable(platform))?;
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(unavailable(platform));
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+    }
+
+    fn refresher(&self, provider: Arc<Provider>) -> Refresher {
+        Refresher {
+            store: self.store.clone(),
+            vault: self.vault.clone(),
+            provider,
+        }
+    }
+
+    fn grant_from(&self, stored: &StoredAccount) -> Result<AccessGrant, PlatformError> {
+        let (access, _) = self.open(stored)?;
+        Ok(AccessGrant {
+            access_token: access,
+            expires_at: stored.tokens.expires_at,
+            platform_user_id: stored.account.platform_user_id.clone(),
+            scopes: stored.account.scopes.clone(),
+        })
+    }
+
+    fn open(
+        &self,
+        stored: &StoredAccount,
+    ) -> Result<(SecretString, Option<SecretString>), super::vault::VaultError> {
+        open_tokens(&self.vault, stored)
+    }
+
+    fn seal(
+        &self,
+        user_id: Uuid,
+        platform: Platform,
+        access: &SecretString,
+        refresh: Option<&SecretString>,
+        expires_at: Option<OffsetDateTime>,
+    ) -> SealedTokens {
+        seal_tokens(&self.vault, user_id, platform, access, refresh, expires_at)
+    }
+
+    /// The platform says the user removed this application: mark the
+    /// account revoked with a `platform_reauth_required` event. False when
+    /// no account matches or it was already revoked.
+    pub async fn revoked_at_platform(
+        &self,
+        platform: Platform,
+        platform_user_id: &str,
+        reason: &str,
+        ctx: &RequestContext,
+    ) -> Result<bool, PlatformError> {
+        let Some(stored) = self
+            .store
+            .find_by_platform_user(platform, platform_user_id)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let event = OutboxEvent::platform_reauth_required(
+            &stored.account,
+            AccountStatus::Revoked,
+            reason,
+            ctx,
+        );
+        Ok(self
+            .store
+            .set_status(
+                stored.account.user_id,
+                platform,
+                AccountStatus::Revoked,
+                &event,
+            )
+            .await?)
+    }
+
+    /// Twitch EventSub over the webhook transport: signature, age, replay,
+    /// then the message.
+    pub async fn eventsub(
+        &self,
+        headers: &EventSubHeaders<'_>,
+        body: &[u8],
+    ) -> Result<EventSubReply, WebhookError> {
+        let secret = self
+            .config
+            .twitch
+            .webhook_secret
+            .as_ref()
+            .filter(|_| self.providers.contains_key(&Platform::Twitch))
+            .ok_or(WebhookError::NotConfigured)?;
+        let (Some(id), Some(timestamp), Some(signature), Some(kind)) = (
+            headers.message_id,
+            headers.timestamp,
+            headers.signature,
+            headers.message_type,
+        ) else {
+            return Err(WebhookError::Forbidden("missing EventSub headers"));
+        };
+        if !webhooks::eventsub_signature_valid(
+            secret.expose_secret().as_bytes(),
+            id,
+            timestamp,
+            body,
+            signature,
+        ) {
+            metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "bad_signature").increment(1);
+            return Err(WebhookError::Forbidden("signature does not match"));
+        }
+        let now = OffsetDateTime::now_utc();
+        let max_age = Duration::from_secs(self.config.webhook_max_age_secs);
+        if !webhooks::eventsub_timestamp(timestamp).is_some_and(|at| webhooks::fresh(at, now, max_age)) {
+            metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "stale").increment(1);
+            return Err(WebhookError::Forbidden("message is older than the replay window"));
+        }
+        let message: serde_json::Value =
+            serde_json::from_slice(body).map_err(|_| WebhookError::Malformed("body is not JSON"))?;
+        let first = self
+            .store
+            .record_webhook_message("twitch", id, now)
+            .await
+            .map_err(|_| WebhookError::Unavailable)?;
+        if !first {
+            metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "duplicate").increment(1);
+            return Ok(EventSubReply::Duplicate);
+        }
+        metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "accepted").increment(1);
+        match kind {
+            "webhook_callback_verification" => message
+                .get("challenge")
+                .and_then(|c| c.as_str())
+                .map(|c| EventSubReply::Challenge(c.to_owned()))
+                .ok_or(WebhookError::Malformed("verification without challenge")),
+            "revocation" => {
+                let status = message
+                    .pointer("/subscription/status")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or("unknown");
+                tracing::warn!(status, "Twitch revoked an EventSub subscription");
+                Ok(EventSubReply::Accepted)
+            }
+            "notification" => {
+                let subscription = message
+                    .pointer("/subscription/type")
+                    .and_then(|s| s.as_str());
+                if subscription == Some("user.authorization.revoke") {
+                    let user = message
+                        .pointer("/event/user_id")
+                        .and_then(|s| s.as_str())
+                        .ok_or(WebhookError::Malformed("revoke without event.user_id"))?;
+                    self.revoked_at_platform(
+                        Platform::Twitch,
+                        user,
+                        "authorization_revoked",
+                        &RequestContext::default(),
+                    )
+                    .await
+                    .map_err(|_| WebhookError::Unavailable)?;
+                }
+                Ok(EventSubReply::Accepted)
+            }
+            _ => Ok(EventSubReply::Accepted),
+        }
+    }
+
+    /// Facebook's deauthorize callback (`signed_request` form field).
+    pub async fn facebook_deauthorize(&self, signed_request: &str) -> Result<(), WebhookError> {
+        let secret = self
+            .config
+            .facebook
+            .client_secret
+            .as_ref()
+            .filter(|_| self.providers.contains_key(&Platform::Facebook))
+            .ok_or(WebhookError::NotConfigured)?;
+        let user = webhooks::facebook_signed_request_user(
+            signed_request,
+            secret.expose_secret().as_bytes(),
+        )
+        .map_err(|e| {
+            metrics::counter!("webhook_messages_total", "source" => "facebook", "outcome" => "bad_signature").increment(1);
+            match e {
+                webhooks::SignedRequestError::BadSignature => {
+                    WebhookError::Forbidden("signature does not match")
+                }
+                _ => WebhookError::Forbidden("malformed signed_request"),
+            }
+        })?;
+        metrics::counter!("webhook_messages_total", "source" => "facebook", "outcome" => "accepted").increment(1);
+        self.revoked_at_platform(
+            Platform::Facebook,
+            &user,
+            "deauthorized",
+            &RequestContext::default(),
+        )
+        .await
+        .map_err(|_| WebhookError::Unavailable)?;
+        Ok(())
+    }
+
+    /// One keep-alive round: re-exchange Facebook tokens nearing expiry and
+    /// validate Twitch tokens not validated within the hour, a bounded batch
+    /// each (replicas share the work through the database), then purge
+    /// spent link states and old webhook ids.
+    pub async fn keepalive(&self) -> Result<KeepaliveReport, PlatformError> {
+        let mut report = KeepaliveReport::default();
+        let now = OffsetDateTime::now_utc();
+        let lease = Duration::from_millis(self.config.refresh_lease_ms);
+        let ctx = RequestContext::default();
+        for (&platform, provider) in &self.providers {
+            let refresher = self.refresher(provider.clone());
+            if provider.profile.refresh == super::provider::RefreshModel::ExchangeLongLived {
+                let due = self
+                    .store
+                    .expiring(
+                        platform,
+                        now + Duration::from_secs(self.config.extend_ahead_secs),
+                        now,
+                        self.config.keepalive_batch,
+                    )
+                    .await?;
+                for stored in due {
+                    if !self
+                        .store
+                        .take_refresh_lease(stored.account.user_id, platform, stored.version, now, now + lease)
+                        .await?
+                    {
+                        continue;
+                    }
+                    match refresher.refresh(stored, &ctx).await {
+                        Ok(_) => report.extended += 1,
+                        Err(PlatformError::ReauthRequired { .. }) => report.reauth_required += 1,
+                        Err(_) => report.failed += 1,
+                    }
+                }
+            }
+            if self.config.provider(platform).validate_url.is_some() && platform == Platform::Twitch {
+                let cutoff = now - Duration::from_secs(self.config.validate_interval_secs);
+                let due = self
+                    .store
+                    .claim_validation(platform, cutoff, now, self.config.keepalive_batch)
+                    .await?;
+                for stored in due {
+                    let Ok((access, _)) = self.open(&stored) else {
+                        report.failed += 1;
+                        continue;
+                    };
+                    match provider.validate(&access).await {
+                        Ok(true) => report.validated += 1,
+                        Ok(false) => {
+                            // Invalid before its time: refresh now; a dead
+                            // refresh token marks the account.
+                            if self
+                                .store
+                                .take_refresh_lease(stored.account.user_id, platform, stored.version, now, now + lease)
+                                .await?
+                            {
+                                match refresher.refresh(stored, &ctx).await {
+                                    Ok(_) => report.validated += 1,
+                                    Err(PlatformError::ReauthRequired { .. }) => {
+                                        report.reauth_required += 1
+                                    }
+                                    Err(_) => report.failed += 1,
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(%platform, %error, "token validation failed");
+                            report.failed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let max_age = Duration::from_secs(self.config.webhook_max_age_secs);
+        self.store.purge_platform_state(now, now - max_age * 2).await?;
+        Ok(report)
+    }
+
+    /// Runs [`keepalive`](Self::keepalive) every `keepalive_interval_secs`
+    /// (with jitter) until `stop`.
+    pub async fn run_keepalive(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let period = Duration::from_secs(self.config.keepalive_interval_secs);
+        if period.is_zero() || self.providers.is_empty() {
+            return;
+        }
+        loop {
+            let mut jitter = [0u8; 2];
+            let _ = getrandom::fill(&mut jitter);
+            let pause = period + period.mul_f64(f64::from(u16::from_le_bytes(jitter)) / 65535.0 / 4.0);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+            match self.keepalive().await {
+                Ok(report) if report != KeepaliveReport::default() => {
+                    tracing::info!(?report, "platform keep-alive round")
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "platform keep-alive round failed"),
+            }
+        }
+    }
+
+    /// Re-seals every account not under the current vault key; returns how
+    /// many rows moved. Safe to run while serving (version-checked writes).
+    pub async fn reseal_all(&self) -> Result<u64, PlatformError> {
+        let mut moved = 0;
+        let mut stuck = 0;
+        loop {
+            let rows = self
+                .store
+                .sealed_with_other_key(self.vault.current_key_id(), 100)
+                .await?;
+            if rows.len() <= stuck {
+                return Ok(moved);
+            }
+            stuck = 0;
+            for stored in rows {
+                let (access, refresh) = self.open(&stored)?;
+                let tokens = self.seal(
+                    stored.account.user_id,
+                    stored.account.platform,
+                    &access,
+                    refresh.as_ref(),
+                    stored.tokens.expires_at,
+                );
+                if self
+                    .store
+                    .replace_tokens(
+                        stored.account.user_id,
+                        stored.account.platform,
+                        stored.version,
+                        &tokens,
+                        None,
+                    )
+                    .await?
+                {
+                    moved += 1;
+                } else {
+                    stuck += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The headers an EventSub call carries.
+#[derive(Debug, Default)]
+pub struct EventSubHeaders<'a> {
+    pub message_id: Option<&'a str>,
+    pub timestamp: Option<&'a str>,
+    pub signature: Option<&'a str>,
+    pub message_type: Option<&'a str>,
+}
+
+fn verifier_aad(user_id: Uuid, platform: Platform, state_hash: &[u8; 32]) -> Vec<u8> {
+    format!("{user_id}:{platform}:pkce:{}", hex::encode(state_hash)).into_bytes()
+}
+
+fn open_tokens(
+    vault: &Vault,
+    stored: &StoredAccount,
+) -> Result<(SecretString, Option<SecretString>), super::vault::VaultError> {
+    let user = stored.account.user_id;
+    let platform = stored.account.platform;
+    let access = vault.open(
+        &stored.tokens.key_id,
+        &stored.tokens.access,
+        &token_aad(user, platform, "access"),
+    )?;
+    let refresh = stored
+        .tokens
+        .refresh
+        .as_ref()
+        .map(|r| vault.open(&stored.tokens.key_id, r, &token_aad(user, platform, "refresh")))
+        .transpose()?;
+    Ok((access, refresh))
+}
+
+fn seal_tokens(
+    vault: &Vault,
+    user_id: Uuid,
+    platform: Platform,
+    access: &SecretString,
+    refresh: Option<&SecretString>,
+    expires_at: Option<OffsetDateTime>,
+) -> SealedTokens {
+    let access = vault.seal(
+        access.expose_secret(),
+        &token_aad(user_id, platform, "access"),
+    );
+    let refresh = refresh.map(|r| {
+        vault
+            .seal(r.expose_secret(), &token_aad(user_id, platform, "refresh"))
+            .bytes
+    });
+    SealedTokens {
+        key_id: access.key_id,
+        access: access.bytes,
+        refresh,
+        expires_at,
+    }
+}
+
+/// A platform failure during linking: nothing is stored.
+fn link_error(platform: Platform, error: CallError) -> PlatformError {
+    match error {
+        CallError::InvalidGrant(reason) | CallError::Refused(reason) => {
+            PlatformError::Refused { platform, reason }
+        }
+        CallError::Transient(why) => {
+            tracing::warn!(%platform, why, "platform unavailable during link");
+            unavailable(platform)
+        }
+    }
+}
+
+/// Everything one refresh needs, owned, so it can run detached.
+struct Refresher {
+    store: Arc<dyn PlatformStore>,
+    vault: Arc<Vault>,
+    provider: Arc<Provider>,
+}
+
+impl Refresher {
+    /// Refreshes `stored`, whose lease the caller holds: stores the new
+    /// tokens (the rotated refresh token included) before returning the
+    /// access token; marks the account `reauth_required` on `invalid_grant`;
+    /// releases the lease on a transient failure.
+    async fn refresh(
+        &self,
+        stored: StoredAccount,
+        ctx: &RequestContext,
+    ) -> Result<AccessGrant, PlatformError> {
+        let platform = stored.account.platform;
+        let user_id = stored.account.user_id;
+        let count = |outcome: &'static str| {
+            metrics::counter!("platform_token_refreshes_total", "platform" => platform.as_str(), "outcome" => outcome)
+                .increment(1);
+        };
+        let (access, refresh) = match open_tokens(&self.vault, &stored) {
+            Ok(tokens) => tokens,
+            Err(error) => {
+                self.store
+                    .release_refresh_lease(user_id, platform, stored.version)
+                    .await?;
+                return Err(error.into());
+            }
+        };
+        match self.provider.refresh(refresh.as_ref(), &access).await {
+            Ok(Grant {
+                access_token,
+                refresh_token,
+                expires_in,
+                scopes,
+            }) => {
+                // A platform that does not rotate keeps the old token valid.
+                let refresh = refresh_token.or(refresh);
+                let expires_at = expires_in.map(|d| crate::now_micros() + d);
+                let tokens = seal_tokens(
+                    &self.vault,
+                    user_id,
+                    platform,
+                    &access_token,
+                    refresh.as_ref(),
+                    expires_at,
+                );
+                let stored_ok = self
+                    .store
+                    .replace_tokens(user_id, platform, stored.version, &tokens, scopes.as_deref())
+                    .await?;
+                if !stored_ok {
+                    // Re-linked or disconnected meanwhile: the new tokens
+                    // belong to a row that no longer exists.
+                    count("superseded");
+                    return Err(PlatformError::NotLinked(platform));
+                }
+                count("refreshed");
+                Ok(AccessGrant {
+                    access_token,
+                    expires_at,
+                    platform_user_id: stored.account.platform_user_id,
+                    scopes: scopes.unwrap_or(stored.account.scopes),
+                })
+            }
+            Err(CallError::InvalidGrant(reason)) => {
+                count("reauth_required");
+                tracing::info!(%platform, %user_id, reason, "platform refused the refresh: re-link required");
+                let event = OutboxEvent::platform_reauth_required(
+                    &stored.account,
+                    AccountStatus::ReauthRequired,
+                    "refresh_refused",
+                    ctx,
+                );
+                self.store
+                    .set_status(user_id, platform, AccountStatus::ReauthRequired, &event)
+                    .await?;
+                Err(PlatformError::ReauthRequired {
+                    platform,
+                    status: AccountStatus::ReauthRequired.as_str(),
+                })
+            }
+            Err(error) => {
+                count("failed");
+                tracing::warn!(%platform, %error, "platform refresh failed");
+                self.store
+                    .release_refresh_lease(user_id, platform, stored.version)
+                    .await?;
+                Err(unavailable(platform))
+            }
+        }
+    }
+}

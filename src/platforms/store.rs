@@ -1,0 +1,179 @@
+//! The platform-account store role (implemented on SQL for PostgreSQL and
+//! SQLite in `storage::platforms`).
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{AccountStatus, Platform, PlatformAccount, vault::Sealed};
+use crate::{error::BackendError, events::OutboxEvent};
+
+/// A started link, kept under the SHA-256 of its `state` until used once.
+#[derive(Debug, Clone)]
+pub struct LinkState {
+    pub user_id: Uuid,
+    pub platform: Platform,
+    pub redirect_uri: String,
+    /// The sealed PKCE verifier, for platforms with PKCE.
+    pub verifier: Option<Sealed>,
+    pub expires_at: OffsetDateTime,
+}
+
+/// Sealed tokens of one account; both under one key.
+#[derive(Debug, Clone)]
+pub struct SealedTokens {
+    pub key_id: String,
+    pub access: Vec<u8>,
+    pub refresh: Option<Vec<u8>>,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// An account row with what the refresh logic needs.
+#[derive(Debug, Clone)]
+pub struct StoredAccount {
+    pub account: PlatformAccount,
+    pub tokens: SealedTokens,
+    /// Changes with every token write; a refresh writes only over the
+    /// version it read.
+    pub version: i64,
+    /// Set while a replica refreshes this account.
+    pub lease_until: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOutcome {
+    Linked,
+    /// The platform account belongs to another user; nothing changed.
+    LinkedElsewhere,
+}
+
+#[async_trait]
+pub trait PlatformStore: Send + Sync + 'static {
+    async fn insert_link_state(
+        &self,
+        state_hash: &[u8; 32],
+        state: &LinkState,
+    ) -> Result<(), BackendError>;
+
+    /// Deletes and returns the state (single use), expired or not; the
+    /// caller checks the expiry and the binding.
+    async fn take_link_state(
+        &self,
+        state_hash: &[u8; 32],
+    ) -> Result<Option<LinkState>, BackendError>;
+
+    /// Stores the account (replacing the user's previous account on this
+    /// platform) and `event`, in one transaction — unless the platform
+    /// account is linked to another user.
+    async fn link_account(
+        &self,
+        account: &PlatformAccount,
+        tokens: &SealedTokens,
+        version: i64,
+        event: &OutboxEvent,
+    ) -> Result<LinkOutcome, BackendError>;
+
+    async fn accounts_of(&self, user_id: Uuid) -> Result<Vec<PlatformAccount>, BackendError>;
+
+    async fn find_account(
+        &self,
+        user_id: Uuid,
+        platform: Platform,
+    ) -> Result<Option<StoredAccount>, BackendError>;
+
+    async fn find_by_platform_user(
+        &self,
+        platform: Platform,
+        platform_user_id: &str,
+    ) -> Result<Option<StoredAccount>, BackendError>;
+
+    /// Deletes the account and writes `event`; false when there was none.
+    async fn delete_account(
+        &self,
+        user_id: Uuid,
+        platform: Platform,
+        event: &OutboxEvent,
+    ) -> Result<bool, BackendError>;
+
+    /// Takes the refresh lease until `until` if the row is still at
+    /// `version`, active, and no live lease holds it.
+    async fn take_refresh_lease(
+        &self,
+        user_id: Uuid,
+        platform: Platform,
+        version: i64,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, BackendError>;
+
+    /// Replaces the tokens of the row at `version` (version + 1, lease
+    /// released, `scopes` if given); false when the row moved on.
+    async fn replace_tokens(
+        &self,
+        user_id: Uuid,
+        platform: Platform,
+        version: i64,
+        tokens: &SealedTokens,
+        scopes: Option<&[String]>,
+    ) -> Result<bool, BackendError>;
+
+    async fn release_refresh_lease(
+        &self,
+        user_id: Uuid,
+        platform: Platform,
+        version: i64,
+    ) -> Result<(), BackendError>;
+
+    /// Sets a non-active status, releases any lease and writes `event`, if
+    /// the row is not already in that status; false otherwise.
+    async fn set_status(
+        &self,
+        user_id: Uuid,
+        platform: Platform,
+        status: AccountStatus,
+        event: &OutboxEvent,
+    ) -> Result<bool, BackendError>;
+
+    /// Active accounts of `platform` whose token expires before `before`
+    /// and that no lease holds, soonest first.
+    async fn expiring(
+        &self,
+        platform: Platform,
+        before: OffsetDateTime,
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<StoredAccount>, BackendError>;
+
+    /// Claims up to `limit` active accounts of `platform` not validated
+    /// since `cutoff` (marks them validated at `now`; a concurrent replica
+    /// claims others).
+    async fn claim_validation(
+        &self,
+        platform: Platform,
+        cutoff: OffsetDateTime,
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<StoredAccount>, BackendError>;
+
+    /// Accounts whose tokens are sealed under a key other than `key_id`.
+    async fn sealed_with_other_key(
+        &self,
+        key_id: &str,
+        limit: i64,
+    ) -> Result<Vec<StoredAccount>, BackendError>;
+
+    /// Records a webhook message id; false when it was seen before (replay).
+    async fn record_webhook_message(
+        &self,
+        source: &str,
+        message_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool, BackendError>;
+
+    /// Deletes expired link states and webhook ids older than `before`.
+    async fn purge_platform_state(
+        &self,
+        now: OffsetDateTime,
+        before: OffsetDateTime,
+    ) -> Result<(), BackendError>;
+}
