@@ -134,41 +134,47 @@ impl ProviderConfig {
     /// The real platform's endpoints and a minimal scope set.
     pub fn defaults(platform: crate::platforms::Platform) -> Self {
         use crate::platforms::Platform::*;
-        let (auth, token, api, revoke, validate, scopes): (_, _, _, Option<&str>, Option<&str>, &[&str]) =
-            match platform {
-                Twitch => (
-                    "https://id.twitch.tv/oauth2/authorize",
-                    "https://id.twitch.tv/oauth2/token",
-                    "https://api.twitch.tv/helix",
-                    Some("https://id.twitch.tv/oauth2/revoke"),
-                    Some("https://id.twitch.tv/oauth2/validate"),
-                    &["user:read:email"],
-                ),
-                Youtube => (
-                    "https://accounts.google.com/o/oauth2/v2/auth",
-                    "https://oauth2.googleapis.com/token",
-                    "https://www.googleapis.com",
-                    Some("https://oauth2.googleapis.com/revoke"),
-                    None,
-                    &["https://www.googleapis.com/auth/youtube.readonly"],
-                ),
-                Facebook => (
-                    "https://www.facebook.com/v19.0/dialog/oauth",
-                    "https://graph.facebook.com/v19.0/oauth/access_token",
-                    "https://graph.facebook.com/v19.0",
-                    Some("https://graph.facebook.com/v19.0/me/permissions"),
-                    None,
-                    &["public_profile"],
-                ),
-                Soop => (
-                    "https://openapi.sooplive.co.kr/auth/code",
-                    "https://openapi.sooplive.co.kr/auth/token",
-                    "https://openapi.sooplive.co.kr",
-                    None,
-                    None,
-                    &[],
-                ),
-            };
+        let (auth, token, api, revoke, validate, scopes): (
+            _,
+            _,
+            _,
+            Option<&str>,
+            Option<&str>,
+            &[&str],
+        ) = match platform {
+            Twitch => (
+                "https://id.twitch.tv/oauth2/authorize",
+                "https://id.twitch.tv/oauth2/token",
+                "https://api.twitch.tv/helix",
+                Some("https://id.twitch.tv/oauth2/revoke"),
+                Some("https://id.twitch.tv/oauth2/validate"),
+                &["user:read:email"],
+            ),
+            Youtube => (
+                "https://accounts.google.com/o/oauth2/v2/auth",
+                "https://oauth2.googleapis.com/token",
+                "https://www.googleapis.com",
+                Some("https://oauth2.googleapis.com/revoke"),
+                None,
+                &["https://www.googleapis.com/auth/youtube.readonly"],
+            ),
+            Facebook => (
+                "https://www.facebook.com/v19.0/dialog/oauth",
+                "https://graph.facebook.com/v19.0/oauth/access_token",
+                "https://graph.facebook.com/v19.0",
+                Some("https://graph.facebook.com/v19.0/me/permissions"),
+                None,
+                &["public_profile"],
+            ),
+            Soop => (
+                "https://openapi.sooplive.co.kr/auth/code",
+                "https://openapi.sooplive.co.kr/auth/token",
+                "https://openapi.sooplive.co.kr",
+                None,
+                None,
+                &[],
+            ),
+        };
         Self {
             client_id: None,
             client_secret: None,
@@ -644,7 +650,10 @@ impl Config {
             let p = self.platforms.provider(platform);
             let key = |field: &str| format!("platforms.{platform}.{field}");
             if p.client_id.as_deref().is_some_and(str::is_empty) {
-                return Err(ConfigError(format!("{}: must not be empty", key("client_id"))));
+                return Err(ConfigError(format!(
+                    "{}: must not be empty",
+                    key("client_id")
+                )));
             }
             if p.client_id.is_some() {
                 if p.client_secret.is_none() {
@@ -658,18 +667,21 @@ impl Config {
                     ("auth_url", Some(p.auth_url.as_str())),
                     ("token_url", Some(p.token_url.as_str())),
                     ("api_url", Some(p.api_url.as_str())),
-                    ("revoke_url", p.revoke_url.as_deref().or(Some("http://unset"))),
-                    ("validate_url", p.validate_url.as_deref().or(Some("http://unset"))),
+                    (
+                        "revoke_url",
+                        p.revoke_url.as_deref().or(Some("http://unset")),
+                    ),
+                    (
+                        "validate_url",
+                        p.validate_url.as_deref().or(Some("http://unset")),
+                    ),
                 ];
                 for (field, value) in urls {
                     let ok = value
                         .and_then(|v| url::Url::parse(v).ok())
                         .is_some_and(|u| matches!(u.scheme(), "http" | "https"));
                     if !ok {
-                        return Err(ConfigError(format!(
-                            "{}: needs an http(s) URL",
-                            key(field)
-                        )));
+                        return Err(ConfigError(format!("{}: needs an http(s) URL", key(field))));
                     }
                 }
             }

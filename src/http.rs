@@ -126,7 +126,11 @@ async fn facebook_deauthorize(
     State(state): State<AdminState>,
     Form(form): Form<Deauthorize>,
 ) -> Response {
-    match state.platforms.facebook_deauthorize(&form.signed_request).await {
+    match state
+        .platforms
+        .facebook_deauthorize(&form.signed_request)
+        .await
+    {
         Ok(()) => StatusCode::OK.into_response(),
         Err(error) => webhook_error(error),
     }

@@ -60,6 +60,17 @@ pub fn default_rules() -> Vec<RouteRule> {
         RouteRule::new(&["POST"], "/v1/auth/login", Public, &[], "public"),
         RouteRule::new(&["POST"], "/v1/auth/refresh", Public, &[], "public"),
         RouteRule::new(&[], "/.well-known/**", Public, &[], "public"),
+        // Platform webhooks authenticate by their HMAC signature.
+        RouteRule::new(&["POST"], "/webhooks/**", Public, &[], "public"),
+        // Platform tokens are for internal services only, also when the
+        // gRPC path is reached through a gateway.
+        RouteRule::new(
+            &[],
+            "/immersiverse.auth.v1.AuthService/GetPlatformAccessToken",
+            Roles,
+            &["service"],
+            "default",
+        ),
         RouteRule::new(&["GET", "HEAD"], "/healthz", Public, &[], "public"),
         RouteRule::new(&["GET", "HEAD"], "/readyz", Public, &[], "public"),
         RouteRule::new(&[], "/v1/admin/**", Roles, &["admin"], "default"),

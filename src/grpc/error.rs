@@ -6,8 +6,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     accounts::AccountError,
-    platforms::PlatformError,
     error::{BackendError, FieldViolation},
+    platforms::PlatformError,
     tokens::TokenError,
 };
 
@@ -125,7 +125,10 @@ impl From<PlatformError> for Status {
                 details.set_error_info(
                     "PLATFORM_REFUSED",
                     "auth.immersiverse",
-                    [("platform".to_owned(), platform.to_string()), ("error".to_owned(), reason.clone())],
+                    [
+                        ("platform".to_owned(), platform.to_string()),
+                        ("error".to_owned(), reason.clone()),
+                    ],
                 );
                 Status::with_error_details(
                     Code::FailedPrecondition,
@@ -138,7 +141,10 @@ impl From<PlatformError> for Status {
                 details.set_error_info(
                     "PLATFORM_REAUTH_REQUIRED",
                     "auth.immersiverse",
-                    [("platform".to_owned(), platform.to_string()), ("status".to_owned(), status.to_owned())],
+                    [
+                        ("platform".to_owned(), platform.to_string()),
+                        ("status".to_owned(), status.to_owned()),
+                    ],
                 );
                 Status::with_error_details(
                     Code::FailedPrecondition,

@@ -291,9 +291,7 @@ impl Provider {
         let mut request = self.oauth.authorize_url(move || CsrfToken::new(state));
         if !self.scopes.is_empty() {
             // One joined parameter: Facebook takes commas.
-            request = request.add_scope(Scope::new(
-                self.scopes.join(self.profile.scope_separator),
-            ));
+            request = request.add_scope(Scope::new(self.scopes.join(self.profile.scope_separator)));
         }
         for (name, value) in self.profile.auth_params {
             request = request.add_extra_param(*name, *value);
@@ -388,8 +386,7 @@ impl Provider {
                 return Err(CallError::Transient(format!("HTTP {status}")));
             }
             if status >= 400 {
-                // Graph API: {"error":{"message":…,"type":"OAuthException","code":190}}
-                return Err(CallError::InvalidGrant(graph_error(&body)));
+                return Err(CallError::InvalidGrant(error_message(&body)));
             }
             let parsed: PlatformTokenResponse = serde_json::from_slice(&body)
                 .map_err(|_| CallError::Transient("unreadable token response".into()))?;
@@ -480,7 +477,10 @@ impl Provider {
                     "token",
                     refresh_token.unwrap_or(access_token).expose_secret(),
                 )]),
-                Platform::Facebook => self.http.delete(url).bearer_auth(access_token.expose_secret()),
+                Platform::Facebook => self
+                    .http
+                    .delete(url)
+                    .bearer_auth(access_token.expose_secret()),
                 Platform::Soop => return Ok(false),
             };
             checked(request.send().await.map_err(transport)?).await?;
@@ -592,7 +592,7 @@ fn grant(
         Err(RequestTokenError::Request(e)) => Err(CallError::Transient(e.to_string())),
         Err(RequestTokenError::Parse(_, body)) => match status.load(Ordering::Relaxed) {
             // Twitch: {"status":400,"message":"Invalid refresh token"}.
-            400 | 401 => Err(CallError::InvalidGrant(twitch_message(&body))),
+            400 | 401 => Err(CallError::InvalidGrant(error_message(&body))),
             s => Err(CallError::Transient(format!(
                 "unreadable token response (HTTP {s})"
             ))),
@@ -612,24 +612,27 @@ async fn checked(response: reqwest::Response) -> Result<Vec<u8>, CallError> {
     let body = response.bytes().await.map_err(transport)?;
     match status {
         200..=299 => Ok(body.to_vec()),
-        401 => Err(CallError::InvalidGrant("the platform refused the token".into())),
+        401 => Err(CallError::InvalidGrant(
+            "the platform refused the token".into(),
+        )),
         s if s >= 500 => Err(CallError::Transient(format!("HTTP {s}"))),
         s => Err(CallError::Refused(format!("HTTP {s}"))),
     }
 }
 
-fn twitch_message(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("message")?.as_str().map(str::to_owned))
+/// The message of an error body in any platform's shape: Twitch
+/// `{"status":400,"message":…}`, the Graph API `{"error":{"message":…}}`,
+/// RFC 6749 `{"error":…,"error_description":…}`.
+fn error_message(body: &[u8]) -> String {
+    let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    v.as_ref()
+        .and_then(|v| {
+            ["/message", "/error/message", "/error_description", "/error"]
+                .iter()
+                .find_map(|p| v.pointer(p)?.as_str())
+        })
+        .map(|m| m.chars().take(200).collect())
         .unwrap_or_else(|| "the platform refused the grant".into())
-}
-
-fn graph_error(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "the platform refused the token".into())
 }
 
 /// The identity in each platform's response shape.
@@ -687,9 +690,10 @@ mod tests {
         .unwrap();
         assert_eq!(Grant::from(&google).scopes.unwrap().len(), 2);
         assert!(Grant::from(&google).refresh_token.is_none());
-        let facebook: PlatformTokenResponse =
-            serde_json::from_str(r#"{"access_token":"a","token_type":"bearer","expires_in":5183944}"#)
-                .unwrap();
+        let facebook: PlatformTokenResponse = serde_json::from_str(
+            r#"{"access_token":"a","token_type":"bearer","expires_in":5183944}"#,
+        )
+        .unwrap();
         assert!(Grant::from(&facebook).scopes.is_none());
         let bare: PlatformTokenResponse = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
         assert!(Grant::from(&bare).expires_in.is_none());
@@ -710,7 +714,10 @@ mod tests {
             br#"{"items":[{"id":"UCabc","snippet":{"title":"Chan","customUrl":"@chan"}}]}"#,
         )
         .unwrap();
-        assert_eq!((y.platform_user_id.as_str(), y.login.as_str()), ("UCabc", "@chan"));
+        assert_eq!(
+            (y.platform_user_id.as_str(), y.login.as_str()),
+            ("UCabc", "@chan")
+        );
         assert!(parse_identity(Platform::Youtube, br#"{"items":[]}"#).is_none());
         let f = parse_identity(Platform::Facebook, br#"{"id":"10","name":"Ann"}"#).unwrap();
         assert_eq!(f.display_name, "Ann");

@@ -396,7 +396,8 @@ impl PlatformService {
         platform: Platform,
         ctx: &RequestContext,
     ) -> Result<AccessGrant, PlatformError> {
-        let user_id = Uuid::parse_str(user_id.trim()).map_err(|_| invalid("user_id", "must be a UUID"))?;
+        let user_id =
+            Uuid::parse_str(user_id.trim()).map_err(|_| invalid("user_id", "must be a UUID"))?;
         let provider = self.provider(platform)?.clone();
         let skew = Duration::from_secs(self.config.refresh_skew_secs);
         let lease = Duration::from_millis(self.config.refresh_lease_ms);
@@ -546,12 +547,17 @@ impl PlatformService {
         }
         let now = OffsetDateTime::now_utc();
         let max_age = Duration::from_secs(self.config.webhook_max_age_secs);
-        if !webhooks::eventsub_timestamp(timestamp).is_some_and(|at| webhooks::fresh(at, now, max_age)) {
-            metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "stale").increment(1);
-            return Err(WebhookError::Forbidden("message is older than the replay window"));
+        if !webhooks::eventsub_timestamp(timestamp)
+            .is_some_and(|at| webhooks::fresh(at, now, max_age))
+        {
+            metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "stale")
+                .increment(1);
+            return Err(WebhookError::Forbidden(
+                "message is older than the replay window",
+            ));
         }
-        let message: serde_json::Value =
-            serde_json::from_slice(body).map_err(|_| WebhookError::Malformed("body is not JSON"))?;
+        let message: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|_| WebhookError::Malformed("body is not JSON"))?;
         let first = self
             .store
             .record_webhook_message("twitch", id, now)
@@ -561,7 +567,8 @@ impl PlatformService {
             metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "duplicate").increment(1);
             return Ok(EventSubReply::Duplicate);
         }
-        metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "accepted").increment(1);
+        metrics::counter!("webhook_messages_total", "source" => "twitch", "outcome" => "accepted")
+            .increment(1);
         match kind {
             "webhook_callback_verification" => message
                 .get("challenge")
@@ -658,7 +665,13 @@ impl PlatformService {
                 for stored in due {
                     if !self
                         .store
-                        .take_refresh_lease(stored.account.user_id, platform, stored.version, now, now + lease)
+                        .take_refresh_lease(
+                            stored.account.user_id,
+                            platform,
+                            stored.version,
+                            now,
+                            now + lease,
+                        )
                         .await?
                     {
                         continue;
@@ -670,7 +683,8 @@ impl PlatformService {
                     }
                 }
             }
-            if self.config.provider(platform).validate_url.is_some() && platform == Platform::Twitch {
+            if self.config.provider(platform).validate_url.is_some() && platform == Platform::Twitch
+            {
                 let cutoff = now - Duration::from_secs(self.config.validate_interval_secs);
                 let due = self
                     .store
@@ -688,7 +702,13 @@ impl PlatformService {
                             // refresh token marks the account.
                             if self
                                 .store
-                                .take_refresh_lease(stored.account.user_id, platform, stored.version, now, now + lease)
+                                .take_refresh_lease(
+                                    stored.account.user_id,
+                                    platform,
+                                    stored.version,
+                                    now,
+                                    now + lease,
+                                )
                                 .await?
                             {
                                 match refresher.refresh(stored, &ctx).await {
@@ -709,7 +729,9 @@ impl PlatformService {
             }
         }
         let max_age = Duration::from_secs(self.config.webhook_max_age_secs);
-        self.store.purge_platform_state(now, now - max_age * 2).await?;
+        self.store
+            .purge_platform_state(now, now - max_age * 2)
+            .await?;
         Ok(report)
     }
 
@@ -723,7 +745,8 @@ impl PlatformService {
         loop {
             let mut jitter = [0u8; 2];
             let _ = getrandom::fill(&mut jitter);
-            let pause = period + period.mul_f64(f64::from(u16::from_le_bytes(jitter)) / 65535.0 / 4.0);
+            let pause =
+                period + period.mul_f64(f64::from(u16::from_le_bytes(jitter)) / 65535.0 / 4.0);
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(pause) => {}
@@ -809,7 +832,13 @@ fn open_tokens(
         .tokens
         .refresh
         .as_ref()
-        .map(|r| vault.open(&stored.tokens.key_id, r, &token_aad(user, platform, "refresh")))
+        .map(|r| {
+            vault.open(
+                &stored.tokens.key_id,
+                r,
+                &token_aad(user, platform, "refresh"),
+            )
+        })
         .transpose()?;
     Ok((access, refresh))
 }
@@ -904,7 +933,13 @@ impl Refresher {
                 );
                 let stored_ok = self
                     .store
-                    .replace_tokens(user_id, platform, stored.version, &tokens, scopes.as_deref())
+                    .replace_tokens(
+                        user_id,
+                        platform,
+                        stored.version,
+                        &tokens,
+                        scopes.as_deref(),
+                    )
                     .await?;
                 if !stored_ok {
                     // Re-linked or disconnected meanwhile: the new tokens

@@ -241,7 +241,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = Vault::load(dir.path(), None, true).unwrap();
         let old = first.seal("t", b"row");
-        std::fs::write(dir.path().join("k999999999999.key"), STANDARD.encode([1u8; 32])).unwrap();
+        std::fs::write(
+            dir.path().join("k999999999999.key"),
+            STANDARD.encode([1u8; 32]),
+        )
+        .unwrap();
         let ring = Vault::load(dir.path(), None, false).unwrap();
         assert_eq!(ring.current_key_id(), "k999999999999");
         assert_eq!(ring.seal("t", b"row").key_id, "k999999999999");

@@ -129,15 +129,28 @@ mod tests {
             &sig
         ));
         for (secret, id, ts, body) in [
-            (&b"other"[..], "id-1", "2026-11-25T10:00:00.123Z", &b"{}"[..]),
+            (
+                &b"other"[..],
+                "id-1",
+                "2026-11-25T10:00:00.123Z",
+                &b"{}"[..],
+            ),
             (b"s3cret", "id-2", "2026-11-25T10:00:00.123Z", b"{}"),
             (b"s3cret", "id-1", "2026-11-25T10:00:01.123Z", b"{}"),
             (b"s3cret", "id-1", "2026-11-25T10:00:00.123Z", b"{ }"),
         ] {
             assert!(!eventsub_signature_valid(secret, id, ts, body, &sig));
         }
-        assert!(!eventsub_signature_valid(b"s3cret", "id-1", "t", b"{}", "md5=00"));
-        assert!(!eventsub_signature_valid(b"s3cret", "id-1", "t", b"{}", "sha256=zz"));
+        assert!(!eventsub_signature_valid(
+            b"s3cret", "id-1", "t", b"{}", "md5=00"
+        ));
+        assert!(!eventsub_signature_valid(
+            b"s3cret",
+            "id-1",
+            "t",
+            b"{}",
+            "sha256=zz"
+        ));
     }
 
     #[test]

@@ -64,7 +64,9 @@ pub struct Database {
 }
 
 impl Database {
-    fn from_store<S: UserStore + SessionStore + OutboxReader + RelayStore + PlatformStore + Ping>(
+    fn from_store<
+        S: UserStore + SessionStore + OutboxReader + RelayStore + PlatformStore + Ping,
+    >(
         store: S,
     ) -> Self {
         let store = Arc::new(store);

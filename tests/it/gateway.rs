@@ -17,7 +17,7 @@ struct Stack {
     _descriptor: tempfile::NamedTempFile,
 }
 
-async fn gateway_for(app: &TestApp, backend: SocketAddr) -> (Envoy, tempfile::NamedTempFile) {
+pub async fn gateway_for(app: &TestApp, backend: SocketAddr) -> (Envoy, tempfile::NamedTempFile) {
     let descriptor = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(descriptor.path(), pb::FILE_DESCRIPTOR_SET).unwrap();
     let gateway = Envoy::start(

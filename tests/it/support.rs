@@ -101,6 +101,7 @@ pub struct TestApp {
     pub client: AuthServiceClient<Channel>,
     pub database: Database,
     pub app_tokens: std::sync::Arc<auth_service::tokens::TokenService>,
+    pub platforms: std::sync::Arc<auth_service::platforms::service::PlatformService>,
     stop: CancellationToken,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     pub dir: tempfile::TempDir,
@@ -131,6 +132,7 @@ impl TestApp {
         let check_addr = app.check_addr();
         let database = app.database();
         let app_tokens = app.tokens();
+        let platforms = app.platforms();
         let stop = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
         let client = AuthServiceClient::new(channel(grpc_addr).await);
@@ -143,6 +145,7 @@ impl TestApp {
             client,
             database,
             app_tokens,
+            platforms,
             stop,
             server: Some(server),
             dir,
@@ -157,6 +160,8 @@ impl TestApp {
         config.data_dir = dir.path().to_path_buf();
         config.tokens.keys_dir = Some(self.config.keys_dir());
         config.tokens.generate_key_if_missing = false;
+        config.platforms.keys_dir = Some(self.config.platform_keys_dir());
+        config.platforms.generate_key_if_missing = false;
         TestApp::start(self.backend, config, dir).await
     }
 
@@ -226,9 +231,14 @@ impl TestApp {
     /// A signed-up user who logged in and holds the admin role (granted the
     /// way an operator does, straight in the store).
     pub async fn admin(&mut self) -> pb::TokenResponse {
-        let user = self.sign_up("root-admin").await;
+        self.with_role("root-admin", "admin").await
+    }
+
+    /// A signed-up user holding `role` (and `user`), logged in.
+    pub async fn with_role(&mut self, username: &str, role: &str) -> pb::TokenResponse {
+        let user = self.sign_up(username).await;
         let id = Uuid::parse_str(&user.id).unwrap();
-        let roles = vec![Role::parse("r", "admin").unwrap(), Role::user()];
+        let roles = vec![Role::parse("r", role).unwrap(), Role::user()];
         let event = OutboxEvent::roles_changed(id, Uuid::nil(), &roles, &RequestContext::default());
         self.database
             .users
@@ -236,7 +246,7 @@ impl TestApp {
             .await
             .unwrap()
             .unwrap();
-        self.login_ok("root-admin").await
+        self.login_ok(username).await
     }
 
     pub async fn events(&self) -> Vec<StoredEvent> {

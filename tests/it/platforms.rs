@@ -1,0 +1,1142 @@
+//! Streaming-platform accounts against fake platforms that behave like the
+//! real ones (`fake_platform`): the link flow per platform (through the REST
+//! gateway as a client would), states that are wrong, replayed, expired or
+//! another user's, PKCE, one platform account per user, sealed tokens,
+//! refresh on demand (once across replicas), invalid_grant, disconnect,
+//! transient platform failures, webhooks, keep-alive and key rotation.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use auth_service::{
+    config::Config,
+    grpc::pb,
+    platforms::{Platform, webhooks},
+};
+use tonic::Code;
+
+use crate::{
+    fake_platform::{CLIENT_SECRET, FakePlatform, WEBHOOK_SECRET},
+    gateway::gateway_for,
+    support::{Backend, TestApp, bearer, echo_backend, http},
+};
+
+type Fakes = BTreeMap<Platform, FakePlatform>;
+
+async fn fakes(platforms: &[Platform]) -> Fakes {
+    let mut fakes = BTreeMap::new();
+    for &p in platforms {
+        fakes.insert(p, FakePlatform::start(p).await);
+    }
+    fakes
+}
+
+fn configure(config: &mut Config, fakes: &Fakes) {
+    for (platform, fake) in fakes {
+        *config.platforms.provider_mut(*platform) = fake.config();
+    }
+    // Keep-alive rounds are driven by the tests.
+    config.platforms.keepalive_interval_secs = 0;
+}
+
+async fn app_with(backend: Backend, fakes: &Fakes, adjust: impl FnOnce(&mut Config)) -> TestApp {
+    TestApp::spawn_with(backend, |c| {
+        configure(c, fakes);
+        adjust(c);
+    })
+    .await
+}
+
+fn pb_platform(p: Platform) -> i32 {
+    (match p {
+        Platform::Twitch => pb::Platform::Twitch,
+        Platform::Youtube => pb::Platform::Youtube,
+        Platform::Facebook => pb::Platform::Facebook,
+        Platform::Soop => pb::Platform::Soop,
+    }) as i32
+}
+
+fn rest_name(p: Platform) -> &'static str {
+    match p {
+        Platform::Twitch => "PLATFORM_TWITCH",
+        Platform::Youtube => "PLATFORM_YOUTUBE",
+        Platform::Facebook => "PLATFORM_FACEBOOK",
+        Platform::Soop => "PLATFORM_SOOP",
+    }
+}
+
+/// Signs up `name`, logs in; the access token.
+async fn user(app: &mut TestApp, name: &str) -> String {
+    app.sign_up(name).await;
+    app.login_ok(name).await.access_token
+}
+
+async fn start(app: &mut TestApp, token: &str, p: Platform) -> pb::StartPlatformLinkResponse {
+    app.client
+        .start_platform_link(bearer(
+            pb::StartPlatformLinkRequest {
+                platform: pb_platform(p),
+            },
+            token,
+        ))
+        .await
+        .expect("start link")
+        .into_inner()
+}
+
+async fn connect(
+    app: &mut TestApp,
+    token: &str,
+    p: Platform,
+    code: &str,
+    state: &str,
+) -> Result<pb::PlatformAccount, tonic::Status> {
+    app.client
+        .connect_platform_account(bearer(
+            pb::ConnectPlatformAccountRequest {
+                platform: pb_platform(p),
+                code: code.into(),
+                state: state.into(),
+                error: String::new(),
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Start, consent at the fake, connect.
+async fn link(app: &mut TestApp, token: &str, fake: &FakePlatform) -> pb::PlatformAccount {
+    let started = start(app, token, fake.platform).await;
+    let back = fake.authorize_in_browser(&started.authorization_url).await;
+    assert_eq!(back["state"], started.state);
+    connect(app, token, fake.platform, &back["code"], &back["state"])
+        .await
+        .expect("connect")
+}
+
+async fn list(app: &mut TestApp, token: &str) -> Vec<pb::PlatformAccount> {
+    app.client
+        .list_platform_accounts(bearer(pb::ListPlatformAccountsRequest {}, token))
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts
+}
+
+async fn access_token(
+    app: &mut TestApp,
+    service: &str,
+    user_id: &str,
+    p: Platform,
+) -> Result<pb::GetPlatformAccessTokenResponse, tonic::Status> {
+    app.client
+        .get_platform_access_token(bearer(
+            pb::GetPlatformAccessTokenRequest {
+                user_id: user_id.into(),
+                platform: pb_platform(p),
+            },
+            service,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn user_id_of(app: &mut TestApp, token: &str) -> String {
+    app.validate(token)
+        .await
+        .expect("a valid access token")
+        .user_id
+}
+
+fn field_of(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Every column of every stored platform row and link state, raw.
+async fn stored_bytes(app: &TestApp) -> Vec<u8> {
+    use sqlx::{Connection, Row};
+    let queries = [
+        "SELECT access_token, refresh_token, login, display_name, platform_user_id, key_id FROM platform_accounts",
+        "SELECT verifier, redirect_uri, verifier_key, redirect_uri, redirect_uri, redirect_uri FROM platform_link_states",
+    ];
+    let mut all = Vec::new();
+    for sql in queries {
+        let rows: Vec<Vec<Vec<u8>>> = match app.backend {
+            Backend::Production => {
+                let mut c = sqlx::PgConnection::connect(app.config.database_url.as_ref().unwrap())
+                    .await
+                    .unwrap();
+                let rows = sqlx::query(sql).fetch_all(&mut c).await.unwrap();
+                rows.iter()
+                    .map(|r| {
+                        let mut cols = Vec::new();
+                        for i in 0..2 {
+                            cols.push(
+                                r.try_get::<Option<Vec<u8>>, _>(i)
+                                    .unwrap()
+                                    .unwrap_or_default(),
+                            );
+                        }
+                        for i in 2..6 {
+                            cols.push(
+                                r.try_get::<Option<String>, _>(i)
+                                    .unwrap()
+                                    .unwrap_or_default()
+                                    .into_bytes(),
+                            );
+                        }
+                        cols
+                    })
+                    .collect()
+            }
+            Backend::Embedded => {
+                let url = format!("sqlite://{}", app.config.data_dir.join("auth.db").display());
+                let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                let rows = sqlx::query(sql).fetch_all(&mut c).await.unwrap();
+                rows.iter()
+                    .map(|r| {
+                        let mut cols = Vec::new();
+                        for i in 0..2 {
+                            cols.push(
+                                r.try_get::<Option<Vec<u8>>, _>(i)
+                                    .unwrap()
+                                    .unwrap_or_default(),
+                            );
+                        }
+                        for i in 2..6 {
+                            cols.push(
+                                r.try_get::<Option<String>, _>(i)
+                                    .unwrap()
+                                    .unwrap_or_default()
+                                    .into_bytes(),
+                            );
+                        }
+                        cols
+                    })
+                    .collect()
+            }
+        };
+        for row in rows {
+            for col in row {
+                all.extend(col);
+                all.push(0);
+            }
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// No token a fake ever issued is in the database in clear, in an event,
+/// or in `text`.
+async fn assert_no_platform_token_leaks(app: &TestApp, fakes: &Fakes, text: &str) {
+    let stored = stored_bytes(app).await;
+    let events: String = app
+        .events()
+        .await
+        .iter()
+        .map(|e| e.data.to_string())
+        .collect();
+    let mut checked = 0;
+    for fake in fakes.values() {
+        for token in fake.issued_tokens() {
+            assert!(
+                !contains(&stored, &token),
+                "a platform token is stored in clear"
+            );
+            assert!(!events.contains(&token), "a platform token is in an event");
+            assert!(!text.contains(&token), "a platform token was returned");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "the fakes issued tokens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_platform_links_through_the_rest_gateway_as_a_client_would() {
+    let fakes = fakes(&Platform::ALL).await;
+    let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
+    let backend = echo_backend().await;
+    let (gateway, _descriptor) = gateway_for(&app, backend).await;
+    let token = user(&mut app, "linker").await;
+    let auth = format!("Bearer {token}");
+    let headers = [("authorization", auth.as_str())];
+    let mut bodies = String::new();
+    for (platform, fake) in &fakes {
+        fake.log_in_as(&format!("{platform}-42"), &format!("{platform}_streamer"));
+        let path = format!("/v1/me/platforms/{}:start", rest_name(*platform));
+        let r = http(gateway.addr, "POST", &path, &headers, Some("{}")).await;
+        assert_eq!(r.status, 200, "{platform} start: {r:?}");
+        let started = r.json();
+        let url = started["authorization_url"].as_str().unwrap().to_owned();
+        let pkce = matches!(platform, Platform::Youtube | Platform::Facebook);
+        assert_eq!(url.contains("code_challenge_method=S256"), pkce, "{url}");
+        assert_eq!(started["pkce"], pkce);
+        let back = fake.authorize_in_browser(&url).await;
+        assert_eq!(back["state"], started["state"].as_str().unwrap());
+        let body = serde_json::json!({"code": back["code"], "state": back["state"]}).to_string();
+        let path = format!("/v1/me/platforms/{}:connect", rest_name(*platform));
+        let r = http(gateway.addr, "POST", &path, &headers, Some(&body)).await;
+        assert_eq!(r.status, 200, "{platform} connect: {r:?}");
+        let account = r.json();
+        assert_eq!(account["platform"], rest_name(*platform));
+        assert_eq!(account["status"], "PLATFORM_ACCOUNT_STATUS_ACTIVE");
+        let expected_id = match platform {
+            Platform::Youtube => format!("UC{platform}-42"),
+            Platform::Soop => format!("{platform}_streamer"),
+            _ => format!("{platform}-42"),
+        };
+        assert_eq!(account["platform_user_id"], expected_id.as_str());
+        bodies.push_str(&r.body);
+    }
+    let r = http(gateway.addr, "GET", "/v1/me/platforms", &headers, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let listed = r.json();
+    let names: Vec<&str> = listed["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["platform"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    bodies.push_str(&r.body);
+    // Facebook's short-lived token was exchanged for a long-lived one.
+    assert_eq!(fakes[&Platform::Facebook].counters().2, 1);
+    let connected = app
+        .event_types()
+        .await
+        .iter()
+        .filter(|t| *t == "platform_connected")
+        .count();
+    assert_eq!(connected, 4);
+    assert_no_platform_token_leaks(&app, &fakes, &bodies).await;
+
+    // Without a bearer token the gateway refuses; the webhook path is public.
+    let r = http(gateway.addr, "GET", "/v1/me/platforms", &[], None).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    let body =
+        r#"{"challenge":"pogchamp-kappa-360","subscription":{"type":"user.authorization.revoke"}}"#;
+    let ts = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let sig = webhooks::eventsub_signature(WEBHOOK_SECRET.as_bytes(), "gw-1", &ts, body.as_bytes());
+    let r = http(
+        gateway.addr,
+        "POST",
+        "/webhooks/twitch/eventsub",
+        &[
+            ("twitch-eventsub-message-id", "gw-1"),
+            ("twitch-eventsub-message-timestamp", &ts),
+            ("twitch-eventsub-message-signature", &sig),
+            (
+                "twitch-eventsub-message-type",
+                "webhook_callback_verification",
+            ),
+        ],
+        Some(body),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "pogchamp-kappa-360"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_that_are_unknown_replayed_expired_or_another_partys_are_refused() {
+    let fakes = fakes(&[Platform::Twitch, Platform::Youtube]).await;
+    let mut app = app_with(Backend::Embedded, &fakes, |c| {
+        c.platforms.state_ttl_secs = 1
+    })
+    .await;
+    let ann = user(&mut app, "ann").await;
+    let bob = user(&mut app, "bob").await;
+    let twitch = &fakes[&Platform::Twitch];
+
+    let refused = connect(&mut app, &ann, Platform::Twitch, "code", "never-issued")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(field_of(&refused), ["state"]);
+
+    // Another user's state: refused, and spent.
+    let started = start(&mut app, &ann, Platform::Twitch).await;
+    let back = twitch
+        .authorize_in_browser(&started.authorization_url)
+        .await;
+    let refused = connect(
+        &mut app,
+        &bob,
+        Platform::Twitch,
+        &back["code"],
+        &back["state"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (refused.code(), field_of(&refused)),
+        (Code::InvalidArgument, vec!["state".to_owned()])
+    );
+    assert!(list(&mut app, &bob).await.is_empty());
+
+    // Another platform's state.
+    let started = start(&mut app, &ann, Platform::Twitch).await;
+    let back = twitch
+        .authorize_in_browser(&started.authorization_url)
+        .await;
+    let refused = connect(
+        &mut app,
+        &ann,
+        Platform::Youtube,
+        &back["code"],
+        &back["state"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(field_of(&refused), ["state"]);
+
+    // Used once, then replayed.
+    let started = start(&mut app, &ann, Platform::Twitch).await;
+    let back = twitch
+        .authorize_in_browser(&started.authorization_url)
+        .await;
+    connect(
+        &mut app,
+        &ann,
+        Platform::Twitch,
+        &back["code"],
+        &back["state"],
+    )
+    .await
+    .unwrap();
+    let replayed = connect(
+        &mut app,
+        &ann,
+        Platform::Twitch,
+        &back["code"],
+        &back["state"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (replayed.code(), field_of(&replayed)),
+        (Code::InvalidArgument, vec!["state".to_owned()])
+    );
+
+    // Expired (state_ttl_secs = 1).
+    let started = start(&mut app, &bob, Platform::Twitch).await;
+    let back = twitch
+        .authorize_in_browser(&started.authorization_url)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let expired = connect(
+        &mut app,
+        &bob,
+        Platform::Twitch,
+        &back["code"],
+        &back["state"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(field_of(&expired), ["state"]);
+    assert!(expired.message().contains("state"), "{expired:?}");
+
+    // The user denied access at the platform.
+    twitch.deny_next();
+    let started = start(&mut app, &bob, Platform::Twitch).await;
+    let back = twitch
+        .authorize_in_browser(&started.authorization_url)
+        .await;
+    assert_eq!(back["error"], "access_denied");
+    let denied = app
+        .client
+        .connect_platform_account(bearer(
+            pb::ConnectPlatformAccountRequest {
+                platform: pb_platform(Platform::Twitch),
+                code: String::new(),
+                state: back["state"].clone(),
+                error: back["error"].clone(),
+            },
+            &bob,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::FailedPrecondition);
+    assert!(denied.message().contains("access_denied"), "{denied:?}");
+
+    // A bad code: the platform refuses, nothing is half-linked.
+    let started = start(&mut app, &bob, Platform::Twitch).await;
+    let bad = connect(
+        &mut app,
+        &bob,
+        Platform::Twitch,
+        "code-forged",
+        &started.state,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad.code(), Code::FailedPrecondition, "{bad:?}");
+    assert!(list(&mut app, &bob).await.is_empty());
+
+    // Missing and unknown fields.
+    let missing = connect(&mut app, &bob, Platform::Twitch, "", "")
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&missing), ["state", "code"]);
+    let unspecified = app
+        .client
+        .start_platform_link(bearer(pb::StartPlatformLinkRequest { platform: 0 }, &bob))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&unspecified), ["platform"]);
+    let oversized = connect(&mut app, &bob, Platform::Twitch, "c", &"s".repeat(300))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&oversized), ["state"]);
+
+    let connected = app
+        .event_types()
+        .await
+        .iter()
+        .filter(|t| *t == "platform_connected")
+        .count();
+    assert_eq!(connected, 1, "only the one good link");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_issued_for_another_authorization_fails_the_pkce_check() {
+    let fakes = fakes(&[Platform::Youtube, Platform::Facebook]).await;
+    let mut app = app_with(Backend::Embedded, &fakes, |_| {}).await;
+    let token = user(&mut app, "carol").await;
+    for (platform, fake) in &fakes {
+        // A code the attacker obtained for their own authorization request
+        // (its challenge), injected into the victim's flow (their state).
+        let theirs = start(&mut app, &token, *platform).await;
+        let stolen = fake.authorize_in_browser(&theirs.authorization_url).await;
+        let mine = start(&mut app, &token, *platform).await;
+        let refused = connect(&mut app, &token, *platform, &stolen["code"], &mine.state)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::FailedPrecondition,
+            "{platform}: {refused:?}"
+        );
+        assert!(refused.message().contains("verifier"), "{refused:?}");
+    }
+    assert!(list(&mut app, &token).await.is_empty());
+    assert!(
+        !app.event_types()
+            .await
+            .iter()
+            .any(|t| t == "platform_connected")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_account_belongs_to_one_user_and_relinking_replaces() {
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
+    let ann = user(&mut app, "ann").await;
+    let eve = user(&mut app, "eve").await;
+    twitch.log_in_as("777", "annstreams");
+    link(&mut app, &ann, twitch).await;
+
+    // Eve comes back from Twitch with Ann's Twitch account.
+    let started = start(&mut app, &eve, Platform::Twitch).await;
+    let back = twitch
+        .authorize_in_browser(&started.authorization_url)
+        .await;
+    let taken = connect(
+        &mut app,
+        &eve,
+        Platform::Twitch,
+        &back["code"],
+        &back["state"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+    assert!(list(&mut app, &eve).await.is_empty());
+    let anns = list(&mut app, &ann).await;
+    assert_eq!((anns.len(), anns[0].platform_user_id.as_str()), (1, "777"));
+    // The grant Eve's attempt obtained is handed back to the platform.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while twitch.counters().3 == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unused grant is revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Ann links another Twitch account: it replaces the first.
+    twitch.log_in_as("888", "annalt");
+    link(&mut app, &ann, twitch).await;
+    let anns = list(&mut app, &ann).await;
+    assert_eq!((anns.len(), anns[0].platform_user_id.as_str()), (1, "888"));
+    // The first Twitch account is free again.
+    twitch.log_in_as("777", "annstreams");
+    link(&mut app, &eve, twitch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_sealed_at_rest_and_refreshed_on_demand_embedded() {
+    tokens_are_sealed_at_rest_and_refreshed_on_demand(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_sealed_at_rest_and_refreshed_on_demand_production() {
+    tokens_are_sealed_at_rest_and_refreshed_on_demand(Backend::Production).await;
+}
+
+async fn tokens_are_sealed_at_rest_and_refreshed_on_demand(backend: Backend) {
+    let fakes = fakes(&[Platform::Twitch, Platform::Youtube]).await;
+    let mut app = app_with(backend, &fakes, |_| {}).await;
+    let token = user(&mut app, "dan").await;
+    let dan = user_id_of(&mut app, &token).await;
+    let service = app.with_role("ingest", "service").await.access_token;
+    let twitch = &fakes[&Platform::Twitch];
+    let youtube = &fakes[&Platform::Youtube];
+
+    // Linked with tokens that expire within the skew (5 minutes): every
+    // read refreshes first.
+    twitch.set_access_ttl(Duration::from_secs(60));
+    youtube.set_access_ttl(Duration::from_secs(60));
+    link(&mut app, &token, twitch).await;
+    link(&mut app, &token, youtube).await;
+    let first = twitch.issued_tokens()[0].clone();
+    let got = access_token(&mut app, &service, &dan, Platform::Twitch)
+        .await
+        .unwrap();
+    assert_ne!(got.access_token, first);
+    assert!(twitch.is_live(&got.access_token));
+    assert_eq!(twitch.refreshes(), 1);
+    // Twitch rotated the refresh token and invalidated the old one: a
+    // second refresh works only if the rotated one was stored.
+    twitch.set_access_ttl(Duration::from_secs(4 * 3600));
+    youtube.set_access_ttl(Duration::from_secs(4 * 3600));
+    let got = access_token(&mut app, &service, &dan, Platform::Twitch)
+        .await
+        .unwrap();
+    assert_eq!(twitch.refreshes(), 2);
+    // Fresh now: answered without calling the platform.
+    let again = access_token(&mut app, &service, &dan, Platform::Twitch)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.access_token.as_str(), twitch.refreshes()),
+        (got.access_token.as_str(), 2)
+    );
+    let y = access_token(&mut app, &service, &dan, Platform::Youtube)
+        .await
+        .unwrap();
+    assert!(youtube.is_live(&y.access_token));
+    assert_eq!(youtube.refreshes(), 1, "Google keeps its refresh token");
+    let y2 = access_token(&mut app, &service, &dan, Platform::Youtube)
+        .await
+        .unwrap();
+    assert_eq!(y2.access_token, y.access_token);
+
+    // Who may ask, and for what.
+    let plain = app
+        .client
+        .get_platform_access_token(bearer(
+            pb::GetPlatformAccessTokenRequest {
+                user_id: dan.clone(),
+                platform: pb_platform(Platform::Twitch),
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(plain.code(), Code::PermissionDenied);
+    let stranger = user(&mut app, "stranger").await;
+    let stranger = user_id_of(&mut app, &stranger).await;
+    let none = access_token(&mut app, &service, &stranger, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::NotFound);
+    let disabled = access_token(&mut app, &service, &dan, Platform::Soop)
+        .await
+        .unwrap_err();
+    assert_eq!(disabled.code(), Code::FailedPrecondition);
+    assert!(disabled.message().contains("soop"), "{disabled:?}");
+    let bad_id = access_token(&mut app, &service, "not-a-uuid", Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&bad_id), ["user_id"]);
+
+    let returned = format!("{got:?}{again:?}{y:?}{y2:?}");
+    let listed = format!("{:?}", list(&mut app, &token).await);
+    assert_no_platform_token_leaks(&app, &fakes, &listed).await;
+    // The service handed out tokens the fakes issued (the check can fail).
+    assert!(
+        twitch
+            .issued_tokens()
+            .iter()
+            .any(|t| returned.contains(t.as_str()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_requests_on_two_replicas_refresh_once() {
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
+    let token = user(&mut app, "erin").await;
+    let erin = user_id_of(&mut app, &token).await;
+    let service = app.with_role("chat", "service").await.access_token;
+    twitch.set_access_ttl(Duration::from_secs(60));
+    link(&mut app, &token, twitch).await;
+    twitch.set_access_ttl(Duration::from_secs(4 * 3600));
+    // A slow platform widens the window in which callers overlap.
+    twitch.set_latency(Duration::from_millis(300));
+    let replica = app.replica().await;
+
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let mut client = if i % 2 == 0 {
+            app.client.clone()
+        } else {
+            replica.client.clone()
+        };
+        let (service, erin) = (service.clone(), erin.clone());
+        calls.push(tokio::spawn(async move {
+            client
+                .get_platform_access_token(bearer(
+                    pb::GetPlatformAccessTokenRequest {
+                        user_id: erin,
+                        platform: pb_platform(Platform::Twitch),
+                    },
+                    &service,
+                ))
+                .await
+                .map(|r| r.into_inner().access_token)
+        }));
+    }
+    let mut tokens = Vec::new();
+    for call in calls {
+        tokens.push(call.await.unwrap().expect("every caller gets a token"));
+    }
+    assert_eq!(twitch.refreshes(), 1, "one refresh at the platform");
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1, "every caller got the refreshed token");
+    assert!(twitch.is_live(&tokens[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_revoked_at_the_platform_requires_relinking() {
+    let fakes = fakes(&[Platform::Twitch, Platform::Facebook]).await;
+    let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
+    let token = user(&mut app, "fay").await;
+    let fay = user_id_of(&mut app, &token).await;
+    let service = app.with_role("stream", "service").await.access_token;
+    for (platform, fake) in &fakes {
+        fake.set_access_ttl(Duration::from_secs(60));
+        link(&mut app, &token, fake).await;
+        fake.revoke_everything();
+        let refused = access_token(&mut app, &service, &fay, *platform)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::FailedPrecondition,
+            "{platform}: {refused:?}"
+        );
+        assert!(refused.message().contains("linked again"), "{refused:?}");
+        let calls = fake.refreshes();
+        // Marked: the next call does not go to the platform again.
+        let again = access_token(&mut app, &service, &fay, *platform)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (again.code(), fake.refreshes()),
+            (Code::FailedPrecondition, calls)
+        );
+    }
+    let accounts = list(&mut app, &token).await;
+    assert!(
+        accounts
+            .iter()
+            .all(|a| a.status == pb::PlatformAccountStatus::ReauthRequired as i32)
+    );
+    let events = app.events().await;
+    let reauth: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "platform_reauth_required")
+        .collect();
+    assert_eq!(reauth.len(), 2);
+    assert!(reauth.iter().all(|e| e.data["status"] == "reauth_required"));
+    // Linking again makes the account usable.
+    let twitch = &fakes[&Platform::Twitch];
+    twitch.set_access_ttl(Duration::from_secs(4 * 3600));
+    link(&mut app, &token, twitch).await;
+    access_token(&mut app, &service, &fay, Platform::Twitch)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_revokes_at_the_platform_and_deletes_the_tokens() {
+    let fakes = fakes(&Platform::ALL).await;
+    let mut app = app_with(Backend::Embedded, &fakes, |_| {}).await;
+    let token = user(&mut app, "gus").await;
+    for fake in fakes.values() {
+        link(&mut app, &token, fake).await;
+    }
+    for (platform, fake) in &fakes {
+        let live: Vec<String> = fake
+            .issued_tokens()
+            .into_iter()
+            .filter(|t| fake.is_live(t))
+            .collect();
+        let answer = app
+            .client
+            .disconnect_platform_account(bearer(
+                pb::DisconnectPlatformAccountRequest {
+                    platform: pb_platform(*platform),
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let revocable = *platform != Platform::Soop;
+        assert_eq!(answer.revoked_at_platform, revocable, "{platform}");
+        assert_eq!(fake.counters().3, u32::from(revocable));
+        if revocable {
+            assert!(
+                live.iter().all(|t| !fake.is_live(t)),
+                "{platform}: tokens dead"
+            );
+        }
+        let again = app
+            .client
+            .disconnect_platform_account(bearer(
+                pb::DisconnectPlatformAccountRequest {
+                    platform: pb_platform(*platform),
+                },
+                &token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), Code::NotFound);
+    }
+    assert!(list(&mut app, &token).await.is_empty());
+    let events = app.events().await;
+    let gone: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "platform_disconnected")
+        .map(|e| {
+            (
+                e.data["platform"].as_str().unwrap().to_owned(),
+                e.data["revoked_at_platform"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(gone.len(), 4);
+    assert!(gone.contains(&("soop".into(), false)) && gone.contains(&("twitch".into(), true)));
+    assert!(
+        stored_bytes(&app).await.iter().all(|b| *b == 0),
+        "no rows remain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_that_fails_transiently_is_retried_then_answered_unavailable() {
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Embedded, &fakes, |c| {
+        c.platforms.retry_attempts = 3
+    })
+    .await;
+    let token = user(&mut app, "hal").await;
+    let hal = user_id_of(&mut app, &token).await;
+    let service = app.with_role("analytics", "service").await.access_token;
+    twitch.set_access_ttl(Duration::from_secs(60));
+    link(&mut app, &token, twitch).await;
+
+    // One 503, then success: retried within the call.
+    twitch.fail_next(1);
+    access_token(&mut app, &service, &hal, Platform::Twitch)
+        .await
+        .unwrap();
+    assert_eq!(twitch.refreshes(), 1);
+    // Down for longer than the attempts: Unavailable with retry-after, the
+    // lease released, the account still active.
+    twitch.fail_next(3);
+    let down = access_token(&mut app, &service, &hal, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    assert!(down.metadata().get("retry-after").is_some());
+    assert_eq!(
+        list(&mut app, &token).await[0].status,
+        pb::PlatformAccountStatus::Active as i32
+    );
+    let back = access_token(&mut app, &service, &hal, Platform::Twitch)
+        .await
+        .unwrap();
+    assert!(twitch.is_live(&back.access_token));
+
+    // A platform that does not answer in time (connection refused here):
+    // Unavailable, not an internal error.
+    let mut dead = twitch.config();
+    dead.token_url = format!("http://127.0.0.1:{}/token", crate::support::free_port());
+    let mut down_app = TestApp::spawn_with(Backend::Embedded, |c| {
+        c.platforms.twitch = dead;
+        c.platforms.retry_attempts = 2;
+    })
+    .await;
+    let t = user(&mut down_app, "ivy").await;
+    let started = start(&mut down_app, &t, Platform::Twitch).await;
+    let back = twitch
+        .authorize_in_browser(&started.authorization_url)
+        .await;
+    let refused = connect(
+        &mut down_app,
+        &t,
+        Platform::Twitch,
+        &back["code"],
+        &back["state"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+}
+
+/// POSTs one EventSub message to the service's HTTP port.
+async fn eventsub(
+    app: &TestApp,
+    id: &str,
+    timestamp: time::OffsetDateTime,
+    kind: &str,
+    body: &str,
+    secret: &str,
+) -> (u16, String) {
+    let ts = timestamp
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let sig = webhooks::eventsub_signature(secret.as_bytes(), id, &ts, body.as_bytes());
+    let r = http(
+        app.http_addr,
+        "POST",
+        "/webhooks/twitch/eventsub",
+        &[
+            ("twitch-eventsub-message-id", id),
+            ("twitch-eventsub-message-timestamp", &ts),
+            ("twitch-eventsub-message-signature", &sig),
+            ("twitch-eventsub-message-type", kind),
+        ],
+        Some(body),
+    )
+    .await;
+    (r.status, r.body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventsub_messages_need_a_good_fresh_signature_and_count_once() {
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Embedded, &fakes, |_| {}).await;
+    let token = user(&mut app, "joan").await;
+    twitch.log_in_as("5150", "jostreams");
+    link(&mut app, &token, twitch).await;
+    let now = time::OffsetDateTime::now_utc();
+    let revoke = r#"{"subscription":{"id":"f1c2","type":"user.authorization.revoke","version":"1","status":"enabled"},"event":{"client_id":"twitch-client-id","user_id":"5150","user_login":"jostreams","user_name":"JoStreams"}}"#;
+
+    let verify = r#"{"challenge":"c-123","subscription":{"type":"user.authorization.revoke"}}"#;
+    assert_eq!(
+        eventsub(
+            &app,
+            "m-0",
+            now,
+            "webhook_callback_verification",
+            verify,
+            WEBHOOK_SECRET
+        )
+        .await,
+        (200, "c-123".to_owned())
+    );
+    // Bad signature: 403, nothing changes.
+    let (status, _) = eventsub(&app, "m-1", now, "notification", revoke, "not-the-secret").await;
+    assert_eq!(status, 403);
+    // Correctly signed but older than 10 minutes: 403.
+    let old = now - Duration::from_secs(11 * 60);
+    let (status, _) = eventsub(&app, "m-2", old, "notification", revoke, WEBHOOK_SECRET).await;
+    assert_eq!(status, 403);
+    // Missing headers: 403.
+    let r = http(
+        app.http_addr,
+        "POST",
+        "/webhooks/twitch/eventsub",
+        &[],
+        Some(revoke),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        list(&mut app, &token).await[0].status,
+        pb::PlatformAccountStatus::Active as i32
+    );
+
+    let (status, _) = eventsub(&app, "m-3", now, "notification", revoke, WEBHOOK_SECRET).await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        list(&mut app, &token).await[0].status,
+        pb::PlatformAccountStatus::Revoked as i32
+    );
+    // Replayed (the same id, freshly signed): acknowledged, not applied again.
+    let (status, _) = eventsub(&app, "m-3", now, "notification", revoke, WEBHOOK_SECRET).await;
+    assert_eq!(status, 204);
+    let revoked: Vec<_> = app
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "platform_reauth_required")
+        .collect();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].data["status"], "revoked");
+    assert_eq!(revoked[0].data["platform_user_id"], "5150");
+    // A subscription revocation is acknowledged.
+    let gone = r#"{"subscription":{"id":"f1c2","status":"authorization_revoked","type":"user.authorization.revoke"}}"#;
+    assert_eq!(
+        eventsub(&app, "m-4", now, "revocation", gone, WEBHOOK_SECRET)
+            .await
+            .0,
+        204
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn facebook_deauthorize_needs_the_app_secret_signature() {
+    let fakes = fakes(&[Platform::Facebook]).await;
+    let facebook = &fakes[&Platform::Facebook];
+    let mut app = app_with(Backend::Embedded, &fakes, |_| {}).await;
+    let token = user(&mut app, "kim").await;
+    facebook.log_in_as("10224", "kim");
+    link(&mut app, &token, facebook).await;
+    let payload = serde_json::json!({"algorithm": "HMAC-SHA256", "issued_at": 1_764_000_000, "user_id": "10224"});
+    let http_addr = app.http_addr;
+    let post = |signed: String| {
+        let url = format!("http://{http_addr}/webhooks/facebook/deauthorize");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .form(&[("signed_request", signed)])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        post(webhooks::facebook_signed_request(&payload, b"wrong-secret")).await,
+        403
+    );
+    assert_eq!(
+        list(&mut app, &token).await[0].status,
+        pb::PlatformAccountStatus::Active as i32
+    );
+    assert_eq!(
+        post(webhooks::facebook_signed_request(
+            &payload,
+            CLIENT_SECRET.as_bytes()
+        ))
+        .await,
+        200
+    );
+    assert_eq!(
+        list(&mut app, &token).await[0].status,
+        pb::PlatformAccountStatus::Revoked as i32
+    );
+    assert!(
+        app.event_types()
+            .await
+            .iter()
+            .any(|t| t == "platform_reauth_required")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_extends_facebook_and_validates_twitch() {
+    let fakes = fakes(&[Platform::Twitch, Platform::Facebook]).await;
+    let mut app = app_with(Backend::Embedded, &fakes, |c| {
+        c.platforms.validate_interval_secs = 0
+    })
+    .await;
+    let token = user(&mut app, "lee").await;
+    for fake in fakes.values() {
+        link(&mut app, &token, fake).await;
+    }
+    let (twitch, facebook) = (&fakes[&Platform::Twitch], &fakes[&Platform::Facebook]);
+    let report = app.platforms.keepalive().await.unwrap();
+    // Facebook's long-lived token (4 h here) expires within extend_ahead.
+    assert_eq!((report.extended, report.validated), (1, 1), "{report:?}");
+    assert_eq!(
+        facebook.counters().2,
+        2,
+        "exchanged at link and at keep-alive"
+    );
+    assert_eq!(twitch.counters().4, 1);
+    // The user removed the application at both platforms: Twitch's
+    // validation fails and its refresh token is dead; Facebook's token can
+    // no longer be exchanged.
+    twitch.revoke_everything();
+    facebook.revoke_everything();
+    let report = app.platforms.keepalive().await.unwrap();
+    assert_eq!(report.reauth_required, 2, "{report:?}");
+    let statuses: Vec<i32> = list(&mut app, &token)
+        .await
+        .iter()
+        .map(|a| a.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![pb::PlatformAccountStatus::ReauthRequired as i32; 2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_vault_key_seals_after_reseal_and_old_rows_stay_readable() {
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Embedded, &fakes, |_| {}).await;
+    let token = user(&mut app, "max").await;
+    let max = user_id_of(&mut app, &token).await;
+    let service = app.with_role("ingest", "service").await.access_token;
+    link(&mut app, &token, twitch).await;
+    let before = access_token(&mut app, &service, &max, Platform::Twitch)
+        .await
+        .unwrap();
+
+    let (config, dir) = app.stop().await;
+    let new_key =
+        auth_service::platforms::vault::generate_key(&config.platform_keys_dir()).unwrap();
+    let mut app = TestApp::start(Backend::Embedded, config, dir).await;
+    // The old key still opens the row.
+    let read = access_token(&mut app, &service, &max, Platform::Twitch)
+        .await
+        .unwrap();
+    assert_eq!(read.access_token, before.access_token);
+    assert_eq!(app.platforms.reseal_all().await.unwrap(), 1);
+    assert_eq!(app.platforms.reseal_all().await.unwrap(), 0);
+    assert!(contains(&stored_bytes(&app).await, &new_key));
+    let read = access_token(&mut app, &service, &max, Platform::Twitch)
+        .await
+        .unwrap();
+    assert_eq!(read.access_token, before.access_token);
+}
