@@ -500,6 +500,144 @@ async fn many_tokens(addr: &str, keys_dir: &str, n: usize, one_address: bool) {
     );
 }
 
+/// The fake platforms of the integration tests, here as the platform the
+/// GetPlatformAccessToken benchmark refreshes against.
+#[path = "../tests/it/fake_platform.rs"]
+#[allow(dead_code)]
+mod fake_platform;
+
+/// Runs a fake Twitch with `latency_ms` on its token endpoint and access
+/// tokens living `ttl_secs`; writes the service's `AUTH_PLATFORMS__TWITCH__*`
+/// settings to `env_file`, then serves until killed.
+async fn fake_platform_server(latency_ms: u64, ttl_secs: u64, env_file: &str) {
+    use auth_service::platforms::Platform;
+    use secrecy::ExposeSecret;
+    let fake = fake_platform::FakePlatform::start(Platform::Twitch).await;
+    fake.set_latency(Duration::from_millis(latency_ms));
+    fake.set_access_ttl(Duration::from_secs(ttl_secs));
+    fake.new_user_each_time();
+    let c = fake.config();
+    let mut env = String::new();
+    for (key, value) in [
+        ("CLIENT_ID", c.client_id.clone().unwrap()),
+        (
+            "CLIENT_SECRET",
+            c.client_secret.as_ref().unwrap().expose_secret().to_owned(),
+        ),
+        ("REDIRECT_URI", c.redirect_uri.clone().unwrap()),
+        ("AUTH_URL", c.auth_url.clone()),
+        ("TOKEN_URL", c.token_url.clone()),
+        ("API_URL", c.api_url.clone()),
+        ("REVOKE_URL", c.revoke_url.clone().unwrap()),
+        ("VALIDATE_URL", c.validate_url.clone().unwrap()),
+    ] {
+        env.push_str(&format!("AUTH_PLATFORMS__TWITCH__{key}={value}\n"));
+    }
+    std::fs::write(env_file, env).unwrap();
+    std::future::pending::<()>().await;
+}
+
+/// Signs up `users` users and links each to its own Twitch account through
+/// the fake (start, the browser's round trip, connect); writes their ids.
+async fn platform_setup(addr: &str, users: usize, ids_file: &str) {
+    let mut c = client(addr).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut ids = String::new();
+    for i in 0..users {
+        let token = user_token(&mut c, &format!("pbench{i}")).await;
+        let started = c
+            .start_platform_link(bearer(
+                pb::StartPlatformLinkRequest {
+                    platform: pb::Platform::Twitch as i32,
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let location = http
+            .get(&started.authorization_url)
+            .send()
+            .await
+            .unwrap()
+            .headers()["location"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let back: std::collections::HashMap<String, String> = url::Url::parse(&location)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect();
+        c.connect_platform_account(bearer(
+            pb::ConnectPlatformAccountRequest {
+                platform: pb::Platform::Twitch as i32,
+                code: back["code"].clone(),
+                state: back["state"].clone(),
+                error: String::new(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
+        let id = c
+            .validate_token(pb::ValidateTokenRequest { token })
+            .await
+            .unwrap()
+            .into_inner()
+            .user_id;
+        ids.push_str(&id);
+        ids.push('\n');
+    }
+    ensure_user(&mut c, "pbenchsvc").await;
+    std::fs::write(ids_file, ids).unwrap();
+    println!("linked {users} users to the fake Twitch");
+}
+
+/// GetPlatformAccessToken for the users in `ids_file`, round robin, as the
+/// `pbenchsvc` service user.
+async fn platform_token(addr: &str, ids_file: &str, concurrency: usize, seconds: u64) {
+    let mut c = client(addr).await;
+    let service = user_token(&mut c, "pbenchsvc").await;
+    let ids: Arc<Vec<String>> = Arc::new(
+        std::fs::read_to_string(ids_file)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    drive("GetPlatformAccessToken", concurrency, seconds, move |_| {
+        let mut c = c.clone();
+        let (ids, next, service) = (ids.clone(), next.clone(), service.clone());
+        async move {
+            let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+            let user_id = ids[n.wrapping_mul(7919) % ids.len()].clone();
+            c.get_platform_access_token(bearer(
+                pb::GetPlatformAccessTokenRequest {
+                    user_id,
+                    platform: pb::Platform::Twitch as i32,
+                },
+                &service,
+            ))
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+}
+
+fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -607,6 +745,19 @@ async fn main() {
             .await;
         }
         "outbox-cost" => outbox_cost(&arg(1), arg(2).parse().unwrap()).await,
+        "fake-platform" => {
+            fake_platform_server(arg(1).parse().unwrap(), arg(2).parse().unwrap(), &arg(3)).await
+        }
+        "platform-setup" => platform_setup(&arg(1), arg(2).parse().unwrap(), &arg(3)).await,
+        "platform-token" => {
+            platform_token(
+                &arg(1),
+                &arg(2),
+                arg(3).parse().unwrap(),
+                arg(4).parse().unwrap(),
+            )
+            .await
+        }
         other => panic!("unknown mode {other}"),
     }
 }

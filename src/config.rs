@@ -946,4 +946,43 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn a_platform_is_configured_from_the_environment_with_its_secrets_redacted() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_PLATFORMS__TWITCH__CLIENT_ID", "abc123");
+            jail.set_env("AUTH_PLATFORMS__TWITCH__CLIENT_SECRET", "twitch-s3cret");
+            jail.set_env("AUTH_PLATFORMS__TWITCH__WEBHOOK_SECRET", "hook-s3cret");
+            jail.set_env(
+                "AUTH_PLATFORMS__TWITCH__REDIRECT_URI",
+                "https://app.example/cb",
+            );
+            let config = Config::load(None).unwrap();
+            let twitch = &config.platforms.twitch;
+            assert_eq!(twitch.client_id.as_deref(), Some("abc123"));
+            assert_eq!(twitch.token_url, "https://id.twitch.tv/oauth2/token");
+            assert!(config.platforms.youtube.client_id.is_none());
+            let shown = format!("{config:?}{}", serde_json::to_string(&config).unwrap());
+            assert!(!shown.contains("s3cret"), "secrets never shown");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_platform_with_a_client_id_needs_its_secret_and_valid_urls() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AUTH_PLATFORMS__SOOP__CLIENT_ID", "abc");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("platforms.soop.client_secret"), "{err}");
+            jail.set_env("AUTH_PLATFORMS__SOOP__CLIENT_SECRET", "x");
+            jail.set_env(
+                "AUTH_PLATFORMS__SOOP__REDIRECT_URI",
+                "https://app.example/cb",
+            );
+            jail.set_env("AUTH_PLATFORMS__SOOP__TOKEN_URL", "ftp://nope");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("platforms.soop.token_url"), "{err}");
+            Ok(())
+        });
+    }
 }

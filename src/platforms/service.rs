@@ -4,8 +4,9 @@
 //! is valid for longer than the skew (one read, one decryption, no platform
 //! call). Otherwise one caller takes the account's refresh lease in the
 //! database (a conditional UPDATE on the row's token version, so exactly one
-//! replica wins) and refreshes; the others wait for the row's version to
-//! move and answer with the token it stored. The refresh runs in a task of
+//! replica wins) and refreshes; the others answer with the current token if
+//! it stays valid for another minute, else wait for the row's version to
+//! move and answer with the token the winner stored. The refresh runs in a task of
 //! its own, so a caller that gives up (deadline, disconnect) never abandons
 //! a rotated refresh token between the platform's answer and the database:
 //! the new tokens are stored before any access token is returned.
@@ -36,6 +37,9 @@ use crate::{
 /// Longest `state` and `code` accepted (platform codes are far shorter).
 const MAX_STATE_LEN: usize = 256;
 const MAX_CODE_LEN: usize = 2048;
+/// While another caller refreshes, a token valid for at least this long is
+/// handed out instead of waiting for the new one.
+const STILL_USABLE: Duration = Duration::from_secs(60);
 /// How often a caller waiting on another replica's refresh looks again.
 const LEASE_POLL: Duration = Duration::from_millis(20);
 
@@ -422,6 +426,18 @@ impl PlatformService {
                 return self.grant_from(&stored);
             }
             let leased = stored.lease_until.is_some_and(|until| until > now);
+            if leased
+                && stored
+                    .tokens
+                    .expires_at
+                    .is_some_and(|e| e > now + STILL_USABLE)
+            {
+                // Another caller is refreshing; the current token is still
+                // good for a while: no need to wait for the new one.
+                metrics::counter!("platform_token_reads_total", "platform" => platform.as_str(), "path" => "during_refresh")
+                    .increment(1);
+                return self.grant_from(&stored);
+            }
             if !leased
                 && self
                     .store
@@ -592,14 +608,20 @@ impl PlatformService {
                         .pointer("/event/user_id")
                         .and_then(|s| s.as_str())
                         .ok_or(WebhookError::Malformed("revoke without event.user_id"))?;
-                    self.revoked_at_platform(
-                        Platform::Twitch,
-                        user,
-                        "authorization_revoked",
-                        &RequestContext::default(),
-                    )
-                    .await
-                    .map_err(|_| WebhookError::Unavailable)?;
+                    let applied = self
+                        .revoked_at_platform(
+                            Platform::Twitch,
+                            user,
+                            "authorization_revoked",
+                            &RequestContext::default(),
+                        )
+                        .await;
+                    if let Err(error) = applied {
+                        tracing::warn!(%error, "EventSub revoke not applied; Twitch will retry");
+                        // Forgotten so that the retry is applied.
+                        let _ = self.store.forget_webhook_message("twitch", id).await;
+                        return Err(WebhookError::Unavailable);
+                    }
                 }
                 Ok(EventSubReply::Accepted)
             }

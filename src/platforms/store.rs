@@ -170,6 +170,14 @@ pub trait PlatformStore: Send + Sync + 'static {
         now: OffsetDateTime,
     ) -> Result<bool, BackendError>;
 
+    /// Forgets a recorded message id whose handling failed, so the
+    /// platform's retry is applied.
+    async fn forget_webhook_message(
+        &self,
+        source: &str,
+        message_id: &str,
+    ) -> Result<(), BackendError>;
+
     /// Deletes expired link states and webhook ids older than `before`.
     async fn purge_platform_state(
         &self,

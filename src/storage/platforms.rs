@@ -382,6 +382,16 @@ macro_rules! platform_store {
                     Ok(inserted == 1)
                 }
 
+                async fn forget_webhook_message(&self, source: &str, message_id: &str) -> Result<(), BackendError> {
+                    sqlx::query("DELETE FROM webhook_messages WHERE source = $1 AND message_id = $2")
+                        .bind(source)
+                        .bind(message_id)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                    Ok(())
+                }
+
                 async fn purge_platform_state(&self, now: OffsetDateTime, before: OffsetDateTime) -> Result<(), BackendError> {
                     sqlx::query("DELETE FROM platform_link_states WHERE expires_at < $1")
                         .bind(now)

@@ -75,6 +75,9 @@ struct Inner {
     /// Answer this many token calls with 503 first.
     fail_next: u32,
     latency: Duration,
+    /// Every authorization is by a new platform user (load generation).
+    new_user_each_time: bool,
+    next_user: u64,
     counters: Counters,
     /// Every token handed out, to look for them where they must not be.
     issued: Vec<String>,
@@ -113,6 +116,8 @@ impl FakePlatform {
             access_ttl: Duration::from_secs(4 * 3600),
             fail_next: 0,
             latency: Duration::ZERO,
+            new_user_each_time: false,
+            next_user: 0,
             counters: Counters::default(),
             issued: Vec::new(),
         }));
@@ -166,6 +171,11 @@ impl FakePlatform {
             login: login.into(),
             name: login.to_uppercase(),
         };
+    }
+
+    /// Each authorization from now on is by a platform user of its own.
+    pub fn new_user_each_time(&self) {
+        self.inner.lock().unwrap().new_user_each_time = true;
     }
 
     pub fn deny_next(&self) {
@@ -343,6 +353,15 @@ async fn authorize(
             .get("scope")
             .map(|s| s.split([' ', ',']).map(str::to_owned).collect())
             .unwrap_or_default();
+        if inner.new_user_each_time {
+            inner.next_user += 1;
+            let n = inner.next_user;
+            inner.user = FakeUser {
+                id: format!("{}", 50_000 + n),
+                login: format!("user{n}"),
+                name: format!("User {n}"),
+            };
+        }
         let user = inner.user.clone();
         let redirect_uri = inner.redirect_uri.clone();
         inner.codes.insert(

@@ -794,6 +794,7 @@ async fn disconnect_revokes_at_the_platform_and_deletes_the_tokens() {
     let mut app = app_with(Backend::Embedded, &fakes, |_| {}).await;
     let token = user(&mut app, "gus").await;
     for fake in fakes.values() {
+        fake.new_user_each_time();
         link(&mut app, &token, fake).await;
     }
     for (platform, fake) in &fakes {
