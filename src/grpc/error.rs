@@ -160,6 +160,9 @@ impl From<PlatformError> for Status {
                 &format!("{platform} is not answering"),
                 retry_after,
             ),
+            PlatformError::UserInactive => {
+                Status::failed_precondition("the user is suspended or deleted")
+            }
             PlatformError::Forbidden(message) => Status::permission_denied(message),
             PlatformError::Sealed(cause) => {
                 tracing::error!(%cause, "platform tokens do not open");

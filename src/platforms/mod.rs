@@ -149,6 +149,9 @@ pub enum PlatformError {
         platform: Platform,
         retry_after: Duration,
     },
+    /// The account's owner is suspended or deleted.
+    #[error("the user is not active")]
+    UserInactive,
     /// The caller may not do this (not the service role).
     #[error("{0}")]
     Forbidden(&'static str),

@@ -413,6 +413,11 @@ impl PlatformService {
                 .find_account(user_id, platform)
                 .await?
                 .ok_or(PlatformError::NotLinked(platform))?;
+            if !stored.user_active {
+                // A suspended or deleted user's platform tokens are not
+                // handed out.
+                return Err(PlatformError::UserInactive);
+            }
             if stored.account.status != AccountStatus::Active {
                 return Err(PlatformError::ReauthRequired {
                     platform,

@@ -38,6 +38,9 @@ pub struct StoredAccount {
     pub version: i64,
     /// Set while a replica refreshes this account.
     pub lease_until: Option<OffsetDateTime>,
+    /// Whether the owning user is active (read by `find_account`; other
+    /// reads leave it `true`).
+    pub user_active: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -57,6 +57,7 @@ macro_rules! platform_store {
                     },
                     version: row.try_get(11).map_err(db_error)?,
                     lease_until: row.try_get(12).map_err(db_error)?,
+                    user_active: true,
                 })
             }
 
@@ -191,13 +192,22 @@ macro_rules! platform_store {
                 }
 
                 async fn find_account(&self, user_id: Uuid, platform: Platform) -> Result<Option<StoredAccount>, BackendError> {
-                    let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM platform_accounts WHERE user_id = $1 AND platform = $2"))
-                        .bind(user_id)
-                        .bind(platform.as_str())
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                    row.as_ref().map(stored_account).transpose()
+                    // With the owner's status, in the same read.
+                    let row = sqlx::query(concat!(
+                        "SELECT ", account_columns!(), ", (SELECT status FROM users WHERE users.id = platform_accounts.user_id) \
+                         FROM platform_accounts WHERE user_id = $1 AND platform = $2"
+                    ))
+                    .bind(user_id)
+                    .bind(platform.as_str())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                    let Some(row) = row else { return Ok(None) };
+                    let mut stored = stored_account(&row)?;
+                    use sqlx::Row as _;
+                    let owner: Option<String> = row.try_get(14).map_err(db_error)?;
+                    stored.user_active = owner.as_deref() == Some("active");
+                    Ok(Some(stored))
                 }
 
                 async fn find_by_platform_user(&self, platform: Platform, platform_user_id: &str) -> Result<Option<StoredAccount>, BackendError> {

@@ -688,6 +688,24 @@ async fn tokens_are_sealed_at_rest_and_refreshed_on_demand(backend: Backend) {
             .iter()
             .any(|t| returned.contains(t.as_str()))
     );
+
+    // A suspended user's platform tokens are not handed out.
+    let admin = app.admin().await.access_token;
+    app.client
+        .suspend_user(bearer(
+            pb::SuspendUserRequest {
+                user_id: dan.clone(),
+                reason: "abuse".into(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let suspended = access_token(&mut app, &service, &dan, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(suspended.code(), Code::FailedPrecondition, "{suspended:?}");
+    assert!(suspended.message().contains("suspended"), "{suspended:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
