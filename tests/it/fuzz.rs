@@ -301,3 +301,24 @@ fn check_requests_and_jwts() {
         );
     });
 }
+
+#[test]
+fn platform_responses_and_webhook_inputs() {
+    use auth_service::platforms::{Platform, provider, webhooks};
+    fuzz("platform", |input| {
+        let s = text(input);
+        for platform in Platform::ALL {
+            let _ = provider::parse_identity(platform, input);
+        }
+        let _ = serde_json::from_slice::<provider::PlatformTokenResponse>(input);
+        let _ = webhooks::facebook_signed_request_user(&s, b"app-secret");
+        if let Some(at) = webhooks::eventsub_timestamp(&s) {
+            let _ = webhooks::fresh(
+                at,
+                time::OffsetDateTime::now_utc(),
+                std::time::Duration::from_secs(600),
+            );
+        }
+        let _ = webhooks::eventsub_signature_valid(b"secret", &s, &s, input, &s);
+    });
+}
