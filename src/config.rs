@@ -58,6 +58,48 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub limits: LimitsConfig,
     pub platforms: PlatformsConfig,
+    pub tls: TlsConfig,
+    /// Service identities (a client certificate's SPIFFE URI SAN, else its
+    /// DNS SAN) and the roles they hold, e.g.
+    /// `[services."spiffe://immersiverse/ns/edge/sa/gateway"] roles = ["gateway"]`.
+    /// Role `gateway`: `x-forwarded-for` from this peer is trusted (with
+    /// client certificates on, from no one else). Role `service`: may read
+    /// platform tokens. Role `admin`: admin RPCs (an operator tool).
+    pub services: BTreeMap<String, ServiceIdentity>,
+}
+
+/// TLS on the gRPC listeners (AuthService and ext_authz).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; with `key`, the gRPC listeners serve TLS.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// PEM bundle of the CAs that issue client certificates.
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    /// How often the files are checked for changes (rotation by
+    /// cert-manager or a mesh); new handshakes use new files.
+    pub reload_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// No client certificate is asked for.
+    None,
+    /// A certificate is verified when presented; callers without one are
+    /// anonymous peers.
+    Optional,
+    /// Every caller presents a certificate from `client_ca` (mTLS).
+    Required,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceIdentity {
+    pub roles: Vec<String>,
 }
 
 /// Streaming-platform linking (`platforms.<name>.*` with `<name>` one of
@@ -553,6 +595,14 @@ impl Default for Config {
                 request_timeout_ms: 0,
             },
             platforms: PlatformsConfig::default(),
+            tls: TlsConfig {
+                cert: None,
+                key: None,
+                client_ca: None,
+                client_auth: ClientAuth::None,
+                reload_interval_secs: 10,
+            },
+            services: BTreeMap::new(),
         }
     }
 }
@@ -685,6 +735,19 @@ impl Config {
                     }
                 }
             }
+        }
+        let tls = &self.tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            return fail("tls.cert", "tls.cert and tls.key go together");
+        }
+        if tls.client_auth != ClientAuth::None && (tls.client_ca.is_none() || tls.cert.is_none()) {
+            return fail(
+                "tls.client_auth",
+                "client certificates need tls.client_ca, tls.cert and tls.key",
+            );
+        }
+        if tls.reload_interval_secs == 0 {
+            return fail("tls.reload_interval_secs", "must be positive");
         }
         let pl = &self.platforms;
         if pl.http_timeout_ms == 0 || pl.retry_attempts == 0 || pl.refresh_lease_ms == 0 {

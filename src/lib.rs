@@ -30,7 +30,9 @@
 //!   * [`events`] — domain events written to the transactional outbox, their
 //!     wire envelope, the Kafka relay and the lifecycle consumer.
 //! * Adapters at the edge: [`grpc`] (AuthService, error mapping to gRPC
-//!   status), [`envoy`] (ext_authz Check) and [`http`] (admin port).
+//!   status), [`envoy`] (ext_authz Check), [`http`] (admin port and
+//!   webhooks) and [`tls`] (rustls on the gRPC listeners, certificate
+//!   reload, peer identities).
 //! * [`storage`] — backends behind the store roles: SQL (PostgreSQL and
 //!   SQLite from one implementation), Redis, and in-process memory.
 //! * [`error`] — field violations and backend errors shared by the contexts.
@@ -51,6 +53,7 @@ pub mod revocation;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;
 
 /// Current unix time in seconds.

@@ -16,11 +16,11 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use crate::{
     accounts::{password::PasswordHasher, service::AccountService},
     authz::Authorizer,
-    config::{Config, EventsWorker},
+    config::{ClientAuth, Config, EventsWorker},
     envoy::ExtAuthz,
     events::worker::{self, WorkerCommand},
     grpc::{
-        AuthApi,
+        AuthApi, PeerPolicy,
         pb::{self, auth_service_server::AuthServiceServer},
     },
     http::{self, AdminState},
@@ -30,7 +30,7 @@ use crate::{
     revocation::Revocations,
     storage::redis::RedisStore,
     storage::{Database, Ping, open_database, open_fast_state},
-    telemetry,
+    telemetry, tls,
     tokens::TokenService,
 };
 
@@ -124,10 +124,17 @@ pub struct Application {
     services: Services,
     /// How a supervised event worker is started (`kafka.worker = supervised`).
     worker_command: Option<WorkerCommand>,
+    /// TLS on the gRPC listeners, when `tls.cert` is set.
+    tls: Option<tls::Reloadable>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Bad certificate files stop start-up before anything else.
+        let tls = match &config.tls.cert {
+            Some(_) => Some(tls::Reloadable::load(&config.tls)?),
+            None => None,
+        };
         let services = Services::build(&config).await?;
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
@@ -150,6 +157,7 @@ impl Application {
             check_listener,
             services,
             worker_command: None,
+            tls,
         })
     }
 
@@ -291,15 +299,18 @@ impl Application {
         };
         // Larger metadata is refused by the HTTP/2 layer before any handler.
         let server = || Server::builder().http2_max_header_list_size(limits.max_header_bytes);
+        if let Some(tls) = &self.tls {
+            tokio::spawn(tls.clone().watch(stop.clone()));
+        }
         let check = match self.check_listener {
             Some(listener) => {
-                let server = server()
-                    .add_service(ext_authz())
-                    .serve_with_incoming_shutdown(
-                        incoming(listener),
-                        stop.clone().cancelled_owned(),
-                    );
-                Some(tokio::spawn(server))
+                let router = server().add_service(ext_authz());
+                Some(tokio::spawn(serve(
+                    router,
+                    listener,
+                    self.tls.as_ref(),
+                    stop.clone(),
+                )))
             }
             None => None,
         };
@@ -314,6 +325,10 @@ impl Application {
             self.services.platforms.clone(),
             self.config.trusted_proxy_hops,
             self.config.request_timeout(),
+            PeerPolicy {
+                services: Arc::new(self.config.services.clone()),
+                gateway_only_forwarding: self.config.tls.client_auth != ClientAuth::None,
+            },
         );
         let grpc = server()
             .add_service(health_service)
@@ -321,11 +336,8 @@ impl Application {
             .add_service(
                 AuthServiceServer::new(api).max_decoding_message_size(limits.max_api_message_bytes),
             )
-            .add_service(ext_authz())
-            .serve_with_incoming_shutdown(
-                incoming(self.grpc_listener),
-                stop.clone().cancelled_owned(),
-            );
+            .add_service(ext_authz());
+        let grpc = serve(grpc, self.grpc_listener, self.tls.as_ref(), stop.clone());
 
         let admin = http::router(AdminState {
             tokens: self.services.tokens.clone(),
@@ -357,6 +369,25 @@ impl Application {
             let _ = tokio::time::timeout(Duration::from_secs(10), events).await;
         }
         Ok(())
+    }
+}
+
+/// Serves `router` on `listener` until `stop`: over TLS when configured
+/// (certificates reloaded by [`tls::Reloadable::watch`]), else plaintext.
+fn serve(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<&tls::Reloadable>,
+    stop: CancellationToken,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> {
+    match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            tls.incoming(listener, stop.clone()),
+            stop.cancelled_owned(),
+        )),
+        None => Box::pin(
+            router.serve_with_incoming_shutdown(incoming(listener), stop.cancelled_owned()),
+        ),
     }
 }
 

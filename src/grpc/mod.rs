@@ -14,6 +14,7 @@ use crate::{
         model::{User, UserStatus},
         service::{AccountService, AdminCaller},
     },
+    config::ServiceIdentity,
     events::RequestContext,
     platforms::{
         AccountStatus, Platform, PlatformAccount,
@@ -34,12 +35,53 @@ pub mod pb {
 
 use pb::auth_service_server::AuthService;
 
+/// The role of a peer whose `x-forwarded-for` is trusted.
+pub const GATEWAY_ROLE: &str = "gateway";
+
 pub struct AuthApi {
     accounts: Arc<AccountService>,
     tokens: Arc<TokenService>,
     platforms: Arc<PlatformService>,
     trusted_proxy_hops: usize,
     request_timeout: std::time::Duration,
+    peers: PeerPolicy,
+}
+
+/// What the TLS peer's identity means here.
+#[derive(Debug, Clone, Default)]
+pub struct PeerPolicy {
+    /// `services.<identity>.roles`.
+    pub services: Arc<std::collections::BTreeMap<String, ServiceIdentity>>,
+    /// With client certificates on, `x-forwarded-for` is honoured only from
+    /// a peer holding the `gateway` role; any other caller's address is its
+    /// own (it cannot claim another to escape the per-address lockout).
+    pub gateway_only_forwarding: bool,
+}
+
+/// A verified client certificate's identity and its configured roles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub identity: String,
+    pub roles: Vec<String>,
+}
+
+impl Peer {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+}
+
+/// The identity of the request's client certificate, if one was verified
+/// (roles empty for an identity not in `services`).
+pub fn peer<T>(request: &Request<T>, policy: &PeerPolicy) -> Option<Peer> {
+    let certs = request.peer_certs()?;
+    let identity = crate::tls::certificate_identity(certs.first()?.as_ref())?;
+    let roles = policy
+        .services
+        .get(&identity)
+        .map(|s| s.roles.clone())
+        .unwrap_or_default();
+    Some(Peer { identity, roles })
 }
 
 impl AuthApi {
@@ -49,6 +91,7 @@ impl AuthApi {
         platforms: Arc<PlatformService>,
         trusted_proxy_hops: usize,
         request_timeout: std::time::Duration,
+        peers: PeerPolicy,
     ) -> Self {
         Self {
             accounts,
@@ -56,15 +99,22 @@ impl AuthApi {
             platforms,
             trusted_proxy_hops,
             request_timeout,
+            peers,
         }
     }
 
     fn context<T>(&self, request: &Request<T>) -> RequestContext {
+        let forwarding_trusted = !self.peers.gateway_only_forwarding
+            || peer(request, &self.peers).is_some_and(|p| p.has_role(GATEWAY_ROLE));
         RequestContext {
             client_ip: client_ip(
                 request.metadata(),
                 request.remote_addr(),
-                self.trusted_proxy_hops,
+                if forwarding_trusted {
+                    self.trusted_proxy_hops
+                } else {
+                    0
+                },
             ),
             traceparent: request
                 .metadata()
@@ -524,9 +574,15 @@ impl AuthService for AuthApi {
         request: Request<pb::GetPlatformAccessTokenRequest>,
     ) -> Result<Response<pb::GetPlatformAccessTokenResponse>, Status> {
         let ctx = self.context(&request);
+        let peer = peer(&request, &self.peers);
         let (metadata, _, body) = request.into_parts();
         self.observed("GetPlatformAccessToken", async {
-            let service = ServiceCaller::check(self.caller(&metadata).await?)?;
+            // A bearer token names the caller; without one, a verified
+            // client certificate of a configured service does.
+            let service = match (bearer_token(&metadata), peer) {
+                (None, Some(peer)) => ServiceCaller::peer(&peer.identity, &peer.roles)?,
+                _ => ServiceCaller::check(self.caller(&metadata).await?)?,
+            };
             let grant = self
                 .platforms
                 .access_token(&service, &body.user_id, platform(body.platform)?, &ctx)

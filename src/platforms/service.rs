@@ -43,14 +43,19 @@ const STILL_USABLE: Duration = Duration::from_secs(60);
 /// How often a caller waiting on another replica's refresh looks again.
 const LEASE_POLL: Duration = Duration::from_millis(20);
 
-/// Proof that the caller holds the `service` role (internal services).
+/// Proof that the caller is an internal service: a user token holding the
+/// `service` role, or a verified client certificate whose configured
+/// identity holds it.
 #[derive(Debug, Clone)]
-pub struct ServiceCaller(Principal);
+pub enum ServiceCaller {
+    Token(Principal),
+    Peer(String),
+}
 
 impl ServiceCaller {
     pub fn check(principal: Principal) -> Result<Self, PlatformError> {
         if principal.has_role(Role::SERVICE) {
-            Ok(Self(principal))
+            Ok(Self::Token(principal))
         } else {
             Err(PlatformError::Forbidden(
                 "the service role is required to read platform tokens",
@@ -58,8 +63,23 @@ impl ServiceCaller {
         }
     }
 
-    pub fn user_id(&self) -> Uuid {
-        self.0.user_id
+    /// A peer identity (`services.<identity>.roles`).
+    pub fn peer(identity: &str, roles: &[String]) -> Result<Self, PlatformError> {
+        if roles.iter().any(|r| r == Role::SERVICE) {
+            Ok(Self::Peer(identity.to_owned()))
+        } else {
+            Err(PlatformError::Forbidden(
+                "this service identity does not hold the service role",
+            ))
+        }
+    }
+
+    /// Who is asking, for logs.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Token(p) => p.user_id.to_string(),
+            Self::Peer(identity) => identity.clone(),
+        }
     }
 }
 
@@ -395,13 +415,14 @@ impl PlatformService {
     /// first when it expires within the skew.
     pub async fn access_token(
         &self,
-        _caller: &ServiceCaller,
+        caller: &ServiceCaller,
         user_id: &str,
         platform: Platform,
         ctx: &RequestContext,
     ) -> Result<AccessGrant, PlatformError> {
         let user_id =
             Uuid::parse_str(user_id.trim()).map_err(|_| invalid("user_id", "must be a UUID"))?;
+        tracing::debug!(caller = caller.name(), %user_id, %platform, "platform token requested");
         let provider = self.provider(platform)?.clone();
         let skew = Duration::from_secs(self.config.refresh_skew_secs);
         let lease = Duration::from_millis(self.config.refresh_lease_ms);

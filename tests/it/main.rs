@@ -15,4 +15,5 @@ mod overload;
 mod platforms;
 mod process;
 mod store_contract;
+mod tls;
 mod tokens;

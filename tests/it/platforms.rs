@@ -22,7 +22,7 @@ use crate::{
 
 type Fakes = BTreeMap<Platform, FakePlatform>;
 
-async fn fakes(platforms: &[Platform]) -> Fakes {
+pub(crate) async fn fakes(platforms: &[Platform]) -> Fakes {
     let mut fakes = BTreeMap::new();
     for &p in platforms {
         fakes.insert(p, FakePlatform::start(p).await);
@@ -30,7 +30,7 @@ async fn fakes(platforms: &[Platform]) -> Fakes {
     fakes
 }
 
-fn configure(config: &mut Config, fakes: &Fakes) {
+pub(crate) fn configure(config: &mut Config, fakes: &Fakes) {
     for (platform, fake) in fakes {
         *config.platforms.provider_mut(*platform) = fake.config();
     }
@@ -46,7 +46,7 @@ async fn app_with(backend: Backend, fakes: &Fakes, adjust: impl FnOnce(&mut Conf
     .await
 }
 
-fn pb_platform(p: Platform) -> i32 {
+pub(crate) fn pb_platform(p: Platform) -> i32 {
     (match p {
         Platform::Twitch => pb::Platform::Twitch,
         Platform::Youtube => pb::Platform::Youtube,
@@ -65,7 +65,7 @@ fn rest_name(p: Platform) -> &'static str {
 }
 
 /// Signs up `name`, logs in; the access token.
-async fn user(app: &mut TestApp, name: &str) -> String {
+pub(crate) async fn user(app: &mut TestApp, name: &str) -> String {
     app.sign_up(name).await;
     app.login_ok(name).await.access_token
 }
@@ -105,7 +105,11 @@ async fn connect(
 }
 
 /// Start, consent at the fake, connect.
-async fn link(app: &mut TestApp, token: &str, fake: &FakePlatform) -> pb::PlatformAccount {
+pub(crate) async fn link(
+    app: &mut TestApp,
+    token: &str,
+    fake: &FakePlatform,
+) -> pb::PlatformAccount {
     let started = start(app, token, fake.platform).await;
     let back = fake.authorize_in_browser(&started.authorization_url).await;
     assert_eq!(back["state"], started.state);
@@ -123,7 +127,7 @@ async fn list(app: &mut TestApp, token: &str) -> Vec<pb::PlatformAccount> {
         .accounts
 }
 
-async fn access_token(
+pub(crate) async fn access_token(
     app: &mut TestApp,
     service: &str,
     user_id: &str,
@@ -141,7 +145,7 @@ async fn access_token(
         .map(|r| r.into_inner())
 }
 
-async fn user_id_of(app: &mut TestApp, token: &str) -> String {
+pub(crate) async fn user_id_of(app: &mut TestApp, token: &str) -> String {
     app.validate(token)
         .await
         .expect("a valid access token")

@@ -135,7 +135,16 @@ impl TestApp {
         let platforms = app.platforms();
         let stop = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
-        let client = AuthServiceClient::new(channel(grpc_addr).await);
+        // Over TLS the tests make their own clients (with their certificates).
+        let client = if config.tls.cert.is_some() {
+            AuthServiceClient::new(
+                Channel::from_shared(format!("http://{grpc_addr}"))
+                    .unwrap()
+                    .connect_lazy(),
+            )
+        } else {
+            AuthServiceClient::new(channel(grpc_addr).await)
+        };
         Self {
             backend,
             config,
@@ -1079,5 +1088,64 @@ impl TestPki {
 
     pub fn path(&self, file: &str) -> String {
         self.dir.path().join(file).display().to_string()
+    }
+
+    /// A certificate `<name>.crt` (key `<name>.key`) from this CA with
+    /// `san` as its subjectAltName (e.g. `URI:spiffe://…`).
+    pub fn issue(&self, name: &str, san: &str) {
+        let run = |args: &[&str]| {
+            let output = std::process::Command::new("openssl")
+                .current_dir(self.dir.path())
+                .args(args)
+                .output()
+                .expect("openssl is installed");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let ext = format!("{name}.cnf");
+        std::fs::write(
+            self.dir.path().join(&ext),
+            format!("subjectAltName={san}\n"),
+        )
+        .unwrap();
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+        ]);
     }
 }

@@ -1,0 +1,297 @@
+//! TLS on the gRPC port with real certificates (openssl-made CAs): client
+//! certificates required or optional, a certificate from another CA, a
+//! rotated server certificate picked up by new handshakes while an open
+//! connection lives on, `x-forwarded-for` trusted only from gateway
+//! identities, a service identity reading platform tokens without a bearer
+//! token, and bad files refused at start-up.
+
+use std::time::Duration;
+
+use auth_service::{
+    config::{ClientAuth, Config, ServiceIdentity},
+    grpc::pb::{self, auth_service_client::AuthServiceClient},
+    platforms::Platform,
+    startup::Application,
+};
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+
+use crate::{
+    platforms::{access_token, configure, fakes, link, pb_platform, user, user_id_of},
+    support::{Backend, TestApp, TestPki, base_config},
+};
+
+const GATEWAY: &str = "spiffe://immersiverse/ns/edge/sa/gateway";
+const CHAT: &str = "spiffe://immersiverse/ns/chat/sa/chat";
+
+fn pki() -> TestPki {
+    let pki = TestPki::new();
+    pki.issue("gateway", &format!("URI:{GATEWAY}"));
+    pki.issue("chat", &format!("URI:{CHAT},DNS:chat.immersiverse.svc"));
+    pki
+}
+
+fn tls(config: &mut Config, pki: &TestPki, mode: ClientAuth) {
+    config.tls.cert = Some(pki.path("server.crt").into());
+    config.tls.key = Some(pki.path("server.key").into());
+    config.tls.client_ca = Some(pki.path("ca.crt").into());
+    config.tls.client_auth = mode;
+    config.services.insert(
+        GATEWAY.into(),
+        ServiceIdentity {
+            roles: vec!["gateway".into()],
+        },
+    );
+    config.services.insert(
+        CHAT.into(),
+        ServiceIdentity {
+            roles: vec!["service".into()],
+        },
+    );
+}
+
+/// A client trusting `ca` (a PEM path), presenting `cert` (name in `pki`).
+async fn client(
+    app: &TestApp,
+    ca: &str,
+    cert: Option<(&TestPki, &str)>,
+) -> Result<AuthServiceClient<Channel>, tonic::transport::Error> {
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name("localhost");
+    if let Some((pki, name)) = cert {
+        config = config.identity(Identity::from_pem(
+            std::fs::read(pki.path(&format!("{name}.crt"))).unwrap(),
+            std::fs::read(pki.path(&format!("{name}.key"))).unwrap(),
+        ));
+    }
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", app.grpc_addr.port()))
+        .unwrap()
+        .tls_config(config)?
+        .connect()
+        .await?;
+    Ok(AuthServiceClient::new(channel))
+}
+
+/// Whether a call over `client` (if it connected) succeeds.
+async fn works(client: Result<AuthServiceClient<Channel>, tonic::transport::Error>) -> bool {
+    let Ok(mut client) = client else { return false };
+    client
+        .validate_token(pb::ValidateTokenRequest { token: "x".into() })
+        .await
+        .map_or_else(|s| s.code() == Code::Unauthenticated, |_| true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_refuse_missing_and_foreign_ones() {
+    let pki = pki();
+    let other = TestPki::new();
+    let app = TestApp::spawn_with(Backend::Embedded, |c| tls(c, &pki, ClientAuth::Required)).await;
+    let ca = pki.path("ca.crt");
+    assert!(
+        works(client(&app, &ca, Some((&pki, "chat"))).await).await,
+        "a certificate of the CA"
+    );
+    assert!(
+        !works(client(&app, &ca, None).await).await,
+        "no certificate"
+    );
+    assert!(
+        !works(client(&app, &ca, Some((&other, "client"))).await).await,
+        "a certificate of another CA"
+    );
+    // Plaintext to a TLS port.
+    let mut plain = AuthServiceClient::new(
+        Channel::from_shared(format!("http://{}", app.grpc_addr))
+            .unwrap()
+            .connect_lazy(),
+    );
+    assert!(
+        plain
+            .validate_token(pb::ValidateTokenRequest { token: "x".into() })
+            .await
+            .is_err()
+    );
+    // A client that does not trust the server's CA refuses it.
+    assert!(!works(client(&app, &other.path("ca.crt"), Some((&pki, "chat"))).await).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_server_certificate_is_used_by_new_handshakes_and_open_connections_live_on() {
+    let first = TestPki::new();
+    let second = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(first.path("server.crt"), &cert).unwrap();
+    std::fs::copy(first.path("server.key"), &key).unwrap();
+    let app = TestApp::spawn_with(Backend::Embedded, |c| {
+        c.tls.cert = Some(cert.clone());
+        c.tls.key = Some(key.clone());
+        c.tls.reload_interval_secs = 1;
+    })
+    .await;
+    let mut open = client(&app, &first.path("ca.crt"), None)
+        .await
+        .expect("first CA trusted");
+    assert!(!works(client(&app, &second.path("ca.crt"), None).await).await);
+
+    // As cert-manager does: the key, then the certificate, in place.
+    std::fs::copy(second.path("server.key"), &key).unwrap();
+    std::fs::copy(second.path("server.crt"), &cert).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !works(client(&app, &second.path("ca.crt"), None).await).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate is served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !works(client(&app, &first.path("ca.crt"), None).await).await,
+        "the old one is not"
+    );
+    // The connection made before the rotation still carries calls.
+    let answer = open
+        .validate_token(pb::ValidateTokenRequest { token: "x".into() })
+        .await;
+    assert_eq!(answer.unwrap_err().code(), Code::Unauthenticated);
+
+    // A file that does not load is ignored (the current certificate stays).
+    std::fs::write(&cert, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(works(client(&app, &second.path("ca.crt"), None).await).await);
+}
+
+/// The client address a failed login from `client` with
+/// `x-forwarded-for: 203.0.113.9` was recorded with.
+async fn recorded_address(
+    app: &TestApp,
+    client: &mut AuthServiceClient<Channel>,
+    login: &str,
+) -> String {
+    let mut request = tonic::Request::new(pb::LoginRequest {
+        login: login.into(),
+        password: "wrong password!".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    assert_eq!(
+        client.login(request).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let events = app.events().await;
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "login_failed")
+        .unwrap();
+    last.data["client_ip"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_is_trusted_only_from_a_gateway_identity() {
+    let pki = pki();
+    let app = TestApp::spawn_with(Backend::Embedded, |c| tls(c, &pki, ClientAuth::Optional)).await;
+    let ca = pki.path("ca.crt");
+    let mut gateway = client(&app, &ca, Some((&pki, "gateway"))).await.unwrap();
+    let mut chat = client(&app, &ca, Some((&pki, "chat"))).await.unwrap();
+    let mut anonymous = client(&app, &ca, None).await.unwrap();
+    assert_eq!(
+        recorded_address(&app, &mut gateway, "ann").await,
+        "203.0.113.9"
+    );
+    assert_eq!(
+        recorded_address(&app, &mut chat, "ann").await,
+        "127.0.0.1",
+        "a service cannot claim an address"
+    );
+    assert_eq!(
+        recorded_address(&app, &mut anonymous, "ann").await,
+        "127.0.0.1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_identity_reads_platform_tokens_without_a_bearer_token() {
+    let pki = pki();
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+        tls(c, &pki, ClientAuth::Optional);
+        configure(c, &fakes);
+    })
+    .await;
+    let ca = pki.path("ca.crt");
+    app.client = client(&app, &ca, None).await.unwrap();
+    let token = user(&mut app, "nia").await;
+    let nia = user_id_of(&mut app, &token).await;
+    link(&mut app, &token, &fakes[&Platform::Twitch]).await;
+    let request = || pb::GetPlatformAccessTokenRequest {
+        user_id: nia.clone(),
+        platform: pb_platform(Platform::Twitch),
+    };
+    let mut chat = client(&app, &ca, Some((&pki, "chat"))).await.unwrap();
+    let got = chat
+        .get_platform_access_token(request())
+        .await
+        .expect("a service identity");
+    assert!(fakes[&Platform::Twitch].is_live(&got.into_inner().access_token));
+    let mut gateway = client(&app, &ca, Some((&pki, "gateway"))).await.unwrap();
+    let refused = gateway
+        .get_platform_access_token(request())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::PermissionDenied,
+        "an identity without the role"
+    );
+    let refused = app
+        .client
+        .get_platform_access_token(request())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::Unauthenticated,
+        "no certificate, no token"
+    );
+    let refused = access_token(&mut app, &token, &nia, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "a user token");
+}
+
+#[tokio::test]
+async fn bad_tls_files_stop_start_up_naming_the_key() {
+    let pki = pki();
+    let other = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+        (
+            Box::new(|c: &mut Config| c.tls.cert = Some("/nonexistent/tls.crt".into())),
+            "tls.cert",
+        ),
+        (
+            Box::new(|c: &mut Config| c.tls.key = Some(other.path("server.key").into())),
+            "tls.key",
+        ),
+        (
+            Box::new(|c: &mut Config| c.tls.client_ca = Some(pki.path("server.key").into())),
+            "tls.client_ca",
+        ),
+    ];
+    for (break_it, key) in cases {
+        let mut config = base_config(dir.path());
+        tls(&mut config, &pki, ClientAuth::Required);
+        break_it(&mut config);
+        let error = match Application::build(config).await {
+            Ok(_) => panic!("{key}: start-up refused"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(error.contains(key), "{key}: {error}");
+    }
+}
