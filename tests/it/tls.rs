@@ -270,7 +270,8 @@ async fn bad_tls_files_stop_start_up_naming_the_key() {
     let pki = pki();
     let other = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+    type Breakage<'a> = Box<dyn Fn(&mut Config) + 'a>;
+    let cases: Vec<(Breakage, &str)> = vec![
         (
             Box::new(|c: &mut Config| c.tls.cert = Some("/nonexistent/tls.crt".into())),
             "tls.cert",
