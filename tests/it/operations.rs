@@ -26,7 +26,9 @@ on_both_backends! {
         let mut stream = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
         let response = stream.message().await.unwrap().unwrap();
         let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("unexpected {response:?}") };
-        assert!(list.service.iter().any(|s| s.name == "immersiverse.auth.v1.AuthService"), "{list:?}");
+        for name in ["immersiverse.auth.v1.AuthService", "grpc.health.v1.Health"] {
+            assert!(list.service.iter().any(|s| s.name == name), "{name}: {list:?}");
+        }
     }
 
     async fn the_admin_port_serves_health_readiness_metrics_and_jwks(app) {
