@@ -27,7 +27,7 @@ use crate::{
     platforms::{service::PlatformService, vault::Vault},
     ratelimit::LoginLockout,
     ratelimit::quota::RateLimiter,
-    revocation::Revocations,
+    revocation::{Revocations, feed::RevocationFeed},
     storage::redis::RedisStore,
     storage::{Database, Ping, open_database, open_fast_state},
     telemetry, tls,
@@ -41,6 +41,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// `events` worker both run on.
 pub struct Services {
     pub accounts: Arc<AccountService>,
+    pub revocation_feed: Arc<RevocationFeed>,
     pub platforms: Arc<PlatformService>,
     pub tokens: Arc<TokenService>,
     pub authorizer: Arc<Authorizer>,
@@ -105,6 +106,7 @@ impl Services {
             .context("platforms")?,
         );
         Ok(Self {
+            revocation_feed: RevocationFeed::new(database.revocation_log.clone()),
             accounts,
             platforms,
             tokens,
@@ -282,6 +284,7 @@ impl Application {
         };
 
         tokio::spawn(self.services.platforms.clone().run_keepalive(stop.clone()));
+        tokio::spawn(self.services.revocation_feed.clone().run(stop.clone()));
 
         if let Some(redis) = self.services.redis.clone() {
             tokio::spawn(
@@ -324,6 +327,7 @@ impl Application {
             self.services.accounts.clone(),
             self.services.tokens.clone(),
             self.services.platforms.clone(),
+            self.services.revocation_feed.clone(),
             self.config.trusted_proxy_hops,
             self.config.request_timeout(),
             PeerPolicy {

@@ -40,6 +40,20 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Events that end sessions or change what a token may do: also written
+    /// to the revocation log (WatchRevocations).
+    pub fn is_revocation(self) -> bool {
+        matches!(
+            self,
+            Self::TokenRevoked
+                | Self::UserSuspended
+                | Self::SessionsRevoked
+                | Self::RolesChanged
+                | Self::PasswordChanged
+                | Self::UserDeleted
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::UserCreated => "user_created",

@@ -6,6 +6,8 @@ pub mod error;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
+use futures::StreamExt as _;
+
 use secrecy::{ExposeSecret, SecretString};
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
@@ -20,6 +22,7 @@ use crate::{
         AccountStatus, Platform, PlatformAccount,
         service::{PlatformService, ServiceCaller},
     },
+    revocation::feed::{FeedError, LoggedRevocation, RevocationFeed},
     tokens::{Principal, TokenPair, TokenService},
 };
 
@@ -42,6 +45,7 @@ pub struct AuthApi {
     accounts: Arc<AccountService>,
     tokens: Arc<TokenService>,
     platforms: Arc<PlatformService>,
+    revocation_feed: Arc<RevocationFeed>,
     trusted_proxy_hops: usize,
     request_timeout: std::time::Duration,
     peers: PeerPolicy,
@@ -89,6 +93,7 @@ impl AuthApi {
         accounts: Arc<AccountService>,
         tokens: Arc<TokenService>,
         platforms: Arc<PlatformService>,
+        revocation_feed: Arc<RevocationFeed>,
         trusted_proxy_hops: usize,
         request_timeout: std::time::Duration,
         peers: PeerPolicy,
@@ -97,6 +102,7 @@ impl AuthApi {
             accounts,
             tokens,
             platforms,
+            revocation_feed,
             trusted_proxy_hops,
             request_timeout,
             peers,
@@ -316,8 +322,78 @@ fn record<T>(
     result.map(Response::new)
 }
 
+fn revocation_event_pb(row: &LoggedRevocation) -> pb::RevocationEvent {
+    let text = |key: &str| {
+        row.data
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    pb::RevocationEvent {
+        cursor: row.seq.to_string(),
+        kind: row.event_type.clone(),
+        user_id: row.user_id.map(|u| u.to_string()).unwrap_or_default(),
+        session_id: text("session_id"),
+        reason: text("reason"),
+        occurred_at: Some(timestamp(row.occurred_at)),
+        event_id: row.event_id.to_string(),
+    }
+}
+
+type RevocationStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RevocationEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl AuthService for AuthApi {
+    type WatchRevocationsStream = RevocationStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<RevocationStream>, Status> {
+        let peer = peer(&request, &self.peers);
+        let (metadata, _, body) = request.into_parts();
+        let started = Instant::now();
+        let opened = async {
+            let allowed = match (bearer_token(&metadata), peer) {
+                (None, Some(peer)) => peer.has_role(crate::accounts::model::Role::SERVICE),
+                _ => self
+                    .caller(&metadata)
+                    .await?
+                    .has_role(crate::accounts::model::Role::SERVICE),
+            };
+            if !allowed {
+                return Err(Status::permission_denied(
+                    "the service role is required to watch revocations",
+                ));
+            }
+            let cursor = match body.cursor.trim() {
+                "" => None,
+                c => Some(c.parse::<i64>().map_err(|_| {
+                    error::invalid_argument(&[crate::error::FieldViolation::new(
+                        "cursor",
+                        "must be a cursor from an earlier event",
+                    )])
+                })?),
+            };
+            let rx = self.revocation_feed.watch(cursor).await.map_err(|e| match e {
+                FeedError::BadCursor(_) => error::invalid_argument(&[crate::error::FieldViolation::new(
+                    "cursor",
+                    "is not in the revocation log (too old, or never issued): resynchronise",
+                )]),
+                FeedError::Backend(b) => b.into(),
+            })?;
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| match item {
+                Ok(row) => Ok(revocation_event_pb(&row)),
+                Err(FeedError::Backend(b)) => Err(b.into()),
+                Err(e) => Err(Status::internal(e.to_string())),
+            });
+            Ok(Box::pin(stream) as RevocationStream)
+        };
+        record("WatchRevocations", started, opened.await)
+    }
+
     async fn create_user(
         &self,
         request: Request<pb::CreateUserRequest>,

@@ -10,6 +10,8 @@
 //! `revocation.cache_ttl_ms` only. Revocations made through this replica
 //! update its cache at once.
 
+pub mod feed;
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},

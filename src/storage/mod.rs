@@ -35,7 +35,7 @@ use crate::{
         FailureCounter,
         quota::{MemoryQuota, QuotaStore},
     },
-    revocation::RevocationStore,
+    revocation::{RevocationStore, feed::RevocationLog},
     tokens::store::SessionStore,
 };
 
@@ -60,12 +60,13 @@ pub struct Database {
     pub outbox: Arc<dyn OutboxReader>,
     pub relay: Arc<dyn RelayStore>,
     pub platforms: Arc<dyn PlatformStore>,
+    pub revocation_log: Arc<dyn RevocationLog>,
     pub health: Arc<dyn Ping>,
 }
 
 impl Database {
     fn from_store<
-        S: UserStore + SessionStore + OutboxReader + RelayStore + PlatformStore + Ping,
+        S: UserStore + SessionStore + OutboxReader + RelayStore + PlatformStore + RevocationLog + Ping,
     >(
         store: S,
     ) -> Self {
@@ -76,6 +77,7 @@ impl Database {
             outbox: store.clone(),
             relay: store.clone(),
             platforms: store.clone(),
+            revocation_log: store.clone(),
             health: store,
         }
     }

@@ -22,6 +22,9 @@ pub struct SqlStore<DB: sqlx::Database> {
     /// Signalled after every commit that wrote an outbox row, so this
     /// process's relay publishes at once instead of at its next poll.
     outbox_written: Arc<tokio::sync::Notify>,
+    /// Signalled likewise for the revocation feed (any process's commit on
+    /// PostgreSQL, through LISTEN; this process's on SQLite).
+    pub(crate) log_written: Arc<tokio::sync::Notify>,
     /// Set once the cross-process wake-up (PostgreSQL LISTEN) is running.
     listening: std::sync::Once,
     _db: PhantomData<DB>,
@@ -32,6 +35,7 @@ impl<DB: sqlx::Database> SqlStore<DB> {
         Self {
             pool,
             outbox_written: Arc::new(tokio::sync::Notify::new()),
+            log_written: Arc::new(tokio::sync::Notify::new()),
             listening: std::sync::Once::new(),
             _db: PhantomData,
         }
@@ -48,6 +52,7 @@ impl<DB: sqlx::Database> SqlStore<DB> {
     ) -> Result<(), BackendError> {
         tx.commit().await.map_err(db_error)?;
         self.outbox_written.notify_one();
+        self.log_written.notify_one();
         Ok(())
     }
 }
@@ -122,9 +127,34 @@ macro_rules! user_columns {
     };
 }
 
-/// Inserts `$event` into the outbox within the transaction `$tx`.
+/// Inserts `$event` into the outbox within the transaction `$tx`, and a
+/// revocation-type event into the revocation log too, numbered by the
+/// one-row counter (whose row lock orders concurrent writers by commit).
 macro_rules! insert_event {
     ($tx:expr, $event:expr) => {
+        if $event.event_type.is_revocation() {
+            let seq: i64 = sqlx::Row::try_get(
+                &sqlx::query("UPDATE revocation_seq SET n = n + 1 WHERE id = 1 RETURNING n")
+                    .fetch_one(&mut *$tx)
+                    .await
+                    .map_err($crate::storage::sql::db_error)?,
+                0,
+            )
+            .map_err($crate::storage::sql::db_error)?;
+            sqlx::query(
+                "INSERT INTO revocation_log (seq, event_id, event_type, user_id, occurred_at, payload) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(seq)
+            .bind($event.id)
+            .bind($event.event_type.as_str())
+            .bind($event.user_id)
+            .bind($event.occurred_at)
+            .bind(sqlx::types::Json(&$event.data))
+            .execute(&mut *$tx)
+            .await
+            .map_err($crate::storage::sql::db_error)?;
+        }
         sqlx::query(
             "INSERT INTO outbox (id, event_type, user_id, occurred_at, payload, traceparent) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -525,6 +555,49 @@ macro_rules! sql_store {
             }
 
             #[async_trait]
+            impl $crate::revocation::feed::RevocationLog for SqlStore<$db> {
+                async fn after(&self, seq: i64, limit: i64) -> Result<Vec<$crate::revocation::feed::LoggedRevocation>, BackendError> {
+                    let rows = sqlx::query(
+                        "SELECT seq, event_id, event_type, user_id, occurred_at, payload FROM revocation_log \
+                         WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    )
+                    .bind(seq)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok($crate::revocation::feed::LoggedRevocation {
+                                seq: r.try_get(0)?,
+                                event_id: r.try_get(1)?,
+                                event_type: r.try_get(2)?,
+                                user_id: r.try_get(3)?,
+                                occurred_at: r.try_get(4)?,
+                                data: r.try_get::<Json<serde_json::Value>, _>(5)?.0,
+                            })
+                        })
+                        .collect::<Result<_, sqlx::Error>>()
+                        .map_err(db_error)
+                }
+
+                async fn head(&self) -> Result<i64, BackendError> {
+                    let row = sqlx::query("SELECT n FROM revocation_seq WHERE id = 1").fetch_one(&self.pool).await.map_err(db_error)?;
+                    row.try_get::<i64, _>(0).map_err(db_error)
+                }
+
+                async fn oldest(&self) -> Result<Option<i64>, BackendError> {
+                    let row = sqlx::query("SELECT MIN(seq) FROM revocation_log").fetch_one(&self.pool).await.map_err(db_error)?;
+                    row.try_get::<Option<i64>, _>(0).map_err(db_error)
+                }
+
+                fn written(&self) -> std::sync::Arc<tokio::sync::Notify> {
+                    self.listening.call_once(|| $listen(self));
+                    self.log_written.clone()
+                }
+            }
+
+            #[async_trait]
             impl OutboxReader for SqlStore<$db> {
                 async fn unpublished(&self, limit: i64) -> Result<Vec<StoredEvent>, BackendError> {
                     let rows = sqlx::query(
@@ -561,6 +634,7 @@ const LEASE_SQLITE: &str = "UPDATE outbox SET lease_until = $3, attempts = attem
 fn listen_postgres(store: &SqlStore<sqlx::Postgres>) {
     let pool = store.pool.clone();
     let wake = Arc::downgrade(&store.outbox_written);
+    let log = Arc::downgrade(&store.log_written);
     tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
@@ -578,6 +652,9 @@ fn listen_postgres(store: &SqlStore<sqlx::Postgres>) {
                         Some(wake) => wake.notify_one(),
                         None => return,
                     }
+                    if let Some(log) = log.upgrade() {
+                        log.notify_one();
+                    }
                     loop {
                         // Ok(None): the connection dropped and will be made
                         // again; a notification may have been missed, so
@@ -585,6 +662,9 @@ fn listen_postgres(store: &SqlStore<sqlx::Postgres>) {
                         let received = listener.try_recv().await;
                         let Some(wake) = wake.upgrade() else { return };
                         wake.notify_one();
+                        if let Some(log) = log.upgrade() {
+                            log.notify_one();
+                        }
                         if received.is_err() {
                             break;
                         }

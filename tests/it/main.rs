@@ -14,6 +14,7 @@ mod operations;
 mod overload;
 mod platforms;
 mod process;
+mod revocation_feed;
 mod store_contract;
 mod tls;
 mod tokens;

@@ -1,0 +1,207 @@
+//! The live revocation feed behind WatchRevocations (seed 2.2): every
+//! revocation-type event (token/session revoked, user suspended or deleted,
+//! roles or password changed), as it happens on any replica, with a resume
+//! cursor.
+//!
+//! Durable: the events are numbered in commit order in the database's
+//! revocation log (see `storage::sql::insert_event`), so a client that
+//! reconnects with the cursor of the last event it saw gets everything after
+//! it, from any replica. Live: one poller per process wakes on every commit
+//! (this process's, and with PostgreSQL every process's through LISTEN, the
+//! outbox's NOTIFY), at the latest every second, reads the rows after the
+//! last it saw, and broadcasts them to the open streams.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::BackendError;
+
+/// One row of the revocation log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedRevocation {
+    /// Position in commit order; the client's resume cursor.
+    pub seq: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub user_id: Option<Uuid>,
+    pub occurred_at: OffsetDateTime,
+    pub data: serde_json::Value,
+}
+
+#[async_trait]
+pub trait RevocationLog: Send + Sync + 'static {
+    /// Rows after `seq`, in order, at most `limit`.
+    async fn after(&self, seq: i64, limit: i64) -> Result<Vec<LoggedRevocation>, BackendError>;
+    /// The number of the last row written.
+    async fn head(&self) -> Result<i64, BackendError>;
+    /// The number of the oldest row kept (`None`: the log is empty).
+    async fn oldest(&self) -> Result<Option<i64>, BackendError>;
+    /// Signalled after commits that may have written rows.
+    fn written(&self) -> Arc<Notify>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The cursor names rows that are no longer kept, or never were.
+    #[error("cursor {0} is not in the revocation log")]
+    BadCursor(i64),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+const PAGE: i64 = 500;
+/// Longest pause between two looks when no commit wakes the poller.
+const POLL: Duration = Duration::from_secs(1);
+
+pub struct RevocationFeed {
+    log: Arc<dyn RevocationLog>,
+    live: broadcast::Sender<Arc<LoggedRevocation>>,
+}
+
+impl RevocationFeed {
+    pub fn new(log: Arc<dyn RevocationLog>) -> Arc<Self> {
+        let (live, _) = broadcast::channel(1024);
+        Arc::new(Self { log, live })
+    }
+
+    /// The poller; runs until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let wake = self.log.written();
+        let mut last = loop {
+            match self.log.head().await {
+                Ok(head) => break head,
+                Err(error) => {
+                    tracing::debug!(%error, "revocation feed: head unavailable");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(POLL) => {}
+                    }
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = wake.notified() => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
+            loop {
+                match self.log.after(last, PAGE).await {
+                    Ok(rows) => {
+                        let full = rows.len() as i64 == PAGE;
+                        for row in rows {
+                            last = row.seq;
+                            // No open stream is not an error.
+                            let _ = self.live.send(Arc::new(row));
+                        }
+                        if !full {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "revocation feed: read failed; retrying");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The events after `cursor` (`None`: from now on), then live ones, in
+    /// order and without gaps, until the receiver is dropped.
+    pub async fn watch(
+        self: &Arc<Self>,
+        cursor: Option<i64>,
+    ) -> Result<mpsc::Receiver<Result<Arc<LoggedRevocation>, FeedError>>, FeedError> {
+        // Subscribed before reading, so nothing falls between replay and
+        // live; what arrives twice is skipped by its number.
+        let mut live = self.live.subscribe();
+        let head = self.log.head().await?;
+        let mut last = match cursor {
+            None => head,
+            Some(c) => {
+                let oldest = self.log.oldest().await?;
+                let kept_from = oldest.unwrap_or(head + 1);
+                if c < 0 || c > head || c < kept_from - 1 {
+                    return Err(FeedError::BadCursor(c));
+                }
+                c
+            }
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            // Replays from the database until caught up with `upto`.
+            async fn replay(
+                log: &Arc<dyn RevocationLog>,
+                last: &mut i64,
+                upto: i64,
+                tx: &mpsc::Sender<Result<Arc<LoggedRevocation>, FeedError>>,
+            ) -> bool {
+                while *last < upto {
+                    match log.after(*last, PAGE).await {
+                        Ok(rows) if rows.is_empty() => return true,
+                        Ok(rows) => {
+                            for row in rows {
+                                *last = row.seq;
+                                if tx.send(Ok(Arc::new(row))).await.is_err() {
+                                    return false;
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            let _ = tx.send(Err(error.into())).await;
+                            return false;
+                        }
+                    }
+                }
+                true
+            }
+            if !replay(&log, &mut last, head, &tx).await {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    () = tx.closed() => return,
+                    next = live.recv() => next,
+                };
+                match next {
+                    Ok(row) if row.seq <= last => {}
+                    Ok(row) if row.seq == last + 1 => {
+                        last = row.seq;
+                        if tx.send(Ok(row)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A gap (rows broadcast before this stream caught up),
+                    // or this stream fell behind the broadcast: read them.
+                    Ok(row) => {
+                        let upto = row.seq;
+                        if !replay(&log, &mut last, upto, &tx).await {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let upto = match log.head().await {
+                            Ok(h) => h,
+                            Err(error) => {
+                                let _ = tx.send(Err(error.into())).await;
+                                return;
+                            }
+                        };
+                        if !replay(&log, &mut last, upto, &tx).await {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
