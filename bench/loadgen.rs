@@ -638,6 +638,59 @@ fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+/// Revocation on replica `a` to delivery on a WatchRevocations stream from
+/// replica `b`, `rounds` times (users `benchadm` and `benchsvc` hold the
+/// admin and service roles).
+async fn watch_latency(a: &str, b: &str, rounds: usize) {
+    let mut ca = client(a).await;
+    let mut cb = client(b).await;
+    let admin = user_token(&mut ca, "benchadm").await;
+    let service = user_token(&mut ca, "benchsvc").await;
+    let mut stream = cb
+        .watch_revocations(bearer(
+            pb::WatchRevocationsRequest {
+                cursor: String::new(),
+            },
+            &service,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    ensure_user(&mut ca, "benchvictim").await;
+    let victim = {
+        let t = user_token(&mut ca, "benchvictim").await;
+        ca.validate_token(pb::ValidateTokenRequest { token: t })
+            .await
+            .unwrap()
+            .into_inner()
+            .user_id
+    };
+    let mut latencies = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        ca.revoke_user_sessions(bearer(
+            pb::RevokeUserSessionsRequest {
+                user_id: victim.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+        loop {
+            let event = stream.message().await.unwrap().unwrap();
+            if event.user_id == victim && event.kind == "sessions_revoked" {
+                break;
+            }
+        }
+        latencies.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    report(
+        "WatchRevocations: RevokeUserSessions on A -> event on a stream from B",
+        latencies,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -748,6 +801,7 @@ async fn main() {
         "fake-platform" => {
             fake_platform_server(arg(1).parse().unwrap(), arg(2).parse().unwrap(), &arg(3)).await
         }
+        "watch-latency" => watch_latency(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         "platform-setup" => platform_setup(&arg(1), arg(2).parse().unwrap(), &arg(3)).await,
         "platform-token" => {
             platform_token(
