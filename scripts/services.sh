@@ -104,11 +104,28 @@ services_start() {
   mkdir -p "$SERVICES_WORK/pg"
   [ "$(id -u)" -eq 0 ] && chown postgres "$SERVICES_WORK/pg"
   pg "$PG_BIN/initdb" -D "$SERVICES_WORK/pg" -U "$pg_user" --auth=trust -E UTF8 >/dev/null
+  # PostgreSQL also serves TLS, with a certificate from a CA of its own
+  # (TEST_PG_CA): tests connect with sslmode=verify-full against it.
+  local tls=$SERVICES_WORK/pgtls
+  mkdir -p "$tls"
+  (
+    cd "$tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt \
+      -days 2 -subj "/CN=auth-service test PostgreSQL CA" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr \
+      -subj "/CN=localhost" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >san.cnf
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 \
+      -extfile san.cnf 2>/dev/null
+    chmod 600 server.key
+  )
+  [ "$(id -u)" -eq 0 ] && chown postgres "$tls/server.key" "$tls/server.crt"
   # Kept for callers that restart the server (bench/chaos).
-  PG_OPTIONS="-p $PG_PORT -c listen_addresses=127.0.0.1 -k $SERVICES_WORK/pg -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400"
+  PG_OPTIONS="-p $PG_PORT -c listen_addresses=127.0.0.1 -k $SERVICES_WORK/pg -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 -c ssl=on -c ssl_cert_file=$tls/server.crt -c ssl_key_file=$tls/server.key"
   pg "$PG_BIN/pg_ctl" -D "$SERVICES_WORK/pg" -l "$SERVICES_WORK/pg/server.log" -w -o "$PG_OPTIONS" start >/dev/null
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
     --logfile "$SERVICES_WORK/redis.log" --dir "$SERVICES_WORK" >/dev/null
   export TEST_DATABASE_URL="postgres://$pg_user@127.0.0.1:$PG_PORT/postgres"
   export TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
+  export TEST_PG_CA="$tls/ca.crt"
 }

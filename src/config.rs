@@ -37,6 +37,8 @@ pub struct Config {
     pub redis_key_prefix: String,
     /// Hard upper bound on one Redis call, in milliseconds.
     pub redis_timeout_ms: u64,
+    /// TLS to Redis (with a `rediss://` URL).
+    pub redis_tls: RedisTlsConfig,
     /// Maximum connections in the database pool.
     pub database_max_connections: u32,
     /// How long a call waits for a database connection before answering
@@ -66,6 +68,17 @@ pub struct Config {
     /// client certificates on, from no one else). Role `service`: may read
     /// platform tokens. Role `admin`: admin RPCs (an operator tool).
     pub services: BTreeMap<String, ServiceIdentity>,
+}
+
+/// TLS to Redis: the CA that issued its certificate (default: the system's
+/// roots), and a client certificate when Redis requires one
+/// (`tls-auth-clients yes`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// TLS on the gRPC listeners (AuthService and ext_authz).
@@ -548,6 +561,7 @@ impl Default for Config {
             redis_url: None,
             redis_key_prefix: "auth:".into(),
             redis_timeout_ms: 250,
+            redis_tls: RedisTlsConfig::default(),
             database_max_connections: 16,
             database_timeout_ms: 5000,
             trusted_proxy_hops: 1,
@@ -735,6 +749,21 @@ impl Config {
                     }
                 }
             }
+        }
+        let rt = &self.redis_tls;
+        if rt.cert.is_some() != rt.key.is_some() {
+            return fail(
+                "redis_tls.cert",
+                "redis_tls.cert and redis_tls.key go together",
+            );
+        }
+        if (rt.ca.is_some() || rt.cert.is_some())
+            && !self
+                .redis_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+        {
+            return fail("redis_tls", "needs a rediss:// redis_url");
         }
         let tls = &self.tls;
         if tls.cert.is_some() != tls.key.is_some() {

@@ -135,9 +135,14 @@ pub struct FastState {
 pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
     match &config.redis_url {
         Some(url) => {
-            let redis = RedisStore::connect(url, &config.redis_key_prefix, config.redis_timeout())
-                .await
-                .context("connecting to Redis (AUTH_REDIS_URL)")?;
+            let redis = RedisStore::connect(
+                url,
+                &config.redis_key_prefix,
+                config.redis_timeout(),
+                &config.redis_tls,
+            )
+            .await
+            .context("connecting to Redis (AUTH_REDIS_URL)")?;
             let shared = Arc::new(redis.clone());
             Ok(FastState {
                 revocations: shared.clone(),

@@ -81,8 +81,40 @@ fn redis_error(error: RedisError) -> BackendError {
 }
 
 impl RedisStore {
-    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, BackendError> {
-        let client = redis::Client::open(url).map_err(|e| BackendError::failed("redis", e))?;
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        tls: &crate::config::RedisTlsConfig,
+    ) -> Result<Self, BackendError> {
+        let client = if tls.ca.is_some() || tls.cert.is_some() {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|e| {
+                    BackendError::failed(
+                        "redis",
+                        format!("redis_tls: reading {}: {e}", path.display()),
+                    )
+                })
+            };
+            let client_tls = match (&tls.cert, &tls.key) {
+                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                    client_cert: read(cert)?,
+                    client_key: read(key)?,
+                }),
+                _ => None,
+            };
+            let root_cert = tls.ca.as_deref().map(read).transpose()?;
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+        } else {
+            redis::Client::open(url)
+        }
+        .map_err(|e| BackendError::failed("redis", e))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout))

@@ -340,25 +340,56 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     pub async fn start() -> Self {
+        Self::start_with(&[], "redis").await
+    }
+
+    /// Redis serving only TLS with `pki`'s server certificate, requiring
+    /// client certificates of `pki`'s CA.
+    pub async fn start_tls(pki: &TestPki) -> Self {
+        let (cert, key, ca) = (
+            pki.path("server.crt"),
+            pki.path("server.key"),
+            pki.path("ca.crt"),
+        );
+        Self::start_with(
+            &[
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "yes",
+            ],
+            "rediss",
+        )
+        .await
+    }
+
+    async fn start_with(extra: &[&str], scheme: &str) -> Self {
         let port = free_port();
+        let mut args: Vec<String> = if scheme == "rediss" {
+            vec!["--port".into(), "0".into(), "--tls-port".into()]
+        } else {
+            vec!["--port".into()]
+        };
+        args.push(port.to_string());
+        args.extend(
+            ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test installs it)");
         for _ in 0..100 {
             if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return Self {
-                    url: format!("redis://127.0.0.1:{port}/"),
+                    url: format!("{scheme}://127.0.0.1:{port}/"),
                     child,
                 };
             }

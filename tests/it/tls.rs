@@ -20,7 +20,7 @@ use tonic::{
 
 use crate::{
     platforms::{access_token, configure, fakes, link, pb_platform, user, user_id_of},
-    support::{Backend, TestApp, TestPki, base_config},
+    support::{Backend, OwnRedis, TestApp, TestPki, base_config, env_url, fresh_postgres_url},
 };
 
 const GATEWAY: &str = "spiffe://immersiverse/ns/edge/sa/gateway";
@@ -295,4 +295,72 @@ async fn bad_tls_files_stop_start_up_naming_the_key() {
         };
         assert!(error.contains(key), "{key}: {error}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_is_reached_over_verified_tls() {
+    use sqlx::{Connection, Row};
+    let url = fresh_postgres_url().await;
+    let ca = env_url("TEST_PG_CA");
+    let tls_url = format!("{url}?sslmode=verify-full&sslrootcert={ca}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.database_url = Some(tls_url.clone());
+    let mut app = TestApp::start(Backend::Embedded, config, dir).await;
+    app.sign_up("tlsuser").await;
+    app.login_ok("tlsuser").await;
+    // Every connection the service holds to its database is encrypted.
+    let mut check = sqlx::PgConnection::connect(&tls_url).await.unwrap();
+    let database = url.rsplit('/').next().unwrap();
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid WHERE a.datname = $1",
+    )
+    .bind(database)
+    .fetch_one(&mut check)
+    .await
+    .unwrap();
+    let (encrypted, plain): (i64, i64) = (row.get(0), row.get(1));
+    assert!(encrypted >= 2, "the service's connections and this one");
+    assert_eq!(plain, 0);
+
+    // A server certificate from a CA that is not trusted: refused.
+    let other = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.database_url = Some(format!(
+        "{url}?sslmode=verify-full&sslrootcert={}",
+        other.path("ca.crt")
+    ));
+    config.database_timeout_ms = 2000;
+    assert!(Application::build(config).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_is_reached_over_mutual_tls() {
+    let pki = TestPki::new();
+    let redis = OwnRedis::start_tls(&pki).await;
+    assert!(redis.url.starts_with("rediss://"));
+    let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+        c.redis_url = Some(redis.url.clone());
+        c.redis_tls.ca = Some(pki.path("ca.crt").into());
+        c.redis_tls.cert = Some(pki.path("client.crt").into());
+        c.redis_tls.key = Some(pki.path("client.key").into());
+    })
+    .await;
+    // Login and token validation go through Redis (lockout, revocation).
+    app.sign_up("redisuser").await;
+    let token = app.login_ok("redisuser").await.access_token;
+    app.validate(&token).await.unwrap();
+    assert_eq!(app.http_get("/readyz").await.0, 200);
+
+    // A Redis whose certificate is from an untrusted CA: refused.
+    let other = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.redis_url = Some(redis.url.clone());
+    config.redis_tls.ca = Some(other.path("ca.crt").into());
+    config.redis_tls.cert = Some(pki.path("client.crt").into());
+    config.redis_tls.key = Some(pki.path("client.key").into());
+    assert!(Application::build(config).await.is_err());
 }
