@@ -14,13 +14,15 @@ use tonic_health::ServingStatus;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 use crate::{
-    accounts::{password::PasswordHasher, service::AccountService},
+    accounts::{
+        password::PasswordHasher, service::AccountService, service_accounts::ServiceAccounts,
+    },
     authz::Authorizer,
     config::{ClientAuth, Config, EventsWorker},
     envoy::ExtAuthz,
     events::worker::{self, WorkerCommand},
     grpc::{
-        AuthApi, PeerPolicy,
+        AuthApi, PeerPolicy, UseCases,
         pb::{self, auth_service_server::AuthServiceServer},
     },
     http::{self, AdminState},
@@ -41,6 +43,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// `events` worker both run on.
 pub struct Services {
     pub accounts: Arc<AccountService>,
+    pub service_accounts: Arc<ServiceAccounts>,
     pub revocation_feed: Arc<RevocationFeed>,
     pub platforms: Arc<PlatformService>,
     pub tokens: Arc<TokenService>,
@@ -106,6 +109,10 @@ impl Services {
             .context("platforms")?,
         );
         Ok(Self {
+            service_accounts: Arc::new(ServiceAccounts::new(
+                database.service_accounts.clone(),
+                tokens.clone(),
+            )),
             revocation_feed: RevocationFeed::new(database.revocation_log.clone()),
             accounts,
             platforms,
@@ -324,10 +331,13 @@ impl Application {
             .build_v1()
             .context("building the reflection service")?;
         let api = AuthApi::new(
-            self.services.accounts.clone(),
-            self.services.tokens.clone(),
-            self.services.platforms.clone(),
-            self.services.revocation_feed.clone(),
+            UseCases {
+                accounts: self.services.accounts.clone(),
+                service_accounts: self.services.service_accounts.clone(),
+                tokens: self.services.tokens.clone(),
+                platforms: self.services.platforms.clone(),
+                revocation_feed: self.services.revocation_feed.clone(),
+            },
             self.config.trusted_proxy_hops,
             self.config.request_timeout(),
             PeerPolicy {

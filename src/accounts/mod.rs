@@ -1,9 +1,10 @@
-//! Accounts: sign-up, password login with lockout, password change, and the
-//! admin operations on users.
+//! Accounts: sign-up, password login with lockout, password change, the
+//! admin operations on users, and service accounts (client credentials).
 
 pub mod model;
 pub mod password;
 pub mod service;
+pub mod service_accounts;
 pub mod store;
 
 use std::time::Duration;

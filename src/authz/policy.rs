@@ -59,6 +59,7 @@ pub fn default_rules() -> Vec<RouteRule> {
         RouteRule::new(&["POST"], "/v1/users", Public, &[], "public"),
         RouteRule::new(&["POST"], "/v1/auth/login", Public, &[], "public"),
         RouteRule::new(&["POST"], "/v1/auth/refresh", Public, &[], "public"),
+        RouteRule::new(&["POST"], "/v1/auth/service-token", Public, &[], "public"),
         RouteRule::new(&[], "/.well-known/**", Public, &[], "public"),
         // Platform webhooks authenticate by their HMAC signature.
         RouteRule::new(&["POST"], "/webhooks/**", Public, &[], "public"),

@@ -15,6 +15,7 @@ use crate::{
     accounts::{
         model::{User, UserStatus},
         service::{AccountService, AdminCaller},
+        service_accounts::{ServiceAccount, ServiceAccounts},
     },
     config::ServiceIdentity,
     events::RequestContext,
@@ -43,12 +44,22 @@ pub const GATEWAY_ROLE: &str = "gateway";
 
 pub struct AuthApi {
     accounts: Arc<AccountService>,
+    service_accounts: Arc<ServiceAccounts>,
     tokens: Arc<TokenService>,
     platforms: Arc<PlatformService>,
     revocation_feed: Arc<RevocationFeed>,
     trusted_proxy_hops: usize,
     request_timeout: std::time::Duration,
     peers: PeerPolicy,
+}
+
+/// The use cases the API serves.
+pub struct UseCases {
+    pub accounts: Arc<AccountService>,
+    pub service_accounts: Arc<ServiceAccounts>,
+    pub tokens: Arc<TokenService>,
+    pub platforms: Arc<PlatformService>,
+    pub revocation_feed: Arc<RevocationFeed>,
 }
 
 /// What the TLS peer's identity means here.
@@ -90,16 +101,21 @@ pub fn peer<T>(request: &Request<T>, policy: &PeerPolicy) -> Option<Peer> {
 
 impl AuthApi {
     pub fn new(
-        accounts: Arc<AccountService>,
-        tokens: Arc<TokenService>,
-        platforms: Arc<PlatformService>,
-        revocation_feed: Arc<RevocationFeed>,
+        use_cases: UseCases,
         trusted_proxy_hops: usize,
         request_timeout: std::time::Duration,
         peers: PeerPolicy,
     ) -> Self {
+        let UseCases {
+            accounts,
+            service_accounts,
+            tokens,
+            platforms,
+            revocation_feed,
+        } = use_cases;
         Self {
             accounts,
+            service_accounts,
             tokens,
             platforms,
             revocation_feed,
@@ -255,6 +271,16 @@ fn platform_account_pb(account: &PlatformAccount) -> pb::PlatformAccount {
             AccountStatus::ReauthRequired => pb::PlatformAccountStatus::ReauthRequired,
             AccountStatus::Revoked => pb::PlatformAccountStatus::Revoked,
         } as i32,
+    }
+}
+
+fn service_account_pb(a: &ServiceAccount) -> pb::ServiceAccount {
+    pb::ServiceAccount {
+        id: a.id.to_string(),
+        name: a.name.clone(),
+        roles: a.roles.clone(),
+        created_at: Some(timestamp(a.created_at)),
+        secret_rotated_at: Some(timestamp(a.secret_rotated_at)),
     }
 }
 
@@ -668,6 +694,96 @@ impl AuthService for AuthApi {
                 expires_at: grant.expires_at.map(timestamp),
                 platform_user_id: grant.platform_user_id,
                 scopes: grant.scopes,
+            })
+        })
+        .await
+    }
+
+    async fn create_service_account(
+        &self,
+        request: Request<pb::CreateServiceAccountRequest>,
+    ) -> Result<Response<pb::CreateServiceAccountResponse>, Status> {
+        let (metadata, _, body) = request.into_parts();
+        self.observed("CreateServiceAccount", async {
+            let admin = self.admin(&metadata).await?;
+            let (account, secret) = self
+                .service_accounts
+                .create(&admin, &body.name, &body.roles)
+                .await?;
+            Ok(pb::CreateServiceAccountResponse {
+                account: Some(service_account_pb(&account)),
+                client_secret: secret.expose_secret().to_owned(),
+            })
+        })
+        .await
+    }
+
+    async fn list_service_accounts(
+        &self,
+        request: Request<pb::ListServiceAccountsRequest>,
+    ) -> Result<Response<pb::ListServiceAccountsResponse>, Status> {
+        self.observed("ListServiceAccounts", async {
+            let admin = self.admin(request.metadata()).await?;
+            let accounts = self.service_accounts.list(&admin).await?;
+            Ok(pb::ListServiceAccountsResponse {
+                accounts: accounts.iter().map(service_account_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn rotate_service_account_secret(
+        &self,
+        request: Request<pb::RotateServiceAccountSecretRequest>,
+    ) -> Result<Response<pb::RotateServiceAccountSecretResponse>, Status> {
+        let (metadata, _, body) = request.into_parts();
+        self.observed("RotateServiceAccountSecret", async {
+            let admin = self.admin(&metadata).await?;
+            let secret = self.service_accounts.rotate(&admin, &body.id).await?;
+            Ok(pb::RotateServiceAccountSecretResponse {
+                client_secret: secret.expose_secret().to_owned(),
+            })
+        })
+        .await
+    }
+
+    async fn delete_service_account(
+        &self,
+        request: Request<pb::DeleteServiceAccountRequest>,
+    ) -> Result<Response<pb::DeleteServiceAccountResponse>, Status> {
+        let (metadata, _, body) = request.into_parts();
+        self.observed("DeleteServiceAccount", async {
+            let admin = self.admin(&metadata).await?;
+            self.service_accounts.delete(&admin, &body.id).await?;
+            Ok(pb::DeleteServiceAccountResponse {})
+        })
+        .await
+    }
+
+    async fn issue_service_token(
+        &self,
+        request: Request<pb::IssueServiceTokenRequest>,
+    ) -> Result<Response<pb::IssueServiceTokenResponse>, Status> {
+        let body = request.into_inner();
+        self.observed("IssueServiceToken", async {
+            if body.client_id.len() > 64 || body.client_secret.len() > 256 {
+                return Err(error::unauthenticated("invalid client credentials"));
+            }
+            let token = self
+                .service_accounts
+                .issue_token(&body.client_id, &body.client_secret)
+                .await
+                .map_err(|e| match e {
+                    crate::accounts::AccountError::InvalidCredentials => {
+                        error::unauthenticated("invalid client credentials")
+                    }
+                    other => other.into(),
+                })?;
+            Ok(pb::IssueServiceTokenResponse {
+                access_token: token.access_token.expose_secret().to_owned(),
+                token_type: "Bearer".into(),
+                expires_in: token.expires_in,
+                roles: token.account.roles,
             })
         })
         .await

@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod platforms;
 pub mod redis;
+pub mod service_accounts;
 pub mod sql;
 
 use std::{str::FromStr, sync::Arc, time::Duration};
@@ -26,7 +27,7 @@ use self::{
     sql::SqlStore,
 };
 use crate::{
-    accounts::store::UserStore,
+    accounts::{service_accounts::ServiceAccountStore, store::UserStore},
     config::Config,
     error::BackendError,
     events::{OutboxReader, RelayStore},
@@ -61,12 +62,20 @@ pub struct Database {
     pub relay: Arc<dyn RelayStore>,
     pub platforms: Arc<dyn PlatformStore>,
     pub revocation_log: Arc<dyn RevocationLog>,
+    pub service_accounts: Arc<dyn ServiceAccountStore>,
     pub health: Arc<dyn Ping>,
 }
 
 impl Database {
     fn from_store<
-        S: UserStore + SessionStore + OutboxReader + RelayStore + PlatformStore + RevocationLog + Ping,
+        S: UserStore
+            + SessionStore
+            + OutboxReader
+            + RelayStore
+            + PlatformStore
+            + RevocationLog
+            + ServiceAccountStore
+            + Ping,
     >(
         store: S,
     ) -> Self {
@@ -78,6 +87,7 @@ impl Database {
             relay: store.clone(),
             platforms: store.clone(),
             revocation_log: store.clone(),
+            service_accounts: store.clone(),
             health: store,
         }
     }

@@ -313,6 +313,29 @@ impl TokenService {
         Ok((self.sign_claims(&claims)?, ttl))
     }
 
+    /// An access token for a service account: `sub` and `sid` are its id, so
+    /// revoking that "user" (rotation, deletion) revokes every such token.
+    pub fn issue_service_token(
+        &self,
+        account_id: Uuid,
+        roles: &[String],
+    ) -> Result<(SecretString, i64), TokenError> {
+        let ttl = i64::try_from(self.config.access_ttl_secs).unwrap_or(i64::MAX / 4);
+        let iat = crate::unix_now();
+        let claims = Claims {
+            iss: self.config.issuer.clone(),
+            aud: self.config.audience.clone(),
+            sub: account_id,
+            exp: iat + ttl,
+            iat,
+            nbf: iat,
+            jti: Uuid::now_v7(),
+            sid: account_id,
+            roles: roles.to_vec(),
+        };
+        Ok((self.sign_claims(&claims)?, ttl))
+    }
+
     /// `claims` as a JWT signed with the current signing key (EdDSA, `kid`).
     fn sign_claims(&self, claims: &impl Serialize) -> Result<SecretString, TokenError> {
         let ring = self.keys.load();

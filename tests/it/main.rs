@@ -15,6 +15,7 @@ mod overload;
 mod platforms;
 mod process;
 mod revocation_feed;
+mod service_accounts;
 mod store_contract;
 mod tls;
 mod tokens;

@@ -1,0 +1,221 @@
+//! Service accounts, for callers outside the mesh (no client certificate):
+//! an admin creates one with roles and gets its secret once; the service
+//! exchanges id + secret for a short-lived access token (OAuth 2.0 client
+//! credentials semantics) that is verified and revoked by the same code as
+//! user tokens (`sub` is the account id). Secrets are 256-bit randoms stored
+//! only as SHA-256 and compared in constant time. Rotating the secret or
+//! deleting the account revokes every token it was issued.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    AccountError,
+    model::{Role, normalise_roles},
+    service::AdminCaller,
+};
+use crate::{
+    error::{BackendError, FieldViolation, Violations},
+    tokens::TokenService,
+};
+
+/// Secrets start with this, so a leaked one is recognisable (secret
+/// scanners) and never mistaken for a JWT.
+const SECRET_PREFIX: &str = "ivsa_";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceAccount {
+    pub id: Uuid,
+    pub name: String,
+    pub roles: Vec<String>,
+    pub created_at: OffsetDateTime,
+    pub secret_rotated_at: OffsetDateTime,
+}
+
+#[async_trait]
+pub trait ServiceAccountStore: Send + Sync + 'static {
+    /// False when the name is taken.
+    async fn insert_service_account(
+        &self,
+        account: &ServiceAccount,
+        secret_hash: &[u8; 32],
+    ) -> Result<bool, BackendError>;
+    async fn service_accounts(&self) -> Result<Vec<ServiceAccount>, BackendError>;
+    async fn service_account(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(ServiceAccount, [u8; 32])>, BackendError>;
+    async fn set_service_secret(
+        &self,
+        id: Uuid,
+        secret_hash: &[u8; 32],
+        at: OffsetDateTime,
+    ) -> Result<bool, BackendError>;
+    async fn delete_service_account(&self, id: Uuid) -> Result<bool, BackendError>;
+}
+
+/// A service token as IssueServiceToken returns it.
+#[derive(Debug)]
+pub struct ServiceToken {
+    pub access_token: SecretString,
+    pub expires_in: i64,
+    pub account: ServiceAccount,
+}
+
+pub struct ServiceAccounts {
+    store: Arc<dyn ServiceAccountStore>,
+    tokens: Arc<TokenService>,
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+fn new_secret() -> (SecretString, [u8; 32]) {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).expect("the OS random source works");
+    let secret = format!("{SECRET_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw));
+    let digest = hash(&secret);
+    (SecretString::from(secret), digest)
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, AccountError> {
+    Uuid::parse_str(raw.trim())
+        .map_err(|_| AccountError::Invalid(vec![FieldViolation::new("id", "must be a UUID")]))
+}
+
+impl ServiceAccounts {
+    pub fn new(store: Arc<dyn ServiceAccountStore>, tokens: Arc<TokenService>) -> Self {
+        Self { store, tokens }
+    }
+
+    /// Creates an account; its secret is returned here and never again.
+    pub async fn create(
+        &self,
+        _admin: &AdminCaller,
+        name: &str,
+        roles: &[String],
+    ) -> Result<(ServiceAccount, SecretString), AccountError> {
+        let mut violations = Violations::default();
+        let name = name.trim();
+        if name.len() < 3
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            violations.push(FieldViolation::new(
+                "name",
+                "must be 3 to 64 characters of a-z, 0-9 and -",
+            ));
+        }
+        let parsed: Vec<Role> = roles
+            .iter()
+            .filter_map(|r| violations.check(Role::parse("roles", r)))
+            .collect();
+        if roles.is_empty() {
+            violations.push(FieldViolation::new(
+                "roles",
+                "at least one role is required",
+            ));
+        }
+        violations.finish().map_err(AccountError::Invalid)?;
+        let now = crate::now_micros();
+        let account = ServiceAccount {
+            id: Uuid::now_v7(),
+            name: name.to_owned(),
+            roles: normalise_roles(parsed)
+                .iter()
+                .map(|r| r.as_str().to_owned())
+                .collect(),
+            created_at: now,
+            secret_rotated_at: now,
+        };
+        let (secret, digest) = new_secret();
+        if !self.store.insert_service_account(&account, &digest).await? {
+            return Err(AccountError::AlreadyExists("name"));
+        }
+        tracing::info!(id = %account.id, name = account.name, "service account created");
+        Ok((account, secret))
+    }
+
+    pub async fn list(&self, _admin: &AdminCaller) -> Result<Vec<ServiceAccount>, AccountError> {
+        Ok(self.store.service_accounts().await?)
+    }
+
+    /// A new secret; the old one stops working and every token issued to
+    /// the account is revoked.
+    pub async fn rotate(
+        &self,
+        _admin: &AdminCaller,
+        id: &str,
+    ) -> Result<SecretString, AccountError> {
+        let id = parse_id(id)?;
+        let (secret, digest) = new_secret();
+        if !self
+            .store
+            .set_service_secret(id, &digest, crate::now_micros())
+            .await?
+        {
+            return Err(AccountError::NotFound);
+        }
+        self.tokens.revocations().revoke_user(id).await?;
+        Ok(secret)
+    }
+
+    /// Deletes the account and revokes every token it was issued.
+    pub async fn delete(&self, _admin: &AdminCaller, id: &str) -> Result<(), AccountError> {
+        let id = parse_id(id)?;
+        if !self.store.delete_service_account(id).await? {
+            return Err(AccountError::NotFound);
+        }
+        self.tokens.revocations().revoke_user(id).await?;
+        Ok(())
+    }
+
+    /// Client credentials: id + secret → a short-lived access token with the
+    /// account's roles. Any mismatch is the same Unauthenticated answer.
+    pub async fn issue_token(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+    ) -> Result<ServiceToken, AccountError> {
+        let presented = hash(client_secret);
+        let found = match Uuid::parse_str(client_id.trim()) {
+            Ok(id) => self.store.service_account(id).await?,
+            Err(_) => None,
+        };
+        // Compared in constant time; an unknown id compares against zeros so
+        // both paths cost the same.
+        let (account, stored) = match found {
+            Some((account, stored)) => (Some(account), stored),
+            None => (None, [0u8; 32]),
+        };
+        let matches: bool = presented.ct_eq(&stored).into();
+        let Some(account) = account.filter(|_| matches) else {
+            metrics::counter!("service_tokens_total", "outcome" => "refused").increment(1);
+            return Err(AccountError::InvalidCredentials);
+        };
+        let (access_token, expires_in) = self
+            .tokens
+            .issue_service_token(account.id, &account.roles)?;
+        metrics::counter!("service_tokens_total", "outcome" => "issued").increment(1);
+        Ok(ServiceToken {
+            access_token,
+            expires_in,
+            account,
+        })
+    }
+}
+
+/// The secret's hash (tests read the table with it).
+pub fn secret_hash(secret: &SecretString) -> [u8; 32] {
+    hash(secret.expose_secret())
+}
