@@ -61,6 +61,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub platforms: PlatformsConfig,
     pub tls: TlsConfig,
+    pub otel: OtelConfig,
     /// Service identities (a client certificate's SPIFFE URI SAN, else its
     /// DNS SAN) and the roles they hold, e.g.
     /// `[services."spiffe://immersiverse/ns/edge/sa/gateway"] roles = ["gateway"]`.
@@ -68,6 +69,23 @@ pub struct Config {
     /// client certificates on, from no one else). Role `service`: may read
     /// platform tokens. Role `admin`: admin RPCs (an operator tool).
     pub services: BTreeMap<String, ServiceIdentity>,
+}
+
+/// OpenTelemetry traces over OTLP (gRPC).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtelConfig {
+    /// The collector, e.g. `http://otel-collector:4317`; unset: no traces.
+    pub endpoint: Option<String>,
+    pub service_name: String,
+    /// Share of new traces sampled (0 to 1); a caller's sampled decision
+    /// (the `traceparent` flag) is followed.
+    pub sampling_ratio: f64,
+    /// Extra resource attributes (`deployment.environment = "prod"`, …).
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Finished spans waiting for export; beyond it new spans are dropped
+    /// (never blocking a request, never growing memory).
+    pub max_queue_size: usize,
 }
 
 /// TLS to Redis: the CA that issued its certificate (default: the system's
@@ -617,6 +635,13 @@ impl Default for Config {
                 reload_interval_secs: 10,
             },
             services: BTreeMap::new(),
+            otel: OtelConfig {
+                endpoint: None,
+                service_name: "auth-service".into(),
+                sampling_ratio: 1.0,
+                resource_attributes: BTreeMap::new(),
+                max_queue_size: 2048,
+            },
         }
     }
 }
@@ -749,6 +774,12 @@ impl Config {
                     }
                 }
             }
+        }
+        if !(0.0..=1.0).contains(&self.otel.sampling_ratio) || self.otel.max_queue_size == 0 {
+            return fail(
+                "otel.sampling_ratio",
+                "sampling_ratio is between 0 and 1, max_queue_size positive",
+            );
         }
         let rt = &self.redis_tls;
         if rt.cert.is_some() != rt.key.is_some() {

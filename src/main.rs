@@ -60,10 +60,16 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
-    telemetry::init_tracing(config.log_format);
-    match cli.command.unwrap_or(Command::Serve) {
+    let telemetry = telemetry::init(&config)?;
+    let result = run(cli.command.unwrap_or(Command::Serve), cli.config, config).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn run(command: Command, config_file: Option<PathBuf>, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Serve => {
-            let worker = WorkerCommand::current_exe(cli.config.as_deref())
+            let worker = WorkerCommand::current_exe(config_file.as_deref())
                 .context("locating this executable for the event worker")?;
             let app = Application::build(config)
                 .await?

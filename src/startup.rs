@@ -308,7 +308,11 @@ impl Application {
             .max_decoding_message_size(limits.max_check_message_bytes)
         };
         // Larger metadata is refused by the HTTP/2 layer before any handler.
-        let server = || Server::builder().http2_max_header_list_size(limits.max_header_bytes);
+        let server = || {
+            Server::builder()
+                .http2_max_header_list_size(limits.max_header_bytes)
+                .layer(telemetry::GrpcTraceLayer)
+        };
         if let Some(tls) = &self.tls {
             tokio::spawn(tls.clone().watch(stop.clone()));
         }
@@ -389,8 +393,13 @@ impl Application {
 
 /// Serves `router` on `listener` until `stop`: over TLS when configured
 /// (certificates reloaded by [`tls::Reloadable::watch`]), else plaintext.
+/// Every gRPC listener's router: the services behind the one layer stack.
+type GrpcRouter = tonic::transport::server::Router<
+    tower::layer::util::Stack<telemetry::GrpcTraceLayer, tower::layer::util::Identity>,
+>;
+
 fn serve(
-    router: tonic::transport::server::Router,
+    router: GrpcRouter,
     listener: TcpListener,
     tls: Option<&tls::Reloadable>,
     stop: CancellationToken,

@@ -1,21 +1,235 @@
-//! Logging and metrics set-up.
+//! Logs, metrics and traces.
+//!
+//! * Logs: `tracing` with `RUST_LOG` (default `info`), text or JSON.
+//! * Metrics: the process-wide Prometheus recorder ([`metrics_handle`]).
+//! * Traces: OpenTelemetry over OTLP/gRPC when `otel.endpoint` is set.
+//!   [`GrpcTraceLayer`] opens one server span per gRPC call (AuthService,
+//!   ext_authz, health), continuing the caller's W3C `traceparent`; spans
+//!   are exported in batches from a bounded queue (full: dropped, never
+//!   blocking a request). The current span's context goes into outbox
+//!   events (and so into Kafka headers) and outbound platform calls.
 
-use std::sync::OnceLock;
+use std::{
+    sync::OnceLock,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use anyhow::Context as _;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::{EnvFilter, fmt};
+use opentelemetry::{
+    KeyValue,
+    propagation::{Extractor, TextMapPropagator},
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
+};
+use tonic::codegen::http;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
-use crate::config::LogFormat;
+use crate::config::{Config, LogFormat};
 
-/// Installs the log subscriber (`RUST_LOG`, default `info`). A second call
-/// (several apps in one test process) keeps the first.
+/// Installs the log subscriber (`RUST_LOG`, default `info`) without
+/// traces. A second call (several apps in one test process) keeps the first.
 pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_target(false);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let _ = install(format, None);
+}
+
+/// The trace exporter, flushed by [`Telemetry::shutdown`].
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is still queued (bounded by the exporter's timeout).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "trace exporter shutdown");
+        }
+    }
+}
+
+/// Logs, and traces when `otel.endpoint` is set. Call inside the runtime.
+pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
+    let provider = match &config.otel.endpoint {
+        None => None,
+        Some(endpoint) => {
+            let otel = &config.otel;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(Duration::from_secs(5))
+                .build()
+                .context("otel.endpoint: building the OTLP exporter")?;
+            let processor = BatchSpanProcessor::builder(exporter)
+                .with_batch_config(
+                    BatchConfigBuilder::default()
+                        .with_max_queue_size(otel.max_queue_size)
+                        .build(),
+                )
+                .build();
+            let resource = Resource::builder()
+                .with_service_name(otel.service_name.clone())
+                .with_attributes(
+                    otel.resource_attributes
+                        .iter()
+                        .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+                )
+                .build();
+            let provider = SdkTracerProvider::builder()
+                .with_span_processor(processor)
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    otel.sampling_ratio,
+                ))))
+                .with_resource(resource)
+                .build();
+            Some(provider)
+        }
     };
+    let _ = install(config.log_format, provider.clone());
+    TRACES_ON.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
+    Ok(Telemetry { provider })
+}
+
+fn install(
+    format: LogFormat,
+    provider: Option<SdkTracerProvider>,
+) -> Result<(), tracing_subscriber::util::TryInitError> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let otel =
+        provider.map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("auth-service")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    match format {
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_target(false))
+            .try_init(),
+        LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
+    }
+}
+
+static TRACES_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether traces are exported: without, no span is made on the hot paths.
+pub fn traces_on() -> bool {
+    TRACES_ON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// W3C trace context propagation (`traceparent`, `tracestate`).
+fn propagator() -> &'static TraceContextPropagator {
+    static PROPAGATOR: OnceLock<TraceContextPropagator> = OnceLock::new();
+    PROPAGATOR.get_or_init(TraceContextPropagator::new)
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Extracts a caller's trace context from `traceparent`/`tracestate`
+/// values (the headers inside an ext_authz CheckRequest).
+pub fn context_from(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> Option<opentelemetry::Context> {
+    struct Pairs<'a>(Option<&'a str>, Option<&'a str>);
+    impl Extractor for Pairs<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            match key {
+                "traceparent" => self.0,
+                "tracestate" => self.1,
+                _ => None,
+            }
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec!["traceparent", "tracestate"]
+        }
+    }
+    traceparent?;
+    let cx = propagator().extract(&Pairs(traceparent, tracestate));
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// The `traceparent` of the current span, when traces are on.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// One server span per gRPC call, named `<service>/<method>` with the RPC
+/// semantic-convention attributes, continuing the caller's trace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcTraceLayer;
+
+impl<S> tower::Layer<S> for GrpcTraceLayer {
+    type Service = GrpcTrace<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcTrace { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcTrace<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for GrpcTrace<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if !traces_on() {
+            return self.inner.call(request).instrument(tracing::Span::none());
+        }
+        let path = request.uri().path();
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("", path));
+        let span = tracing::info_span!(
+            "grpc",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+        );
+        let parent = propagator().extract(&HeaderExtractor(request.headers()));
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
+        self.inner.call(request).instrument(span)
+    }
 }
 
 /// The process-wide Prometheus recorder. The `metrics` facade has one global

@@ -151,7 +151,19 @@ impl Authorization for ExtAuthz {
             bearer: bearer(header("authorization")),
             client_ip: client_ip(header("x-forwarded-for"), peer, self.trusted_proxy_hops),
         };
-        let span = tracing::debug_span!("check", method = %http.method, path, traceparent = header("traceparent").unwrap_or(""));
+        // With traces on, the decision is a span of the client request's
+        // trace when the CheckRequest carries its traceparent.
+        let span = if crate::telemetry::traces_on() {
+            let span = tracing::info_span!("authz.check", otel.name = "authz.check", http.request.method = %http.method, url.path = path);
+            if let Some(cx) =
+                crate::telemetry::context_from(header("traceparent"), header("tracestate"))
+            {
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, cx);
+            }
+            span
+        } else {
+            tracing::debug_span!("check", method = %http.method, path)
+        };
         let decision = tracing::Instrument::instrument(self.authorizer.decide(&access), span).await;
         let (response, result, reason) = match &decision {
             Decision::Allow(identity) => (

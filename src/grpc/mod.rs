@@ -138,11 +138,15 @@ impl AuthApi {
                     0
                 },
             ),
-            traceparent: request
-                .metadata()
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+            // This call's span when traces are on (events then continue
+            // it), else the caller's traceparent as received.
+            traceparent: crate::telemetry::current_traceparent().or_else(|| {
+                request
+                    .metadata()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            }),
             deadline: grpc_timeout(request.metadata()).map(|t| std::time::Instant::now() + t),
         }
     }

@@ -371,6 +371,7 @@ impl Provider {
             let response = self
                 .http
                 .get(&self.token_url)
+                .header_traced()
                 .query(&[
                     ("grant_type", "fb_exchange_token"),
                     ("client_id", self.client_id.as_str()),
@@ -421,7 +422,7 @@ impl Provider {
                     .bearer_auth(token)
                     .form(&[("client_id", self.client_id.as_str())]),
             };
-            let body = checked(request.send().await.map_err(transport)?).await?;
+            let body = checked(request.header_traced().send().await.map_err(transport)?).await?;
             parse_identity(self.platform, &body)
                 .ok_or_else(|| CallError::Transient("unreadable identity response".into()))
         })
@@ -438,6 +439,7 @@ impl Provider {
             let response = self
                 .http
                 .get(url)
+                .header_traced()
                 .header(
                     reqwest::header::AUTHORIZATION,
                     format!("OAuth {}", access_token.expose_secret()),
@@ -483,7 +485,7 @@ impl Provider {
                     .bearer_auth(access_token.expose_secret()),
                 Platform::Soop => return Ok(false),
             };
-            checked(request.send().await.map_err(transport)?).await?;
+            checked(request.header_traced().send().await.map_err(transport)?).await?;
             Ok(true)
         })
         .await
@@ -532,6 +534,7 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
                 .http
                 .request(parts.method, parts.uri.to_string())
                 .headers(parts.headers)
+                .header_traced()
                 .body(body)
                 .send()
                 .await
@@ -550,6 +553,20 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
                 .body(body.to_vec())
                 .map_err(|e| HttpFailure::Transport(e.to_string()))
         })
+    }
+}
+
+/// Outbound calls continue the current trace (W3C `traceparent`).
+trait Traced {
+    fn header_traced(self) -> Self;
+}
+
+impl Traced for reqwest::RequestBuilder {
+    fn header_traced(self) -> Self {
+        match crate::telemetry::current_traceparent() {
+            Some(traceparent) => self.header("traceparent", traceparent),
+            None => self,
+        }
     }
 }
 

@@ -474,7 +474,8 @@ impl PlatformService {
                 // dropped.
                 let this = self.refresher(provider.clone());
                 let ctx = ctx.clone();
-                return tokio::spawn(async move { this.refresh(stored, &ctx).await })
+                let refresh = async move { this.refresh(stored, &ctx).await };
+                return tokio::spawn(tracing::Instrument::in_current_span(refresh))
                     .await
                     .map_err(|_| unavailable(platform))?;
             }

@@ -19,3 +19,4 @@ mod service_accounts;
 mod store_contract;
 mod tls;
 mod tokens;
+mod traces;
