@@ -691,6 +691,51 @@ async fn watch_latency(a: &str, b: &str, rounds: usize) {
     );
 }
 
+/// An OTLP/gRPC trace receiver that counts what it gets (the collector's
+/// `TraceService/Export`); prints the count every `SECS`.
+async fn otlp_sink(port_file: &str) {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+    #[derive(Clone, Default)]
+    struct Sink(Arc<AtomicU64>);
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n: usize = request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| r.scope_spans.iter())
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    std::fs::write(port_file, listener.local_addr().unwrap().port().to_string()).unwrap();
+    let sink = Sink::default();
+    let count = sink.0.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            eprintln!("otlp sink: {} spans", count.load(Ordering::Relaxed));
+        }
+    });
+    tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(sink))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+        .unwrap();
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -801,6 +846,7 @@ async fn main() {
         "fake-platform" => {
             fake_platform_server(arg(1).parse().unwrap(), arg(2).parse().unwrap(), &arg(3)).await
         }
+        "otlp-sink" => otlp_sink(&arg(1)).await,
         "watch-latency" => watch_latency(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         "platform-setup" => platform_setup(&arg(1), arg(2).parse().unwrap(), &arg(3)).await,
         "platform-token" => {

@@ -96,6 +96,10 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
     };
     let _ = install(config.log_format, provider.clone());
     TRACES_ON.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
+    SAMPLING_RATIO.store(
+        config.otel.sampling_ratio.to_bits(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     Ok(Telemetry { provider })
 }
 
@@ -103,15 +107,35 @@ fn install(
     format: LogFormat,
     provider: Option<SdkTracerProvider>,
 ) -> Result<(), tracing_subscriber::util::TryInitError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let otel =
-        provider.map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("auth-service")));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
-    match format {
-        LogFormat::Json => registry
-            .with(fmt::layer().json().with_target(false))
-            .try_init(),
-        LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
+    use tracing_subscriber::Layer as _;
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match provider {
+        // Without traces: one global filter, as cheap as it gets.
+        None => {
+            let registry = tracing_subscriber::registry().with(filter());
+            match format {
+                LogFormat::Json => registry
+                    .with(fmt::layer().json().with_target(false))
+                    .try_init(),
+                LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
+            }
+        }
+        // With traces: `RUST_LOG` filters the logs only; spans at info and
+        // above are traced whatever the log level.
+        Some(provider) => {
+            let otel = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("auth-service"))
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+            let registry = tracing_subscriber::registry().with(otel);
+            match format {
+                LogFormat::Json => registry
+                    .with(fmt::layer().json().with_target(false).with_filter(filter()))
+                    .try_init(),
+                LogFormat::Text => registry
+                    .with(fmt::layer().with_target(false).with_filter(filter()))
+                    .try_init(),
+            }
+        }
     }
 }
 
@@ -120,6 +144,44 @@ static TRACES_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// Whether traces are exported: without, no span is made on the hot paths.
 pub fn traces_on() -> bool {
     TRACES_ON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static SAMPLING_RATIO: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The head sampling decision for a call, made before any span exists so an
+/// unsampled call costs nothing: a caller's `traceparent` decides by its
+/// sampled flag; without one, `otel.sampling_ratio` does.
+pub fn sampled(traceparent: Option<&str>) -> bool {
+    if let Some(tp) = traceparent {
+        // version-traceid-spanid-flags
+        if let Some(flags) = tp.rsplit('-').next().filter(|f| f.len() == 2)
+            && let Ok(flags) = u8::from_str_radix(flags, 16)
+        {
+            return flags & 1 == 1;
+        }
+    }
+    let ratio = f64::from_bits(SAMPLING_RATIO.load(std::sync::atomic::Ordering::Relaxed));
+    ratio >= 1.0 || (ratio > 0.0 && uniform() < ratio)
+}
+
+/// A uniform draw in [0, 1) from a per-thread xorshift64* (sampling only).
+fn uniform() -> f64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut seed = [0u8; 8];
+            let _ = getrandom::fill(&mut seed);
+            u64::from_le_bytes(seed) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    })
 }
 
 /// W3C trace context propagation (`traceparent`, `tracestate`).
@@ -208,7 +270,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if !traces_on() {
+        let traceparent = request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok());
+        if !traces_on() || !sampled(traceparent) {
             return self.inner.call(request).instrument(tracing::Span::none());
         }
         let path = request.uri().path();

@@ -153,7 +153,11 @@ impl Authorization for ExtAuthz {
         };
         // With traces on, the decision is a span of the client request's
         // trace when the CheckRequest carries its traceparent.
-        let span = if crate::telemetry::traces_on() {
+        let span = if crate::telemetry::traces_on()
+            && match header("traceparent") {
+                Some(tp) => crate::telemetry::sampled(Some(tp)),
+                None => !tracing::Span::current().is_none(),
+            } {
             let span = tracing::info_span!("authz.check", otel.name = "authz.check", http.request.method = %http.method, url.path = path);
             if let Some(cx) =
                 crate::telemetry::context_from(header("traceparent"), header("tracestate"))
