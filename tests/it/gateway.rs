@@ -6,7 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 use auth_service::{config::Config, grpc::pb, ratelimit::quota::Limit};
 
 use crate::support::{
-    Backend, Envoy, OwnRedis, PASSWORD, TestApp, bearer, config_for, echo_backend, http,
+    Backend, Envoy, OwnRedis, PASSWORD, TestApp, bearer, config_for, echo_backend, envoy_tls, http,
+    mesh_tls,
 };
 
 /// auth-service (PostgreSQL + Redis) behind the gateway, with an echo backend
@@ -40,7 +41,10 @@ pub async fn gateway_for(app: &TestApp, backend: SocketAddr) -> (Envoy, tempfile
                 "/etc/envoy/auth_descriptor.pb",
                 descriptor.path().display().to_string(),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(envoy_tls())
+        .collect::<Vec<_>>(),
     )
     .await;
     (gateway, descriptor)
@@ -48,7 +52,11 @@ pub async fn gateway_for(app: &TestApp, backend: SocketAddr) -> (Envoy, tempfile
 
 impl Stack {
     async fn start(adjust: impl FnOnce(&mut Config)) -> Self {
-        let app = TestApp::spawn_with(Backend::Production, adjust).await;
+        let app = TestApp::spawn_with(Backend::Production, |c| {
+            mesh_tls(c);
+            adjust(c);
+        })
+        .await;
         let backend = echo_backend().await;
         let (gateway, descriptor) = gateway_for(&app, backend).await;
         Self {
@@ -363,6 +371,7 @@ async fn when_redis_dies_checks_fail_closed_on_revocation_except_cached_tokens()
     let mut config = config_for(Backend::Production, dir.path()).await;
     config.redis_url = Some(redis.url.clone());
     config.revocation.cache_ttl_ms = 60_000;
+    mesh_tls(&mut config);
     let app = TestApp::start(Backend::Production, config, dir).await;
     let backend = echo_backend().await;
     let (gateway, _descriptor) = gateway_for(&app, backend).await;
@@ -442,7 +451,7 @@ async fn when_auth_service_is_down_envoy_fails_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_passes_and_denies_the_same_way() {
-    let mut app = TestApp::spawn(Backend::Production).await;
+    let mut app = TestApp::spawn_with(Backend::Production, mesh_tls).await;
     let local_app = echo_backend().await;
     let sidecar = Envoy::start(
         "sidecar.yaml",
@@ -456,7 +465,10 @@ async fn the_sidecar_passes_and_denies_the_same_way() {
                 "port_value: 8000",
                 format!("port_value: {}", local_app.port()),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(envoy_tls())
+        .collect::<Vec<_>>(),
     )
     .await;
     app.sign_up("ivy").await;

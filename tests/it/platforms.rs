@@ -268,7 +268,7 @@ async fn assert_no_platform_token_leaks(app: &TestApp, fakes: &Fakes, text: &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_platform_links_through_the_rest_gateway_as_a_client_would() {
     let fakes = fakes(&Platform::ALL).await;
-    let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
+    let mut app = app_with(Backend::Production, &fakes, crate::support::mesh_tls).await;
     let backend = echo_backend().await;
     let (gateway, _descriptor) = gateway_for(&app, backend).await;
     let token = user(&mut app, "linker").await;

@@ -28,6 +28,68 @@ use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery";
 
+/// The identity the tests' Envoy presents to auth-service.
+pub const GATEWAY_IDENTITY: &str = "spiffe://immersiverse/ns/edge/sa/gateway";
+
+/// One PKI for the tests that put the shipped Envoy configs in front of
+/// auth-service (they reach it over mTLS).
+pub fn mesh_pki() -> &'static TestPki {
+    static PKI: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let pki = TestPki::new();
+        pki.issue("envoy", &format!("URI:{GATEWAY_IDENTITY}"));
+        pki
+    })
+}
+
+/// auth-service requiring client certificates of the mesh CA; Envoy's is a
+/// gateway identity (its `x-forwarded-for` is trusted).
+pub fn mesh_tls(config: &mut Config) {
+    let pki = mesh_pki();
+    config.tls.cert = Some(pki.path("server.crt").into());
+    config.tls.key = Some(pki.path("server.key").into());
+    config.tls.client_ca = Some(pki.path("ca.crt").into());
+    config.tls.client_auth = auth_service::config::ClientAuth::Required;
+    config.services.insert(
+        GATEWAY_IDENTITY.into(),
+        auth_service::config::ServiceIdentity {
+            roles: vec!["gateway".into()],
+        },
+    );
+}
+
+/// What points a shipped Envoy config's mTLS at the mesh PKI.
+pub fn envoy_tls() -> Vec<(&'static str, String)> {
+    let pki = mesh_pki();
+    vec![
+        ("/etc/envoy/tls/tls.crt", pki.path("envoy.crt")),
+        ("/etc/envoy/tls/tls.key", pki.path("envoy.key")),
+        ("/etc/envoy/tls/ca.crt", pki.path("ca.crt")),
+        ("sni: auth-service", "sni: localhost".into()),
+        ("exact: auth-service", "exact: localhost".into()),
+    ]
+}
+
+/// A client of a TLS-serving app: the CA and `client.crt`/`client.key` next
+/// to its server certificate (a `TestPki`), if they are there.
+async fn tls_client(config: &Config, addr: SocketAddr) -> Option<AuthServiceClient<Channel>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let dir = config.tls.cert.as_ref()?.parent()?;
+    let read = |f: &str| std::fs::read(dir.join(f)).ok();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.crt")?))
+        .identity(Identity::from_pem(read("client.crt")?, read("client.key")?))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+        .ok()?
+        .tls_config(tls)
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    Some(AuthServiceClient::new(channel))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Embedded,
@@ -135,13 +197,17 @@ impl TestApp {
         let platforms = app.platforms();
         let stop = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
-        // Over TLS the tests make their own clients (with their certificates).
+        // Over TLS: a client with the PKI's client certificate when there is
+        // one; otherwise the test makes its own.
         let client = if config.tls.cert.is_some() {
-            AuthServiceClient::new(
-                Channel::from_shared(format!("http://{grpc_addr}"))
-                    .unwrap()
-                    .connect_lazy(),
-            )
+            match tls_client(&config, grpc_addr).await {
+                Some(client) => client,
+                None => AuthServiceClient::new(
+                    Channel::from_shared(format!("http://{grpc_addr}"))
+                        .unwrap()
+                        .connect_lazy(),
+                ),
+            }
         } else {
             AuthServiceClient::new(channel(grpc_addr).await)
         };
