@@ -35,6 +35,22 @@ impl AdminCaller {
         }
     }
 
+    /// A client-certificate identity configured with the admin role (an
+    /// operator tool). It acts as no user: events record the nil id as `by`.
+    pub fn peer(identity: &str, roles: &[String]) -> Result<Self, AccountError> {
+        if !roles.iter().any(|r| r == Role::ADMIN) {
+            return Err(AccountError::Forbidden);
+        }
+        tracing::info!(identity, "admin call by a service identity");
+        Ok(Self(Principal {
+            user_id: Uuid::nil(),
+            session_id: Uuid::nil(),
+            jti: Uuid::nil(),
+            roles: roles.to_vec(),
+            expires_at: i64::MAX,
+        }))
+    }
+
     pub fn user_id(&self) -> Uuid {
         self.0.user_id
     }

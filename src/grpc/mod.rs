@@ -89,7 +89,15 @@ impl Peer {
 /// The identity of the request's client certificate, if one was verified
 /// (roles empty for an identity not in `services`).
 pub fn peer<T>(request: &Request<T>, policy: &PeerPolicy) -> Option<Peer> {
-    let certs = request.peer_certs()?;
+    peer_of(request.extensions(), policy)
+}
+
+/// [`peer`] from a request's extensions (after `into_parts`).
+pub fn peer_of(extensions: &tonic::Extensions, policy: &PeerPolicy) -> Option<Peer> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
     let identity = crate::tls::certificate_identity(certs.first()?.as_ref())?;
     let roles = policy
         .services
@@ -157,7 +165,19 @@ impl AuthApi {
         Ok(self.tokens.authenticate(token).await?)
     }
 
-    async fn admin(&self, metadata: &MetadataMap) -> Result<AdminCaller, Status> {
+    /// An admin: a bearer token holding `admin`, or — for an operator tool
+    /// without one — a verified client certificate whose configured
+    /// identity holds it.
+    async fn admin(
+        &self,
+        metadata: &MetadataMap,
+        extensions: &tonic::Extensions,
+    ) -> Result<AdminCaller, Status> {
+        if bearer_token(metadata).is_none()
+            && let Some(peer) = peer_of(extensions, &self.peers)
+        {
+            return Ok(AdminCaller::peer(&peer.identity, &peer.roles)?);
+        }
         Ok(AdminCaller::check(self.caller(metadata).await?)?)
     }
 }
@@ -545,9 +565,9 @@ impl AuthService for AuthApi {
         request: Request<pb::SuspendUserRequest>,
     ) -> Result<Response<pb::SuspendUserResponse>, Status> {
         let ctx = self.context(&request);
-        let (metadata, _, body) = request.into_parts();
+        let (metadata, extensions, body) = request.into_parts();
         self.observed("SuspendUser", async {
-            let admin = self.admin(&metadata).await?;
+            let admin = self.admin(&metadata, &extensions).await?;
             let user = self
                 .accounts
                 .suspend(&admin, &body.user_id, &body.reason, &ctx)
@@ -564,9 +584,9 @@ impl AuthService for AuthApi {
         request: Request<pb::RevokeUserSessionsRequest>,
     ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
         let ctx = self.context(&request);
-        let (metadata, _, body) = request.into_parts();
+        let (metadata, extensions, body) = request.into_parts();
         self.observed("RevokeUserSessions", async {
-            let admin = self.admin(&metadata).await?;
+            let admin = self.admin(&metadata, &extensions).await?;
             let revoked = self
                 .accounts
                 .revoke_sessions(&admin, &body.user_id, &ctx)
@@ -583,9 +603,9 @@ impl AuthService for AuthApi {
         request: Request<pb::SetUserRolesRequest>,
     ) -> Result<Response<pb::SetUserRolesResponse>, Status> {
         let ctx = self.context(&request);
-        let (metadata, _, body) = request.into_parts();
+        let (metadata, extensions, body) = request.into_parts();
         self.observed("SetUserRoles", async {
-            let admin = self.admin(&metadata).await?;
+            let admin = self.admin(&metadata, &extensions).await?;
             let user = self
                 .accounts
                 .set_roles(&admin, &body.user_id, &body.roles, &ctx)
@@ -707,9 +727,9 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateServiceAccountRequest>,
     ) -> Result<Response<pb::CreateServiceAccountResponse>, Status> {
-        let (metadata, _, body) = request.into_parts();
+        let (metadata, extensions, body) = request.into_parts();
         self.observed("CreateServiceAccount", async {
-            let admin = self.admin(&metadata).await?;
+            let admin = self.admin(&metadata, &extensions).await?;
             let (account, secret) = self
                 .service_accounts
                 .create(&admin, &body.name, &body.roles)
@@ -727,7 +747,7 @@ impl AuthService for AuthApi {
         request: Request<pb::ListServiceAccountsRequest>,
     ) -> Result<Response<pb::ListServiceAccountsResponse>, Status> {
         self.observed("ListServiceAccounts", async {
-            let admin = self.admin(request.metadata()).await?;
+            let admin = self.admin(request.metadata(), request.extensions()).await?;
             let accounts = self.service_accounts.list(&admin).await?;
             Ok(pb::ListServiceAccountsResponse {
                 accounts: accounts.iter().map(service_account_pb).collect(),
@@ -740,9 +760,9 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RotateServiceAccountSecretRequest>,
     ) -> Result<Response<pb::RotateServiceAccountSecretResponse>, Status> {
-        let (metadata, _, body) = request.into_parts();
+        let (metadata, extensions, body) = request.into_parts();
         self.observed("RotateServiceAccountSecret", async {
-            let admin = self.admin(&metadata).await?;
+            let admin = self.admin(&metadata, &extensions).await?;
             let secret = self.service_accounts.rotate(&admin, &body.id).await?;
             Ok(pb::RotateServiceAccountSecretResponse {
                 client_secret: secret.expose_secret().to_owned(),
@@ -755,9 +775,9 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::DeleteServiceAccountRequest>,
     ) -> Result<Response<pb::DeleteServiceAccountResponse>, Status> {
-        let (metadata, _, body) = request.into_parts();
+        let (metadata, extensions, body) = request.into_parts();
         self.observed("DeleteServiceAccount", async {
-            let admin = self.admin(&metadata).await?;
+            let admin = self.admin(&metadata, &extensions).await?;
             self.service_accounts.delete(&admin, &body.id).await?;
             Ok(pb::DeleteServiceAccountResponse {})
         })

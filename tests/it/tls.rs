@@ -364,3 +364,47 @@ async fn redis_is_reached_over_mutual_tls() {
     config.redis_tls.key = Some(pki.path("client.key").into());
     assert!(Application::build(config).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_identity_runs_admin_rpcs_and_others_cannot() {
+    const OPERATOR: &str = "spiffe://immersiverse/ns/ops/sa/operator";
+    let pki = pki();
+    pki.issue("operator", &format!("URI:{OPERATOR}"));
+    let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+        tls(c, &pki, ClientAuth::Required);
+        c.services.insert(
+            OPERATOR.into(),
+            ServiceIdentity {
+                roles: vec!["admin".into()],
+            },
+        );
+    })
+    .await;
+    let ca = pki.path("ca.crt");
+    let victim = app.sign_up("mallory").await.id;
+    let suspend = || pb::SuspendUserRequest {
+        user_id: victim.clone(),
+        reason: "abuse".into(),
+    };
+    // A service identity without the admin role: refused.
+    let mut chat = client(&app, &ca, Some((&pki, "chat"))).await.unwrap();
+    let refused = chat.suspend_user(suspend()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    // The operator's identity, no bearer token: done.
+    let mut operator = client(&app, &ca, Some((&pki, "operator"))).await.unwrap();
+    let user = operator
+        .suspend_user(suspend())
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(user.status, pb::UserStatus::Suspended as i32);
+    let event = app
+        .events()
+        .await
+        .into_iter()
+        .rfind(|e| e.event_type == "user_suspended")
+        .unwrap();
+    assert_eq!(event.data["by"], uuid::Uuid::nil().to_string());
+}
