@@ -289,10 +289,20 @@ where
             rpc.system = "grpc",
             rpc.service = service,
             rpc.method = method,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
         let parent = propagator().extract(&HeaderExtractor(request.headers()));
         if parent.span().span_context().is_valid() {
             let _ = span.set_parent(parent);
+        }
+        // Every log line inside the call carries the ids (JSON logs list the
+        // current span's fields).
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            span.record("trace_id", tracing::field::display(sc.trace_id()));
+            span.record("span_id", tracing::field::display(sc.span_id()));
         }
         self.inner.call(request).instrument(span)
     }

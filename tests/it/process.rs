@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -31,7 +31,8 @@ pub(crate) fn start(cwd: &Path, env: &[(&str, &str)]) -> Server {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("AUTH_GRPC_ADDR", grpc.to_string())
         .env("AUTH_HTTP_ADDR", http.to_string())
-        .stdout(Stdio::null())
+        // The logs (kept for tests that read them).
+        .stdout(std::fs::File::create(cwd.join("server.out")).unwrap())
         // Kept for the panic message when the server stops early.
         .stderr(std::fs::File::create(cwd.join("server.log")).unwrap());
     for (k, v) in env {

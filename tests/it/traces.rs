@@ -139,6 +139,7 @@ async fn rpc_and_check_spans_continue_the_callers_trace_into_the_event() {
             ("AUTH_PASSWORD__ITERATIONS", "1"),
             // Export every 200 ms instead of 5 s.
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("AUTH_LOG_FORMAT", "json"),
         ],
     );
     server.ready().await;
@@ -227,4 +228,18 @@ async fn rpc_and_check_spans_continue_the_callers_trace_into_the_event() {
         .span("envoy.service.auth.v3.Authorization/Check")
         .await;
     assert_eq!(rpc.kind, 2);
+
+    // Log lines inside a traced call carry its trace and span ids.
+    let log = std::fs::read_to_string(dir.path().join("server.out")).unwrap();
+    let created = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "user created")
+        .unwrap_or_else(|| panic!("a JSON log line for the sign-up:\n{log}"));
+    let grpc = created["spans"]
+        .as_array()
+        .and_then(|spans| spans.iter().find(|s| s["name"] == "grpc"))
+        .unwrap_or_else(|| panic!("the call's span is listed: {created}"));
+    assert_eq!(grpc["trace_id"], TRACE, "{created}");
+    assert_eq!(grpc["span_id"], hex::encode(&span.span_id), "{created}");
 }
