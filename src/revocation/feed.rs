@@ -61,12 +61,17 @@ const POLL: Duration = Duration::from_secs(1);
 pub struct RevocationFeed {
     log: Arc<dyn RevocationLog>,
     live: broadcast::Sender<Arc<LoggedRevocation>>,
+    /// Set once the poller knows where it starts: a stream opened later
+    /// starts at or after that point, so every row it needs is either
+    /// replayed by it or broadcast by the poller.
+    started: tokio::sync::watch::Sender<bool>,
 }
 
 impl RevocationFeed {
     pub fn new(log: Arc<dyn RevocationLog>) -> Arc<Self> {
         let (live, _) = broadcast::channel(1024);
-        Arc::new(Self { log, live })
+        let (started, _) = tokio::sync::watch::channel(false);
+        Arc::new(Self { log, live, started })
     }
 
     /// The poller; runs until `stop`.
@@ -74,7 +79,10 @@ impl RevocationFeed {
         let wake = self.log.written();
         let mut last = loop {
             match self.log.head().await {
-                Ok(head) => break head,
+                Ok(head) => {
+                    self.started.send_replace(true);
+                    break head;
+                }
                 Err(error) => {
                     tracing::debug!(%error, "revocation feed: head unavailable");
                     tokio::select! {
@@ -118,6 +126,11 @@ impl RevocationFeed {
         self: &Arc<Self>,
         cursor: Option<i64>,
     ) -> Result<mpsc::Receiver<Result<Arc<LoggedRevocation>, FeedError>>, FeedError> {
+        let mut started = self.started.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), started.wait_for(|s| *s))
+            .await
+            .map_err(|e| BackendError::unavailable("database", e))?
+            .map_err(|e| BackendError::unavailable("database", e))?;
         // Subscribed before reading, so nothing falls between replay and
         // live; what arrives twice is skipped by its number.
         let mut live = self.live.subscribe();
