@@ -137,6 +137,22 @@ pub struct KeepaliveReport {
     pub failed: u32,
 }
 
+impl KeepaliveReport {
+    /// Counts a leased refresh's outcome (`ok` on success).
+    fn count(
+        &mut self,
+        outcome: Option<Result<AccessGrant, PlatformError>>,
+        ok: impl FnOnce(&mut Self),
+    ) {
+        match outcome {
+            None => {}
+            Some(Ok(_)) => ok(self),
+            Some(Err(PlatformError::ReauthRequired { .. })) => self.reauth_required += 1,
+            Some(Err(_)) => self.failed += 1,
+        }
+    }
+}
+
 pub struct PlatformService {
     store: Arc<dyn PlatformStore>,
     vault: Arc<Vault>,
@@ -712,24 +728,10 @@ impl PlatformService {
                     )
                     .await?;
                 for stored in due {
-                    if !self
-                        .store
-                        .take_refresh_lease(
-                            stored.account.user_id,
-                            platform,
-                            stored.version,
-                            now,
-                            now + lease,
-                        )
-                        .await?
-                    {
-                        continue;
-                    }
-                    match refresher.refresh(stored, &ctx).await {
-                        Ok(_) => report.extended += 1,
-                        Err(PlatformError::ReauthRequired { .. }) => report.reauth_required += 1,
-                        Err(_) => report.failed += 1,
-                    }
+                    let outcome = self
+                        .leased_refresh(&refresher, stored, now, lease, &ctx)
+                        .await?;
+                    report.count(outcome, |r| r.extended += 1);
                 }
             }
             if self.config.provider(platform).validate_url.is_some() && platform == Platform::Twitch
@@ -749,25 +751,10 @@ impl PlatformService {
                         Ok(false) => {
                             // Invalid before its time: refresh now; a dead
                             // refresh token marks the account.
-                            if self
-                                .store
-                                .take_refresh_lease(
-                                    stored.account.user_id,
-                                    platform,
-                                    stored.version,
-                                    now,
-                                    now + lease,
-                                )
-                                .await?
-                            {
-                                match refresher.refresh(stored, &ctx).await {
-                                    Ok(_) => report.validated += 1,
-                                    Err(PlatformError::ReauthRequired { .. }) => {
-                                        report.reauth_required += 1
-                                    }
-                                    Err(_) => report.failed += 1,
-                                }
-                            }
+                            let outcome = self
+                                .leased_refresh(&refresher, stored, now, lease, &ctx)
+                                .await?;
+                            report.count(outcome, |r| r.validated += 1);
                         }
                         Err(error) => {
                             tracing::debug!(%platform, %error, "token validation failed");
@@ -782,6 +769,32 @@ impl PlatformService {
             .purge_platform_state(now, now - max_age * 2)
             .await?;
         Ok(report)
+    }
+
+    /// Refreshes `stored` if this replica takes its lease (`None`: another
+    /// replica has it, or the row moved on).
+    async fn leased_refresh(
+        &self,
+        refresher: &Refresher,
+        stored: StoredAccount,
+        now: OffsetDateTime,
+        lease: Duration,
+        ctx: &RequestContext,
+    ) -> Result<Option<Result<AccessGrant, PlatformError>>, PlatformError> {
+        let taken = self
+            .store
+            .take_refresh_lease(
+                stored.account.user_id,
+                stored.account.platform,
+                stored.version,
+                now,
+                now + lease,
+            )
+            .await?;
+        Ok(match taken {
+            true => Some(refresher.refresh(stored, ctx).await),
+            false => None,
+        })
     }
 
     /// Runs [`keepalive`](Self::keepalive) every `keepalive_interval_secs`

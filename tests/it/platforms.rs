@@ -169,59 +169,41 @@ async fn stored_bytes(app: &TestApp) -> Vec<u8> {
     ];
     let mut all = Vec::new();
     for sql in queries {
+        // access_token, refresh_token (bytes), then four text columns.
+        macro_rules! columns {
+            ($rows:expr) => {
+                $rows
+                    .iter()
+                    .map(|r| {
+                        let mut cols: Vec<Vec<u8>> = (0..2)
+                            .map(|i| {
+                                r.try_get::<Option<Vec<u8>>, _>(i)
+                                    .unwrap()
+                                    .unwrap_or_default()
+                            })
+                            .collect();
+                        cols.extend((2..6).map(|i| {
+                            r.try_get::<Option<String>, _>(i)
+                                .unwrap()
+                                .unwrap_or_default()
+                                .into_bytes()
+                        }));
+                        cols
+                    })
+                    .collect::<Vec<_>>()
+            };
+        }
         let rows: Vec<Vec<Vec<u8>>> = match app.backend {
             Backend::Production => {
                 let mut c = sqlx::PgConnection::connect(app.config.database_url.as_ref().unwrap())
                     .await
                     .unwrap();
-                let rows = sqlx::query(sql).fetch_all(&mut c).await.unwrap();
-                rows.iter()
-                    .map(|r| {
-                        let mut cols = Vec::new();
-                        for i in 0..2 {
-                            cols.push(
-                                r.try_get::<Option<Vec<u8>>, _>(i)
-                                    .unwrap()
-                                    .unwrap_or_default(),
-                            );
-                        }
-                        for i in 2..6 {
-                            cols.push(
-                                r.try_get::<Option<String>, _>(i)
-                                    .unwrap()
-                                    .unwrap_or_default()
-                                    .into_bytes(),
-                            );
-                        }
-                        cols
-                    })
-                    .collect()
+                columns!(sqlx::query(sql).fetch_all(&mut c).await.unwrap())
             }
             Backend::Embedded => {
                 let url = format!("sqlite://{}", app.config.data_dir.join("auth.db").display());
                 let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
-                let rows = sqlx::query(sql).fetch_all(&mut c).await.unwrap();
-                rows.iter()
-                    .map(|r| {
-                        let mut cols = Vec::new();
-                        for i in 0..2 {
-                            cols.push(
-                                r.try_get::<Option<Vec<u8>>, _>(i)
-                                    .unwrap()
-                                    .unwrap_or_default(),
-                            );
-                        }
-                        for i in 2..6 {
-                            cols.push(
-                                r.try_get::<Option<String>, _>(i)
-                                    .unwrap()
-                                    .unwrap_or_default()
-                                    .into_bytes(),
-                            );
-                        }
-                        cols
-                    })
-                    .collect()
+                columns!(sqlx::query(sql).fetch_all(&mut c).await.unwrap())
             }
         };
         for row in rows {

@@ -1142,45 +1142,11 @@ impl TestPki {
             ]
             .concat(),
         );
-        std::fs::write(
-            dir.path().join("san.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .unwrap();
+        let pki = Self { dir };
         for name in ["server", "client"] {
-            let (key, csr, crt) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-            );
-            let subject = format!("/CN={name}");
-            openssl(
-                &[
-                    &["req"][..],
-                    &new_key[..],
-                    &["-keyout", &key, "-out", &csr, "-subj", &subject],
-                ]
-                .concat(),
-            );
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "1",
-                "-extfile",
-                "san.cnf",
-            ]);
+            pki.issue(name, "IP:127.0.0.1,DNS:localhost");
         }
-        Self { dir }
+        pki
     }
 
     pub fn path(&self, file: &str) -> String {
