@@ -567,6 +567,9 @@ pub struct RevocationConfig {
     pub cache_ttl_ms: u64,
     /// Entries in the revocation cache.
     pub cache_capacity: u64,
+    /// How long WatchRevocations can resume from: older log rows are
+    /// deleted (hourly), and a cursor before them is refused.
+    pub log_retention_secs: u64,
 }
 
 impl Default for Config {
@@ -616,6 +619,7 @@ impl Default for Config {
             revocation: RevocationConfig {
                 cache_ttl_ms: 1000,
                 cache_capacity: 1_000_000,
+                log_retention_secs: 7 * 24 * 3600,
             },
             authz: AuthzConfig::default(),
             kafka_brokers: None,

@@ -113,7 +113,10 @@ impl Services {
                 database.service_accounts.clone(),
                 tokens.clone(),
             )),
-            revocation_feed: RevocationFeed::new(database.revocation_log.clone()),
+            revocation_feed: RevocationFeed::new(
+                database.revocation_log.clone(),
+                Duration::from_secs(config.revocation.log_retention_secs),
+            ),
             accounts,
             platforms,
             tokens,

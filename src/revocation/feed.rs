@@ -43,6 +43,8 @@ pub trait RevocationLog: Send + Sync + 'static {
     async fn oldest(&self) -> Result<Option<i64>, BackendError>;
     /// Signalled after commits that may have written rows.
     fn written(&self) -> Arc<Notify>;
+    /// Deletes rows older than `before`; how many.
+    async fn purge_before(&self, before: OffsetDateTime) -> Result<u64, BackendError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +59,13 @@ pub enum FeedError {
 const PAGE: i64 = 500;
 /// Longest pause between two looks when no commit wakes the poller.
 const POLL: Duration = Duration::from_secs(1);
+/// How often rows past the retention are deleted (by every replica; the
+/// statement is idempotent).
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct RevocationFeed {
     log: Arc<dyn RevocationLog>,
+    retention: Duration,
     live: broadcast::Sender<Arc<LoggedRevocation>>,
     /// Set once the poller knows where it starts: a stream opened later
     /// starts at or after that point, so every row it needs is either
@@ -68,10 +74,16 @@ pub struct RevocationFeed {
 }
 
 impl RevocationFeed {
-    pub fn new(log: Arc<dyn RevocationLog>) -> Arc<Self> {
+    /// `retention`: how long rows are kept for resuming streams.
+    pub fn new(log: Arc<dyn RevocationLog>, retention: Duration) -> Arc<Self> {
         let (live, _) = broadcast::channel(1024);
         let (started, _) = tokio::sync::watch::channel(false);
-        Arc::new(Self { log, live, started })
+        Arc::new(Self {
+            log,
+            retention,
+            live,
+            started,
+        })
     }
 
     /// The poller; runs until `stop`.
@@ -92,11 +104,21 @@ impl RevocationFeed {
                 }
             }
         };
+        let mut purged = tokio::time::Instant::now() - PURGE_EVERY;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = wake.notified() => {}
                 () = tokio::time::sleep(POLL) => {}
+            }
+            if purged.elapsed() >= PURGE_EVERY {
+                purged = tokio::time::Instant::now();
+                let before = OffsetDateTime::now_utc() - self.retention;
+                match self.log.purge_before(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, "revocation log: old rows deleted"),
+                    Err(error) => tracing::debug!(%error, "revocation log purge failed"),
+                }
             }
             loop {
                 match self.log.after(last, PAGE).await {

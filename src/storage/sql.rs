@@ -595,6 +595,15 @@ macro_rules! sql_store {
                     self.listening.call_once(|| $listen(self));
                     self.log_written.clone()
                 }
+
+                async fn purge_before(&self, before: OffsetDateTime) -> Result<u64, BackendError> {
+                    Ok(sqlx::query("DELETE FROM revocation_log WHERE occurred_at < $1")
+                        .bind(before)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected())
+                }
             }
 
             #[async_trait]

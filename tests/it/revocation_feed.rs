@@ -179,4 +179,15 @@ async fn the_embedded_default_streams_revocations_too() {
         let got = next(&mut stream).await;
         assert_eq!((&got.kind, &got.user_id), (kind, user));
     }
+
+    // Past the retention, rows are deleted and a cursor before them is
+    // refused (the client resynchronises); a new stream still works.
+    let cut = time::OffsetDateTime::now_utc() + Duration::from_secs(1);
+    let deleted = app.database.revocation_log.purge_before(cut).await.unwrap();
+    assert!(deleted >= 7, "{deleted}");
+    let old = watch(&mut app, &service, "1").await.unwrap_err();
+    assert_eq!(old.code(), Code::InvalidArgument);
+    let mut fresh = watch(&mut app, &service, "").await.unwrap();
+    let more = revoke_everything(&mut app, &admin, "f").await;
+    assert_eq!(next(&mut fresh).await.kind, more[0].0);
 }
