@@ -303,11 +303,18 @@ impl Application {
         }
 
         let limits = self.config.limits.clone();
+        let peers = PeerPolicy {
+            services: Arc::new(self.config.services.clone()),
+            gateway_only_forwarding: self.config.tls.client_auth != ClientAuth::None,
+        };
         let ext_authz = || {
-            AuthorizationServer::new(ExtAuthz::new(
-                self.services.authorizer.clone(),
-                self.config.trusted_proxy_hops,
-            ))
+            AuthorizationServer::new(
+                ExtAuthz::new(
+                    self.services.authorizer.clone(),
+                    self.config.trusted_proxy_hops,
+                )
+                .with_peers(peers.clone()),
+            )
             .max_decoding_message_size(limits.max_check_message_bytes)
         };
         // Larger metadata is refused by the HTTP/2 layer before any handler.
@@ -347,10 +354,7 @@ impl Application {
             },
             self.config.trusted_proxy_hops,
             self.config.request_timeout(),
-            PeerPolicy {
-                services: Arc::new(self.config.services.clone()),
-                gateway_only_forwarding: self.config.tls.client_auth != ClientAuth::None,
-            },
+            peers.clone(),
         );
         let grpc = server()
             .add_service(health_service)

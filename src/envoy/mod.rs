@@ -27,6 +27,7 @@ pub const IDENTITY_HEADERS: [&str; 3] = ["x-user-id", "x-user-roles", "x-session
 pub struct ExtAuthz {
     authorizer: Arc<Authorizer>,
     trusted_proxy_hops: usize,
+    peers: crate::grpc::PeerPolicy,
 }
 
 impl ExtAuthz {
@@ -34,7 +35,18 @@ impl ExtAuthz {
         Self {
             authorizer,
             trusted_proxy_hops,
+            peers: crate::grpc::PeerPolicy::default(),
         }
+    }
+
+    /// With client certificates on, the client address inside a
+    /// CheckRequest (`x-forwarded-for`, the source address) is taken only
+    /// from a caller holding the `gateway` role (the gateway and the
+    /// sidecars); anyone else is limited by its own address, so it cannot
+    /// spend another client's per-address budget.
+    pub fn with_peers(mut self, peers: crate::grpc::PeerPolicy) -> Self {
+        self.peers = peers;
+        self
     }
 }
 
@@ -125,6 +137,10 @@ impl Authorization for ExtAuthz {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
+        let forwarding_trusted = !self.peers.gateway_only_forwarding
+            || crate::grpc::peer(&request, &self.peers)
+                .is_some_and(|p| p.has_role(crate::grpc::GATEWAY_ROLE));
+        let caller = request.remote_addr().map(|a| a.ip().to_string());
         let check = request.into_inner();
         let attributes = check.attributes.as_ref();
         let http = attributes
@@ -149,7 +165,11 @@ impl Authorization for ExtAuthz {
             method: &http.method,
             path,
             bearer: bearer(header("authorization")),
-            client_ip: client_ip(header("x-forwarded-for"), peer, self.trusted_proxy_hops),
+            client_ip: if forwarding_trusted {
+                client_ip(header("x-forwarded-for"), peer, self.trusted_proxy_hops)
+            } else {
+                caller.as_deref()
+            },
         };
         // With traces on, the decision is a span of the client request's
         // trace when the CheckRequest carries its traceparent.

@@ -58,6 +58,14 @@ async fn client(
     ca: &str,
     cert: Option<(&TestPki, &str)>,
 ) -> Result<AuthServiceClient<Channel>, tonic::transport::Error> {
+    Ok(AuthServiceClient::new(tls_channel(app, ca, cert).await?))
+}
+
+async fn tls_channel(
+    app: &TestApp,
+    ca: &str,
+    cert: Option<(&TestPki, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
     let mut config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
         .domain_name("localhost");
@@ -67,12 +75,11 @@ async fn client(
             std::fs::read(pki.path(&format!("{name}.key"))).unwrap(),
         ));
     }
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", app.grpc_addr.port()))
+    Channel::from_shared(format!("https://127.0.0.1:{}", app.grpc_addr.port()))
         .unwrap()
         .tls_config(config)?
         .connect()
-        .await?;
-    Ok(AuthServiceClient::new(channel))
+        .await
 }
 
 /// Whether a call over `client` (if it connected) succeeds.
@@ -407,4 +414,66 @@ async fn an_operator_identity_runs_admin_rpcs_and_others_cannot() {
         .rfind(|e| e.event_type == "user_suspended")
         .unwrap();
     assert_eq!(event.data["by"], uuid::Uuid::nil().to_string());
+}
+
+/// Whether a Check of a public sign-up from `forwarded` is allowed.
+async fn check_allowed(channel: Channel, forwarded: &str) -> bool {
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext, CheckRequest, attribute_context,
+        authorization_client::AuthorizationClient,
+    };
+    let headers = [("x-forwarded-for".to_owned(), forwarded.to_owned())];
+    let response = AuthorizationClient::new(channel)
+        .check(CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        method: "POST".into(),
+                        path: "/v1/users".into(),
+                        headers: headers.into_iter().collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response.status.is_some_and(|s| s.code == 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_caller_that_is_not_a_gateway_is_limited_by_its_own_address() {
+    let pki = pki();
+    let app = TestApp::spawn_with(Backend::Embedded, |c| {
+        tls(c, &pki, ClientAuth::Required);
+        // One public request per address per hour.
+        let one = auth_service::ratelimit::quota::Limit {
+            requests: 1,
+            per_secs: 3600,
+            burst: 1,
+        };
+        c.authz.rate_limits.get_mut("public").unwrap().per_ip = Some(one);
+    })
+    .await;
+    let ca = pki.path("ca.crt");
+    // The gateway's forwarded addresses count: two clients, two budgets.
+    let gateway = tls_channel(&app, &ca, Some((&pki, "gateway")))
+        .await
+        .unwrap();
+    assert!(check_allowed(gateway.clone(), "198.51.100.1").await);
+    assert!(check_allowed(gateway.clone(), "198.51.100.2").await);
+    assert!(
+        !check_allowed(gateway, "198.51.100.1").await,
+        "the first client's budget is spent"
+    );
+    // Another service claiming addresses is limited by its own.
+    let chat = tls_channel(&app, &ca, Some((&pki, "chat"))).await.unwrap();
+    assert!(check_allowed(chat.clone(), "198.51.100.3").await);
+    assert!(
+        !check_allowed(chat, "198.51.100.4").await,
+        "both count against 127.0.0.1"
+    );
 }
