@@ -319,6 +319,15 @@ macro_rules! sql_store {
                     .map_err(db_error)?;
                     let Some(row) = row else { return Ok(None) };
                     revoke_all_sessions!(tx, id, now, status.as_str());
+                    if status == UserStatus::Deleted {
+                        // A deleted user's platform tokens go with the
+                        // account, in the same transaction.
+                        sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                    }
                     insert_event!(tx, event);
                     self.commit_events(tx).await?;
                     Ok(Some(row.into_credentials()?.user))

@@ -1145,3 +1145,34 @@ async fn a_new_vault_key_seals_after_reseal_and_old_rows_stay_readable() {
         .unwrap();
     assert_eq!(read.access_token, before.access_token);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_users_platform_tokens_are_deleted_with_the_account() {
+    use auth_service::{accounts::model::UserStatus, events::OutboxEvent};
+    let fakes = fakes(&[Platform::Twitch, Platform::Youtube]).await;
+    let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
+    let token = user(&mut app, "olga").await;
+    let olga = user_id_of(&mut app, &token).await;
+    let keep = user(&mut app, "pete").await;
+    for fake in fakes.values() {
+        fake.new_user_each_time();
+        link(&mut app, &token, fake).await;
+    }
+    link(&mut app, &keep, &fakes[&Platform::Twitch]).await;
+    // As the lifecycle consumer applies a user_deleted event.
+    let id = uuid::Uuid::parse_str(&olga).unwrap();
+    let event = OutboxEvent::lifecycle(id, true, "user-profile", &Default::default());
+    app.database
+        .users
+        .set_status(id, UserStatus::Deleted, &event)
+        .await
+        .unwrap()
+        .unwrap();
+    let service = app.with_role("ingest", "service").await.access_token;
+    let gone = access_token(&mut app, &service, &olga, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    // Another user's link is untouched.
+    assert_eq!(list(&mut app, &keep).await.len(), 1);
+}
