@@ -140,7 +140,10 @@ impl Authorization for ExtAuthz {
         let forwarding_trusted = !self.peers.gateway_only_forwarding
             || crate::grpc::peer(&request, &self.peers)
                 .is_some_and(|p| p.has_role(crate::grpc::GATEWAY_ROLE));
-        let caller = request.remote_addr().map(|a| a.ip().to_string());
+        // The caller's own address, needed only when its claims are not.
+        let caller = (!forwarding_trusted)
+            .then(|| request.remote_addr().map(|a| a.ip().to_string()))
+            .flatten();
         let check = request.into_inner();
         let attributes = check.attributes.as_ref();
         let http = attributes

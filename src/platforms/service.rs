@@ -572,6 +572,19 @@ impl PlatformService {
             .await?)
     }
 
+    /// The key a platform's webhook is signed with; the webhook exists only
+    /// for an enabled platform with that key configured.
+    fn webhook_secret<'a>(
+        &self,
+        platform: Platform,
+        secret: &'a Option<SecretString>,
+    ) -> Result<&'a SecretString, WebhookError> {
+        secret
+            .as_ref()
+            .filter(|_| self.providers.contains_key(&platform))
+            .ok_or(WebhookError::NotConfigured)
+    }
+
     /// Twitch EventSub over the webhook transport: signature, age, replay,
     /// then the message.
     pub async fn eventsub(
@@ -579,13 +592,7 @@ impl PlatformService {
         headers: &EventSubHeaders<'_>,
         body: &[u8],
     ) -> Result<EventSubReply, WebhookError> {
-        let secret = self
-            .config
-            .twitch
-            .webhook_secret
-            .as_ref()
-            .filter(|_| self.providers.contains_key(&Platform::Twitch))
-            .ok_or(WebhookError::NotConfigured)?;
+        let secret = self.webhook_secret(Platform::Twitch, &self.config.twitch.webhook_secret)?;
         let (Some(id), Some(timestamp), Some(signature), Some(kind)) = (
             headers.message_id,
             headers.timestamp,
@@ -674,13 +681,9 @@ impl PlatformService {
 
     /// Facebook's deauthorize callback (`signed_request` form field).
     pub async fn facebook_deauthorize(&self, signed_request: &str) -> Result<(), WebhookError> {
-        let secret = self
-            .config
-            .facebook
-            .client_secret
-            .as_ref()
-            .filter(|_| self.providers.contains_key(&Platform::Facebook))
-            .ok_or(WebhookError::NotConfigured)?;
+        // Facebook signs with the app secret.
+        let secret =
+            self.webhook_secret(Platform::Facebook, &self.config.facebook.client_secret)?;
         let user = webhooks::facebook_signed_request_user(
             signed_request,
             secret.expose_secret().as_bytes(),

@@ -15,7 +15,8 @@ use crate::{
     support::{Backend, TestApp, channel},
 };
 
-fn check(method: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+/// A CheckRequest as Envoy sends it for `method path` with `headers`.
+pub(crate) fn check(method: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
     CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(attribute_context::Request {

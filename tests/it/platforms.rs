@@ -104,18 +104,25 @@ async fn connect(
         .map(|r| r.into_inner())
 }
 
-/// Start, consent at the fake, connect.
+/// Start, consent at the fake, connect: the platform's answer.
+async fn attempt_link(
+    app: &mut TestApp,
+    token: &str,
+    fake: &FakePlatform,
+) -> Result<pb::PlatformAccount, tonic::Status> {
+    let started = start(app, token, fake.platform).await;
+    let back = fake.authorize_in_browser(&started.authorization_url).await;
+    assert_eq!(back["state"], started.state);
+    connect(app, token, fake.platform, &back["code"], &back["state"]).await
+}
+
+/// Start, consent at the fake, connect; the link must succeed.
 pub(crate) async fn link(
     app: &mut TestApp,
     token: &str,
     fake: &FakePlatform,
 ) -> pb::PlatformAccount {
-    let started = start(app, token, fake.platform).await;
-    let back = fake.authorize_in_browser(&started.authorization_url).await;
-    assert_eq!(back["state"], started.state);
-    connect(app, token, fake.platform, &back["code"], &back["state"])
-        .await
-        .expect("connect")
+    attempt_link(app, token, fake).await.expect("connect")
 }
 
 async fn list(app: &mut TestApp, token: &str) -> Vec<pb::PlatformAccount> {
@@ -540,19 +547,7 @@ async fn a_platform_account_belongs_to_one_user_and_relinking_replaces() {
     link(&mut app, &ann, twitch).await;
 
     // Eve comes back from Twitch with Ann's Twitch account.
-    let started = start(&mut app, &eve, Platform::Twitch).await;
-    let back = twitch
-        .authorize_in_browser(&started.authorization_url)
-        .await;
-    let taken = connect(
-        &mut app,
-        &eve,
-        Platform::Twitch,
-        &back["code"],
-        &back["state"],
-    )
-    .await
-    .unwrap_err();
+    let taken = attempt_link(&mut app, &eve, twitch).await.unwrap_err();
     assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
     assert!(list(&mut app, &eve).await.is_empty());
     let anns = list(&mut app, &ann).await;
@@ -853,10 +848,7 @@ async fn disconnect_revokes_at_the_platform_and_deletes_the_tokens() {
         .collect();
     assert_eq!(gone.len(), 4);
     assert!(gone.contains(&("soop".into(), false)) && gone.contains(&("twitch".into(), true)));
-    assert!(
-        stored_bytes(&app).await.iter().all(|b| *b == 0),
-        "no rows remain"
-    );
+    assert!(stored_bytes(&app).await.is_empty(), "no rows remain");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -906,20 +898,32 @@ async fn a_platform_that_fails_transiently_is_retried_then_answered_unavailable(
     })
     .await;
     let t = user(&mut down_app, "ivy").await;
-    let started = start(&mut down_app, &t, Platform::Twitch).await;
-    let back = twitch
-        .authorize_in_browser(&started.authorization_url)
-        .await;
-    let refused = connect(
-        &mut down_app,
-        &t,
-        Platform::Twitch,
-        &back["code"],
-        &back["state"],
-    )
-    .await
-    .unwrap_err();
+    let refused = attempt_link(&mut down_app, &t, twitch).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    // A slow platform (answers after platforms.http_timeout_ms): Unavailable
+    // within the timeouts, nothing changed; once it is fast again, it works.
+    let mut slow_app = app_with(Backend::Embedded, &fakes, |c| {
+        c.platforms.http_timeout_ms = 200;
+        c.platforms.retry_attempts = 2;
+    })
+    .await;
+    let t = user(&mut slow_app, "jay").await;
+    let jay = user_id_of(&mut slow_app, &t).await;
+    let service = slow_app.with_role("chat", "service").await.access_token;
+    twitch.set_access_ttl(Duration::from_secs(60));
+    link(&mut slow_app, &t, twitch).await;
+    twitch.set_latency(Duration::from_millis(1500));
+    // Without the timeout this call would succeed after 1.5 s.
+    let slow = access_token(&mut slow_app, &service, &jay, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(slow.code(), Code::Unavailable, "{slow:?}");
+    twitch.set_latency(Duration::ZERO);
+    let back = access_token(&mut slow_app, &service, &jay, Platform::Twitch)
+        .await
+        .unwrap();
+    assert!(twitch.is_live(&back.access_token));
 }
 
 /// POSTs one EventSub message to the service's HTTP port.
@@ -1015,6 +1019,17 @@ async fn eventsub_messages_need_a_good_fresh_signature_and_count_once() {
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0].data["status"], "revoked");
     assert_eq!(revoked[0].data["platform_user_id"], "5150");
+    // An oversized body is refused before it is read in full.
+    let (status, _) = eventsub(
+        &app,
+        "m-5",
+        now,
+        "notification",
+        &"x".repeat(70 * 1024),
+        WEBHOOK_SECRET,
+    )
+    .await;
+    assert_eq!(status, 413);
     // A subscription revocation is acknowledged.
     let gone = r#"{"subscription":{"id":"f1c2","status":"authorization_revoked","type":"user.authorization.revoke"}}"#;
     assert_eq!(

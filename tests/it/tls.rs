@@ -418,26 +418,10 @@ async fn an_operator_identity_runs_admin_rpcs_and_others_cannot() {
 
 /// Whether a Check of a public sign-up from `forwarded` is allowed.
 async fn check_allowed(channel: Channel, forwarded: &str) -> bool {
-    use envoy_types::pb::envoy::service::auth::v3::{
-        AttributeContext, CheckRequest, attribute_context,
-        authorization_client::AuthorizationClient,
-    };
-    let headers = [("x-forwarded-for".to_owned(), forwarded.to_owned())];
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let request = crate::authz::check("POST", "/v1/users", &[("x-forwarded-for", forwarded)]);
     let response = AuthorizationClient::new(channel)
-        .check(CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(attribute_context::Request {
-                    http: Some(attribute_context::HttpRequest {
-                        method: "POST".into(),
-                        path: "/v1/users".into(),
-                        headers: headers.into_iter().collect(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        })
+        .check(request)
         .await
         .unwrap()
         .into_inner();

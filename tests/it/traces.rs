@@ -195,30 +195,15 @@ async fn rpc_and_check_spans_continue_the_callers_trace_into_the_event() {
 
     // ext_authz: the client request's trace travels inside the
     // CheckRequest's headers (Envoy forwards `traceparent`).
-    use envoy_types::pb::envoy::service::auth::v3::{
-        AttributeContext, CheckRequest, attribute_context,
-        authorization_client::AuthorizationClient,
-    };
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     let mut authz = AuthorizationClient::new(channel(server.grpc).await);
-    let headers = [(
-        "traceparent".to_owned(),
-        format!("00-{ENVOY_TRACE}-{ENVOY_SPAN}-01"),
-    )];
+    let traceparent = format!("00-{ENVOY_TRACE}-{ENVOY_SPAN}-01");
     authz
-        .check(CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(attribute_context::Request {
-                    http: Some(attribute_context::HttpRequest {
-                        method: "POST".into(),
-                        path: "/v1/users".into(),
-                        headers: headers.into_iter().collect(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        })
+        .check(crate::authz::check(
+            "POST",
+            "/v1/users",
+            &[("traceparent", traceparent.as_str())],
+        ))
         .await
         .unwrap();
     let (_, check) = receiver.span("authz.check").await;
