@@ -17,6 +17,43 @@ use crate::{
     ratelimit::quota::Limit,
 };
 
+const FILE_SUFFIX: &str = "_file";
+
+/// `AUTH_<KEY>_FILE=<path>` gives `<KEY>` the content of the file (one
+/// trailing line break dropped): how secrets mounted as files (Kubernetes
+/// Secrets) reach the configuration without entering the environment, e.g.
+/// `AUTH_DATABASE_URL_FILE`, `AUTH_PLATFORMS__TWITCH__CLIENT_SECRET_FILE`.
+/// Returns `(dotted key, value)`; an unreadable file stops the start, naming
+/// the variable and the path but never the content.
+fn values_from_files(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut values = Vec::new();
+    for (name, path) in vars {
+        let Some(name) = name.to_str() else { continue };
+        let Some(key) = name
+            .strip_prefix("AUTH_")
+            .and_then(|k| k.strip_suffix("_FILE"))
+            .filter(|k| !k.is_empty())
+        else {
+            continue;
+        };
+        let content = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError(format!(
+                "{name}: cannot read {}: {e}",
+                std::path::Path::new(&path).display()
+            ))
+        })?;
+        let value = content
+            .strip_suffix('\n')
+            .map(|v| v.strip_suffix('\r').unwrap_or(v))
+            .unwrap_or(&content);
+        values.push((key.to_lowercase().replace("__", "."), value.to_owned()));
+    }
+    values.sort();
+    Ok(values)
+}
+
 /// The whole service configuration. Field names are the keys of the TOML file
 /// and, upper-cased behind `AUTH_`, of the environment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,6 +63,10 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// HTTP admin listener (/healthz, /readyz, /metrics, JWKS).
     pub http_addr: SocketAddr,
+    /// A plaintext gRPC listener serving only `grpc.health.v1` (no API), for
+    /// probes that cannot speak TLS (the kubelet's gRPC probe) when
+    /// `grpc_addr` requires client certificates. Unset: none.
+    pub health_addr: Option<SocketAddr>,
     /// Where the embedded default keeps its SQLite file and generated keys.
     pub data_dir: PathBuf,
     /// `postgres://…` or `sqlite://…`; unset means SQLite in `data_dir`.
@@ -44,6 +85,20 @@ pub struct Config {
     /// How long a call waits for a database connection before answering
     /// Unavailable, in milliseconds.
     pub database_timeout_ms: u64,
+    /// `apply`: the server applies pending schema migrations at start (the
+    /// embedded default, one instance). `wait`: it never changes the schema
+    /// and waits, not ready, until someone else (`auth-service migrate`, a
+    /// Kubernetes Job) has applied every migration it knows: replicas never
+    /// race to migrate, and the serving role needs no DDL rights.
+    pub database_migrations: Migrations,
+    /// With `wait`: how long to wait for the schema before giving up (exit).
+    pub database_migrations_wait_secs: u64,
+    /// On SIGTERM/SIGINT: how long the server keeps serving while it reports
+    /// NOT_SERVING (gRPC health, `/readyz`) before it stops accepting, so
+    /// load balancers and DNS stop sending first (Kubernetes removes a pod's
+    /// endpoints asynchronously). In-flight calls then finish within
+    /// `limits.request_timeout_ms`.
+    pub shutdown_delay_ms: u64,
     /// How many proxies in front of the service append to `x-forwarded-for`.
     /// The client address is the entry that many places from the right;
     /// 0 ignores the header and uses the peer address.
@@ -69,6 +124,13 @@ pub struct Config {
     /// client certificates on, from no one else). Role `service`: may read
     /// platform tokens. Role `admin`: admin RPCs (an operator tool).
     pub services: BTreeMap<String, ServiceIdentity>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Migrations {
+    Apply,
+    Wait,
 }
 
 /// OpenTelemetry traces over OTLP (gRPC).
@@ -164,6 +226,9 @@ pub struct PlatformsConfig {
     /// Generate the first vault key when the ring is empty (the embedded
     /// default). Production mounts its keys and turns this off.
     pub generate_key_if_missing: bool,
+    /// How often `keys_dir` is re-read: a key added or removed there (a
+    /// Secret updated in place) is used without a restart; 0: only at start.
+    pub reload_interval_secs: u64,
     /// Background keep-alive period (Facebook re-exchange, Twitch hourly
     /// validation); 0 turns the task off.
     pub keepalive_interval_secs: u64,
@@ -301,6 +366,7 @@ impl Default for PlatformsConfig {
             keys_dir: None,
             current_key_id: None,
             generate_key_if_missing: true,
+            reload_interval_secs: 30,
             keepalive_interval_secs: 60,
             extend_ahead_secs: 7 * 24 * 3600,
             validate_interval_secs: 3600,
@@ -538,6 +604,10 @@ pub struct TokenConfig {
     /// Generate a first key when the directory holds none (the embedded
     /// default); production mounts keys and sets this to false.
     pub generate_key_if_missing: bool,
+    /// How often `keys_dir` is re-read (besides SIGHUP): a key added or
+    /// removed there (a Secret updated in place) is used without a restart;
+    /// 0: only at start and on SIGHUP.
+    pub reload_interval_secs: u64,
     /// Memory bound of the verified-token cache, in bytes.
     pub verified_cache_bytes: u64,
     /// Lifetime of the device token a login returns.
@@ -577,6 +647,7 @@ impl Default for Config {
         Self {
             grpc_addr: ([127, 0, 0, 1], 50051).into(),
             http_addr: ([127, 0, 0, 1], 8081).into(),
+            health_addr: None,
             data_dir: PathBuf::from("./data"),
             database_url: None,
             redis_url: None,
@@ -585,6 +656,9 @@ impl Default for Config {
             redis_tls: RedisTlsConfig::default(),
             database_max_connections: 16,
             database_timeout_ms: 5000,
+            database_migrations: Migrations::Apply,
+            database_migrations_wait_secs: 600,
+            shutdown_delay_ms: 0,
             trusted_proxy_hops: 1,
             log_format: LogFormat::Text,
             password: PasswordConfig {
@@ -607,6 +681,7 @@ impl Default for Config {
                 leeway_secs: 30,
                 keys_dir: None,
                 generate_key_if_missing: true,
+                reload_interval_secs: 30,
                 verified_cache_bytes: 64 * 1024 * 1024,
                 device_ttl_secs: 90 * 24 * 3600,
             },
@@ -668,7 +743,15 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("AUTH_").split("__").ignore(&["config"]));
+        figment = figment.merge(
+            Env::prefixed("AUTH_")
+                .split("__")
+                .ignore(&["config"])
+                .filter(|key| !key.as_str().ends_with(FILE_SUFFIX)),
+        );
+        for (key, value) in values_from_files(std::env::vars_os())? {
+            figment = figment.merge(Serialized::default(&key, value));
+        }
         Self::extract(figment)
     }
 
@@ -1109,6 +1192,42 @@ mod tests {
             jail.set_env("AUTH_PLATFORMS__SOOP__TOKEN_URL", "ftp://nope");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("platforms.soop.token_url"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_come_from_files_named_by_file_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("db-url", "postgres://auth:p4ss@db:5432/auth\n")?;
+            jail.create_file("twitch-secret", "twitch-s3cret")?;
+            jail.set_env("AUTH_DATABASE_URL_FILE", "db-url");
+            jail.set_env("AUTH_PLATFORMS__TWITCH__CLIENT_ID", "abc123");
+            jail.set_env(
+                "AUTH_PLATFORMS__TWITCH__CLIENT_SECRET_FILE",
+                "twitch-secret",
+            );
+            jail.set_env(
+                "AUTH_PLATFORMS__TWITCH__REDIRECT_URI",
+                "https://app.example/cb",
+            );
+            let config = Config::load(None).unwrap();
+            assert_eq!(
+                config.database_url.as_deref(),
+                Some("postgres://auth:p4ss@db:5432/auth"),
+                "one trailing line break is dropped"
+            );
+            let secret = config.platforms.twitch.client_secret.as_ref().unwrap();
+            assert_eq!(
+                secrecy::ExposeSecret::expose_secret(secret),
+                "twitch-s3cret"
+            );
+
+            jail.set_env("AUTH_REDIS_URL_FILE", "missing-file");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("AUTH_REDIS_URL_FILE"), "{err}");
+            assert!(err.contains("missing-file"), "{err}");
+            assert!(!err.contains("p4ss") && !err.contains("s3cret"), "{err}");
             Ok(())
         });
     }

@@ -31,6 +31,8 @@ pub struct AdminState {
     pub database: Arc<dyn Ping>,
     pub redis: Option<Arc<dyn Ping>>,
     pub metrics: PrometheusHandle,
+    /// Cancelled when shutdown begins: not ready from then on.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -47,6 +49,9 @@ pub fn router(state: AdminState) -> Router {
 
 /// Ready while every configured backend answers.
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.draining.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned());
+    }
     if let Err(e) = state.database.ping().await {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}"));
     }

@@ -49,6 +49,7 @@ pub mod grpc;
 pub mod http;
 pub mod platforms;
 pub mod ratelimit;
+pub mod reload;
 pub mod revocation;
 pub mod startup;
 pub mod storage;

@@ -37,12 +37,28 @@ enum Command {
         #[arg(long, hide = true)]
         supervised: bool,
     },
-    /// Add a new signing key (it signs after the next start or SIGHUP) and
-    /// delete keys retired longer than an access-token lifetime ago.
-    RotateKey,
-    /// Add a new platform-token vault key; it seals from the next start on
-    /// (old keys still open). Then run `reseal-platform-tokens`.
-    RotatePlatformKey,
+    /// Apply pending database schema migrations and exit (the Kubernetes
+    /// migrations Job; servers with `database_migrations = "wait"` never
+    /// migrate themselves).
+    Migrate,
+    /// Add a new signing key and delete keys retired longer than an
+    /// access-token lifetime ago. Running servers pick the key up on their
+    /// next key-directory poll (or SIGHUP); it is published in the JWKS at
+    /// once and signs from its activation time on.
+    RotateKey {
+        /// Seconds until the new key signs. Use more than the time a changed
+        /// Secret takes to reach every replica (Kubernetes: 2-3 minutes), so
+        /// every replica can verify the key before any signs with it.
+        #[arg(long, default_value_t = 0)]
+        activate_in: u64,
+    },
+    /// Add a new platform-token vault key (old keys still open). Running
+    /// servers load it by themselves. Then run `reseal-platform-tokens`.
+    RotatePlatformKey {
+        /// Seconds until the new key seals (see `rotate-key`).
+        #[arg(long, default_value_t = 0)]
+        activate_in: u64,
+    },
     /// Re-encrypt every stored platform token under the current vault key
     /// (safe while servers run).
     ResealPlatformTokens,
@@ -80,25 +96,37 @@ async fn run(command: Command, config_file: Option<PathBuf>, config: Config) -> 
         Command::Events { supervised } => {
             run_events_worker(config, supervised, shutdown_signal()).await
         }
-        Command::RotateKey => {
+        Command::Migrate => {
+            let applied = auth_service::storage::migrate(&config).await?;
+            println!("schema migrations applied: {applied:?} (none pending now)");
+            Ok(())
+        }
+        Command::RotateKey { activate_in } => {
             let retire_after = time::Duration::seconds(
                 i64::try_from(config.tokens.access_ttl_secs + config.tokens.leeway_secs)
                     .unwrap_or(i64::MAX / 4),
             );
+            let activate_in = time::Duration::seconds(i64::try_from(activate_in)?);
             let (kid, removed) = tokens::keys::rotate(
                 &config.keys_dir(),
                 time::OffsetDateTime::now_utc(),
+                activate_in,
                 retire_after,
             )?;
             println!(
-                "new signing key {kid}; removed {removed:?}; send SIGHUP to running servers to use it"
+                "new signing key {kid} (signs from its time on); removed {removed:?}; running servers load it within tokens.reload_interval_secs (or on SIGHUP)"
             );
             Ok(())
         }
-        Command::RotatePlatformKey => {
-            let id = auth_service::platforms::vault::generate_key(&config.platform_keys_dir())?;
+        Command::RotatePlatformKey { activate_in } => {
+            let activation = time::OffsetDateTime::now_utc()
+                + time::Duration::seconds(i64::try_from(activate_in)?);
+            let id = auth_service::platforms::vault::generate_key(
+                &config.platform_keys_dir(),
+                activation,
+            )?;
             println!(
-                "new platform-token key {id}; restart servers to seal with it, then run reseal-platform-tokens"
+                "new platform-token key {id}; running servers load it within platforms.reload_interval_secs and seal with it from its time on; then run reseal-platform-tokens"
             );
             Ok(())
         }

@@ -29,6 +29,7 @@ use crate::{
     platforms::{service::PlatformService, vault::Vault},
     ratelimit::LoginLockout,
     ratelimit::quota::RateLimiter,
+    reload,
     revocation::{Revocations, feed::RevocationFeed},
     storage::redis::RedisStore,
     storage::{Database, Ping, open_database, open_fast_state},
@@ -133,6 +134,8 @@ pub struct Application {
     http_listener: TcpListener,
     /// Only when `authz.check_addr` is set.
     check_listener: Option<TcpListener>,
+    /// Only when `health_addr` is set.
+    health_listener: Option<TcpListener>,
     services: Services,
     /// How a supervised event worker is started (`kafka.worker = supervised`).
     worker_command: Option<WorkerCommand>,
@@ -162,11 +165,20 @@ impl Application {
             ),
             None => None,
         };
+        let health_listener = match config.health_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding health_addr {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             grpc_listener,
             http_listener,
             check_listener,
+            health_listener,
             services,
             worker_command: None,
             tls,
@@ -190,6 +202,13 @@ impl Application {
         self.http_listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The plaintext health listener, when configured.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The separate ext_authz listener, when configured.
@@ -221,11 +240,24 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        // On the signal: NOT_SERVING at once (`draining`), then after
+        // `shutdown_delay_ms` stop accepting and let in-flight calls end.
+        let draining = CancellationToken::new();
         let stop = CancellationToken::new();
+        let delay = Duration::from_millis(self.config.shutdown_delay_ms);
         tokio::spawn({
             let stop = stop.clone();
+            let draining = draining.clone();
             async move {
                 shutdown.await;
+                draining.cancel();
+                if !delay.is_zero() {
+                    tracing::info!(
+                        delay_ms = delay.as_millis(),
+                        "shutting down: reporting NOT_SERVING, still serving for shutdown_delay_ms"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
                 tracing::info!("shutting down: draining in-flight calls");
                 stop.cancel();
             }
@@ -234,19 +266,24 @@ impl Application {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let service_name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
         let database = self.services.database.health.clone();
-        let report = move |reporter: tonic_health::server::HealthReporter| {
-            let database = database.clone();
-            async move {
-                let status = match database.ping().await {
-                    Ok(()) => ServingStatus::Serving,
-                    Err(error) => {
-                        tracing::warn!(%error, "database check failed: NOT_SERVING");
-                        ServingStatus::NotServing
-                    }
-                };
-                reporter.set_service_status("", status).await;
-                reporter.set_service_status(service_name, status).await;
-                reporter
+        let report = {
+            let draining = draining.clone();
+            move |reporter: tonic_health::server::HealthReporter| {
+                let database = database.clone();
+                let draining = draining.clone();
+                async move {
+                    let status = match database.ping().await {
+                        _ if draining.is_cancelled() => ServingStatus::NotServing,
+                        Ok(()) => ServingStatus::Serving,
+                        Err(error) => {
+                            tracing::warn!(%error, "database check failed: NOT_SERVING");
+                            ServingStatus::NotServing
+                        }
+                    };
+                    reporter.set_service_status("", status).await;
+                    reporter.set_service_status(service_name, status).await;
+                    reporter
+                }
             }
         };
         // The first answer is known before the port serves: a probe never
@@ -254,16 +291,20 @@ impl Application {
         let mut reporter = report(reporter).await;
         tokio::spawn({
             let stop = stop.clone();
+            let draining = draining.clone();
             async move {
+                let mut announced = false;
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => break,
+                        () = draining.cancelled(), if !announced => announced = true,
                         () = tokio::time::sleep(HEALTH_INTERVAL) => {}
                     }
                     reporter = report(reporter).await;
                 }
             }
         });
+        self.spawn_key_watchers(&stop);
 
         let events = match (&self.config.kafka_brokers, self.config.kafka.worker) {
             (None, _) | (Some(_), EventsWorker::External) => None,
@@ -356,6 +397,13 @@ impl Application {
             self.config.request_timeout(),
             peers.clone(),
         );
+        let health = match self.health_listener {
+            Some(listener) => {
+                let router = server().add_service(health_service.clone());
+                Some(tokio::spawn(serve(router, listener, None, stop.clone())))
+            }
+            None => None,
+        };
         let grpc = server()
             .add_service(health_service)
             .add_service(reflection)
@@ -375,6 +423,7 @@ impl Application {
                 .clone()
                 .map(|r| Arc::new(r) as Arc<dyn Ping>),
             metrics: telemetry::metrics_handle(),
+            draining: draining.clone(),
         });
         let http = axum::serve(self.http_listener, admin)
             .with_graceful_shutdown(stop.clone().cancelled_owned());
@@ -383,11 +432,12 @@ impl Application {
         let (grpc, http) = tokio::join!(grpc, async { http.await });
         grpc.context("gRPC server failed")?;
         http.context("HTTP admin server failed")?;
-        if let Some(check) = check {
-            check
-                .await
-                .context("ext_authz server panicked")?
-                .context("ext_authz server failed")?;
+        for (name, task) in [("ext_authz", check), ("health", health)] {
+            if let Some(task) = task {
+                task.await
+                    .with_context(|| format!("{name} server panicked"))?
+                    .with_context(|| format!("{name} server failed"))?;
+            }
         }
         // The relay flushes its producer when it stops (the supervisor
         // waits for its worker process); give it the time.
@@ -395,6 +445,50 @@ impl Application {
             let _ = tokio::time::timeout(Duration::from_secs(10), events).await;
         }
         Ok(())
+    }
+}
+
+impl Application {
+    /// Polls the signing-key and vault-key directories (a Kubernetes Secret
+    /// updated in place has no SIGHUP): see [`crate::reload`].
+    fn spawn_key_watchers(&self, stop: &CancellationToken) {
+        let tokens_every = self.config.tokens.reload_interval_secs;
+        if tokens_every > 0 {
+            let tokens = self.services.tokens.clone();
+            tokio::spawn(reload::watch_key_dir(
+                "signing",
+                self.config.keys_dir(),
+                "pem",
+                Duration::from_secs(tokens_every),
+                tokens.next_key_activation(),
+                move || {
+                    let kid = tokens.reload_keys()?;
+                    tracing::info!(kid, "signing key in use");
+                    Ok(tokens.next_key_activation())
+                },
+                stop.clone(),
+            ));
+        }
+        let vault_every = self.config.platforms.reload_interval_secs;
+        if vault_every > 0 {
+            let platforms = self.services.platforms.clone();
+            let dir = self.config.platform_keys_dir();
+            let current = self.config.platforms.current_key_id.clone();
+            tokio::spawn(reload::watch_key_dir(
+                "platform_vault",
+                dir.clone(),
+                "key",
+                Duration::from_secs(vault_every),
+                platforms.next_vault_activation(),
+                move || {
+                    let vault = Vault::load(&dir, current.as_deref(), false)?;
+                    tracing::info!(key = vault.current_key_id(), "platform-token key sealing");
+                    platforms.replace_vault(vault);
+                    Ok(platforms.next_vault_activation())
+                },
+                stop.clone(),
+            ));
+        }
     }
 }
 

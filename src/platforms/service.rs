@@ -153,9 +153,12 @@ impl KeepaliveReport {
     }
 }
 
+/// The vault in force, replaced when its key directory changes.
+type VaultCell = Arc<arc_swap::ArcSwap<Vault>>;
+
 pub struct PlatformService {
     store: Arc<dyn PlatformStore>,
-    vault: Arc<Vault>,
+    vault: VaultCell,
     providers: BTreeMap<Platform, Arc<Provider>>,
     config: PlatformsConfig,
 }
@@ -200,10 +203,21 @@ impl PlatformService {
         }
         Ok(Self {
             store,
-            vault,
+            vault: Arc::new(arc_swap::ArcSwap::new(vault)),
             providers,
             config: config.clone(),
         })
+    }
+
+    /// Puts a reloaded vault in force: new seals use its current key;
+    /// tokens sealed under any of its keys open.
+    pub fn replace_vault(&self, vault: Vault) {
+        self.vault.store(Arc::new(vault));
+    }
+
+    /// When a vault key published ahead of its time starts to seal.
+    pub fn next_vault_activation(&self) -> Option<time::OffsetDateTime> {
+        self.vault.load().next_activation()
     }
 
     /// The platforms with a client configured.
@@ -239,7 +253,7 @@ impl PlatformService {
             redirect_uri: provider.redirect_uri().to_owned(),
             verifier: verifier
                 .as_ref()
-                .map(|v| self.vault.seal(v.expose_secret(), &aad)),
+                .map(|v| self.vault.load().seal(v.expose_secret(), &aad)),
             expires_at,
         };
         self.store.insert_link_state(&state_hash, &link).await?;
@@ -317,7 +331,7 @@ impl PlatformService {
             });
         }
         let verifier = match &link.verifier {
-            Some(sealed) => Some(self.vault.open(
+            Some(sealed) => Some(self.vault.load().open(
                 &sealed.key_id,
                 &sealed.bytes,
                 &verifier_aad(caller.user_id, platform, &state_hash),
@@ -524,7 +538,7 @@ impl PlatformService {
         &self,
         stored: &StoredAccount,
     ) -> Result<(SecretString, Option<SecretString>), super::vault::VaultError> {
-        open_tokens(&self.vault, stored)
+        open_tokens(&self.vault.load(), stored)
     }
 
     fn seal(
@@ -535,7 +549,14 @@ impl PlatformService {
         refresh: Option<&SecretString>,
         expires_at: Option<OffsetDateTime>,
     ) -> SealedTokens {
-        seal_tokens(&self.vault, user_id, platform, access, refresh, expires_at)
+        seal_tokens(
+            &self.vault.load(),
+            user_id,
+            platform,
+            access,
+            refresh,
+            expires_at,
+        )
     }
 
     /// The platform says the user removed this application: mark the
@@ -834,7 +855,7 @@ impl PlatformService {
         loop {
             let rows = self
                 .store
-                .sealed_with_other_key(self.vault.current_key_id(), 100)
+                .sealed_with_other_key(self.vault.load().current_key_id(), 100)
                 .await?;
             if rows.len() <= stuck {
                 return Ok(moved);
@@ -949,7 +970,7 @@ fn link_error(platform: Platform, error: CallError) -> PlatformError {
 /// Everything one refresh needs, owned, so it can run detached.
 struct Refresher {
     store: Arc<dyn PlatformStore>,
-    vault: Arc<Vault>,
+    vault: VaultCell,
     provider: Arc<Provider>,
 }
 
@@ -969,7 +990,7 @@ impl Refresher {
             metrics::counter!("platform_token_refreshes_total", "platform" => platform.as_str(), "outcome" => outcome)
                 .increment(1);
         };
-        let (access, refresh) = match open_tokens(&self.vault, &stored) {
+        let (access, refresh) = match open_tokens(&self.vault.load(), &stored) {
             Ok(tokens) => tokens,
             Err(error) => {
                 self.store
@@ -989,7 +1010,7 @@ impl Refresher {
                 let refresh = refresh_token.or(refresh);
                 let expires_at = expires_in.map(|d| crate::now_micros() + d);
                 let tokens = seal_tokens(
-                    &self.vault,
+                    &self.vault.load(),
                     user_id,
                     platform,
                     &access_token,

@@ -1,7 +1,10 @@
 //! The token vault: platform tokens are sealed with XChaCha20-Poly1305 under
 //! a key ring read from files. Each ciphertext records its key id; the
-//! newest key (or the configured one) seals, every key in the ring opens, and
-//! `auth-service reseal-platform-tokens` moves old rows to the current key.
+//! newest key whose activation time has come (or the configured one) seals,
+//! every key in the ring opens, and `auth-service reseal-platform-tokens`
+//! moves old rows to the current key. A key added ahead of its activation
+//! time (`rotate-platform-key --activate-in`) reaches every replica before
+//! any seals with it, so no replica meets a token it cannot open.
 //!
 //! The associated data binds a ciphertext to its row and role (user,
 //! platform, access or refresh), so a sealed token copied to another row or
@@ -46,6 +49,18 @@ pub struct Sealed {
 pub struct Vault {
     keys: BTreeMap<String, XChaCha20Poly1305>,
     current: String,
+    next_activation: Option<time::OffsetDateTime>,
+}
+
+/// The activation time of a generated id `k<unix seconds>[-n]`.
+fn key_time(id: &str) -> Option<time::OffsetDateTime> {
+    let secs = id
+        .strip_prefix('k')?
+        .split('-')
+        .next()?
+        .parse::<i64>()
+        .ok()?;
+    time::OffsetDateTime::from_unix_timestamp(secs).ok()
 }
 
 impl std::fmt::Debug for Vault {
@@ -58,8 +73,9 @@ impl std::fmt::Debug for Vault {
 }
 
 impl Vault {
-    /// Reads every `*.key` in `dir`. `current` names the sealing key (default:
-    /// the greatest id — generated ids sort by creation time). With
+    /// Reads every `*.key` in `dir`. `current` names the sealing key
+    /// (default: the greatest id whose activation time has come — generated
+    /// ids sort by it; an id without a time counts as active). With
     /// `generate_if_missing`, an empty or missing `dir` gets a first key.
     pub fn load(
         dir: &Path,
@@ -72,21 +88,33 @@ impl Vault {
         };
         let mut keys = read_keys(dir).map_err(fail)?;
         if keys.is_empty() && generate_if_missing {
-            generate_key(dir)?;
+            generate_key(dir, time::OffsetDateTime::now_utc())?;
             keys = read_keys(dir).map_err(fail)?;
         }
+        let now = time::OffsetDateTime::now_utc();
         let current = match current {
             Some(id) => id.to_owned(),
             None => keys
                 .keys()
-                .next_back()
+                .rev()
+                .find(|id| key_time(id).is_none_or(|t| t <= now))
+                .or_else(|| keys.keys().next())
                 .cloned()
                 .ok_or_else(|| fail("no *.key file".into()))?,
         };
         if !keys.contains_key(&current) {
             return Err(VaultError::UnknownKey(current));
         }
-        Ok(Self { keys, current })
+        let next_activation = keys
+            .keys()
+            .filter_map(|id| key_time(id))
+            .filter(|t| *t > now)
+            .min();
+        Ok(Self {
+            keys,
+            current,
+            next_activation,
+        })
     }
 
     /// A ring of one given key (tests and benchmarks).
@@ -96,11 +124,17 @@ impl Vault {
         Self {
             keys,
             current: key_id.to_owned(),
+            next_activation: None,
         }
     }
 
     pub fn current_key_id(&self) -> &str {
         &self.current
+    }
+
+    /// When a key published ahead of its time takes over sealing.
+    pub fn next_activation(&self) -> Option<time::OffsetDateTime> {
+        self.next_activation
     }
 
     pub fn seal(&self, plaintext: &str, aad: &[u8]) -> Sealed {
@@ -175,9 +209,10 @@ fn read_keys(dir: &Path) -> Result<BTreeMap<String, XChaCha20Poly1305>, String> 
     Ok(keys)
 }
 
-/// Writes a new random key into `dir` and returns its id (`k<unix time>`,
-/// with a suffix if that id exists). It seals from the next start on.
-pub fn generate_key(dir: &Path) -> Result<String, VaultError> {
+/// Writes a new random key into `dir` and returns its id (`k<unix time of
+/// activation>`, with a suffix if that id exists). Servers load it at their
+/// next key-directory poll; it seals from `activation` on.
+pub fn generate_key(dir: &Path, activation: time::OffsetDateTime) -> Result<String, VaultError> {
     let fail = |reason: String| VaultError::Keys {
         dir: dir.to_path_buf(),
         reason,
@@ -185,7 +220,7 @@ pub fn generate_key(dir: &Path) -> Result<String, VaultError> {
     std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| fail(e.to_string()))?;
-    let base = format!("k{:012}", crate::unix_now());
+    let base = format!("k{:012}", activation.unix_timestamp().max(0));
     let mut id = base.clone();
     let mut n = 1;
     while dir.join(format!("{id}.key")).exists() {
@@ -241,14 +276,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = Vault::load(dir.path(), None, true).unwrap();
         let old = first.seal("t", b"row");
+        let newer = format!("{}-9", first.current_key_id());
         std::fs::write(
-            dir.path().join("k999999999999.key"),
+            dir.path().join(format!("{newer}.key")),
             STANDARD.encode([1u8; 32]),
         )
         .unwrap();
         let ring = Vault::load(dir.path(), None, false).unwrap();
-        assert_eq!(ring.current_key_id(), "k999999999999");
-        assert_eq!(ring.seal("t", b"row").key_id, "k999999999999");
+        assert_eq!(ring.current_key_id(), newer);
+        assert_eq!(ring.seal("t", b"row").key_id, newer);
         assert_eq!(
             ring.open(&old.key_id, &old.bytes, b"row")
                 .unwrap()
@@ -263,5 +299,26 @@ mod tests {
         ));
         std::fs::write(dir.path().join("bad.key"), "short").unwrap();
         assert!(Vault::load(dir.path(), None, false).is_err());
+    }
+
+    #[test]
+    fn a_key_added_ahead_of_its_time_opens_at_once_and_seals_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let old = generate_key(dir.path(), now - time::Duration::hours(1)).unwrap();
+        let new = generate_key(dir.path(), now + time::Duration::hours(1)).unwrap();
+        let ring = Vault::load(dir.path(), None, false).unwrap();
+        assert_eq!(ring.current_key_id(), old, "the new key is not active yet");
+        assert_eq!(ring.next_activation(), key_time(&new));
+        let mut early = Vault::load(dir.path(), Some(&new), false).unwrap();
+        let sealed = early.seal("t", b"row");
+        early.current = old.clone();
+        assert_eq!(
+            ring.open(&new, &sealed.bytes, b"row")
+                .unwrap()
+                .expose_secret(),
+            "t",
+            "every replica opens what the new key sealed"
+        );
     }
 }

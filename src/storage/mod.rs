@@ -28,7 +28,7 @@ use self::{
 };
 use crate::{
     accounts::{service_accounts::ServiceAccountStore, store::UserStore},
-    config::Config,
+    config::{Config, Migrations},
     error::BackendError,
     events::{OutboxReader, RelayStore},
     platforms::store::PlatformStore,
@@ -93,42 +93,151 @@ impl Database {
     }
 }
 
-/// Connects to the configured database and applies its migrations.
+/// Connects to the configured database and brings its schema in step as
+/// `database_migrations` says: applies pending migrations (`apply`), or
+/// waits until someone else has (`wait`).
 pub async fn open_database(config: &Config) -> anyhow::Result<Database> {
-    let url = config.effective_database_url();
-    if url.starts_with("sqlite:") {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-        let options = SqliteConnectOptions::from_str(&url)
-            .context("database_url (AUTH_DATABASE_URL) is not a valid SQLite URL")?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(config.database_max_connections.min(4))
-            .acquire_timeout(Duration::from_millis(config.database_timeout_ms))
-            .connect_with(options)
-            .await
-            .context("opening the SQLite database")?;
-        sqlx::migrate!("migrations/sqlite")
-            .run(&pool)
-            .await
-            .context("applying SQLite migrations")?;
-        Ok(Database::from_store(SqlStore::new(pool)))
-    } else {
-        let pool = PgPoolOptions::new()
-            .max_connections(config.database_max_connections)
-            .acquire_timeout(Duration::from_millis(config.database_timeout_ms))
-            .connect(&url)
-            .await
-            .context("connecting to PostgreSQL (AUTH_DATABASE_URL)")?;
-        sqlx::migrate!("migrations/postgres")
-            .run(&pool)
-            .await
-            .context("applying PostgreSQL migrations")?;
-        Ok(Database::from_store(SqlStore::new(pool)))
+    let pool = SqlPool::connect(config).await?;
+    match config.database_migrations {
+        Migrations::Apply => {
+            pool.apply_migrations().await?;
+        }
+        Migrations::Wait => {
+            pool.wait_for_migrations(Duration::from_secs(config.database_migrations_wait_secs))
+                .await?;
+        }
+    }
+    Ok(pool.into_database())
+}
+
+/// `auth-service migrate`: applies every pending migration and returns the
+/// versions it applied (none when the schema was current).
+pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i64>> {
+    SqlPool::connect(config).await?.apply_migrations().await
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// How often a server in `wait` mode looks at the schema again.
+const MIGRATION_POLL: Duration = Duration::from_secs(2);
+
+enum SqlPool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl SqlPool {
+    async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let url = config.effective_database_url();
+        if url.starts_with("sqlite:") {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+            let options = SqliteConnectOptions::from_str(&url)
+                .context("database_url (AUTH_DATABASE_URL) is not a valid SQLite URL")?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(5));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(config.database_max_connections.min(4))
+                .acquire_timeout(Duration::from_millis(config.database_timeout_ms))
+                .connect_with(options)
+                .await
+                .context("opening the SQLite database")?;
+            Ok(Self::Sqlite(pool))
+        } else {
+            let pool = PgPoolOptions::new()
+                .max_connections(config.database_max_connections)
+                .acquire_timeout(Duration::from_millis(config.database_timeout_ms))
+                .connect(&url)
+                .await
+                .context("connecting to PostgreSQL (AUTH_DATABASE_URL)")?;
+            Ok(Self::Postgres(pool))
+        }
+    }
+
+    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        match self {
+            Self::Sqlite(_) => &SQLITE_MIGRATIONS,
+            Self::Postgres(_) => &POSTGRES_MIGRATIONS,
+        }
+    }
+
+    /// Versions this binary knows and the database has not applied.
+    async fn pending(&self) -> anyhow::Result<Vec<i64>> {
+        const APPLIED: &str = "SELECT version FROM _sqlx_migrations WHERE success";
+        let applied: Result<Vec<i64>, sqlx::Error> = match self {
+            Self::Sqlite(pool) => sqlx::query_scalar(APPLIED).fetch_all(pool).await,
+            Self::Postgres(pool) => sqlx::query_scalar(APPLIED).fetch_all(pool).await,
+        };
+        let applied = match applied {
+            Ok(applied) => applied,
+            // No bookkeeping table yet: nothing is applied.
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("42P01")
+                    || e.message().contains("no such table") =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e).context("reading the applied schema migrations"),
+        };
+        Ok(self
+            .migrator()
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+            .map(|m| m.version)
+            .filter(|v| !applied.contains(v))
+            .collect())
+    }
+
+    async fn apply_migrations(&self) -> anyhow::Result<Vec<i64>> {
+        let pending = self.pending().await?;
+        match self {
+            Self::Sqlite(pool) => self
+                .migrator()
+                .run(pool)
+                .await
+                .context("applying SQLite migrations")?,
+            Self::Postgres(pool) => self
+                .migrator()
+                .run(pool)
+                .await
+                .context("applying PostgreSQL migrations")?,
+        }
+        Ok(pending)
+    }
+
+    async fn wait_for_migrations(&self, patience: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut said = None::<tokio::time::Instant>;
+        loop {
+            let pending = self.pending().await?;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "the database schema lacks migrations {pending:?} that this version needs, and database_migrations = \"wait\": run `auth-service migrate` (the migrations Job)"
+                );
+            }
+            if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+                tracing::warn!(
+                    ?pending,
+                    "waiting for schema migrations (`auth-service migrate`); not serving yet"
+                );
+                said = Some(tokio::time::Instant::now());
+            }
+            tokio::time::sleep(MIGRATION_POLL).await;
+        }
+    }
+
+    fn into_database(self) -> Database {
+        match self {
+            Self::Sqlite(pool) => Database::from_store(SqlStore::new(pool)),
+            Self::Postgres(pool) => Database::from_store(SqlStore::new(pool)),
+        }
     }
 }
 

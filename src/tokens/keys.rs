@@ -1,11 +1,14 @@
 //! Ed25519 signing keys and the JWKS.
 //!
 //! A key directory holds one PKCS#8 PEM file per key; the file stem is the
-//! `kid`. The key whose `kid` sorts last signs; every key in the directory
-//! verifies. Generated kids are `k<UTC time>` so they sort by age, which is
-//! what rotation relies on: `rotate-key` adds a newer key (it signs from the
-//! next reload) and removes keys retired long enough ago that no token they
-//! signed can still be valid.
+//! `kid`. Every key in the directory verifies and is in the JWKS. Generated
+//! kids are `k<UTC activation time>`: the newest key whose time has come
+//! signs, so a key can be published before it signs. With several replicas
+//! reading one Secret, each sees a new key at a slightly different moment;
+//! `rotate-key --activate-in` gives them all time to load it (and the JWKS
+//! consumers time to fetch it) before any replica signs with it. Rotation
+//! removes keys retired long enough ago that no token they signed can still
+//! be valid.
 
 use std::{
     collections::HashMap,
@@ -37,6 +40,9 @@ pub enum KeyError {
 
 /// All keys of one directory, ready to sign and verify.
 pub struct KeyRing {
+    /// The earliest activation time still in the future, if any: the ring
+    /// must be loaded again then for that key to sign.
+    next_activation: Option<OffsetDateTime>,
     signing_kid: String,
     signing: EncodingKey,
     verifying: HashMap<String, DecodingKey>,
@@ -47,6 +53,13 @@ impl KeyRing {
     /// Loads every `*.pem` of `dir`; generates a first key when there is none
     /// and `generate` is set.
     pub fn load(dir: &Path, generate: bool) -> Result<Self, KeyError> {
+        Self::load_at(dir, generate, OffsetDateTime::now_utc())
+    }
+
+    /// [`KeyRing::load`] as of `now`: the newest key activated by `now`
+    /// signs (a kid without a time counts as active; with none active, the
+    /// oldest key signs).
+    pub fn load_at(dir: &Path, generate: bool, now: OffsetDateTime) -> Result<Self, KeyError> {
         let mut keys = read_keys(dir)?;
         if keys.is_empty() {
             if !generate {
@@ -55,10 +68,19 @@ impl KeyRing {
             write_new_key(dir, OffsetDateTime::now_utc())?;
             keys = read_keys(dir)?;
         }
+        let active = |kid: &str| kid_time(kid).is_none_or(|t| t <= now);
         let (signing_kid, signing_key) = keys
-            .last()
+            .iter()
+            .rev()
+            .find(|(kid, _)| active(kid))
+            .or_else(|| keys.first())
             .cloned()
             .ok_or_else(|| KeyError::Missing(dir.to_path_buf()))?;
+        let next_activation = keys
+            .iter()
+            .filter_map(|(kid, _)| kid_time(kid))
+            .filter(|t| *t > now)
+            .min();
         let der = signing_key
             .to_pkcs8_der()
             .map_err(|e| KeyError::Unreadable {
@@ -78,6 +100,7 @@ impl KeyRing {
             jwks.push(json!({ "kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig" }));
         }
         Ok(Self {
+            next_activation,
             signing_kid,
             signing: EncodingKey::from_ed_der(der.as_bytes()),
             verifying,
@@ -87,6 +110,11 @@ impl KeyRing {
 
     pub fn signing_kid(&self) -> &str {
         &self.signing_kid
+    }
+
+    /// When a published key not yet signing becomes the signing key.
+    pub fn next_activation(&self) -> Option<OffsetDateTime> {
+        self.next_activation
     }
 
     pub fn signing_key(&self) -> &EncodingKey {
@@ -146,8 +174,9 @@ fn read_keys(dir: &Path) -> Result<Vec<(String, SigningKey)>, KeyError> {
     Ok(keys)
 }
 
-/// Writes a fresh key (mode 0600) and returns its kid.
-pub fn write_new_key(dir: &Path, now: OffsetDateTime) -> Result<String, KeyError> {
+/// Writes a fresh key (mode 0600) that signs from `activation` on, and
+/// returns its kid.
+pub fn write_new_key(dir: &Path, activation: OffsetDateTime) -> Result<String, KeyError> {
     let fail = |reason: String| KeyError::Unwritable {
         path: dir.to_path_buf(),
         reason,
@@ -160,7 +189,9 @@ pub fn write_new_key(dir: &Path, now: OffsetDateTime) -> Result<String, KeyError
     let pem = key
         .to_pkcs8_pem(LineEnding::LF)
         .map_err(|e| fail(e.to_string()))?;
-    let mut kid = now.format(KID_FORMAT).map_err(|e| fail(e.to_string()))?;
+    let mut kid = activation
+        .format(KID_FORMAT)
+        .map_err(|e| fail(e.to_string()))?;
     // Two rotations within one second still get distinct, ordered kids.
     while dir.join(format!("{kid}.pem")).exists() {
         kid.push('a');
@@ -175,15 +206,17 @@ pub fn write_new_key(dir: &Path, now: OffsetDateTime) -> Result<String, KeyError
     Ok(kid)
 }
 
-/// Adds a new signing key and deletes keys superseded more than `retire_after`
-/// ago (the access-token lifetime plus leeway: nothing they signed is valid).
-/// Returns the new kid and the removed ones.
+/// Adds a new signing key, active `activate_in` from `now`, and deletes keys
+/// superseded more than `retire_after` ago (the access-token lifetime plus
+/// leeway: nothing they signed is valid). Returns the new kid and the
+/// removed ones.
 pub fn rotate(
     dir: &Path,
     now: OffsetDateTime,
+    activate_in: time::Duration,
     retire_after: time::Duration,
 ) -> Result<(String, Vec<String>), KeyError> {
-    let new_kid = write_new_key(dir, now)?;
+    let new_kid = write_new_key(dir, now + activate_in)?;
     let kids: Vec<String> = read_keys(dir)?.into_iter().map(|(kid, _)| kid).collect();
     let mut removed = Vec::new();
     // A key was superseded when the next one (by kid) was created.
@@ -250,6 +283,7 @@ mod tests {
         let (second, removed) = rotate(
             dir.path(),
             t0 + time::Duration::minutes(1),
+            time::Duration::ZERO,
             time::Duration::minutes(16),
         )
         .unwrap();
@@ -260,6 +294,7 @@ mod tests {
         let (third, removed) = rotate(
             dir.path(),
             t0 + time::Duration::hours(1),
+            time::Duration::ZERO,
             time::Duration::minutes(16),
         )
         .unwrap();
@@ -270,5 +305,28 @@ mod tests {
             ring.verifying_key(&second).is_some(),
             "second was superseded only now"
         );
+    }
+
+    #[test]
+    fn a_key_published_ahead_verifies_at_once_and_signs_from_its_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let old = write_new_key(dir.path(), now - time::Duration::hours(1)).unwrap();
+        let (new, _) = rotate(
+            dir.path(),
+            now,
+            time::Duration::minutes(5),
+            time::Duration::minutes(16),
+        )
+        .unwrap();
+        let ring = KeyRing::load_at(dir.path(), false, now).unwrap();
+        assert_eq!(ring.signing_kid(), old, "the new key is not active yet");
+        assert!(ring.verifying_key(&new).is_some(), "but it verifies");
+        assert!(ring.jwks_json().contains(&new), "and is published");
+        let due = ring.next_activation().unwrap();
+        assert_eq!(kid_time(&new), Some(due));
+        let later = KeyRing::load_at(dir.path(), false, due).unwrap();
+        assert_eq!(later.signing_kid(), new);
+        assert_eq!(later.next_activation(), None);
     }
 }

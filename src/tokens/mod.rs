@@ -274,6 +274,16 @@ impl TokenService {
         Ok(kid)
     }
 
+    /// When a key published ahead of its time starts to sign (the key
+    /// directory must be reloaded then).
+    pub fn next_key_activation(&self) -> Option<time::OffsetDateTime> {
+        self.keys.load().next_activation()
+    }
+
+    pub fn keys_dir(&self) -> &std::path::Path {
+        &self.keys_dir
+    }
+
     pub fn jwks_json(&self) -> String {
         self.keys.load().jwks_json().to_owned()
     }

@@ -1144,8 +1144,11 @@ async fn a_new_vault_key_seals_after_reseal_and_old_rows_stay_readable() {
         .unwrap();
 
     let (config, dir) = app.stop().await;
-    let new_key =
-        auth_service::platforms::vault::generate_key(&config.platform_keys_dir()).unwrap();
+    let new_key = auth_service::platforms::vault::generate_key(
+        &config.platform_keys_dir(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
     let mut app = TestApp::start(Backend::Embedded, config, dir).await;
     // The old key still opens the row.
     let read = access_token(&mut app, &service, &max, Platform::Twitch)
