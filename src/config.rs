@@ -747,7 +747,7 @@ impl Config {
             Env::prefixed("AUTH_")
                 .split("__")
                 .ignore(&["config"])
-                .filter(|key| !key.as_str().ends_with(FILE_SUFFIX)),
+                .filter(|key| !key.as_str().to_ascii_lowercase().ends_with(FILE_SUFFIX)),
         );
         for (key, value) in values_from_files(std::env::vars_os())? {
             figment = figment.merge(Serialized::default(&key, value));

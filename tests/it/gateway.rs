@@ -38,7 +38,7 @@ pub async fn gateway_for(app: &TestApp, backend: SocketAddr) -> (Envoy, tempfile
                 format!("port_value: {}", backend.port()),
             ),
             (
-                "/etc/envoy/auth_descriptor.pb",
+                "/etc/envoy/descriptor/auth_descriptor.pb",
                 descriptor.path().display().to_string(),
             ),
         ]

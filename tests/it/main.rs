@@ -9,6 +9,7 @@ mod events_worker;
 mod fake_platform;
 mod fuzz;
 mod gateway;
+mod k8s;
 mod kafka;
 mod operations;
 mod overload;

@@ -618,6 +618,14 @@ impl Envoy {
             format!("port_value: {admin}"),
         ));
         all.push(("address: 0.0.0.0".into(), "address: 127.0.0.1".into()));
+        // The shipped files name Kubernetes Services; here all is loopback.
+        all.push((
+            "address: auth-service,".into(),
+            "address: 127.0.0.1,".into(),
+        ));
+        if config == "gateway.yaml" {
+            all.push(("address: api-backend,".into(), "address: 127.0.0.1,".into()));
+        }
         for (from, to) in &all {
             assert!(
                 yaml.contains(from.as_str()),
