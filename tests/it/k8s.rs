@@ -719,6 +719,31 @@ async fn the_production_pods_run_the_real_binaries_as_their_specs_say() {
     }
     assert_eq!(named, ["grpc", "http"]);
 
+    // The README's first call in a cluster (after `kubectl port-forward`):
+    // scripts/grpc-call with a client certificate, no grpcurl.
+    let descriptor = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(descriptor.path(), pb::FILE_DESCRIPTOR_SET).unwrap();
+    let output = Command::new(format!("{ROOT}/scripts/grpc-call"))
+        .arg("--descriptor")
+        .arg(descriptor.path())
+        .args(["--ca", &pki.path("ca.crt")])
+        .args(["--cert", &pki.path("gateway.crt")])
+        .args(["--key", &pki.path("gateway.key")])
+        .args(["--server-name", "auth-service", "127.0.0.1:50051"])
+        .args([
+            "immersiverse.auth.v1.AuthService/Login",
+            &serde_json::json!({ "login": "kube", "password": PASSWORD }).to_string(),
+        ])
+        .output()
+        .expect("scripts/grpc-call runs (python3-grpcio, python3-protobuf)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(answer["access_token"].as_str().is_some(), "{answer}");
+
     // 5. The gateway pod: its init container writes the descriptor set,
     // Envoy serves the shipped gateway.yaml, and a REST call goes through
     // ext_authz and the transcoder to the server over mTLS.
