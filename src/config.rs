@@ -61,8 +61,13 @@ fn values_from_files(
 pub struct Config {
     /// gRPC listener (AuthService, health, reflection). Port 0 picks a free port.
     pub grpc_addr: SocketAddr,
-    /// HTTP admin listener (/healthz, /readyz, /metrics, JWKS).
+    /// HTTP listener: /healthz, /readyz, the JWKS, the platforms' webhooks,
+    /// and /metrics unless `metrics_addr` is set.
     pub http_addr: SocketAddr,
+    /// A listener serving only `/metrics`, `/healthz` and `/readyz` (then
+    /// `/metrics` leaves `http_addr`), so monitoring and the gateway can be
+    /// let in to different ports. Unset: `/metrics` is on `http_addr`.
+    pub metrics_addr: Option<SocketAddr>,
     /// A plaintext gRPC listener serving only `grpc.health.v1` (no API), for
     /// probes that cannot speak TLS (the kubelet's gRPC probe) when
     /// `grpc_addr` requires client certificates. Unset: none.
@@ -648,6 +653,7 @@ impl Default for Config {
             grpc_addr: ([127, 0, 0, 1], 50051).into(),
             http_addr: ([127, 0, 0, 1], 8081).into(),
             health_addr: None,
+            metrics_addr: None,
             data_dir: PathBuf::from("./data"),
             database_url: None,
             redis_url: None,

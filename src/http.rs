@@ -35,15 +35,32 @@ pub struct AdminState {
     pub draining: tokio_util::sync::CancellationToken,
 }
 
-pub fn router(state: AdminState) -> Router {
-    Router::new()
+/// The HTTP port. With `metrics_elsewhere` (a `metrics_addr` is set),
+/// `/metrics` is served only by [`metrics_router`], so the two ports can be
+/// reachable by different callers (the gateway here, monitoring there).
+pub fn router(state: AdminState, metrics_elsewhere: bool) -> Router {
+    let router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz));
+    let router = if metrics_elsewhere {
+        router
+    } else {
+        router.route("/metrics", get(metrics))
+    };
+    router
         .route("/.well-known/jwks.json", get(jwks))
         .route("/webhooks/twitch/eventsub", post(twitch_eventsub))
         .route("/webhooks/facebook/deauthorize", post(facebook_deauthorize))
         .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY))
+        .with_state(state)
+}
+
+/// The monitoring port (`metrics_addr`): `/metrics`, `/healthz`, `/readyz`.
+pub fn metrics_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 

@@ -136,6 +136,8 @@ pub struct Application {
     check_listener: Option<TcpListener>,
     /// Only when `health_addr` is set.
     health_listener: Option<TcpListener>,
+    /// Only when `metrics_addr` is set.
+    metrics_listener: Option<TcpListener>,
     services: Services,
     /// How a supervised event worker is started (`kafka.worker = supervised`).
     worker_command: Option<WorkerCommand>,
@@ -173,12 +175,21 @@ impl Application {
             ),
             None => None,
         };
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics_addr {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             grpc_listener,
             http_listener,
             check_listener,
             health_listener,
+            metrics_listener,
             services,
             worker_command: None,
             tls,
@@ -202,6 +213,13 @@ impl Application {
         self.http_listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The monitoring listener, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The plaintext health listener, when configured.
@@ -413,7 +431,7 @@ impl Application {
             .add_service(ext_authz());
         let grpc = serve(grpc, self.grpc_listener, self.tls.as_ref(), stop.clone());
 
-        let admin = http::router(AdminState {
+        let admin_state = AdminState {
             tokens: self.services.tokens.clone(),
             platforms: self.services.platforms.clone(),
             database: self.services.database.health.clone(),
@@ -424,14 +442,28 @@ impl Application {
                 .map(|r| Arc::new(r) as Arc<dyn Ping>),
             metrics: telemetry::metrics_handle(),
             draining: draining.clone(),
+        };
+        let monitoring = self.metrics_listener.map(|listener| {
+            tokio::spawn(
+                axum::serve(listener, http::metrics_router(admin_state.clone()))
+                    .with_graceful_shutdown(stop.clone().cancelled_owned())
+                    .into_future(),
+            )
         });
+        let admin = http::router(admin_state, monitoring.is_some());
         let http = axum::serve(self.http_listener, admin)
             .with_graceful_shutdown(stop.clone().cancelled_owned());
         tracing::info!(grpc = %self.config.grpc_addr, http = %self.config.http_addr, "auth-service serving");
 
         let (grpc, http) = tokio::join!(grpc, async { http.await });
         grpc.context("gRPC server failed")?;
-        http.context("HTTP admin server failed")?;
+        http.context("HTTP server failed")?;
+        if let Some(monitoring) = monitoring {
+            monitoring
+                .await
+                .context("metrics server panicked")?
+                .context("metrics server failed")?;
+        }
         for (name, task) in [("ext_authz", check), ("health", health)] {
             if let Some(task) = task {
                 task.await

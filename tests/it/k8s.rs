@@ -718,6 +718,26 @@ async fn the_production_pods_run_the_real_binaries_as_their_specs_say() {
         }
     }
     assert_eq!(named, ["grpc", "http"]);
+    // Every container port is served; /metrics only on its own port (the
+    // network policy lets monitoring, and only monitoring, reach it).
+    let server_spec = &object(&cluster.docs, "Deployment", "auth-service")["spec"]["template"]["spec"]
+        ["containers"][0];
+    for port in list(&server_spec["ports"]) {
+        let n = port["containerPort"].as_u64().unwrap() as u16;
+        tokio::net::TcpStream::connect(local(n))
+            .await
+            .unwrap_or_else(|e| panic!("container port {port}: {e}"));
+    }
+    let metrics = cluster.port(
+        "Deployment",
+        "auth-service",
+        "auth-service",
+        &Value::from("metrics"),
+    );
+    let (status, body) = http_get(local(metrics), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("grpc_"), "{body}");
+    assert_eq!(http_get(local(8081), "/metrics").await.0, 404);
 
     // The README's first call in a cluster (after `kubectl port-forward`):
     // scripts/grpc-call with a client certificate, no grpcurl.
