@@ -192,9 +192,12 @@ impl AccountService {
         let credentials = self.users.find_credentials(&login).await?;
         // A device that logged in to this very account before has a lane of
         // its own: counted apart from failures elsewhere, hashed first.
-        let device = credentials
-            .as_ref()
-            .and_then(|c| self.tokens.known_device(device_token, c.user.id));
+        let device = match &credentials {
+            Some(c) if !device_token.is_empty() => {
+                self.tokens.trusted_device(device_token, c.user.id).await
+            }
+            _ => None,
+        };
         let attempt = device.map_or(Attempt::From(client_ip), Attempt::KnownDevice);
         if let Err(locked) = self.lockout.check(&login, attempt).await {
             metrics::counter!("login_attempts_total", "outcome" => "locked_out").increment(1);

@@ -82,6 +82,11 @@ pub struct Grant {
 pub trait QuotaStore: Send + Sync + 'static {
     /// Takes up to `want` conforming tokens for `key` atomically.
     async fn acquire(&self, key: &str, limit: &Limit, want: u32) -> Result<Grant, BackendError>;
+
+    /// In this process: no round trip to save, so no leases in front.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// One GCRA step on a stored TAT (µs); returns the new TAT and the grant.
@@ -121,13 +126,39 @@ pub struct MemoryQuota {
     tats: Cache<String, u64>,
 }
 
+/// A key's entry lives until its TAT: from then on its state is the same
+/// as no state at all (a full burst), so memory holds only the keys that
+/// are still paying off recent requests, not every address ever seen.
+struct UntilCaughtUp;
+
+impl UntilCaughtUp {
+    fn left(tat: u64) -> Option<Duration> {
+        Some(Duration::from_micros(tat.saturating_sub(now_us())))
+    }
+}
+
+impl moka::Expiry<String, u64> for UntilCaughtUp {
+    fn expire_after_create(&self, _: &String, tat: &u64, _: Instant) -> Option<Duration> {
+        Self::left(*tat)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        tat: &u64,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Self::left(*tat)
+    }
+}
+
 impl MemoryQuota {
     pub fn new(capacity: u64) -> Self {
-        // Idle keys are dropped after a day; by then any TAT is in the past.
         Self {
             tats: Cache::builder()
                 .max_capacity(capacity)
-                .time_to_idle(Duration::from_secs(86_400))
+                .expire_after(UntilCaughtUp)
                 .build(),
         }
     }
@@ -148,7 +179,16 @@ impl QuotaStore for MemoryQuota {
         });
         Ok(grant)
     }
+
+    fn is_local(&self) -> bool {
+        true
+    }
 }
+
+/// How long an untouched lease is kept. Dropping one loses at most its
+/// unspent tokens (stricter, never looser) and a cached denial (the shared
+/// store denies again), so a short time keeps memory to the active keys.
+const LEASE_IDLE: Duration = Duration::from_secs(5);
 
 /// The shortest time leased tokens stay spendable.
 const MIN_LEASE_LIFETIME: Duration = Duration::from_millis(250);
@@ -181,12 +221,22 @@ impl RateLimiter {
             fallback: fail_open.then(|| MemoryQuota::new(capacity)),
             leases: Cache::builder()
                 .max_capacity(capacity)
-                .time_to_idle(Duration::from_secs(600))
+                .time_to_idle(LEASE_IDLE)
                 .build(),
         }
     }
 
     pub async fn check(&self, key: &str, limit: &Limit) -> Result<RateDecision, BackendError> {
+        if self.shared.is_local() {
+            let grant = self.shared.acquire(key, limit, 1).await?;
+            return Ok(if grant.granted == 0 {
+                RateDecision::Limited {
+                    retry_after: grant.retry_after,
+                }
+            } else {
+                RateDecision::Allowed
+            });
+        }
         let lease = self
             .leases
             .get_with_by_ref(key, || Arc::new(Mutex::new(Lease::default())));
@@ -336,5 +386,48 @@ mod tests {
         );
         let closed = RateLimiter::new(Arc::new(Down), false, 100);
         assert!(closed.check("k", &limit).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_in_process_store_keeps_a_key_only_while_it_pays_off_requests() {
+        let limiter = RateLimiter::new(Arc::new(MemoryQuota::new(100)), true, 100);
+        for _ in 0..5 {
+            assert_eq!(
+                limiter.check("ip:a", &LIMIT).await.unwrap(),
+                RateDecision::Allowed
+            );
+        }
+        assert!(matches!(
+            limiter.check("ip:a", &LIMIT).await.unwrap(),
+            RateDecision::Limited { .. }
+        ));
+        limiter.leases.run_pending_tasks();
+        assert_eq!(
+            limiter.leases.entry_count(),
+            0,
+            "no leases in front of a store in this process"
+        );
+        // The TAT is at most burst x interval (500 ms) ahead; after it the
+        // key's state is a full burst again, and the entry is gone.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let store = MemoryQuota::new(100);
+        store.acquire("ip:b", &LIMIT, 1).await.unwrap();
+        store.tats.run_pending_tasks();
+        assert_eq!(store.tats.entry_count(), 1);
+        // Removed by the cache's timer wheel (about a second's granularity);
+        // without the expiry it would stay (capacity permitting) forever.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.tats.entry_count() > 0 {
+            assert!(Instant::now() < deadline, "caught up: nothing kept");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            store.tats.run_pending_tasks();
+        }
+        for _ in 0..5 {
+            assert_eq!(
+                limiter.check("ip:a", &LIMIT).await.unwrap(),
+                RateDecision::Allowed,
+                "a full burst again"
+            );
+        }
     }
 }

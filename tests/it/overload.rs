@@ -61,6 +61,29 @@ crate::on_both_backends! {
         let status = app.client.login(from_ip(login("owner", PASSWORD, &first.device_token), "192.0.2.77")).await.unwrap_err();
         assert_eq!(status.code(), Code::ResourceExhausted);
     }
+
+    async fn a_password_change_ends_every_device_lane(app) {
+        const NEW: &str = "a brand new passphrase";
+        let mut app = TestApp::spawn_with(app.backend, |c| {
+            c.lockout.max_failures_per_account = 3;
+        })
+        .await;
+        app.sign_up("mover").await;
+        let old = app.client.login(from_ip(login("mover", PASSWORD, ""), "198.51.100.1")).await.unwrap().into_inner();
+        // Someone who has the device token (a stolen device) and guesses.
+        app.client
+            .change_password(crate::support::bearer(
+                pb::ChangePasswordRequest { current_password: PASSWORD.into(), new_password: NEW.into() },
+                &old.access_token,
+            ))
+            .await
+            .expect("password changed");
+        for i in 0..3 {
+            let _ = app.client.login(from_ip(login("mover", "wrong password", ""), &format!("203.0.113.{i}"))).await;
+        }
+        let status = app.client.login(from_ip(login("mover", NEW, &old.device_token), "192.0.2.77")).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "the old device token no longer opens a lane");
+    }
 }
 
 /// Real argon2 memory cost (19 MiB) with `iterations`, on one hashing
