@@ -150,7 +150,7 @@ impl Authorizer {
                     .tokens
                     .verify(token)
                     .map_err(|r: InvalidToken| Denial::Unauthenticated { reason: r.as_str() })?;
-                Ok(Principal::from_claims(&claims))
+                Ok(Principal::from_verified(&claims))
             }
             Err(error) => {
                 tracing::warn!(%error, "revocation check failed: denying (fail closed)");

@@ -106,6 +106,19 @@ pub struct Claims {
     pub roles: Vec<String>,
 }
 
+/// What is kept of a verified access token: one allocation, no strings of
+/// its own (issuer and audience are the configured ones; role lists are
+/// shared between tokens), so a large verified-token cache is compact and
+/// does not fragment the heap.
+#[derive(Debug)]
+pub struct Verified {
+    pub sub: Uuid,
+    pub sid: Uuid,
+    pub jti: Uuid,
+    pub exp: i64,
+    pub roles: Arc<[String]>,
+}
+
 /// A caller proven by a valid, unrevoked access token.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -119,13 +132,13 @@ pub struct Principal {
 
 impl Principal {
     /// The caller a verified token names (revocation is the caller's check).
-    pub fn from_claims(claims: &Claims) -> Self {
+    pub fn from_verified(token: &Verified) -> Self {
         Self {
-            user_id: claims.sub,
-            session_id: claims.sid,
-            jti: claims.jti,
-            roles: claims.roles.clone(),
-            expires_at: claims.exp,
+            user_id: token.sub,
+            session_id: token.sid,
+            jti: token.jti,
+            roles: token.roles.to_vec(),
+            expires_at: token.exp,
         }
     }
 
@@ -170,29 +183,32 @@ fn issued_at_ms(jti: Uuid) -> Option<i64> {
     })
 }
 
-/// Fixed resident cost of one verified-cache entry besides its strings.
-const VERIFIED_ENTRY_BYTES: usize = 580;
+/// Resident cost of one verified-cache entry (bench/run memory).
+const VERIFIED_ENTRY_BYTES: usize = 200;
 
-/// Verified claims by token hash, each until its token expires.
-type VerifiedCache = moka::sync::Cache<TokenHash, Arc<Claims>>;
+/// Verified claims by token hash. An entry of an expired token is dropped
+/// when read (or evicted by newer ones: the cache is bounded by weight).
+///
+/// quick_cache (S3-FIFO over a sharded hash table), not moka: under token
+/// churn (every ext_authz request with a new token) moka's removed entries
+/// went on holding memory and RSS grew by ~35 B per token for as long as
+/// the churn lasted (bench/run soak; BENCHMARKS.md, "Memory").
+type VerifiedCache = quick_cache::sync::Cache<TokenHash, Arc<Verified>, EntryWeight>;
 
-struct UntilTokenExpiry {
-    leeway: i64,
-}
+/// Every entry weighs its measured resident cost (one table slot and one
+/// `Verified`).
+#[derive(Clone)]
+struct EntryWeight;
 
-impl moka::Expiry<TokenHash, Arc<Claims>> for UntilTokenExpiry {
-    fn expire_after_create(
-        &self,
-        _: &TokenHash,
-        claims: &Arc<Claims>,
-        _: std::time::Instant,
-    ) -> Option<std::time::Duration> {
-        let left = claims.exp + self.leeway - crate::unix_now();
-        Some(std::time::Duration::from_secs(
-            u64::try_from(left).unwrap_or(0),
-        ))
+impl quick_cache::Weighter<TokenHash, Arc<Verified>> for EntryWeight {
+    fn weight(&self, _: &TokenHash, _: &Arc<Verified>) -> u64 {
+        VERIFIED_ENTRY_BYTES as u64
     }
 }
+
+/// At most this many distinct role lists are shared; more (there are not,
+/// as only this service signs tokens) are simply not shared.
+const MAX_ROLE_SETS: usize = 1024;
 
 fn device_audience(config: &TokenConfig) -> String {
     format!("{}:device", config.audience)
@@ -204,6 +220,7 @@ pub struct TokenService {
     /// Signature and claim checks are done once per token; later checks of
     /// the same token (ext_authz sees it on every request) are a hash lookup.
     verified: VerifiedCache,
+    role_sets: std::sync::Mutex<std::collections::HashMap<Vec<String>, Arc<[String]>>>,
     keys_dir: PathBuf,
     generate_keys: bool,
     config: TokenConfig,
@@ -246,27 +263,17 @@ impl TokenService {
         validation.leeway = config.leeway_secs;
         let mut device_validation = validation.clone();
         device_validation.set_audience(&[device_audience(&config)]);
-        let verified = moka::sync::Cache::builder()
-            .max_capacity(config.verified_cache_bytes)
-            .weigher(|_: &TokenHash, claims: &Arc<Claims>| {
-                // The resident bytes an entry costs, as measured (bench/run
-                // memory: ~660 B a token with one role): moka's entry and
-                // its bookkeeping, the Arc'd claims, their strings.
-                u32::try_from(
-                    VERIFIED_ENTRY_BYTES
-                        + claims.iss.len()
-                        + claims.aud.len()
-                        + claims.roles.iter().map(|r| r.len() + 40).sum::<usize>(),
-                )
-                .unwrap_or(u32::MAX)
-            })
-            .expire_after(UntilTokenExpiry {
-                leeway: i64::try_from(config.leeway_secs).unwrap_or(0),
-            })
-            .build();
+        let verified = quick_cache::sync::Cache::with_weighter(
+            usize::try_from(config.verified_cache_bytes / VERIFIED_ENTRY_BYTES as u64)
+                .unwrap_or(usize::MAX)
+                .max(16),
+            config.verified_cache_bytes,
+            EntryWeight,
+        );
         Ok(Self {
             keys: ArcSwap::from_pointee(ring),
             verified,
+            role_sets: std::sync::Mutex::default(),
             keys_dir,
             generate_keys: config.generate_key_if_missing,
             config,
@@ -284,7 +291,7 @@ impl TokenService {
         let kid = ring.signing_kid().to_owned();
         self.keys.store(Arc::new(ring));
         // A removed key must stop verifying at once, cached or not.
-        self.verified.invalidate_all();
+        self.verified.clear();
         Ok(kid)
     }
 
@@ -514,21 +521,41 @@ impl TokenService {
     }
 
     /// Signature and claims only (no revocation check), cached by token hash.
-    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, InvalidToken> {
+    pub fn verify(&self, token: &str) -> Result<Arc<Verified>, InvalidToken> {
         let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
         if let Some(claims) = self.verified.get(&hash) {
-            // The entry expires with the token, but a read may race the
-            // eviction: check exp again.
             if claims.exp + i64::try_from(self.config.leeway_secs).unwrap_or(0) > crate::unix_now()
             {
                 metrics::counter!("jwt_cache_lookups_total", "result" => "hit").increment(1);
                 return Ok(claims);
             }
+            // Expired: decoding below refuses it; the entry goes now.
+            self.verified.remove(&hash);
         }
         metrics::counter!("jwt_cache_lookups_total", "result" => "miss").increment(1);
-        let claims = Arc::new(self.verify_uncached(token)?);
-        self.verified.insert(hash, claims.clone());
-        Ok(claims)
+        let claims = self.verify_uncached(token)?;
+        let verified = Arc::new(Verified {
+            sub: claims.sub,
+            sid: claims.sid,
+            jti: claims.jti,
+            exp: claims.exp,
+            roles: self.shared_roles(claims.roles),
+        });
+        self.verified.insert(hash, verified.clone());
+        Ok(verified)
+    }
+
+    /// One allocation per distinct role list, however many tokens carry it.
+    fn shared_roles(&self, roles: Vec<String>) -> Arc<[String]> {
+        let mut sets = self.role_sets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = sets.get(&roles) {
+            return shared.clone();
+        }
+        let shared: Arc<[String]> = roles.clone().into();
+        if sets.len() < MAX_ROLE_SETS {
+            sets.insert(roles, shared.clone());
+        }
+        shared
     }
 
     fn verify_uncached(&self, token: &str) -> Result<Claims, InvalidToken> {
@@ -587,7 +614,7 @@ impl TokenService {
         if self.revocations.is_revoked(&facts).await? {
             return Err(TokenError::InvalidAccess(InvalidToken::Revoked));
         }
-        Ok(Principal::from_claims(&claims))
+        Ok(Principal::from_verified(&claims))
     }
 
     /// Ends the caller's session: the access token is blacklisted until it
