@@ -336,6 +336,168 @@ async fn flood(addr: &str, rate: u64, sources: &str, seconds: u64) {
     report("under flood, device token", known);
 }
 
+/// An HTTP client of the gateway whose connections come from `source`
+/// (a 127.0.0.0/8 address): Envoy sees that address as the client and
+/// puts it in x-forwarded-for itself.
+fn gateway_client(source: std::net::IpAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(source)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn loopback(id: u64) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, 1 + ((id >> 16) & 127) as u8, (id >> 8) as u8, id as u8).into()
+}
+
+/// POST /v1/auth/login through the gateway: the status and the body.
+async fn gateway_login(
+    client: &reqwest::Client,
+    gateway: &str,
+    login: &str,
+    password: &str,
+    device_token: &str,
+) -> (u16, serde_json::Value) {
+    let body =
+        serde_json::json!({ "login": login, "password": password, "device_token": device_token });
+    match client
+        .post(format!("http://{gateway}/v1/auth/login"))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or_default())
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+/// The login flood of `flood`, through the REST gateway (Envoy on the
+/// shipped gateway.yaml) with every source a real loopback address: 64
+/// fixed sources, or a fresh address per attempt ("fresh").
+async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
+    let attackers = 256;
+    let fresh = sources == "fresh";
+    let sources: u64 = if fresh { 0 } else { sources.parse().unwrap() };
+    let user_source: std::net::IpAddr = std::net::Ipv4Addr::new(127, 250, 0, 1).into();
+    let user = gateway_client(user_source);
+    let sign_up = serde_json::json!({ "email": "realuser@example.com", "username": "realuser", "password": PASSWORD });
+    let r = user
+        .post(format!("http://{gateway}/v1/users"))
+        .json(&sign_up)
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert!(
+        r.status().is_success() || r.status().as_u16() == 409,
+        "sign-up: {}",
+        r.status()
+    );
+    let (status, first) = gateway_login(&user, gateway, "realuser", PASSWORD, "").await;
+    assert_eq!(status, 200, "{first}");
+    let device = first["device_token"].as_str().unwrap().to_owned();
+
+    // The real user: with the device token from its usual address, and
+    // without one from a new address each time (someone new).
+    let real = |seconds: u64| {
+        let (gateway, device, user) = (gateway.to_owned(), device.clone(), user.clone());
+        async move {
+            let (mut plain, mut known, mut refused) = (Vec::new(), Vec::new(), 0u64);
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                i += 1;
+                let t = Instant::now();
+                let (status, _) = if i.is_multiple_of(2) {
+                    gateway_login(&user, &gateway, "realuser", PASSWORD, &device).await
+                } else {
+                    let source: std::net::IpAddr =
+                        std::net::Ipv4Addr::new(127, 251, (i >> 8) as u8, i as u8).into();
+                    gateway_login(&gateway_client(source), &gateway, "realuser", PASSWORD, "").await
+                };
+                match (status, i.is_multiple_of(2)) {
+                    (200, true) => known.push(t.elapsed()),
+                    (200, false) => plain.push(t.elapsed()),
+                    _ => refused += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (plain, known, refused)
+        }
+    };
+    let (plain, known, _) = real(5).await;
+    report("gateway, unloaded, no device token", plain);
+    report("gateway, unloaded, device token", known);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let fixed: Arc<Vec<reqwest::Client>> = Arc::new(
+        (0..sources)
+            .map(|id| gateway_client(loopback(id)))
+            .collect(),
+    );
+    let tasks: Vec<_> = (0..attackers)
+        .map(|i| {
+            let (stop, counter, fixed) = (stop.clone(), counter.clone(), fixed.clone());
+            let gateway = gateway.to_owned();
+            tokio::spawn(async move {
+                let (mut refused, mut answered, mut other) = (Vec::new(), 0u64, 0u64);
+                let mut pace =
+                    tokio::time::interval(Duration::from_secs_f64(attackers as f64 / rate as f64));
+                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                while !stop.load(Ordering::Relaxed) {
+                    pace.tick().await;
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let client = if fresh {
+                        gateway_client(loopback(n))
+                    } else {
+                        fixed[(n % sources) as usize].clone()
+                    };
+                    let t = Instant::now();
+                    let login = format!("nobody{i}x{n}");
+                    match gateway_login(&client, &gateway, &login, "guess guess", "")
+                        .await
+                        .0
+                    {
+                        503 | 429 => refused.push(t.elapsed()),
+                        401 => answered += 1,
+                        _ => other += 1,
+                    }
+                }
+                (refused, answered, other)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let (plain, known, real_refused) = real(seconds).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut refused, mut answered, mut other) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (r, a, o) = t.await.unwrap();
+        refused.extend(r);
+        answered += a;
+        other += o;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "gateway flood: {attackers} loops at {rate}/s from {} loopback sources: {:.0} attempts/s sent, {:.0}/s hashed (401), {:.0}/s refused (503/429), {other} other; real user refused {real_refused} times",
+        if fresh {
+            "fresh".to_owned()
+        } else {
+            sources.to_string()
+        },
+        (answered as f64 + refused.len() as f64 + other as f64) / elapsed,
+        answered as f64 / elapsed,
+        refused.len() as f64 / elapsed,
+    );
+    report("gateway refusal latency", refused);
+    report("gateway, under flood, no device token", plain);
+    report("gateway, under flood, device token", known);
+}
+
 async fn chaos(addr: &str, seconds: u64, acked_file: &str) {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
@@ -750,6 +912,15 @@ async fn main() {
         "many-tokens" => {
             let one_address = args.get(4).is_some_and(|a| a == "one-address");
             many_tokens(&arg(1), &arg(2), arg(3).parse().unwrap(), one_address).await
+        }
+        "flood-gateway" => {
+            flood_gateway(
+                &arg(1),
+                arg(2).parse().unwrap(),
+                &arg(3),
+                arg(4).parse().unwrap(),
+            )
+            .await
         }
         "flood" => {
             flood(
