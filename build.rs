@@ -1,6 +1,7 @@
 //! Compiles the protobuf API with `protox` (pure Rust, no system `protoc`) and
 //! writes the descriptor set (with imports) that gRPC reflection and Envoy's
-//! gRPC-JSON transcoder read.
+//! gRPC-JSON transcoder read, and the descriptor set of Envoy's ext_authz
+//! API for reflection.
 
 use std::{env, fs, path::PathBuf};
 
@@ -26,6 +27,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         compiler.encode_file_descriptor_set(),
     )?;
     let fds = compiler.file_descriptor_set();
+
+    // ext_authz's own API: envoy-types generates its Rust code but ships no
+    // descriptor set, so reflection gets one compiled here from the vendored
+    // closure of external_auth.proto (no Rust code is generated from it).
+    let mut envoy = protox::Compiler::new(["proto/vendor", "proto"])?;
+    envoy.include_imports(true).include_source_info(false);
+    envoy.open_files(["proto/vendor/envoy/service/auth/v3/external_auth.proto"])?;
+    fs::write(
+        out_dir.join("authz_descriptor.bin"),
+        envoy.encode_file_descriptor_set(),
+    )?;
 
     tonic_prost_build::configure()
         .build_client(true)

@@ -437,6 +437,10 @@ pub struct KafkaConfig {
     /// Consume user-lifecycle events (suspended/deleted).
     pub consumer_enabled: bool,
     pub consumer_group: String,
+    /// How often the lifecycle consumer refreshes topic metadata
+    /// (librdkafka `topic.metadata.refresh.interval.ms`). Short, so topics
+    /// created after start are noticed within seconds.
+    pub consumer_metadata_refresh_ms: u64,
     pub user_suspended_topic: String,
     pub user_deleted_topic: String,
     pub dlq_topic: String,
@@ -486,6 +490,7 @@ impl Default for KafkaConfig {
             retention_secs: 7 * 24 * 3600,
             consumer_enabled: true,
             consumer_group: "auth-service".into(),
+            consumer_metadata_refresh_ms: 2000,
             user_suspended_topic: "user.events.user_suspended".into(),
             user_deleted_topic: "user.events.user_deleted".into(),
             dlq_topic: "auth.events.dlq".into(),

@@ -6,8 +6,10 @@
 //!   [`GrpcTraceLayer`] opens one server span per gRPC call (AuthService,
 //!   ext_authz, health), continuing the caller's W3C `traceparent`; spans
 //!   are exported in batches from a bounded queue (full: dropped, never
-//!   blocking a request). The current span's context goes into outbox
-//!   events (and so into Kafka headers) and outbound platform calls.
+//!   blocking a request). Inside a sampled call, `child_span!` opens
+//!   children (hashing, Redis); the event worker's producer spans and the
+//!   lifecycle consumer's spans continue the trace across Kafka. The current
+//!   span's context goes into outbox events and outbound platform calls.
 
 use std::{
     sync::OnceLock,
@@ -225,9 +227,42 @@ pub fn context_from(
     cx.span().span_context().is_valid().then_some(cx)
 }
 
+/// Whether the current span belongs to a traced call. Child spans
+/// (hashing, Redis, Kafka) are opened only then: with traces on, a span
+/// opened outside a sampled call would start a trace of its own, and would
+/// cost an unsampled call the work the head sampling saved.
+pub fn in_traced_call() -> bool {
+    if !traces_on() {
+        return false;
+    }
+    let current = tracing::Span::current();
+    current
+        .metadata()
+        .is_some_and(|m| *m.level() <= tracing::Level::INFO)
+        && current.context().span().span_context().is_sampled()
+}
+
+/// A child span of the current traced call, or `Span::none()` (see
+/// [`in_traced_call`]). Takes `info_span!`'s arguments.
+#[macro_export]
+macro_rules! child_span {
+    ($($arg:tt)+) => {
+        if $crate::telemetry::in_traced_call() {
+            ::tracing::info_span!($($arg)+)
+        } else {
+            ::tracing::Span::none()
+        }
+    };
+}
+
 /// The `traceparent` of the current span, when traces are on.
 pub fn current_traceparent() -> Option<String> {
-    let cx = tracing::Span::current().context();
+    traceparent_of(&tracing::Span::current())
+}
+
+/// The `traceparent` of `span`, when it is traced.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
     let span = cx.span();
     let sc = span.span_context();
     sc.is_valid().then(|| {

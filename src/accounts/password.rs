@@ -42,6 +42,7 @@ use argon2::{
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 use super::model::Password;
 use crate::config::PasswordConfig;
@@ -475,6 +476,7 @@ impl PasswordHasher {
     ) -> Result<String, HashError> {
         let password = SecretString::from(password.expose().to_owned());
         self.submit(admission, |reply| Job::Hash { password, reply })
+            .instrument(crate::child_span!("password.hash"))
             .await
     }
 
@@ -497,6 +499,7 @@ impl PasswordHasher {
                 hash,
                 reply,
             })
+            .instrument(crate::child_span!("password.verify"))
             .await?;
         Ok(Verification {
             matches: verification.matches && known,

@@ -20,6 +20,7 @@ use rdkafka::{
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{RequestContext, relay::backoff};
@@ -64,8 +65,10 @@ impl LifecycleConsumer {
             .set("group.id", &config.consumer_group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            // Notice topics created after start within seconds.
-            .set("topic.metadata.refresh.interval.ms", "2000")
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                config.consumer_metadata_refresh_ms.to_string(),
+            )
             .create()?;
         Ok(Self {
             consumer: Closing(Some(consumer)),
@@ -140,14 +143,18 @@ impl LifecycleConsumer {
         } else {
             UserStatus::Suspended
         };
+        let received = message.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        });
+        let span = self.process_span(message.topic(), received.as_deref());
         let ctx = RequestContext {
             client_ip: None,
             deadline: None,
-            traceparent: message.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == "traceparent")
-                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-            }),
+            // The events this writes continue the processing span (or the
+            // producer's trace as received, when untraced here).
+            traceparent: crate::telemetry::traceparent_of(&span).or(received),
         };
         let mut unknown = 0u32;
         let mut failures = 0u32;
@@ -155,6 +162,7 @@ impl LifecycleConsumer {
             match self
                 .accounts
                 .apply_lifecycle(user_id, status, message.topic(), &ctx)
+                .instrument(span.clone())
                 .await
             {
                 Ok(changed) => {
@@ -177,6 +185,29 @@ impl LifecycleConsumer {
                 () = tokio::time::sleep(backoff(unknown + failures)) => {}
             }
         }
+    }
+
+    /// With traces on, a consumer span continuing the trace the message
+    /// carries in its `traceparent` header (OpenTelemetry messaging
+    /// conventions); `Span::none()` when untraced.
+    fn process_span(&self, topic: &str, traceparent: Option<&str>) -> tracing::Span {
+        use crate::telemetry;
+        if !telemetry::traces_on() || !telemetry::sampled(traceparent) {
+            return tracing::Span::none();
+        }
+        let span = tracing::info_span!(
+            "process",
+            otel.name = %format_args!("process {topic}"),
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            "messaging.operation.type" = "process",
+            messaging.destination.name = topic,
+            messaging.consumer.group.name = self.config.consumer_group.as_str(),
+        );
+        if let Some(parent) = telemetry::context_from(traceparent, None) {
+            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+        }
+        span
     }
 
     /// Sends the message to the dead-letter topic; keeps trying until it is

@@ -16,13 +16,15 @@ use rdkafka::{
 };
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{
     RelayStore, StoredEvent,
     envelope::{self, EventFormat},
     kafka::{self, topic_for},
 };
-use crate::config::KafkaConfig;
+use crate::{config::KafkaConfig, telemetry};
 
 pub struct Relay {
     store: Arc<dyn RelayStore>,
@@ -235,19 +237,22 @@ impl Relay {
         if batch.is_empty() {
             return Ok(0);
         }
-        let encoded: Vec<(String, String, Vec<u8>, OwnedHeaders)> =
-            batch.iter().map(|e| self.encode(e)).collect();
+        let encoded: Vec<Outgoing> = batch.iter().map(|e| self.encode(e)).collect();
         // Enqueued in id order: one user's events keep their order on the
         // partition their key maps to (the idempotent producer keeps it
         // through retries).
-        let sends = encoded.iter().map(|(topic, key, payload, headers)| {
-            let record = FutureRecord::to(topic)
-                .key(key)
-                .payload(payload)
-                .headers(headers.clone());
-            self.producer.send(record, Duration::from_secs(5))
+        let sends = encoded.iter().map(|out| {
+            let record = FutureRecord::to(&out.topic)
+                .key(&out.key)
+                .payload(&out.payload)
+                .headers(out.headers.clone());
+            self.producer
+                .send(record, Duration::from_secs(5))
+                .instrument(out.span.clone())
         });
         let results = futures::future::join_all(sends).await;
+        // The send spans end with their delivery reports.
+        drop(encoded);
         let (mut published, mut failed) = (Vec::new(), Vec::new());
         let (mut first_error, mut unknown_topic) = (None, false);
         for (event, result) in batch.iter().zip(results) {
@@ -299,8 +304,10 @@ impl Relay {
         Ok(batch.len())
     }
 
-    fn encode(&self, event: &StoredEvent) -> (String, String, Vec<u8>, OwnedHeaders) {
+    fn encode(&self, event: &StoredEvent) -> Outgoing {
         let format: EventFormat = self.config.format;
+        let topic = topic_for(&self.config, &event.event_type);
+        let span = send_span(event, &topic);
         let event_id = event.id.to_string();
         let mut headers = OwnedHeaders::new()
             .insert(Header {
@@ -315,7 +322,10 @@ impl Relay {
                 key: "event-id",
                 value: Some(event_id.as_str()),
             });
-        if let Some(traceparent) = &event.traceparent {
+        // The send span's context when the send is traced, so a consumer
+        // continues from the send; else the stored one as it came.
+        let traceparent = telemetry::traceparent_of(&span).or_else(|| event.traceparent.clone());
+        if let Some(traceparent) = &traceparent {
             headers = headers.insert(Header {
                 key: "traceparent",
                 value: Some(traceparent.as_str()),
@@ -325,13 +335,48 @@ impl Relay {
         let key = event
             .user_id
             .map_or_else(|| event_id.clone(), |u| u.to_string());
-        (
-            topic_for(&self.config, &event.event_type),
+        Outgoing {
+            payload: envelope::encode(event, format),
+            topic,
             key,
-            envelope::encode(event, format),
             headers,
-        )
+            span,
+        }
     }
+}
+
+/// One event ready to send.
+struct Outgoing {
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    headers: OwnedHeaders,
+    /// Open until the delivery report (`Span::none()` when untraced).
+    span: tracing::Span,
+}
+
+/// With traces on, a producer span for an event whose call was sampled: a
+/// child of the span that wrote the event (its stored `traceparent`), named
+/// and attributed by the OpenTelemetry messaging conventions. Events from
+/// untraced calls cost nothing here.
+fn send_span(event: &StoredEvent, topic: &str) -> tracing::Span {
+    let stored = event.traceparent.as_deref();
+    if !telemetry::traces_on() || stored.is_none() || !telemetry::sampled(stored) {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "send",
+        otel.name = %format_args!("send {topic}"),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        "messaging.operation.type" = "send",
+        messaging.destination.name = topic,
+        messaging.message.id = %event.id,
+    );
+    if let Some(parent) = telemetry::context_from(stored, None) {
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 #[cfg(test)]

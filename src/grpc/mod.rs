@@ -35,6 +35,12 @@ pub mod pb {
     /// gRPC-JSON transcoder.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/auth_descriptor.bin"));
+
+    /// The descriptor set of Envoy's ext_authz v3 API
+    /// (`envoy.service.auth.v3`), for reflection only: its Rust types come
+    /// from `envoy-types`.
+    pub const AUTHZ_FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/authz_descriptor.bin"));
 }
 
 use pb::auth_service_server::AuthService;

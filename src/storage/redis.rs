@@ -13,6 +13,7 @@ use redis::{
     AsyncCommands, RedisError, Script,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -136,12 +137,23 @@ impl RedisStore {
         })
     }
 
+    /// One bounded Redis call; `operation` names its span in a traced call.
     async fn run<T>(
         &self,
+        operation: &'static str,
         call: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, BackendError> {
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.timeout, call).await;
+        let span = crate::child_span!(
+            "redis",
+            otel.name = operation,
+            otel.kind = "client",
+            db.system.name = "redis",
+            db.operation.name = operation,
+        );
+        let result = tokio::time::timeout(self.timeout, call)
+            .instrument(span)
+            .await;
         metrics::histogram!("redis_call_duration_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(r) => r.map_err(redis_error),
@@ -155,9 +167,11 @@ impl RedisStore {
 
     pub async fn ping(&self) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
-        self.run(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
-            .await
-            .map(drop)
+        self.run("PING", async move {
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        })
+        .await
+        .map(drop)
     }
 }
 
@@ -191,8 +205,10 @@ impl RedisStore {
             .arg(notice.encode())
             .ignore();
         let mut conn = self.conn.clone();
-        self.run(async move { pipe.query_async::<()>(&mut conn).await })
-            .await
+        self.run("MULTI SET PUBLISH", async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
     }
 
     /// Applies every revocation published by any replica to `revocations`
@@ -280,7 +296,7 @@ impl RevocationStore for RedisStore {
         }
         .encode();
         let channel = self.channel();
-        self.run(async move {
+        self.run("EVALSHA PUBLISH", async move {
             script
                 .key(key)
                 .arg(epoch_ms)
@@ -305,7 +321,9 @@ impl RevocationStore for RedisStore {
         ];
         let mut conn = self.conn.clone();
         let (jti, sid, epoch): (Option<i64>, Option<i64>, Option<i64>) = self
-            .run(async move { redis::cmd("MGET").arg(&names).query_async(&mut conn).await })
+            .run("MGET", async move {
+                redis::cmd("MGET").arg(&names).query_async(&mut conn).await
+            })
             .await?;
         Ok(RevocationSnapshot {
             token_revoked: jti.is_some(),
@@ -326,7 +344,7 @@ impl FailureCounter for RedisStore {
         let mut conn = self.conn.clone();
         // Flat replies: count (nil when absent), then PTTL (negative when absent).
         let replies: Vec<Option<i64>> = self
-            .run(async move { pipe.query_async(&mut conn).await })
+            .run("GET PTTL", async move { pipe.query_async(&mut conn).await })
             .await?;
         Ok(replies
             .chunks(2)
@@ -360,14 +378,17 @@ impl FailureCounter for RedisStore {
                 .ignore();
         }
         let mut conn = self.conn.clone();
-        self.run(async move { pipe.query_async::<()>(&mut conn).await })
-            .await
+        self.run("MULTI INCR EXPIRE", async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
     }
 
     async fn clear(&self, key: &str) -> Result<(), BackendError> {
         let key = self.key(format_args!("{key}"));
         let mut conn = self.conn.clone();
-        self.run(async move { conn.del::<_, ()>(key).await }).await
+        self.run("DEL", async move { conn.del::<_, ()>(key).await })
+            .await
     }
 }
 
@@ -378,7 +399,7 @@ impl QuotaStore for RedisStore {
         let mut conn = self.conn.clone();
         let script = self.gcra.clone();
         let (granted, retry_us): (i64, i64) = self
-            .run(async move {
+            .run("EVALSHA", async move {
                 script
                     .key(key)
                     .arg(limit.interval_us())

@@ -26,8 +26,31 @@ on_both_backends! {
         let mut stream = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
         let response = stream.message().await.unwrap().unwrap();
         let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("unexpected {response:?}") };
-        for name in ["immersiverse.auth.v1.AuthService", "grpc.health.v1.Health"] {
+        for name in ["immersiverse.auth.v1.AuthService", "grpc.health.v1.Health", "envoy.service.auth.v3.Authorization"] {
             assert!(list.service.iter().any(|s| s.name == name), "{name}: {list:?}");
+        }
+        // Listed and described: the file declaring Check, then every file it
+        // imports, transitively (what `grpcurl describe` fetches).
+        use prost::Message as _;
+        let mut wanted = vec![MessageRequest::FileContainingSymbol("envoy.service.auth.v3.Authorization.Check".into())];
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(message_request) = wanted.pop() {
+            let request = ServerReflectionRequest { host: String::new(), message_request: Some(message_request.clone()) };
+            let mut stream = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+            let response = stream.message().await.unwrap().unwrap();
+            let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else { panic!("{message_request:?}: {response:?}") };
+            for raw in &files.file_descriptor_proto {
+                let file = prost_types::FileDescriptorProto::decode(raw.as_slice()).unwrap();
+                for dependency in &file.dependency {
+                    if seen.insert(dependency.clone()) {
+                        wanted.push(MessageRequest::FileByFilename(dependency.clone()));
+                    }
+                }
+                seen.insert(file.name().to_owned());
+            }
+        }
+        for name in ["envoy/service/auth/v3/external_auth.proto", "envoy/service/auth/v3/attribute_context.proto", "envoy/config/core/v3/base.proto", "google/rpc/status.proto"] {
+            assert!(seen.contains(name), "{name}: {seen:?}");
         }
     }
 

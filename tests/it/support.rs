@@ -1006,11 +1006,35 @@ static_resources:
 
     /// Produces one message and waits for its delivery report.
     pub async fn produce(&self, topic: &str, key: &str, payload: &[u8]) {
-        use rdkafka::producer::{FutureProducer, FutureRecord};
+        self.produce_with_headers(topic, key, payload, &[]).await;
+    }
+
+    pub async fn produce_with_headers(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        use rdkafka::{
+            message::{Header, OwnedHeaders},
+            producer::{FutureProducer, FutureRecord},
+        };
         let producer: FutureProducer = self.client_config().create().unwrap();
+        let headers = headers
+            .iter()
+            .fold(OwnedHeaders::new(), |all, (key, value)| {
+                all.insert(Header {
+                    key,
+                    value: Some(*value),
+                })
+            });
         producer
             .send(
-                FutureRecord::to(topic).key(key).payload(payload),
+                FutureRecord::to(topic)
+                    .key(key)
+                    .payload(payload)
+                    .headers(headers),
                 Duration::from_secs(10),
             )
             .await

@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::{
 
 use crate::{
     process::start,
-    support::{PASSWORD, channel},
+    support::{PASSWORD, Tansu, channel, header},
 };
 
 #[derive(Clone, Default)]
@@ -75,14 +75,20 @@ impl Receiver {
 
     /// The first span named `name`, waiting for the batch export.
     async fn span(&self, name: &str) -> (String, Span) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.span_where(name, |_| true).await
+    }
+
+    /// The first span named `name` that `pick` accepts, waiting for the
+    /// batch export.
+    async fn span_where(&self, name: &str, pick: impl Fn(&Span) -> bool) -> (String, Span) {
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(found) = self
                 .spans
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|(_, s)| s.name == name)
+                .find(|(_, s)| s.name == name && pick(s))
             {
                 return found.clone();
             }
@@ -93,6 +99,22 @@ impl Receiver {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether `ancestor` is `span`'s parent, or a parent of its parent…
+    fn descends(&self, span: &Span, ancestor: &Span) -> bool {
+        let spans = self.spans.lock().unwrap();
+        let mut parent = span.parent_span_id.clone();
+        while !parent.is_empty() {
+            if parent == ancestor.span_id {
+                return true;
+            }
+            match spans.iter().find(|(_, s)| s.span_id == parent) {
+                Some((_, s)) => parent = s.parent_span_id.clone(),
+                None => return false,
+            }
+        }
+        false
     }
 
     fn names(&self) -> Vec<String> {
@@ -227,4 +249,155 @@ async fn rpc_and_check_spans_continue_the_callers_trace_into_the_event() {
         .unwrap_or_else(|| panic!("the call's span is listed: {created}"));
     assert_eq!(grpc["trace_id"], TRACE, "{created}");
     assert_eq!(grpc["span_id"], hex::encode(&span.span_id), "{created}");
+}
+
+/// The trace goes on through Kafka: a sign-up's span has children for the
+/// password hashing and for the Kafka send made by the event worker (another
+/// process), whose context is the message's `traceparent`; a lifecycle
+/// message carrying a `traceparent` is processed in a consumer span of that
+/// trace, and the event that processing writes is sent as its child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_send_and_the_lifecycle_consumer_continue_the_trace() {
+    let tansu = Tansu::start().await;
+    let (receiver, otlp) = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let endpoint = format!("http://{otlp}");
+    // PostgreSQL and Redis: the consumer runs in the supervised worker
+    // process, which revokes through Redis.
+    let database_url = crate::support::fresh_postgres_url().await;
+    let redis_url = crate::support::env_url("TEST_REDIS_URL");
+    let prefix = format!("t{}:", uuid::Uuid::new_v4().simple());
+    let mut server = start(
+        dir.path(),
+        &[
+            ("AUTH_DATA_DIR", &data),
+            ("AUTH_DATABASE_URL", &database_url),
+            ("AUTH_REDIS_URL", &redis_url),
+            ("AUTH_REDIS_KEY_PREFIX", &prefix),
+            ("AUTH_OTEL__ENDPOINT", &endpoint),
+            ("AUTH_KAFKA_BROKERS", &tansu.brokers),
+            ("AUTH_KAFKA__TOPIC_PARTITIONS", "1"),
+            ("AUTH_KAFKA__RELAY_IDLE_MS", "20"),
+            ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
+            ("AUTH_PASSWORD__ITERATIONS", "1"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    server.ready().await;
+    let started = Instant::now();
+
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(pb::CreateUserRequest {
+        email: "kafkatraced@example.com".into(),
+        username: "kafkatraced".into(),
+        password: PASSWORD.into(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    let user = client
+        .create_user(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+
+    let (_, rpc) = receiver
+        .span("immersiverse.auth.v1.AuthService/CreateUser")
+        .await;
+    let (_, hash) = receiver.span("password.hash").await;
+    assert_eq!(hex::encode(&hash.trace_id), TRACE);
+    assert!(receiver.descends(&hash, &rpc), "hashing is inside the call");
+
+    // A traced login: its Redis calls (the failure counters) are children.
+    let mut login = tonic::Request::new(pb::LoginRequest {
+        login: "kafkatraced".into(),
+        password: PASSWORD.into(),
+        ..Default::default()
+    });
+    login.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    client.login(login).await.unwrap();
+    let (_, login) = receiver
+        .span("immersiverse.auth.v1.AuthService/Login")
+        .await;
+    let (_, verify) = receiver.span("password.verify").await;
+    assert!(receiver.descends(&verify, &login));
+    let redis = loop {
+        let redis: Vec<Span> = receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| {
+                attributes(s).get("db.system.name").map(String::as_str) == Some("redis")
+            })
+            .map(|(_, s)| s.clone())
+            .collect();
+        if let Some(span) = redis.into_iter().find(|s| receiver.descends(s, &login)) {
+            break span;
+        }
+        assert!(
+            Instant::now() < started + Duration::from_secs(30),
+            "no Redis span under the login; got {:?}",
+            receiver.names()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(redis.kind, 3, "SPAN_KIND_CLIENT");
+
+    let (_, send) = receiver.span("send auth.events.user_created").await;
+    assert_eq!(
+        hex::encode(&send.trace_id),
+        TRACE,
+        "the send is in the caller's trace"
+    );
+    assert_eq!(
+        send.parent_span_id, rpc.span_id,
+        "the send's parent is the call that wrote the event"
+    );
+    assert_eq!(send.kind, 4, "SPAN_KIND_PRODUCER");
+    let attrs = attributes(&send);
+    assert_eq!(
+        attrs.get("messaging.system").map(String::as_str),
+        Some("kafka")
+    );
+    assert_eq!(
+        attrs.get("messaging.destination.name").map(String::as_str),
+        Some("auth.events.user_created")
+    );
+    let messages = tansu
+        .read(&["auth.events.user_created"], 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        header(&messages[0], "traceparent"),
+        Some(format!("00-{TRACE}-{}-01", hex::encode(&send.span_id))),
+        "the message carries the send span's context"
+    );
+
+    // A lifecycle event from another service, in that service's trace.
+    let upstream = format!("00-{ENVOY_TRACE}-{ENVOY_SPAN}-01");
+    tansu
+        .produce_with_headers(
+            "user.events.user_suspended",
+            &user.id,
+            format!(r#"{{"user_id":"{}"}}"#, user.id).as_bytes(),
+            &[("traceparent", upstream.as_str())],
+        )
+        .await;
+    let (_, process) = receiver.span("process user.events.user_suspended").await;
+    assert_eq!(hex::encode(&process.trace_id), ENVOY_TRACE);
+    assert_eq!(hex::encode(&process.parent_span_id), ENVOY_SPAN);
+    assert_eq!(process.kind, 5, "SPAN_KIND_CONSUMER");
+    let (_, written) = receiver
+        .span_where("send auth.events.user_suspended", |s| {
+            s.parent_span_id == process.span_id
+        })
+        .await;
+    assert_eq!(hex::encode(&written.trace_id), ENVOY_TRACE);
 }
