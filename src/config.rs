@@ -77,7 +77,13 @@ pub struct Config {
     /// `postgres://…` or `sqlite://…`; unset means SQLite in `data_dir`.
     pub database_url: Option<String>,
     /// `redis://…`; unset means revocations and login counters live in process.
+    /// With `redis_mode = "cluster"`: the seed nodes, comma-separated
+    /// (`redis://a:6379,redis://b:6379`).
     pub redis_url: Option<String>,
+    /// `standalone` (one server, or a proxy in front of several) or
+    /// `cluster` (Redis Cluster: keys are hash-tagged so that no command
+    /// spans two slots).
+    pub redis_mode: RedisMode,
     /// Prefix of every Redis key this service writes (lets deployments and
     /// tests share one Redis).
     pub redis_key_prefix: String,
@@ -565,6 +571,15 @@ impl Default for AuthzConfig {
     }
 }
 
+/// How Redis is reached.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -662,6 +677,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             database_url: None,
             redis_url: None,
+            redis_mode: RedisMode::Standalone,
             redis_key_prefix: "auth:".into(),
             redis_timeout_ms: 250,
             redis_tls: RedisTlsConfig::default(),
@@ -793,13 +809,20 @@ impl Config {
                 "must start with postgres:// or sqlite:",
             );
         }
-        if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-        {
-            return fail(
-                "redis_url (AUTH_REDIS_URL)",
-                "must start with redis:// or rediss://",
-            );
+        if let Some(url) = &self.redis_url {
+            let urls: Vec<&str> = match self.redis_mode {
+                RedisMode::Standalone => vec![url.as_str()],
+                RedisMode::Cluster => url.split(',').map(str::trim).collect(),
+            };
+            if urls
+                .iter()
+                .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                return fail(
+                    "redis_url (AUTH_REDIS_URL)",
+                    "must start with redis:// or rediss:// (in cluster mode: each comma-separated seed node)",
+                );
+            }
         }
         let p = &self.password;
         if p.memory_kib < 8 * p.parallelism.max(1) || p.iterations == 0 || p.parallelism == 0 {

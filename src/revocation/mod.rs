@@ -45,8 +45,15 @@ pub struct RevocationSnapshot {
 /// stores can drop it.
 #[async_trait]
 pub trait RevocationStore: Send + Sync + 'static {
-    async fn revoke_token(&self, jti: Uuid, until: i64) -> Result<(), BackendError>;
-    async fn revoke_session(&self, session_id: Uuid, until: i64) -> Result<(), BackendError>;
+    /// `user_id` owns the token: stores keep one user's entries together
+    /// (one Redis Cluster slot), so [`lookup`](Self::lookup) is one read.
+    async fn revoke_token(&self, user_id: Uuid, jti: Uuid, until: i64) -> Result<(), BackendError>;
+    async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        until: i64,
+    ) -> Result<(), BackendError>;
     /// Moves the epoch forward to `epoch_ms`; never moves it back.
     async fn raise_user_epoch(
         &self,
@@ -196,9 +203,14 @@ impl Revocations {
         Ok(epoch.is_some_and(|epoch| token.issued_at_ms < epoch))
     }
 
-    /// Revokes one access token until it expires.
-    pub async fn revoke_token(&self, jti: Uuid, expires_at: i64) -> Result<(), BackendError> {
-        self.store.revoke_token(jti, expires_at).await?;
+    /// Revokes one access token of `user_id` until it expires.
+    pub async fn revoke_token(
+        &self,
+        user_id: Uuid,
+        jti: Uuid,
+        expires_at: i64,
+    ) -> Result<(), BackendError> {
+        self.store.revoke_token(user_id, jti, expires_at).await?;
         self.apply(&Notice::Token {
             jti,
             until: expires_at,
@@ -206,10 +218,16 @@ impl Revocations {
         Ok(())
     }
 
-    /// Revokes every access token of one session.
-    pub async fn revoke_session(&self, session_id: Uuid) -> Result<(), BackendError> {
+    /// Revokes every access token of one session of `user_id`.
+    pub async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+    ) -> Result<(), BackendError> {
         let until = unix_now() + self.access_ttl_secs + 60;
-        self.store.revoke_session(session_id, until).await?;
+        self.store
+            .revoke_session(user_id, session_id, until)
+            .await?;
         self.apply(&Notice::Session { session_id, until });
         Ok(())
     }

@@ -104,12 +104,22 @@ impl MemoryRevocations {
 
 #[async_trait]
 impl RevocationStore for MemoryRevocations {
-    async fn revoke_token(&self, jti: Uuid, until: i64) -> Result<(), BackendError> {
+    async fn revoke_token(
+        &self,
+        _user_id: Uuid,
+        jti: Uuid,
+        until: i64,
+    ) -> Result<(), BackendError> {
         self.map.insert(RevKey::Token(jti), 1, ttl_until(until));
         Ok(())
     }
 
-    async fn revoke_session(&self, session_id: Uuid, until: i64) -> Result<(), BackendError> {
+    async fn revoke_session(
+        &self,
+        _user_id: Uuid,
+        session_id: Uuid,
+        until: i64,
+    ) -> Result<(), BackendError> {
         self.map
             .insert(RevKey::Session(session_id), 1, ttl_until(until));
         Ok(())

@@ -256,6 +256,7 @@ pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
         Some(url) => {
             let redis = RedisStore::connect(
                 url,
+                config.redis_mode,
                 &config.redis_key_prefix,
                 config.redis_timeout(),
                 &config.redis_tls,

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::{FutureExt as _, TryFutureExt as _};
 use redis::{
     AsyncCommands, RedisError, Script,
     aio::{ConnectionManager, ConnectionManagerConfig},
@@ -17,6 +18,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
+    config::RedisMode,
     error::BackendError,
     ratelimit::{
         FailureCounter,
@@ -28,12 +30,55 @@ use crate::{
 
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// Plain clients for the revocation channel: the server, or every seed
+    /// node of a cluster (a cluster forwards PUBLISH to every node, so a
+    /// subscription on any one of them hears all).
+    pubsub: Vec<redis::Client>,
+    conn: Conn,
     prefix: String,
     timeout: Duration,
     raise_epoch: Script,
     gcra: Script,
+}
+
+/// One multiplexed, reconnecting handle for either topology. Every command
+/// this store sends touches one slot (keys of one user share a hash tag;
+/// per-key pipelines otherwise), so the cluster client can route each.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// GCRA with leases (see `ratelimit::quota`): takes up to ARGV[3] tokens;
@@ -70,10 +115,20 @@ return 1
 ";
 
 fn redis_error(error: RedisError) -> BackendError {
+    // A cluster whose node serving the slot is gone answers MOVED to that
+    // node, CLUSTERDOWN, TRYAGAIN or MASTERDOWN, or the client finds no
+    // connection for it: the backend is down for that key, not broken.
+    let cluster_unavailable = error.is_cluster_error()
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::ClusterConnectionNotFound
+                | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
+        );
     if error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
+        || cluster_unavailable
     {
         BackendError::unavailable("redis", error)
     } else {
@@ -84,11 +139,12 @@ fn redis_error(error: RedisError) -> BackendError {
 impl RedisStore {
     pub async fn connect(
         url: &str,
+        mode: RedisMode,
         prefix: &str,
         timeout: Duration,
         tls: &crate::config::RedisTlsConfig,
     ) -> Result<Self, BackendError> {
-        let client = if tls.ca.is_some() || tls.cert.is_some() {
+        let certificates = if tls.ca.is_some() || tls.cert.is_some() {
             let read = |path: &std::path::Path| {
                 std::fs::read(path).map_err(|e| {
                     BackendError::failed(
@@ -105,30 +161,60 @@ impl RedisStore {
                 _ => None,
             };
             let root_cert = tls.ca.as_deref().map(read).transpose()?;
-            redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert,
-                },
-            )
+            Some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            })
         } else {
-            redis::Client::open(url)
-        }
-        .map_err(|e| BackendError::failed("redis", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
-            timeout * 4,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|e| BackendError::unavailable("redis", e))?
-        .map_err(redis_error)?;
+            None
+        };
+        let client = |url: &str| {
+            match &certificates {
+                Some(certs) => redis::Client::build_with_tls(url, certs.clone()),
+                None => redis::Client::open(url),
+            }
+            .map_err(|e| BackendError::failed("redis", e))
+        };
+        let (pubsub, connecting) = match mode {
+            RedisMode::Standalone => {
+                let client = client(url)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(timeout))
+                    .set_number_of_retries(1);
+                let connecting = ConnectionManager::new_with_config(client.clone(), config)
+                    .map_ok(Conn::Single)
+                    .boxed();
+                (vec![client], connecting)
+            }
+            RedisMode::Cluster => {
+                let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
+                let pubsub = seeds
+                    .iter()
+                    .map(|seed| client(seed))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut builder = redis::cluster::ClusterClient::builder(seeds)
+                    .response_timeout(timeout)
+                    .connection_timeout(timeout)
+                    .retries(1);
+                if let Some(certs) = &certificates {
+                    builder = builder.certs(certs.clone());
+                }
+                let cluster = builder
+                    .build()
+                    .map_err(|e| BackendError::failed("redis", e))?;
+                let connecting = async move { cluster.get_async_connection().await }
+                    .map_ok(Conn::Cluster)
+                    .boxed();
+                (pubsub, connecting)
+            }
+        };
+        let conn = tokio::time::timeout(timeout * 4, connecting)
+            .await
+            .map_err(|e| BackendError::unavailable("redis", e))?
+            .map_err(redis_error)?;
         Ok(Self {
-            client,
+            pubsub,
             conn,
             prefix: prefix.to_owned(),
             timeout,
@@ -184,7 +270,11 @@ impl RedisStore {
         self.key(format_args!("revocations"))
     }
 
-    /// Sets `key` until `until` and tells every replica, atomically.
+    /// Sets `key` until `until`, then tells every replica. Two commands,
+    /// not one MULTI: in a cluster the channel and the key are in different
+    /// slots. The key is written first, so a replica that hears the notice
+    /// finds it; a notice lost after the write is covered by the other
+    /// replicas' cache TTL, as any missed notice is.
     async fn set_and_announce(
         &self,
         key: String,
@@ -192,21 +282,21 @@ impl RedisStore {
         until: i64,
         notice: Notice,
     ) -> Result<(), BackendError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(&key)
-            .arg(value)
-            .arg("EX")
-            .arg(ttl_secs(until))
-            .ignore()
-            .cmd("PUBLISH")
-            .arg(self.channel())
-            .arg(notice.encode())
-            .ignore();
         let mut conn = self.conn.clone();
-        self.run("MULTI SET PUBLISH", async move {
-            pipe.query_async::<()>(&mut conn).await
+        let channel = self.channel();
+        self.run("SET PUBLISH", async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(value)
+                .arg("EX")
+                .arg(ttl_secs(until))
+                .exec_async(&mut conn)
+                .await?;
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(notice.encode())
+                .exec_async(&mut conn)
+                .await
         })
         .await
     }
@@ -222,9 +312,14 @@ impl RedisStore {
         use futures::StreamExt;
         let channel = self.channel();
         let mut backoff = Duration::from_millis(100);
+        // The next node to subscribe on: each failure moves to another seed
+        // node of a cluster (one server: always the same).
+        let mut attempt = 0usize;
         while !stop.is_cancelled() {
+            let client = &self.pubsub[attempt % self.pubsub.len()];
+            attempt += 1;
             let subscribed = async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
+                let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 Ok::<_, RedisError>(pubsub)
             };
@@ -268,14 +363,19 @@ impl RedisStore {
 
 #[async_trait]
 impl RevocationStore for RedisStore {
-    async fn revoke_token(&self, jti: Uuid, until: i64) -> Result<(), BackendError> {
-        let key = self.key(format_args!("rv:jti:{jti}"));
+    async fn revoke_token(&self, user_id: Uuid, jti: Uuid, until: i64) -> Result<(), BackendError> {
+        let key = self.key(format_args!("rv:{{{user_id}}}:jti:{jti}"));
         self.set_and_announce(key, 1, until, Notice::Token { jti, until })
             .await
     }
 
-    async fn revoke_session(&self, session_id: Uuid, until: i64) -> Result<(), BackendError> {
-        let key = self.key(format_args!("rv:sid:{session_id}"));
+    async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        until: i64,
+    ) -> Result<(), BackendError> {
+        let key = self.key(format_args!("rv:{{{user_id}}}:sid:{session_id}"));
         self.set_and_announce(key, 1, until, Notice::Session { session_id, until })
             .await
     }
@@ -286,7 +386,7 @@ impl RevocationStore for RedisStore {
         epoch_ms: i64,
         until: i64,
     ) -> Result<(), BackendError> {
-        let key = self.key(format_args!("rv:user:{user_id}"));
+        let key = self.key(format_args!("rv:{{{user_id}}}:user"));
         let mut conn = self.conn.clone();
         let script = self.raise_epoch.clone();
         let notice = Notice::User {
@@ -315,9 +415,12 @@ impl RevocationStore for RedisStore {
 
     async fn lookup(&self, keys: &RevocationKeys) -> Result<RevocationSnapshot, BackendError> {
         let names = [
-            self.key(format_args!("rv:jti:{}", keys.jti)),
-            self.key(format_args!("rv:sid:{}", keys.session_id)),
-            self.key(format_args!("rv:user:{}", keys.user_id)),
+            self.key(format_args!("rv:{{{}}}:jti:{}", keys.user_id, keys.jti)),
+            self.key(format_args!(
+                "rv:{{{}}}:sid:{}",
+                keys.user_id, keys.session_id
+            )),
+            self.key(format_args!("rv:{{{}}}:user", keys.user_id)),
         ];
         let mut conn = self.conn.clone();
         let (jti, sid, epoch): (Option<i64>, Option<i64>, Option<i64>) = self
@@ -335,53 +438,57 @@ impl RevocationStore for RedisStore {
 
 #[async_trait]
 impl FailureCounter for RedisStore {
+    /// One pipeline per key (each in one slot), all in flight at once: the
+    /// multiplexed connection writes them back to back, and a cluster routes
+    /// each to its node.
     async fn counts(&self, keys: &[String]) -> Result<Vec<(u32, Duration)>, BackendError> {
-        let mut pipe = redis::pipe();
-        for key in keys {
+        let reads = keys.iter().map(|key| {
             let key = self.key(format_args!("{key}"));
-            pipe.cmd("GET").arg(&key).cmd("PTTL").arg(&key);
-        }
-        let mut conn = self.conn.clone();
-        // Flat replies: count (nil when absent), then PTTL (negative when absent).
-        let replies: Vec<Option<i64>> = self
-            .run("GET PTTL", async move { pipe.query_async(&mut conn).await })
-            .await?;
-        Ok(replies
-            .chunks(2)
-            .map(|pair| {
-                let count = pair[0].and_then(|c| u32::try_from(c).ok()).unwrap_or(0);
-                let left = pair
-                    .get(1)
-                    .copied()
-                    .flatten()
-                    .and_then(|ms| u64::try_from(ms).ok())
-                    .unwrap_or(0);
-                (count, Duration::from_millis(left))
-            })
-            .collect())
+            let mut conn = self.conn.clone();
+            async move {
+                // The count (nil when absent), then PTTL (negative when absent).
+                let (count, left): (Option<i64>, i64) = redis::pipe()
+                    .cmd("GET")
+                    .arg(&key)
+                    .cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok::<_, RedisError>((
+                    count.and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
+                    Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+                ))
+            }
+        });
+        self.run("GET PTTL", futures::future::try_join_all(reads))
+            .await
     }
 
     async fn add_failure(&self, keys: &[String], window: Duration) -> Result<(), BackendError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for key in keys {
+        let writes = keys.iter().map(|key| {
             let key = self.key(format_args!("{key}"));
-            // EXPIRE … NX: the window starts at the first failure and later
-            // failures do not stretch it.
-            pipe.cmd("INCR")
-                .arg(&key)
-                .ignore()
-                .cmd("EXPIRE")
-                .arg(&key)
-                .arg(window.as_secs())
-                .arg("NX")
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        self.run("MULTI INCR EXPIRE", async move {
-            pipe.query_async::<()>(&mut conn).await
-        })
-        .await
+            let mut conn = self.conn.clone();
+            async move {
+                // EXPIRE … NX: the window starts at the first failure and
+                // later failures do not stretch it. Atomic per key, so no key
+                // is left counting without an expiry.
+                redis::pipe()
+                    .atomic()
+                    .cmd("INCR")
+                    .arg(&key)
+                    .ignore()
+                    .cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(window.as_secs())
+                    .arg("NX")
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        });
+        self.run("MULTI INCR EXPIRE", futures::future::try_join_all(writes))
+            .await
+            .map(drop)
     }
 
     async fn clear(&self, key: &str) -> Result<(), BackendError> {

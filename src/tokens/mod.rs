@@ -513,7 +513,7 @@ impl TokenService {
                 tracing::warn!(%user_id, %session_id, "refresh token reuse: session revoked");
                 metrics::counter!("refresh_token_reuse_total").increment(1);
                 // The family's access tokens die with it.
-                self.revocations.revoke_session(session_id).await?;
+                self.revocations.revoke_session(user_id, session_id).await?;
                 Err(TokenError::InvalidRefresh)
             }
             Rotation::Invalid => Err(TokenError::InvalidRefresh),
@@ -643,11 +643,13 @@ impl TokenService {
         }
         sessions.dedup();
         self.revocations
-            .revoke_token(caller.jti, caller.expires_at)
+            .revoke_token(caller.user_id, caller.jti, caller.expires_at)
             .await?;
         let now = OffsetDateTime::now_utc();
         for session_id in sessions {
-            self.revocations.revoke_session(session_id).await?;
+            self.revocations
+                .revoke_session(caller.user_id, session_id)
+                .await?;
             let event = OutboxEvent::token_revoked(caller.user_id, session_id, "logout", ctx);
             self.sessions
                 .revoke_session(session_id, caller.user_id, now, &event)

@@ -37,7 +37,7 @@ pub(crate) fn check(method: &str, path: &str, headers: &[(&str, &str)]) -> Check
 }
 
 /// (gRPC status code inside the CheckResponse, HTTP status of a denial).
-async fn decide(app: &TestApp, request: CheckRequest) -> (i32, Option<i32>) {
+pub(crate) async fn decide(app: &TestApp, request: CheckRequest) -> (i32, Option<i32>) {
     let mut client = AuthorizationClient::new(channel(app.grpc_addr).await);
     let response = client
         .check(request)

@@ -15,6 +15,7 @@ mod operations;
 mod overload;
 mod platforms;
 mod process;
+mod redis_cluster;
 mod revocation_feed;
 mod service_accounts;
 mod store_contract;

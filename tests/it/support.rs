@@ -478,6 +478,137 @@ impl Drop for OwnRedis {
     }
 }
 
+/// A Redis Cluster of the test's own: three primaries on loopback joined by
+/// `redis-cli --cluster create` (the slots spread over them), no replicas.
+pub struct RedisCluster {
+    pub nodes: Vec<OwnRedis>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let conf = dir.path().join(format!("nodes-{i}.conf"));
+            nodes.push(
+                OwnRedis::start_with(
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &conf.display().to_string(),
+                        "--cluster-node-timeout",
+                        "2000",
+                    ],
+                    "redis",
+                )
+                .await,
+            );
+        }
+        let cluster = Self { nodes, _dir: dir };
+        let mut create = std::process::Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for port in cluster.ports() {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = tokio::task::spawn_blocking(move || {
+            create
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .expect("redis-cli is installed with redis-server")
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Every node agrees the cluster is up before the test starts.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for port in cluster.ports() {
+            while !cluster_cli(port, &["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster did not come up"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| node_port(&n.url)).collect()
+    }
+
+    /// The seed list as `redis_url` takes it in cluster mode.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node serving `key`'s slot.
+    pub fn node_of(&self, key: &str) -> usize {
+        let ports = self.ports();
+        let slot: u16 = cluster_cli(ports[0], &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        let owner = slot_owner(ports[0], slot);
+        ports.iter().position(|&p| p == owner).unwrap()
+    }
+
+    /// The keys a node holds that start with `prefix`.
+    pub fn keys_on(&self, node: usize, prefix: &str) -> Vec<String> {
+        cluster_cli(
+            self.ports()[node],
+            &["--scan", "--pattern", &format!("{prefix}*")],
+        )
+        .lines()
+        .map(str::to_owned)
+        .filter(|k| !k.is_empty())
+        .collect()
+    }
+}
+
+fn node_port(url: &str) -> u16 {
+    url.trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn cluster_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The port of the node serving `slot`, from `CLUSTER SLOTS` as redis-cli
+/// prints it to a pipe: start, end, ip, port, id for each range.
+fn slot_owner(port: u16, slot: u16) -> u16 {
+    let out = cluster_cli(port, &["cluster", "slots"]);
+    let lines: Vec<&str> = out.lines().collect();
+    for i in 0..lines.len().saturating_sub(3) {
+        if let (Ok(start), Ok(end)) = (lines[i].parse::<u16>(), lines[i + 1].parse::<u16>())
+            && (start..=end).contains(&slot)
+        {
+            return lines[i + 3].parse().unwrap();
+        }
+    }
+    panic!("no owner for slot {slot}: {out}")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
