@@ -609,6 +609,11 @@ pub struct PasswordConfig {
     /// The longest a job waits to start hashing before it is refused, in
     /// milliseconds (the caller's own gRPC deadline, when sooner, wins).
     pub max_wait_ms: u64,
+    /// The hashing threads' nice value (0 to 19; Linux: per thread). Above
+    /// 0, argon2 yields the CPU to the rest of the process (ext_authz Checks,
+    /// refusals of an overloaded queue, the runtime's I/O) whenever both
+    /// want it, and still takes every cycle nothing else needs.
+    pub worker_nice: i32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -698,6 +703,7 @@ impl Default for Config {
                 max_queued: 0,
                 max_queued_per_source: 8,
                 max_wait_ms: 500,
+                worker_nice: 10,
             },
             tokens: TokenConfig {
                 issuer: "immersiverse-auth".into(),

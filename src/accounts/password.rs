@@ -426,9 +426,13 @@ impl PasswordHasher {
         for i in 0..workers {
             let scheduler = scheduler.clone();
             let params = params.clone();
+            let nice = config.worker_nice;
             thread::Builder::new()
                 .name(format!("argon2-{i}"))
-                .spawn(move || worker(&scheduler, &params))
+                .spawn(move || {
+                    yield_to_the_rest(nice);
+                    worker(&scheduler, &params)
+                })
                 .map_err(|e| HashError::Hash(e.to_string()))?;
         }
         let mut hasher = Self {
@@ -505,6 +509,22 @@ impl PasswordHasher {
             matches: verification.matches && known,
             ..verification
         })
+    }
+}
+
+/// Lowers the calling thread's CPU priority to `nice`. Without it, hashing
+/// threads as many as the cores compete on equal terms with the threads
+/// that answer everything else, so under a login flood a refusal or an
+/// ext_authz Check waits behind argon2 for CPU (measured: BENCHMARKS.md,
+/// "Login under a flood through the gateway"). On Linux, PRIO_PROCESS with a
+/// thread id sets that thread alone. Best effort: a refusal is logged.
+fn yield_to_the_rest(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    let tid = rustix::thread::gettid();
+    if let Err(error) = rustix::process::setpriority_process(Some(tid), nice.min(19)) {
+        tracing::warn!(%error, nice, "hashing thread: could not lower its priority");
     }
 }
 
@@ -642,7 +662,33 @@ mod tests {
             max_queued: 0,
             max_queued_per_source: 8,
             max_wait_ms: 500,
+            worker_nice: 10,
         }
+    }
+
+    #[tokio::test]
+    async fn hashing_threads_run_at_the_configured_nice_value() {
+        let config = PasswordConfig {
+            worker_nice: 7,
+            ..config(8)
+        };
+        let _hasher = PasswordHasher::new(&config, 1).await.unwrap();
+        // /proc/self/task/<tid>/stat: "tid (comm) state …", nice is the 19th
+        // field, the 17th after the name.
+        let nices: Vec<i32> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let dir = task.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                if comm.trim() != "argon2-0" {
+                    return None;
+                }
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                let (_, after_name) = stat.rsplit_once(") ")?;
+                after_name.split(' ').nth(16)?.parse().ok()
+            })
+            .collect();
+        assert!(nices.contains(&7), "argon2 threads' nice values: {nices:?}");
     }
 
     fn password(s: &str) -> Password {
