@@ -122,61 +122,94 @@ fn now_us() -> u64 {
 
 /// GCRA in process: the embedded default, and the per-replica fallback when
 /// Redis is unreachable and the rate limit fails open.
+///
+/// A key's entry lives until its TAT: from then on its state is the same as
+/// no state at all (a full burst), so memory holds only the keys that are
+/// still paying off recent requests, not every address ever seen. The keys
+/// sit in sharded hash maps; a shard that has doubled since its last sweep
+/// drops its caught-up keys (amortised O(1) per insert) and gives memory
+/// back when it shrank to a quarter. (A moka cache with per-entry expiry did
+/// this first; under churn, every request from a new address, its memory
+/// grew for as long as the churn lasted: `bench/run soak`.) At `capacity`
+/// keys a new key is not remembered: it gets a full burst, as it would after
+/// an eviction.
 pub struct MemoryQuota {
-    tats: Cache<String, u64>,
+    shards: Box<[std::sync::Mutex<Shard>]>,
+    per_shard: usize,
+    hasher: std::hash::RandomState,
 }
 
-/// A key's entry lives until its TAT: from then on its state is the same
-/// as no state at all (a full burst), so memory holds only the keys that
-/// are still paying off recent requests, not every address ever seen.
-struct UntilCaughtUp;
-
-impl UntilCaughtUp {
-    fn left(tat: u64) -> Option<Duration> {
-        Some(Duration::from_micros(tat.saturating_sub(now_us())))
-    }
+#[derive(Default)]
+struct Shard {
+    tats: std::collections::HashMap<Box<str>, u64>,
+    /// Sweep when the shard holds this many keys.
+    sweep_at: usize,
 }
 
-impl moka::Expiry<String, u64> for UntilCaughtUp {
-    fn expire_after_create(&self, _: &String, tat: &u64, _: Instant) -> Option<Duration> {
-        Self::left(*tat)
-    }
+const QUOTA_SHARDS: usize = 16;
+/// The fewest keys a shard holds before it sweeps.
+const MIN_SWEEP: usize = 64;
 
-    fn expire_after_update(
-        &self,
-        _: &String,
-        tat: &u64,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Self::left(*tat)
+impl Shard {
+    fn sweep(&mut self, now: u64) {
+        self.tats.retain(|_, tat| *tat > now);
+        if self.tats.capacity() > 4 * self.tats.len().max(MIN_SWEEP) {
+            self.tats.shrink_to_fit();
+        }
+        self.sweep_at = (2 * self.tats.len()).max(MIN_SWEEP);
     }
 }
 
 impl MemoryQuota {
     pub fn new(capacity: u64) -> Self {
         Self {
-            tats: Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(UntilCaughtUp)
-                .build(),
+            shards: (0..QUOTA_SHARDS)
+                .map(|_| std::sync::Mutex::new(Shard::default()))
+                .collect(),
+            per_shard: usize::try_from(capacity)
+                .unwrap_or(usize::MAX)
+                .div_ceil(QUOTA_SHARDS)
+                .max(1),
+            hasher: std::hash::RandomState::new(),
         }
+    }
+
+    /// Keys held now (caught-up ones not yet swept included).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).tats.len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 #[async_trait]
 impl QuotaStore for MemoryQuota {
     async fn acquire(&self, key: &str, limit: &Limit, want: u32) -> Result<Grant, BackendError> {
+        use std::hash::BuildHasher as _;
         let now = now_us();
-        let mut grant = Grant {
-            granted: 0,
-            retry_after: Duration::ZERO,
-        };
-        self.tats.entry(key.to_owned()).and_upsert_with(|current| {
-            let (tat, g) = gcra(current.map(|e| e.into_value()), now, limit, want);
-            grant = g;
-            tat
-        });
+        let shard = &self.shards[self.hasher.hash_one(key) as usize % QUOTA_SHARDS];
+        // Never poisoned in practice (nothing here panics); if it were, the
+        // map is still consistent: every write is one insert or remove.
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = shard.tats.get(key).copied().filter(|&tat| tat > now);
+        let (tat, grant) = gcra(stored, now, limit, want);
+        if tat <= now {
+            shard.tats.remove(key);
+        } else if let Some(entry) = shard.tats.get_mut(key) {
+            *entry = tat;
+        } else {
+            if shard.tats.len() >= shard.sweep_at {
+                shard.sweep(now);
+            }
+            if shard.tats.len() < self.per_shard {
+                shard.tats.insert(key.into(), tat);
+            }
+        }
         Ok(grant)
     }
 
@@ -303,6 +336,68 @@ mod tests {
         burst: 5,
     };
 
+    #[tokio::test]
+    async fn memory_quota_forgets_caught_up_keys_under_churn() {
+        // One request per key, a 1 ms interval: every key has caught up
+        // 1 ms later, so a churn of new keys does not pile up.
+        let quota = MemoryQuota::new(1_000_000);
+        let limit = Limit {
+            requests: 1000,
+            per_secs: 1,
+            burst: 1,
+        };
+        for round in 0..20 {
+            for i in 0..1000 {
+                let grant = quota
+                    .acquire(&format!("ip:{round}:{i}"), &limit, 1)
+                    .await
+                    .unwrap();
+                assert_eq!(grant.granted, 1);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(
+            quota.len() < 3000,
+            "{} keys held after 20 000 distinct ones",
+            quota.len()
+        );
+        // A key still paying off its burst is remembered.
+        let strict = Limit {
+            requests: 1,
+            per_secs: 3600,
+            burst: 1,
+        };
+        assert_eq!(quota.acquire("busy", &strict, 1).await.unwrap().granted, 1);
+        for i in 0..5000 {
+            quota
+                .acquire(&format!("other:{i}"), &limit, 1)
+                .await
+                .unwrap();
+        }
+        assert_eq!(quota.acquire("busy", &strict, 1).await.unwrap().granted, 0);
+    }
+
+    #[test]
+    fn a_full_memory_quota_gives_new_keys_a_full_burst_and_keeps_its_own() {
+        let quota = MemoryQuota::new(16);
+        let strict = Limit {
+            requests: 1,
+            per_secs: 3600,
+            burst: 1,
+        };
+        let run = |key: &str| {
+            futures::executor::block_on(quota.acquire(key, &strict, 1))
+                .unwrap()
+                .granted
+        };
+        for i in 0..64 {
+            assert_eq!(run(&format!("k{i}")), 1);
+        }
+        assert!(quota.len() <= 16 + QUOTA_SHARDS, "{}", quota.len());
+        let kept = (0..64).filter(|i| run(&format!("k{i}")) == 0).count();
+        assert!(kept >= 1 && kept <= quota.len(), "kept {kept}");
+    }
+
     #[test]
     fn gcra_allows_the_burst_then_one_per_interval() {
         let t = LIMIT.interval_us();
@@ -412,16 +507,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let store = MemoryQuota::new(100);
         store.acquire("ip:b", &LIMIT, 1).await.unwrap();
-        store.tats.run_pending_tasks();
-        assert_eq!(store.tats.entry_count(), 1);
-        // Removed by the cache's timer wheel (about a second's granularity);
-        // without the expiry it would stay (capacity permitting) forever.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while store.tats.entry_count() > 0 {
-            assert!(Instant::now() < deadline, "caught up: nothing kept");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            store.tats.run_pending_tasks();
-        }
+        assert_eq!(store.len(), 1);
+        // Swept once caught up (memory_quota_forgets_caught_up_keys_under_churn).
         for _ in 0..5 {
             assert_eq!(
                 limiter.check("ip:a", &LIMIT).await.unwrap(),
