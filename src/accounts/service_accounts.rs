@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     error::{BackendError, FieldViolation, Violations},
+    events::{EventType, OutboxEvent, RequestContext},
     tokens::TokenService,
 };
 
@@ -41,11 +42,13 @@ pub struct ServiceAccount {
 
 #[async_trait]
 pub trait ServiceAccountStore: Send + Sync + 'static {
-    /// False when the name is taken.
+    /// False when the name is taken. Every change writes its event in the
+    /// same transaction (the outbox), and only when it happened.
     async fn insert_service_account(
         &self,
         account: &ServiceAccount,
         secret_hash: &[u8; 32],
+        event: &OutboxEvent,
     ) -> Result<bool, BackendError>;
     async fn service_accounts(&self) -> Result<Vec<ServiceAccount>, BackendError>;
     async fn service_account(
@@ -57,8 +60,13 @@ pub trait ServiceAccountStore: Send + Sync + 'static {
         id: Uuid,
         secret_hash: &[u8; 32],
         at: OffsetDateTime,
+        event: &OutboxEvent,
     ) -> Result<bool, BackendError>;
-    async fn delete_service_account(&self, id: Uuid) -> Result<bool, BackendError>;
+    async fn delete_service_account(
+        &self,
+        id: Uuid,
+        event: &OutboxEvent,
+    ) -> Result<bool, BackendError>;
 }
 
 /// A service token as IssueServiceToken returns it.
@@ -91,17 +99,46 @@ fn parse_id(raw: &str) -> Result<Uuid, AccountError> {
         .map_err(|_| AccountError::Invalid(vec![FieldViolation::new("id", "must be a UUID")]))
 }
 
+/// The audit event of a change to `account` made by `admin` (the nil id for
+/// an operator's client-certificate identity).
+fn audit(
+    event_type: EventType,
+    account: &ServiceAccount,
+    admin: &AdminCaller,
+    ctx: &RequestContext,
+) -> OutboxEvent {
+    OutboxEvent::service_account(
+        event_type,
+        account.id,
+        &account.name,
+        &account.roles,
+        admin.user_id(),
+        ctx,
+    )
+}
+
 impl ServiceAccounts {
     pub fn new(store: Arc<dyn ServiceAccountStore>, tokens: Arc<TokenService>) -> Self {
         Self { store, tokens }
     }
 
+    /// The account `id` names, or NotFound.
+    async fn existing(&self, id: &str) -> Result<ServiceAccount, AccountError> {
+        let id = parse_id(id)?;
+        self.store
+            .service_account(id)
+            .await?
+            .map(|(account, _)| account)
+            .ok_or(AccountError::NotFound)
+    }
+
     /// Creates an account; its secret is returned here and never again.
     pub async fn create(
         &self,
-        _admin: &AdminCaller,
+        admin: &AdminCaller,
         name: &str,
         roles: &[String],
+        ctx: &RequestContext,
     ) -> Result<(ServiceAccount, SecretString), AccountError> {
         let mut violations = Violations::default();
         let name = name.trim();
@@ -139,7 +176,12 @@ impl ServiceAccounts {
             secret_rotated_at: now,
         };
         let (secret, digest) = new_secret();
-        if !self.store.insert_service_account(&account, &digest).await? {
+        let event = audit(EventType::ServiceAccountCreated, &account, admin, ctx);
+        if !self
+            .store
+            .insert_service_account(&account, &digest, &event)
+            .await?
+        {
             return Err(AccountError::AlreadyExists("name"));
         }
         tracing::info!(id = %account.id, name = account.name, "service account created");
@@ -154,14 +196,17 @@ impl ServiceAccounts {
     /// the account is revoked.
     pub async fn rotate(
         &self,
-        _admin: &AdminCaller,
+        admin: &AdminCaller,
         id: &str,
+        ctx: &RequestContext,
     ) -> Result<SecretString, AccountError> {
-        let id = parse_id(id)?;
+        let account = self.existing(id).await?;
+        let id = account.id;
         let (secret, digest) = new_secret();
+        let event = audit(EventType::ServiceAccountSecretRotated, &account, admin, ctx);
         if !self
             .store
-            .set_service_secret(id, &digest, crate::now_micros())
+            .set_service_secret(id, &digest, crate::now_micros(), &event)
             .await?
         {
             return Err(AccountError::NotFound);
@@ -171,9 +216,16 @@ impl ServiceAccounts {
     }
 
     /// Deletes the account and revokes every token it was issued.
-    pub async fn delete(&self, _admin: &AdminCaller, id: &str) -> Result<(), AccountError> {
-        let id = parse_id(id)?;
-        if !self.store.delete_service_account(id).await? {
+    pub async fn delete(
+        &self,
+        admin: &AdminCaller,
+        id: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), AccountError> {
+        let account = self.existing(id).await?;
+        let id = account.id;
+        let event = audit(EventType::ServiceAccountDeleted, &account, admin, ctx);
+        if !self.store.delete_service_account(id, &event).await? {
             return Err(AccountError::NotFound);
         }
         self.tokens.revocations().revoke_user(id).await?;

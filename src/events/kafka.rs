@@ -14,7 +14,7 @@ use rdkafka::{
 use crate::config::KafkaConfig;
 
 /// The event types published, i.e. the topic suffixes.
-pub const EVENT_TOPICS: [&str; 12] = [
+pub const EVENT_TOPICS: [&str; 15] = [
     "user_created",
     "login_succeeded",
     "login_failed",
@@ -27,6 +27,9 @@ pub const EVENT_TOPICS: [&str; 12] = [
     "platform_connected",
     "platform_disconnected",
     "platform_reauth_required",
+    "service_account_created",
+    "service_account_secret_rotated",
+    "service_account_deleted",
 ];
 
 pub fn topic_for(config: &KafkaConfig, event_type: &str) -> String {

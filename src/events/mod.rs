@@ -37,6 +37,9 @@ pub enum EventType {
     PlatformConnected,
     PlatformDisconnected,
     PlatformReauthRequired,
+    ServiceAccountCreated,
+    ServiceAccountSecretRotated,
+    ServiceAccountDeleted,
 }
 
 impl EventType {
@@ -51,6 +54,8 @@ impl EventType {
                 | Self::RolesChanged
                 | Self::PasswordChanged
                 | Self::UserDeleted
+                | Self::ServiceAccountSecretRotated
+                | Self::ServiceAccountDeleted
         )
     }
 
@@ -68,6 +73,9 @@ impl EventType {
             Self::PlatformConnected => "platform_connected",
             Self::PlatformDisconnected => "platform_disconnected",
             Self::PlatformReauthRequired => "platform_reauth_required",
+            Self::ServiceAccountCreated => "service_account_created",
+            Self::ServiceAccountSecretRotated => "service_account_secret_rotated",
+            Self::ServiceAccountDeleted => "service_account_deleted",
         }
     }
 }
@@ -151,6 +159,25 @@ impl OutboxEvent {
             EventType::TokenRevoked,
             Some(user_id),
             json!({ "session_id": session_id, "reason": reason }),
+            ctx,
+        )
+    }
+
+    /// Service-account changes (the audit trail of who may call as a
+    /// service). Keyed by the account id, the `sub` of its tokens; never the
+    /// secret or its hash.
+    pub fn service_account(
+        event_type: EventType,
+        account_id: Uuid,
+        name: &str,
+        roles: &[String],
+        by: Uuid,
+        ctx: &RequestContext,
+    ) -> Self {
+        Self::new(
+            event_type,
+            Some(account_id),
+            json!({ "name": name, "roles": roles, "by": by }),
             ctx,
         )
     }

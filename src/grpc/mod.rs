@@ -733,12 +733,13 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateServiceAccountRequest>,
     ) -> Result<Response<pb::CreateServiceAccountResponse>, Status> {
+        let ctx = self.context(&request);
         let (metadata, extensions, body) = request.into_parts();
         self.observed("CreateServiceAccount", async {
             let admin = self.admin(&metadata, &extensions).await?;
             let (account, secret) = self
                 .service_accounts
-                .create(&admin, &body.name, &body.roles)
+                .create(&admin, &body.name, &body.roles, &ctx)
                 .await?;
             Ok(pb::CreateServiceAccountResponse {
                 account: Some(service_account_pb(&account)),
@@ -766,10 +767,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RotateServiceAccountSecretRequest>,
     ) -> Result<Response<pb::RotateServiceAccountSecretResponse>, Status> {
+        let ctx = self.context(&request);
         let (metadata, extensions, body) = request.into_parts();
         self.observed("RotateServiceAccountSecret", async {
             let admin = self.admin(&metadata, &extensions).await?;
-            let secret = self.service_accounts.rotate(&admin, &body.id).await?;
+            let secret = self.service_accounts.rotate(&admin, &body.id, &ctx).await?;
             Ok(pb::RotateServiceAccountSecretResponse {
                 client_secret: secret.expose_secret().to_owned(),
             })
@@ -781,10 +783,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::DeleteServiceAccountRequest>,
     ) -> Result<Response<pb::DeleteServiceAccountResponse>, Status> {
+        let ctx = self.context(&request);
         let (metadata, extensions, body) = request.into_parts();
         self.observed("DeleteServiceAccount", async {
             let admin = self.admin(&metadata, &extensions).await?;
-            self.service_accounts.delete(&admin, &body.id).await?;
+            self.service_accounts.delete(&admin, &body.id, &ctx).await?;
             Ok(pb::DeleteServiceAccountResponse {})
         })
         .await

@@ -19,7 +19,8 @@ macro_rules! service_account_store {
             use $crate::{
                 accounts::service_accounts::{ServiceAccount, ServiceAccountStore},
                 error::BackendError,
-                storage::sql::{SqlStore, db_error},
+                events::OutboxEvent,
+                storage::sql::{SqlStore, db_error, insert_event},
             };
 
             fn account(r: &<$db as sqlx::Database>::Row) -> Result<(ServiceAccount, [u8; 32]), BackendError> {
@@ -41,7 +42,8 @@ macro_rules! service_account_store {
 
             #[async_trait]
             impl ServiceAccountStore for SqlStore<$db> {
-                async fn insert_service_account(&self, a: &ServiceAccount, secret_hash: &[u8; 32]) -> Result<bool, BackendError> {
+                async fn insert_service_account(&self, a: &ServiceAccount, secret_hash: &[u8; 32], event: &OutboxEvent) -> Result<bool, BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
                     let inserted = sqlx::query(
                         "INSERT INTO service_accounts (id, name, roles, secret_hash, created_at, secret_rotated_at) \
                          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
@@ -52,11 +54,16 @@ macro_rules! service_account_store {
                     .bind(&secret_hash[..])
                     .bind(a.created_at)
                     .bind(a.secret_rotated_at)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
                     .map_err(db_error)?
                     .rows_affected();
-                    Ok(inserted == 1)
+                    if inserted != 1 {
+                        return Ok(false);
+                    }
+                    insert_event!(tx, event);
+                    self.commit_events(tx).await?;
+                    Ok(true)
                 }
 
                 async fn service_accounts(&self) -> Result<Vec<ServiceAccount>, BackendError> {
@@ -76,26 +83,38 @@ macro_rules! service_account_store {
                     row.as_ref().map(account).transpose()
                 }
 
-                async fn set_service_secret(&self, id: Uuid, secret_hash: &[u8; 32], at: OffsetDateTime) -> Result<bool, BackendError> {
+                async fn set_service_secret(&self, id: Uuid, secret_hash: &[u8; 32], at: OffsetDateTime, event: &OutboxEvent) -> Result<bool, BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
                     let updated = sqlx::query("UPDATE service_accounts SET secret_hash = $2, secret_rotated_at = $3 WHERE id = $1")
                         .bind(id)
                         .bind(&secret_hash[..])
                         .bind(at)
-                        .execute(&self.pool)
+                        .execute(&mut *tx)
                         .await
                         .map_err(db_error)?
                         .rows_affected();
-                    Ok(updated == 1)
+                    if updated != 1 {
+                        return Ok(false);
+                    }
+                    insert_event!(tx, event);
+                    self.commit_events(tx).await?;
+                    Ok(true)
                 }
 
-                async fn delete_service_account(&self, id: Uuid) -> Result<bool, BackendError> {
+                async fn delete_service_account(&self, id: Uuid, event: &OutboxEvent) -> Result<bool, BackendError> {
+                    let mut tx = self.pool.begin().await.map_err(db_error)?;
                     let deleted = sqlx::query("DELETE FROM service_accounts WHERE id = $1")
                         .bind(id)
-                        .execute(&self.pool)
+                        .execute(&mut *tx)
                         .await
                         .map_err(db_error)?
                         .rows_affected();
-                    Ok(deleted == 1)
+                    if deleted != 1 {
+                        return Ok(false);
+                    }
+                    insert_event!(tx, event);
+                    self.commit_events(tx).await?;
+                    Ok(true)
                 }
             }
         };

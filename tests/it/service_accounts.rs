@@ -101,6 +101,26 @@ on_both_backends! {
             .unwrap();
         assert_eq!(app.validate(&fresh.access_token).await.unwrap_err().code(), Code::Unauthenticated);
         assert_eq!(issue(&mut app, &account.id, &rotated).await.unwrap_err().code(), Code::Unauthenticated);
+
+        // The audit trail: one outbox event per change, keyed by the account,
+        // naming the admin who made it, never the secret or its hash.
+        let admin_id = app.validate(&admin).await.unwrap().user_id;
+        let audit: Vec<_> = app
+            .events()
+            .await
+            .into_iter()
+            .filter(|e| e.event_type.starts_with("service_account_"))
+            .collect();
+        let types: Vec<&str> = audit.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["service_account_created", "service_account_secret_rotated", "service_account_deleted"]);
+        for event in &audit {
+            assert_eq!(event.user_id.map(|u| u.to_string()), Some(account.id.clone()));
+            assert_eq!(event.data["name"], "ingest-worker");
+            assert_eq!(event.data["roles"], serde_json::json!(["service"]));
+            assert_eq!(event.data["by"], admin_id.as_str());
+            let text = event.data.to_string();
+            assert!(!text.contains(&secret) && !text.contains(&rotated) && !text.contains(&hex::encode(digest)), "{text}");
+        }
     }
 
     async fn only_admins_manage_service_accounts_and_bad_input_names_its_field(app) {
