@@ -255,6 +255,50 @@ macro_rules! child_span {
     };
 }
 
+/// Which side of a Kafka message a span stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaSide {
+    /// The event worker sending an outbox event (a producer span).
+    Send,
+    /// The lifecycle consumer handling a message (a consumer span).
+    Process,
+}
+
+/// A span for one Kafka message on `topic` by the OpenTelemetry messaging
+/// conventions, continuing `traceparent`: the stored context of the call
+/// that wrote the event, or the received message's header. `Span::none()`
+/// unless traces are on and that context is sampled. Without a context a
+/// `Process` span starts a trace at the sampling ratio; a `Send` span never
+/// does (an event of an untraced call stays untraced). The caller records
+/// `messaging.message.id` or `messaging.consumer.group.name`.
+pub fn kafka_span(side: KafkaSide, topic: &str, traceparent: Option<&str>) -> tracing::Span {
+    let traced = match (side, traceparent) {
+        (KafkaSide::Send, None) => false,
+        _ => sampled(traceparent),
+    };
+    if !traces_on() || !traced {
+        return tracing::Span::none();
+    }
+    let (operation, kind) = match side {
+        KafkaSide::Send => ("send", "producer"),
+        KafkaSide::Process => ("process", "consumer"),
+    };
+    let span = tracing::info_span!(
+        "kafka",
+        otel.name = %format_args!("{operation} {topic}"),
+        otel.kind = kind,
+        messaging.system = "kafka",
+        "messaging.operation.type" = operation,
+        messaging.destination.name = topic,
+        messaging.message.id = tracing::field::Empty,
+        messaging.consumer.group.name = tracing::field::Empty,
+    );
+    if let Some(parent) = context_from(traceparent, None) {
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
 /// The `traceparent` of the current span, when traces are on.
 pub fn current_traceparent() -> Option<String> {
     traceparent_of(&tracing::Span::current())

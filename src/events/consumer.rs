@@ -148,7 +148,15 @@ impl LifecycleConsumer {
                 .find(|h| h.key == "traceparent")
                 .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
         });
-        let span = self.process_span(message.topic(), received.as_deref());
+        let span = crate::telemetry::kafka_span(
+            crate::telemetry::KafkaSide::Process,
+            message.topic(),
+            received.as_deref(),
+        );
+        span.record(
+            "messaging.consumer.group.name",
+            self.config.consumer_group.as_str(),
+        );
         let ctx = RequestContext {
             client_ip: None,
             deadline: None,
@@ -185,29 +193,6 @@ impl LifecycleConsumer {
                 () = tokio::time::sleep(backoff(unknown + failures)) => {}
             }
         }
-    }
-
-    /// With traces on, a consumer span continuing the trace the message
-    /// carries in its `traceparent` header (OpenTelemetry messaging
-    /// conventions); `Span::none()` when untraced.
-    fn process_span(&self, topic: &str, traceparent: Option<&str>) -> tracing::Span {
-        use crate::telemetry;
-        if !telemetry::traces_on() || !telemetry::sampled(traceparent) {
-            return tracing::Span::none();
-        }
-        let span = tracing::info_span!(
-            "process",
-            otel.name = %format_args!("process {topic}"),
-            otel.kind = "consumer",
-            messaging.system = "kafka",
-            "messaging.operation.type" = "process",
-            messaging.destination.name = topic,
-            messaging.consumer.group.name = self.config.consumer_group.as_str(),
-        );
-        if let Some(parent) = telemetry::context_from(traceparent, None) {
-            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
-        }
-        span
     }
 
     /// Sends the message to the dead-letter topic; keeps trying until it is

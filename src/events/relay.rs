@@ -17,7 +17,6 @@ use rdkafka::{
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{
     RelayStore, StoredEvent,
@@ -307,7 +306,12 @@ impl Relay {
     fn encode(&self, event: &StoredEvent) -> Outgoing {
         let format: EventFormat = self.config.format;
         let topic = topic_for(&self.config, &event.event_type);
-        let span = send_span(event, &topic);
+        let span = telemetry::kafka_span(
+            telemetry::KafkaSide::Send,
+            &topic,
+            event.traceparent.as_deref(),
+        );
+        span.record("messaging.message.id", tracing::field::display(event.id));
         let event_id = event.id.to_string();
         let mut headers = OwnedHeaders::new()
             .insert(Header {
@@ -353,30 +357,6 @@ struct Outgoing {
     headers: OwnedHeaders,
     /// Open until the delivery report (`Span::none()` when untraced).
     span: tracing::Span,
-}
-
-/// With traces on, a producer span for an event whose call was sampled: a
-/// child of the span that wrote the event (its stored `traceparent`), named
-/// and attributed by the OpenTelemetry messaging conventions. Events from
-/// untraced calls cost nothing here.
-fn send_span(event: &StoredEvent, topic: &str) -> tracing::Span {
-    let stored = event.traceparent.as_deref();
-    if !telemetry::traces_on() || stored.is_none() || !telemetry::sampled(stored) {
-        return tracing::Span::none();
-    }
-    let span = tracing::info_span!(
-        "send",
-        otel.name = %format_args!("send {topic}"),
-        otel.kind = "producer",
-        messaging.system = "kafka",
-        "messaging.operation.type" = "send",
-        messaging.destination.name = topic,
-        messaging.message.id = %event.id,
-    );
-    if let Some(parent) = telemetry::context_from(stored, None) {
-        let _ = span.set_parent(parent);
-    }
-    span
 }
 
 #[cfg(test)]
