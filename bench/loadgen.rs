@@ -306,34 +306,51 @@ async fn flood(addr: &str, rate: u64, sources: &str, seconds: u64) {
                         _ => answered += 1,
                     }
                 }
-                (refused, answered)
+                (refused, answered, 0)
             })
         })
         .collect();
     let started = Instant::now();
-    let (plain, known, real_refused) = real_user(&mut c, &device, seconds).await;
+    let real = real_user(&mut c, &device, seconds).await;
     stop.store(true, Ordering::Relaxed);
-    let (mut refused, mut answered) = (Vec::new(), 0);
+    let sources = if fresh {
+        "fresh".to_owned()
+    } else {
+        sources.to_string()
+    };
+    let what = format!("flood: {attackers} loops at {rate}/s from {sources} sources");
+    flood_report(&what, "", started, tasks, real).await;
+}
+
+/// One flooding loop's tally: refusal latencies, answered (hashed), other.
+type FloodTally = (Vec<Duration>, u64, u64);
+
+/// Waits for the flooding loops (already told to stop) and prints the
+/// flood's rates and the latencies; `prefix` starts every latency label.
+async fn flood_report(
+    what: &str,
+    prefix: &str,
+    started: Instant,
+    tasks: Vec<tokio::task::JoinHandle<FloodTally>>,
+    (plain, known, real_refused): (Vec<Duration>, Vec<Duration>, u64),
+) {
+    let (mut refused, mut answered, mut other) = (Vec::new(), 0, 0);
     for t in tasks {
-        let (r, a) = t.await.unwrap();
+        let (r, a, o) = t.await.unwrap();
         refused.extend(r);
         answered += a;
+        other += o;
     }
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "flood: {attackers} loops at {rate}/s from {} sources: {:.0} attempts/s sent, {:.0}/s hashed (answered), {:.0}/s refused; real user refused {real_refused} times",
-        if fresh {
-            "fresh".to_owned()
-        } else {
-            sources.to_string()
-        },
-        (answered as f64 + refused.len() as f64) / elapsed,
+        "{what}: {:.0} attempts/s sent, {:.0}/s hashed, {:.0}/s refused, {other} other; real user refused {real_refused} times",
+        (answered as f64 + refused.len() as f64 + other as f64) / elapsed,
         answered as f64 / elapsed,
         refused.len() as f64 / elapsed,
     );
-    report("refusal latency", refused);
-    report("under flood, no device token", plain);
-    report("under flood, device token", known);
+    report(&format!("{prefix}refusal latency"), refused);
+    report(&format!("{prefix}under flood, no device token"), plain);
+    report(&format!("{prefix}under flood, device token"), known);
 }
 
 /// An HTTP client of the gateway whose connections come from `source`
@@ -472,30 +489,17 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
         })
         .collect();
     let started = Instant::now();
-    let (plain, known, real_refused) = real(seconds).await;
+    let real = real(seconds).await;
     stop.store(true, Ordering::Relaxed);
-    let (mut refused, mut answered, mut other) = (Vec::new(), 0, 0);
-    for t in tasks {
-        let (r, a, o) = t.await.unwrap();
-        refused.extend(r);
-        answered += a;
-        other += o;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    println!(
-        "gateway flood: {attackers} loops at {rate}/s from {} loopback sources: {:.0} attempts/s sent, {:.0}/s hashed (401), {:.0}/s refused (503/429), {other} other; real user refused {real_refused} times",
-        if fresh {
-            "fresh".to_owned()
-        } else {
-            sources.to_string()
-        },
-        (answered as f64 + refused.len() as f64 + other as f64) / elapsed,
-        answered as f64 / elapsed,
-        refused.len() as f64 / elapsed,
+    let sources = if fresh {
+        "fresh".to_owned()
+    } else {
+        sources.to_string()
+    };
+    let what = format!(
+        "gateway flood: {attackers} loops at {rate}/s from {sources} loopback sources (hashed: 401, refused: 503/429)"
     );
-    report("gateway refusal latency", refused);
-    report("gateway, under flood, no device token", plain);
-    report("gateway, under flood, device token", known);
+    flood_report(&what, "gateway, ", started, tasks, real).await;
 }
 
 async fn chaos(addr: &str, seconds: u64, acked_file: &str) {

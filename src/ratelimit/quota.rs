@@ -126,9 +126,10 @@ fn now_us() -> u64 {
 /// A key's entry lives until its TAT: from then on its state is the same as
 /// no state at all (a full burst), so memory holds only the keys that are
 /// still paying off recent requests, not every address ever seen. The keys
-/// sit in sharded hash maps; a shard that has doubled since its last sweep
-/// drops its caught-up keys (amortised O(1) per insert) and gives memory
-/// back when it shrank to a quarter. (A moka cache with per-entry expiry did
+/// sit in sharded hash maps; a shard that has seen as many new keys since its
+/// last sweep as it kept then drops its caught-up keys (amortised O(1) per
+/// new key, also when it is full) and gives memory back when it shrank to a
+/// quarter. (A moka cache with per-entry expiry did
 /// this first; under churn, every request from a new address, its memory
 /// grew for as long as the churn lasted: `bench/run soak`.) At `capacity`
 /// keys a new key is not remembered: it gets a full burst, as it would after
@@ -142,21 +143,26 @@ pub struct MemoryQuota {
 #[derive(Default)]
 struct Shard {
     tats: std::collections::HashMap<Box<str>, u64>,
-    /// Sweep when the shard holds this many keys.
-    sweep_at: usize,
+    /// New keys seen (stored or not) since the last sweep.
+    new_keys: usize,
+    /// Sweep when `new_keys` reaches this: the keys kept by the last sweep.
+    sweep_after: usize,
 }
 
 const QUOTA_SHARDS: usize = 16;
-/// The fewest keys a shard holds before it sweeps.
+/// The fewest new keys between two sweeps.
 const MIN_SWEEP: usize = 64;
 
 impl Shard {
-    fn sweep(&mut self, now: u64) {
+    /// Drops caught-up keys; the next sweep comes after as many new keys as
+    /// are kept (at least `MIN_SWEEP`, or the shard's capacity if smaller).
+    fn sweep(&mut self, now: u64, capacity: usize) {
         self.tats.retain(|_, tat| *tat > now);
         if self.tats.capacity() > 4 * self.tats.len().max(MIN_SWEEP) {
             self.tats.shrink_to_fit();
         }
-        self.sweep_at = (2 * self.tats.len()).max(MIN_SWEEP);
+        self.new_keys = 0;
+        self.sweep_after = self.tats.len().max(MIN_SWEEP.min(capacity));
     }
 }
 
@@ -175,15 +181,12 @@ impl MemoryQuota {
     }
 
     /// Keys held now (caught-up ones not yet swept included).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).tats.len())
             .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -203,8 +206,9 @@ impl QuotaStore for MemoryQuota {
         } else if let Some(entry) = shard.tats.get_mut(key) {
             *entry = tat;
         } else {
-            if shard.tats.len() >= shard.sweep_at {
-                shard.sweep(now);
+            shard.new_keys += 1;
+            if shard.new_keys >= shard.sweep_after {
+                shard.sweep(now, self.per_shard);
             }
             if shard.tats.len() < self.per_shard {
                 shard.tats.insert(key.into(), tat);
@@ -375,6 +379,39 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(quota.acquire("busy", &strict, 1).await.unwrap().granted, 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_memory_quota_makes_room_once_its_keys_have_caught_up() {
+        // One key per shard at most; every slot taken by keys that catch up
+        // within a millisecond.
+        let quota = MemoryQuota::new(QUOTA_SHARDS as u64);
+        let fast = Limit {
+            requests: 1000,
+            per_secs: 1,
+            burst: 1,
+        };
+        for i in 0..1000 {
+            quota.acquire(&format!("fast:{i}"), &fast, 1).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // New strict keys are remembered again (each allowed once, then
+        // limited): the caught-up keys were swept to make room.
+        let strict = Limit {
+            requests: 1,
+            per_secs: 3600,
+            burst: 1,
+        };
+        let mut limited = 0;
+        for round in 0..(2 * MIN_SWEEP) {
+            let key = format!("strict:{round}");
+            assert_eq!(quota.acquire(&key, &strict, 1).await.unwrap().granted, 1);
+            limited += usize::from(quota.acquire(&key, &strict, 1).await.unwrap().granted == 0);
+        }
+        assert!(
+            limited >= QUOTA_SHARDS / 2,
+            "only {limited} strict keys remembered"
+        );
     }
 
     #[test]

@@ -251,6 +251,13 @@ impl RedisStore {
         format!("{}{}", self.prefix, rest)
     }
 
+    /// A revocation key of `user_id`'s: every one carries the hash tag
+    /// `{<user id>}`, so one user's keys share a cluster slot and the lookup
+    /// is one single-slot MGET.
+    fn user_key(&self, user_id: Uuid, rest: std::fmt::Arguments<'_>) -> String {
+        format!("{}rv:{{{user_id}}}:{rest}", self.prefix)
+    }
+
     pub async fn ping(&self) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
         self.run("PING", async move {
@@ -364,7 +371,7 @@ impl RedisStore {
 #[async_trait]
 impl RevocationStore for RedisStore {
     async fn revoke_token(&self, user_id: Uuid, jti: Uuid, until: i64) -> Result<(), BackendError> {
-        let key = self.key(format_args!("rv:{{{user_id}}}:jti:{jti}"));
+        let key = self.user_key(user_id, format_args!("jti:{jti}"));
         self.set_and_announce(key, 1, until, Notice::Token { jti, until })
             .await
     }
@@ -375,7 +382,7 @@ impl RevocationStore for RedisStore {
         session_id: Uuid,
         until: i64,
     ) -> Result<(), BackendError> {
-        let key = self.key(format_args!("rv:{{{user_id}}}:sid:{session_id}"));
+        let key = self.user_key(user_id, format_args!("sid:{session_id}"));
         self.set_and_announce(key, 1, until, Notice::Session { session_id, until })
             .await
     }
@@ -386,7 +393,7 @@ impl RevocationStore for RedisStore {
         epoch_ms: i64,
         until: i64,
     ) -> Result<(), BackendError> {
-        let key = self.key(format_args!("rv:{{{user_id}}}:user"));
+        let key = self.user_key(user_id, format_args!("user"));
         let mut conn = self.conn.clone();
         let script = self.raise_epoch.clone();
         let notice = Notice::User {
@@ -415,12 +422,9 @@ impl RevocationStore for RedisStore {
 
     async fn lookup(&self, keys: &RevocationKeys) -> Result<RevocationSnapshot, BackendError> {
         let names = [
-            self.key(format_args!("rv:{{{}}}:jti:{}", keys.user_id, keys.jti)),
-            self.key(format_args!(
-                "rv:{{{}}}:sid:{}",
-                keys.user_id, keys.session_id
-            )),
-            self.key(format_args!("rv:{{{}}}:user", keys.user_id)),
+            self.user_key(keys.user_id, format_args!("jti:{}", keys.jti)),
+            self.user_key(keys.user_id, format_args!("sid:{}", keys.session_id)),
+            self.user_key(keys.user_id, format_args!("user")),
         ];
         let mut conn = self.conn.clone();
         let (jti, sid, epoch): (Option<i64>, Option<i64>, Option<i64>) = self
