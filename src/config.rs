@@ -125,6 +125,7 @@ pub struct Config {
     pub kafka_brokers: Option<String>,
     pub kafka: KafkaConfig,
     pub limits: LimitsConfig,
+    pub rpc: RpcConfig,
     pub platforms: PlatformsConfig,
     pub tls: TlsConfig,
     pub otel: OtelConfig,
@@ -408,6 +409,33 @@ pub struct LimitsConfig {
     /// on an open connection included. 0: `database_timeout_ms` +
     /// `password.max_wait_ms` + 1000, so the more specific answers come first.
     pub request_timeout_ms: u64,
+}
+
+/// What the gRPC layer stack does around every call (`grpc::stack`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcConfig {
+    /// One structured line per call (target `access`): request id, method,
+    /// code, latency, principal and client address, never a secret.
+    pub access_log: AccessLog,
+    /// Calls per session for the AuthService methods named (seed 6.2), e.g.
+    /// `GetPlatformAccessToken = { requests = 60, per_secs = 60, burst = 20 }`:
+    /// counted per session id of the bearer token, shared by every replica
+    /// through the rate-limit store; past it the call is answered
+    /// ResourceExhausted with `retry-after`.
+    pub session_limits: BTreeMap<String, Limit>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLog {
+    /// Every call on every listener, ext_authz Checks included.
+    All,
+    /// AuthService calls (not health probes, reflection or Checks, which
+    /// Envoy's own access log records with the decision).
+    #[default]
+    Api,
+    Off,
 }
 
 /// Event publishing and consuming (used when `kafka_brokers` is set).
@@ -738,6 +766,7 @@ impl Default for Config {
                 max_header_bytes: 64 * 1024,
                 request_timeout_ms: 0,
             },
+            rpc: RpcConfig::default(),
             platforms: PlatformsConfig::default(),
             tls: TlsConfig {
                 cert: None,
@@ -971,6 +1000,11 @@ impl Config {
                         .map_err(ConfigError)?;
                 }
             }
+        }
+        for (method, limit) in &self.rpc.session_limits {
+            limit
+                .validate(&format!("rpc.session_limits.{method}"))
+                .map_err(ConfigError)?;
         }
         let classes: Vec<&str> = self.authz.rate_limits.keys().map(String::as_str).collect();
         RoutePolicy::compile(&self.authz.routes, &classes)

@@ -109,6 +109,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bearer_tokens_are_read_case_insensitively_and_never_empty() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(Some("Bearer")), None);
+        assert_eq!(bearer(None), None);
+    }
+
+    #[test]
     fn the_client_ip_comes_from_the_trusted_hop_else_the_peer() {
         assert_eq!(
             client_ip(Some("1.1.1.1, 2.2.2.2"), Some("9.9.9.9"), 1),

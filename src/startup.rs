@@ -24,6 +24,7 @@ use crate::{
     grpc::{
         AuthApi, PeerPolicy, UseCases,
         pb::{self, auth_service_server::AuthServiceServer},
+        stack,
     },
     http::{self, AdminState},
     platforms::{service::PlatformService, vault::Vault},
@@ -49,6 +50,9 @@ pub struct Services {
     pub platforms: Arc<PlatformService>,
     pub tokens: Arc<TokenService>,
     pub authorizer: Arc<Authorizer>,
+    /// Per-session call limits (`rpc.session_limits`), on the same
+    /// rate-limit store as ext_authz's.
+    pub session_limiter: Arc<RateLimiter>,
     pub database: Database,
     pub redis: Option<RedisStore>,
 }
@@ -88,6 +92,11 @@ impl Services {
             config.password.clone(),
         ));
         let limiter = RateLimiter::new(
+            fast.quota.clone(),
+            config.authz.rate_limit_fail_open,
+            config.authz.rate_limit_capacity,
+        );
+        let session_limiter = RateLimiter::new(
             fast.quota,
             config.authz.rate_limit_fail_open,
             config.authz.rate_limit_capacity,
@@ -110,6 +119,7 @@ impl Services {
             .context("platforms")?,
         );
         Ok(Self {
+            session_limiter: Arc::new(session_limiter),
             service_accounts: Arc::new(ServiceAccounts::new(
                 database.service_accounts.clone(),
                 tokens.clone(),
@@ -367,20 +377,27 @@ impl Application {
             gateway_only_forwarding: self.config.tls.client_auth != ClientAuth::None,
         };
         let ext_authz = || {
-            AuthorizationServer::new(
-                ExtAuthz::new(
-                    self.services.authorizer.clone(),
-                    self.config.trusted_proxy_hops,
-                )
-                .with_peers(peers.clone()),
-            )
+            AuthorizationServer::new(ExtAuthz::new(
+                self.services.authorizer.clone(),
+                self.config.trusted_proxy_hops,
+            ))
             .max_decoding_message_size(limits.max_check_message_bytes)
         };
-        // Larger metadata is refused by the HTTP/2 layer before any handler.
+        // One layer stack for every listener (grpc::stack). Larger metadata
+        // is refused by the HTTP/2 layer before any handler.
+        let calls = stack::CallLayer::new(
+            self.services.tokens.clone(),
+            peers,
+            self.config.trusted_proxy_hops,
+            self.config.request_timeout(),
+            &self.config.rpc,
+            self.services.session_limiter.clone(),
+        )
+        .context("rpc.session_limits")?;
         let server = || {
             Server::builder()
                 .http2_max_header_list_size(limits.max_header_bytes)
-                .layer(telemetry::GrpcTraceLayer)
+                .layer(stack::stack(calls.clone()))
         };
         if let Some(tls) = &self.tls {
             tokio::spawn(tls.clone().watch(stop.clone()));
@@ -404,18 +421,13 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("building the reflection service")?;
-        let api = AuthApi::new(
-            UseCases {
-                accounts: self.services.accounts.clone(),
-                service_accounts: self.services.service_accounts.clone(),
-                tokens: self.services.tokens.clone(),
-                platforms: self.services.platforms.clone(),
-                revocation_feed: self.services.revocation_feed.clone(),
-            },
-            self.config.trusted_proxy_hops,
-            self.config.request_timeout(),
-            peers.clone(),
-        );
+        let api = AuthApi::new(UseCases {
+            accounts: self.services.accounts.clone(),
+            service_accounts: self.services.service_accounts.clone(),
+            tokens: self.services.tokens.clone(),
+            platforms: self.services.platforms.clone(),
+            revocation_feed: self.services.revocation_feed.clone(),
+        });
         let health = match self.health_listener {
             Some(listener) => {
                 let router = server().add_service(health_service.clone());
@@ -529,7 +541,7 @@ impl Application {
 /// (certificates reloaded by [`tls::Reloadable::watch`]), else plaintext.
 /// Every gRPC listener's router: the services behind the one layer stack.
 type GrpcRouter = tonic::transport::server::Router<
-    tower::layer::util::Stack<telemetry::GrpcTraceLayer, tower::layer::util::Identity>,
+    tower::layer::util::Stack<stack::Stack, tower::layer::util::Identity>,
 >;
 
 fn serve(

@@ -27,7 +27,6 @@ pub const IDENTITY_HEADERS: [&str; 3] = ["x-user-id", "x-user-roles", "x-session
 pub struct ExtAuthz {
     authorizer: Arc<Authorizer>,
     trusted_proxy_hops: usize,
-    peers: crate::grpc::PeerPolicy,
 }
 
 impl ExtAuthz {
@@ -35,18 +34,7 @@ impl ExtAuthz {
         Self {
             authorizer,
             trusted_proxy_hops,
-            peers: crate::grpc::PeerPolicy::default(),
         }
-    }
-
-    /// With client certificates on, the client address inside a
-    /// CheckRequest (`x-forwarded-for`, the source address) is taken only
-    /// from a caller holding the `gateway` role (the gateway and the
-    /// sidecars); anyone else is limited by its own address, so it cannot
-    /// spend another client's per-address budget.
-    pub fn with_peers(mut self, peers: crate::grpc::PeerPolicy) -> Self {
-        self.peers = peers;
-        self
     }
 }
 
@@ -137,12 +125,15 @@ impl Authorization for ExtAuthz {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
-        let forwarding_trusted = !self.peers.gateway_only_forwarding
-            || crate::grpc::peer(&request, &self.peers)
-                .is_some_and(|p| p.has_role(crate::grpc::GATEWAY_ROLE));
-        // The caller's own address, needed only when its claims are not.
+        // With client certificates on, the client address inside a
+        // CheckRequest (`x-forwarded-for`, the source address) is taken only
+        // from a caller holding the `gateway` role (the gateway and the
+        // sidecars); anyone else is limited by its own address, so it cannot
+        // spend another client's per-address budget.
+        let call = crate::grpc::Call::of(request.extensions());
+        let forwarding_trusted = call.forwarding_trusted;
         let caller = (!forwarding_trusted)
-            .then(|| request.remote_addr().map(|a| a.ip().to_string()))
+            .then(|| call.peer_ip.map(|ip| ip.to_string()))
             .flatten();
         let check = request.into_inner();
         let attributes = check.attributes.as_ref();

@@ -25,7 +25,7 @@ pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
 }
 
 /// `code` with `retry-after` (whole seconds, at least 1) in the metadata.
-fn with_retry_after(code: Code, message: &str, retry_after: std::time::Duration) -> Status {
+pub fn with_retry_after(code: Code, message: &str, retry_after: std::time::Duration) -> Status {
     let secs = retry_after.as_secs().max(1);
     let mut status = Status::new(code, format!("{message}; retry after {secs} seconds"));
     status

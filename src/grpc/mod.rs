@@ -1,30 +1,30 @@
-//! The AuthService gRPC adapter: it reads metadata (bearer token, client
-//! address, trace context), calls the account and token services, and maps
-//! results to protobuf. No business rule lives here.
+//! The AuthService gRPC adapter: it takes the caller as the layer stack
+//! ([`stack`]) authenticated it, calls the account and token services, and
+//! maps results to protobuf. No business rule and no metadata parsing lives
+//! in a handler.
 
 pub mod error;
+pub mod stack;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
+pub use stack::Call;
+
+use std::{future::Future, sync::Arc};
 
 use futures::StreamExt as _;
 
 use secrecy::{ExposeSecret, SecretString};
-use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tonic::{Code, Request, Response, Status, codegen::http};
 
 use crate::{
     accounts::{
         model::{User, UserStatus},
-        service::{AccountService, AdminCaller},
+        service::AccountService,
         service_accounts::{ServiceAccount, ServiceAccounts},
     },
     config::ServiceIdentity,
-    events::RequestContext,
-    platforms::{
-        AccountStatus, Platform, PlatformAccount,
-        service::{PlatformService, ServiceCaller},
-    },
+    platforms::{AccountStatus, Platform, PlatformAccount, service::PlatformService},
     revocation::feed::{FeedError, LoggedRevocation, RevocationFeed},
-    tokens::{Principal, TokenPair, TokenService},
+    tokens::{TokenPair, TokenService},
 };
 
 /// Generated protobuf types and service stubs.
@@ -54,9 +54,6 @@ pub struct AuthApi {
     tokens: Arc<TokenService>,
     platforms: Arc<PlatformService>,
     revocation_feed: Arc<RevocationFeed>,
-    trusted_proxy_hops: usize,
-    request_timeout: std::time::Duration,
-    peers: PeerPolicy,
 }
 
 /// The use cases the API serves.
@@ -92,14 +89,9 @@ impl Peer {
     }
 }
 
-/// The identity of the request's client certificate, if one was verified
+/// The verified client certificate's identity on this connection, if any
 /// (roles empty for an identity not in `services`).
-pub fn peer<T>(request: &Request<T>, policy: &PeerPolicy) -> Option<Peer> {
-    peer_of(request.extensions(), policy)
-}
-
-/// [`peer`] from a request's extensions (after `into_parts`).
-pub fn peer_of(extensions: &tonic::Extensions, policy: &PeerPolicy) -> Option<Peer> {
+pub fn peer_from_connection(extensions: &http::Extensions, policy: &PeerPolicy) -> Option<Peer> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     let certs = extensions
         .get::<TlsConnectInfo<TcpConnectInfo>>()?
@@ -114,12 +106,7 @@ pub fn peer_of(extensions: &tonic::Extensions, policy: &PeerPolicy) -> Option<Pe
 }
 
 impl AuthApi {
-    pub fn new(
-        use_cases: UseCases,
-        trusted_proxy_hops: usize,
-        request_timeout: std::time::Duration,
-        peers: PeerPolicy,
-    ) -> Self {
+    pub fn new(use_cases: UseCases) -> Self {
         let UseCases {
             accounts,
             service_accounts,
@@ -133,76 +120,14 @@ impl AuthApi {
             tokens,
             platforms,
             revocation_feed,
-            trusted_proxy_hops,
-            request_timeout,
-            peers,
         }
     }
-
-    fn context<T>(&self, request: &Request<T>) -> RequestContext {
-        let forwarding_trusted = !self.peers.gateway_only_forwarding
-            || peer(request, &self.peers).is_some_and(|p| p.has_role(GATEWAY_ROLE));
-        RequestContext {
-            client_ip: client_ip(
-                request.metadata(),
-                request.remote_addr(),
-                if forwarding_trusted {
-                    self.trusted_proxy_hops
-                } else {
-                    0
-                },
-            ),
-            // This call's span when traces are on (events then continue
-            // it), else the caller's traceparent as received.
-            traceparent: crate::telemetry::current_traceparent().or_else(|| {
-                request
-                    .metadata()
-                    .get("traceparent")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            }),
-            deadline: grpc_timeout(request.metadata()).map(|t| std::time::Instant::now() + t),
-        }
-    }
-
-    async fn caller(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
-        let token = bearer_token(metadata)
-            .ok_or_else(|| error::unauthenticated("missing bearer access token"))?;
-        Ok(self.tokens.authenticate(token).await?)
-    }
-
-    /// An admin: a bearer token holding `admin`, or — for an operator tool
-    /// without one — a verified client certificate whose configured
-    /// identity holds it.
-    async fn admin(
-        &self,
-        metadata: &MetadataMap,
-        extensions: &tonic::Extensions,
-    ) -> Result<AdminCaller, Status> {
-        if bearer_token(metadata).is_none()
-            && let Some(peer) = peer_of(extensions, &self.peers)
-        {
-            return Ok(AdminCaller::peer(&peer.identity, &peer.roles)?);
-        }
-        Ok(AdminCaller::check(self.caller(metadata).await?)?)
-    }
-}
-
-/// The client address: the entry `hops` places from the right of
-/// `x-forwarded-for` (appended by the trusted gateway), else the peer address.
-/// Entries left of it were written by the client and are not trusted.
-pub fn client_ip(metadata: &MetadataMap, peer: Option<SocketAddr>, hops: usize) -> Option<String> {
-    let forwarded = metadata
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    let peer = peer.map(|p| p.ip().to_string());
-    crate::client_ip(forwarded, peer.as_deref(), hops).map(str::to_owned)
 }
 
 /// The caller's `grpc-timeout` (at most 8 digits and a unit, per the gRPC
 /// HTTP/2 protocol); anything else is ignored.
-pub fn grpc_timeout(metadata: &MetadataMap) -> Option<std::time::Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -218,10 +143,6 @@ pub fn grpc_timeout(metadata: &MetadataMap) -> Option<std::time::Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
-}
-
-fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
-    crate::bearer(metadata.get("authorization")?.to_str().ok())
 }
 
 fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {
@@ -314,68 +235,31 @@ fn service_account_pb(a: &ServiceAccount) -> pb::ServiceAccount {
     }
 }
 
-fn code_label(code: Code) -> &'static str {
+pub(crate) fn code_label(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
         Code::InvalidArgument => "InvalidArgument",
-        Code::Unauthenticated => "Unauthenticated",
-        Code::PermissionDenied => "PermissionDenied",
+        Code::DeadlineExceeded => "DeadlineExceeded",
         Code::NotFound => "NotFound",
-        Code::FailedPrecondition => "FailedPrecondition",
         Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
         Code::ResourceExhausted => "ResourceExhausted",
-        Code::Unavailable => "Unavailable",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
         Code::Internal => "Internal",
-        _ => "Other",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 
-impl AuthApi {
-    /// Runs one RPC within the request timeout, and counts and times it by
-    /// method and resulting code. A call past the timeout is dropped (a
-    /// transaction it had open is rolled back) and answered Unavailable.
-    async fn observed<T>(
-        &self,
-        method: &'static str,
-        call: impl Future<Output = Result<T, Status>>,
-    ) -> Result<Response<T>, Status> {
-        let started = Instant::now();
-        let result = within(self.request_timeout, method, call).await;
-        record(method, started, result)
-    }
-}
-
-/// `call`'s answer, or Unavailable once `timeout` has passed (the call is
-/// dropped).
-async fn within<T>(
-    timeout: std::time::Duration,
-    method: &'static str,
-    call: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::warn!(
-                method,
-                ?timeout,
-                "call timed out: a backend does not answer"
-            );
-            Err(Status::unavailable("the request timed out; retry later"))
-        }
-    }
-}
-
-fn record<T>(
-    method: &'static str,
-    started: Instant,
-    result: Result<T, Status>,
-) -> Result<Response<T>, Status> {
-    let code = code_label(result.as_ref().map_or_else(Status::code, |_| Code::Ok));
-    metrics::counter!("grpc_server_requests_total", "method" => method, "code" => code)
-        .increment(1);
-    metrics::histogram!("grpc_server_request_duration_seconds", "method" => method, "code" => code)
-        .record(started.elapsed().as_secs_f64());
-    result.map(Response::new)
+/// A handler's answer (the stack times it out, counts, times and logs it).
+async fn reply<T>(call: impl Future<Output = Result<T, Status>>) -> Result<Response<T>, Status> {
+    call.await.map(Response::new)
 }
 
 fn revocation_event_pb(row: &LoggedRevocation) -> pb::RevocationEvent {
@@ -408,18 +292,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
-        let peer = peer(&request, &self.peers);
-        let (metadata, _, body) = request.into_parts();
-        let started = Instant::now();
-        let opened = async {
-            let allowed = match (bearer_token(&metadata), peer) {
-                (None, Some(peer)) => peer.has_role(crate::accounts::model::Role::SERVICE),
-                _ => self
-                    .caller(&metadata)
-                    .await?
-                    .has_role(crate::accounts::model::Role::SERVICE),
-            };
-            if !allowed {
+        let call = Call::of(request.extensions());
+        let body = request.into_inner();
+        reply(async {
+            if !call.holds(crate::accounts::model::Role::SERVICE)? {
                 return Err(Status::permission_denied(
                     "the service role is required to watch revocations",
                 ));
@@ -446,17 +322,18 @@ impl AuthService for AuthApi {
                 Err(e) => Err(Status::internal(e.to_string())),
             });
             Ok(Box::pin(stream) as RevocationStream)
-        };
-        record("WatchRevocations", started, opened.await)
+        })
+        .await
     }
 
     async fn create_user(
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
-        let ctx = self.context(&request);
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
         let body = request.into_inner();
-        self.observed("CreateUser", async {
+        reply(async {
             let user = self
                 .accounts
                 .sign_up(&body.email, &body.username, &body.password, &ctx)
@@ -472,9 +349,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::TokenResponse>, Status> {
-        let ctx = self.context(&request);
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
         let body = request.into_inner();
-        self.observed("Login", async {
+        reply(async {
             Ok(token_response(
                 self.accounts
                     .login(&body.login, &body.password, &body.device_token, &ctx)
@@ -488,9 +366,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RefreshTokenRequest>,
     ) -> Result<Response<pb::TokenResponse>, Status> {
-        let ctx = self.context(&request);
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
         let body = request.into_inner();
-        self.observed("RefreshToken", async {
+        reply(async {
             Ok(token_response(
                 self.accounts.refresh(&body.refresh_token, &ctx).await?,
             ))
@@ -502,13 +381,14 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, _, body) = request.into_parts();
-        self.observed("Logout", async {
-            let caller = self.caller(&metadata).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let caller = call.user()?;
             let refresh =
                 (!body.refresh_token.is_empty()).then(|| SecretString::from(body.refresh_token));
-            self.tokens.logout(&caller, refresh.as_ref(), &ctx).await?;
+            self.tokens.logout(caller, refresh.as_ref(), &ctx).await?;
             Ok(pb::LogoutResponse {})
         })
         .await
@@ -519,7 +399,7 @@ impl AuthService for AuthApi {
         request: Request<pb::ValidateTokenRequest>,
     ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
         let body = request.into_inner();
-        self.observed("ValidateToken", async {
+        reply(async {
             if body.token.is_empty() {
                 return Err(error::invalid_argument(&[
                     crate::error::FieldViolation::new("token", "is required"),
@@ -543,9 +423,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetMeRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        self.observed("GetMe", async {
-            let caller = self.caller(request.metadata()).await?;
-            Ok(user_pb(&self.accounts.me(&caller).await?))
+        let call = Call::of(request.extensions());
+        reply(async {
+            let caller = call.user()?;
+            Ok(user_pb(&self.accounts.me(caller).await?))
         })
         .await
     }
@@ -554,12 +435,13 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, _, body) = request.into_parts();
-        self.observed("ChangePassword", async {
-            let caller = self.caller(&metadata).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let caller = call.user()?;
             self.accounts
-                .change_password(&caller, &body.current_password, &body.new_password, &ctx)
+                .change_password(caller, &body.current_password, &body.new_password, &ctx)
                 .await?;
             Ok(pb::ChangePasswordResponse {})
         })
@@ -570,10 +452,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::SuspendUserRequest>,
     ) -> Result<Response<pb::SuspendUserResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, extensions, body) = request.into_parts();
-        self.observed("SuspendUser", async {
-            let admin = self.admin(&metadata, &extensions).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let admin = call.admin()?;
             let user = self
                 .accounts
                 .suspend(&admin, &body.user_id, &body.reason, &ctx)
@@ -589,10 +472,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RevokeUserSessionsRequest>,
     ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, extensions, body) = request.into_parts();
-        self.observed("RevokeUserSessions", async {
-            let admin = self.admin(&metadata, &extensions).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let admin = call.admin()?;
             let revoked = self
                 .accounts
                 .revoke_sessions(&admin, &body.user_id, &ctx)
@@ -608,10 +492,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::SetUserRolesRequest>,
     ) -> Result<Response<pb::SetUserRolesResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, extensions, body) = request.into_parts();
-        self.observed("SetUserRoles", async {
-            let admin = self.admin(&metadata, &extensions).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let admin = call.admin()?;
             let user = self
                 .accounts
                 .set_roles(&admin, &body.user_id, &body.roles, &ctx)
@@ -627,12 +512,13 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::StartPlatformLinkRequest>,
     ) -> Result<Response<pb::StartPlatformLinkResponse>, Status> {
-        let (metadata, _, body) = request.into_parts();
-        self.observed("StartPlatformLink", async {
-            let caller = self.caller(&metadata).await?;
+        let call = Call::of(request.extensions());
+        let body = request.into_inner();
+        reply(async {
+            let caller = call.user()?;
             let started = self
                 .platforms
-                .start_link(&caller, platform(body.platform)?)
+                .start_link(caller, platform(body.platform)?)
                 .await?;
             Ok(pb::StartPlatformLinkResponse {
                 authorization_url: started.authorization_url,
@@ -648,14 +534,15 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ConnectPlatformAccountRequest>,
     ) -> Result<Response<pb::PlatformAccount>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, _, body) = request.into_parts();
-        self.observed("ConnectPlatformAccount", async {
-            let caller = self.caller(&metadata).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let caller = call.user()?;
             let account = self
                 .platforms
                 .connect(
-                    &caller,
+                    caller,
                     platform(body.platform)?,
                     &body.code,
                     &body.state,
@@ -672,9 +559,10 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListPlatformAccountsRequest>,
     ) -> Result<Response<pb::ListPlatformAccountsResponse>, Status> {
-        self.observed("ListPlatformAccounts", async {
-            let caller = self.caller(request.metadata()).await?;
-            let accounts = self.platforms.list(&caller).await?;
+        let call = Call::of(request.extensions());
+        reply(async {
+            let caller = call.user()?;
+            let accounts = self.platforms.list(caller).await?;
             Ok(pb::ListPlatformAccountsResponse {
                 accounts: accounts.iter().map(platform_account_pb).collect(),
             })
@@ -686,13 +574,14 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::DisconnectPlatformAccountRequest>,
     ) -> Result<Response<pb::DisconnectPlatformAccountResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, _, body) = request.into_parts();
-        self.observed("DisconnectPlatformAccount", async {
-            let caller = self.caller(&metadata).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let caller = call.user()?;
             let revoked = self
                 .platforms
-                .disconnect(&caller, platform(body.platform)?, &ctx)
+                .disconnect(caller, platform(body.platform)?, &ctx)
                 .await?;
             Ok(pb::DisconnectPlatformAccountResponse {
                 revoked_at_platform: revoked,
@@ -705,16 +594,13 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetPlatformAccessTokenRequest>,
     ) -> Result<Response<pb::GetPlatformAccessTokenResponse>, Status> {
-        let ctx = self.context(&request);
-        let peer = peer(&request, &self.peers);
-        let (metadata, _, body) = request.into_parts();
-        self.observed("GetPlatformAccessToken", async {
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
             // A bearer token names the caller; without one, a verified
             // client certificate of a configured service does.
-            let service = match (bearer_token(&metadata), peer) {
-                (None, Some(peer)) => ServiceCaller::peer(&peer.identity, &peer.roles)?,
-                _ => ServiceCaller::check(self.caller(&metadata).await?)?,
-            };
+            let service = call.service()?;
             let grant = self
                 .platforms
                 .access_token(&service, &body.user_id, platform(body.platform)?, &ctx)
@@ -733,10 +619,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateServiceAccountRequest>,
     ) -> Result<Response<pb::CreateServiceAccountResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, extensions, body) = request.into_parts();
-        self.observed("CreateServiceAccount", async {
-            let admin = self.admin(&metadata, &extensions).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let admin = call.admin()?;
             let (account, secret) = self
                 .service_accounts
                 .create(&admin, &body.name, &body.roles, &ctx)
@@ -753,8 +640,9 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListServiceAccountsRequest>,
     ) -> Result<Response<pb::ListServiceAccountsResponse>, Status> {
-        self.observed("ListServiceAccounts", async {
-            let admin = self.admin(request.metadata(), request.extensions()).await?;
+        let call = Call::of(request.extensions());
+        reply(async {
+            let admin = call.admin()?;
             let accounts = self.service_accounts.list(&admin).await?;
             Ok(pb::ListServiceAccountsResponse {
                 accounts: accounts.iter().map(service_account_pb).collect(),
@@ -767,10 +655,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RotateServiceAccountSecretRequest>,
     ) -> Result<Response<pb::RotateServiceAccountSecretResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, extensions, body) = request.into_parts();
-        self.observed("RotateServiceAccountSecret", async {
-            let admin = self.admin(&metadata, &extensions).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let admin = call.admin()?;
             let secret = self.service_accounts.rotate(&admin, &body.id, &ctx).await?;
             Ok(pb::RotateServiceAccountSecretResponse {
                 client_secret: secret.expose_secret().to_owned(),
@@ -783,10 +672,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::DeleteServiceAccountRequest>,
     ) -> Result<Response<pb::DeleteServiceAccountResponse>, Status> {
-        let ctx = self.context(&request);
-        let (metadata, extensions, body) = request.into_parts();
-        self.observed("DeleteServiceAccount", async {
-            let admin = self.admin(&metadata, &extensions).await?;
+        let call = Call::of(request.extensions());
+        let ctx = call.context();
+        let body = request.into_inner();
+        reply(async {
+            let admin = call.admin()?;
             self.service_accounts.delete(&admin, &body.id, &ctx).await?;
             Ok(pb::DeleteServiceAccountResponse {})
         })
@@ -798,7 +688,7 @@ impl AuthService for AuthApi {
         request: Request<pb::IssueServiceTokenRequest>,
     ) -> Result<Response<pb::IssueServiceTokenResponse>, Status> {
         let body = request.into_inner();
-        self.observed("IssueServiceToken", async {
+        reply(async {
             if body.client_id.len() > 64 || body.client_secret.len() > 256 {
                 return Err(error::unauthenticated("invalid client credentials"));
             }
@@ -820,68 +710,5 @@ impl AuthService for AuthApi {
             })
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_call_that_never_ends_is_answered_unavailable_at_the_timeout() {
-        let timeout = std::time::Duration::from_millis(20);
-        let answer: Result<(), Status> = within(timeout, "Test", std::future::pending()).await;
-        assert_eq!(answer.unwrap_err().code(), Code::Unavailable);
-        let answer = within(timeout, "Test", async { Ok(7) }).await;
-        assert_eq!(answer.unwrap(), 7, "a call that ends keeps its answer");
-    }
-
-    fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
-        let mut m = MetadataMap::new();
-        for (k, v) in pairs {
-            m.insert(*k, v.parse().unwrap());
-        }
-        m
-    }
-
-    #[test]
-    fn the_client_ip_is_the_entry_the_trusted_gateway_appended() {
-        let peer = Some("10.0.0.9:5000".parse().unwrap());
-        let m = metadata(&[("x-forwarded-for", "6.6.6.6, 203.0.113.7")]);
-        assert_eq!(client_ip(&m, peer, 1).as_deref(), Some("203.0.113.7"));
-        assert_eq!(client_ip(&m, peer, 2).as_deref(), Some("6.6.6.6"));
-        assert_eq!(
-            client_ip(&m, peer, 0).as_deref(),
-            Some("10.0.0.9"),
-            "hops = 0 ignores the header"
-        );
-        assert_eq!(
-            client_ip(&metadata(&[("x-forwarded-for", "garbage")]), peer, 1).as_deref(),
-            Some("10.0.0.9")
-        );
-        assert_eq!(
-            client_ip(&MetadataMap::new(), peer, 1).as_deref(),
-            Some("10.0.0.9")
-        );
-    }
-
-    #[test]
-    fn bearer_tokens_are_read_case_insensitively_and_never_empty() {
-        assert_eq!(
-            bearer_token(&metadata(&[("authorization", "Bearer abc")])),
-            Some("abc")
-        );
-        assert_eq!(
-            bearer_token(&metadata(&[("authorization", "bearer abc")])),
-            Some("abc")
-        );
-        assert_eq!(
-            bearer_token(&metadata(&[("authorization", "Basic abc")])),
-            None
-        );
-        assert_eq!(
-            bearer_token(&metadata(&[("authorization", "Bearer ")])),
-            None
-        );
     }
 }

@@ -237,16 +237,23 @@ fn route_patterns() {
 fn grpc_metadata_timeout_bearer_and_forwarded_for() {
     fuzz("metadata", |input| {
         let s = text(input);
-        let mut metadata = tonic::metadata::MetadataMap::new();
-        for (name, value) in ["grpc-timeout", "authorization", "x-forwarded-for"]
-            .into_iter()
-            .zip(s.split('\n'))
+        let mut metadata = tonic::codegen::http::HeaderMap::new();
+        for (name, value) in [
+            "grpc-timeout",
+            "authorization",
+            "x-forwarded-for",
+            "x-request-id",
+        ]
+        .into_iter()
+        .zip(s.split('\n'))
         {
             if let Ok(value) = value.parse() {
                 metadata.insert(name, value);
             }
         }
         let _ = grpc_timeout(&metadata);
+        let id = auth_service::grpc::stack::request_id(&metadata);
+        assert!((1..=128).contains(&id.len()), "{id:?}");
         let forwarded = metadata
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());

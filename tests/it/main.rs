@@ -18,6 +18,7 @@ mod process;
 mod redis_cluster;
 mod revocation_feed;
 mod service_accounts;
+mod stack;
 mod store_contract;
 mod tls;
 mod tokens;

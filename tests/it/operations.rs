@@ -63,8 +63,8 @@ on_both_backends! {
         let (status, metrics) = app.http_get("/metrics").await;
         assert_eq!(status, 200);
         for expected in [
-            r#"grpc_server_requests_total{method="CreateUser",code="OK"}"#,
-            r#"grpc_server_requests_total{method="Login",code="Unauthenticated"}"#,
+            r#"grpc_server_requests_total{service="immersiverse.auth.v1.AuthService",method="CreateUser",code="OK"}"#,
+            r#"grpc_server_requests_total{service="immersiverse.auth.v1.AuthService",method="Login",code="Unauthenticated"}"#,
             r#"login_attempts_total{outcome="success"}"#,
             "grpc_server_request_duration_seconds_bucket",
         ] {

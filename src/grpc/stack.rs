@@ -1,0 +1,537 @@
+//! The one layer stack every gRPC listener serves behind — AuthService,
+//! ext_authz, health and reflection alike — and the one place where call
+//! metadata is read. Outermost first:
+//!
+//! 1. [`GrpcTraceLayer`]: the server span, continuing the caller's W3C trace
+//!    context (every log line inside carries its ids);
+//! 2. [`CallLayer`]: the request id (the caller's `x-request-id` when it is
+//!    sane, else a new one; echoed in the response), the client address,
+//!    deadline and trace context, the peer's certificate identity, the
+//!    bearer token authenticated into a [`Principal`], per-session call
+//!    limits for the methods configured (`rpc.session_limits`, seed 6.2),
+//!    the request timeout, RPC metrics by method and code, and one
+//!    structured access-log line per call (method, code, latency, principal,
+//!    client address; never a token or a secret).
+//!
+//! Handlers receive all of it as a [`Call`] in the request's extensions and
+//! never parse metadata themselves.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    future::Future,
+    net::IpAddr,
+    sync::{Arc, LazyLock},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use futures::future::BoxFuture;
+use prost::Message as _;
+use tonic::{Code, Status, body::Body, codegen::http};
+
+use super::{GATEWAY_ROLE, Peer, PeerPolicy, error};
+use crate::{
+    accounts::service::AdminCaller,
+    config::{AccessLog, RpcConfig},
+    events::RequestContext,
+    platforms::service::ServiceCaller,
+    ratelimit::quota::{Limit, RateDecision, RateLimiter},
+    telemetry::GrpcTraceLayer,
+    tokens::{Principal, TokenService},
+};
+
+/// What the stack learned about one call, for its handler.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    pub request_id: String,
+    /// The client address: from `x-forwarded-for` when the peer may set it
+    /// (`trusted_proxy_hops`; with client certificates on, only a peer
+    /// holding the `gateway` role), else the peer's own address.
+    pub client_ip: Option<String>,
+    /// The TCP peer's address (for ext_authz: the caller itself).
+    pub peer_ip: Option<IpAddr>,
+    /// Whether this peer's forwarded addresses are believed.
+    pub forwarding_trusted: bool,
+    /// The verified client certificate's identity and configured roles.
+    pub peer: Option<Peer>,
+    /// The bearer token in `authorization`, authenticated; `None` when the
+    /// call carries none.
+    pub bearer: Option<Result<Principal, Status>>,
+    pub deadline: Option<Instant>,
+    /// This call's span (when traces are on), else the caller's
+    /// `traceparent` as received: events written by the call continue it.
+    pub traceparent: Option<String>,
+}
+
+/// A call that did not come through the stack (a handler called directly,
+/// as unit tests do): anonymous, no address, forwarded addresses believed
+/// as `trusted_proxy_hops` says.
+static ANONYMOUS: LazyLock<Arc<Call>> = LazyLock::new(|| {
+    Arc::new(Call {
+        forwarding_trusted: true,
+        ..Call::default()
+    })
+});
+
+impl Call {
+    /// The call the stack attached, else [`ANONYMOUS`].
+    pub fn of(extensions: &tonic::Extensions) -> Arc<Call> {
+        extensions
+            .get::<Arc<Call>>()
+            .cloned()
+            .unwrap_or_else(|| ANONYMOUS.clone())
+    }
+
+    pub fn context(&self) -> RequestContext {
+        RequestContext {
+            client_ip: self.client_ip.clone(),
+            traceparent: self.traceparent.clone(),
+            deadline: self.deadline,
+        }
+    }
+
+    /// The caller named by a valid bearer access token (user or service
+    /// account).
+    pub fn user(&self) -> Result<&Principal, Status> {
+        match &self.bearer {
+            Some(Ok(principal)) => Ok(principal),
+            Some(Err(status)) => Err(status.clone()),
+            None => Err(error::unauthenticated("missing bearer access token")),
+        }
+    }
+
+    /// An admin: a bearer token holding `admin`, or — for an operator tool
+    /// without one — a verified client certificate whose configured
+    /// identity holds it.
+    pub fn admin(&self) -> Result<AdminCaller, Status> {
+        if self.bearer.is_none()
+            && let Some(peer) = &self.peer
+        {
+            return Ok(AdminCaller::peer(&peer.identity, &peer.roles)?);
+        }
+        Ok(AdminCaller::check(self.user()?.clone())?)
+    }
+
+    /// A service: a bearer token of a service account (or a user holding
+    /// `service`), or a configured client-certificate identity.
+    pub fn service(&self) -> Result<ServiceCaller, Status> {
+        if self.bearer.is_none()
+            && let Some(peer) = &self.peer
+        {
+            return Ok(ServiceCaller::peer(&peer.identity, &peer.roles)?);
+        }
+        Ok(ServiceCaller::check(self.user()?.clone())?)
+    }
+
+    /// Whether the caller holds `role`, by bearer token or else by
+    /// certificate identity.
+    pub fn holds(&self, role: &str) -> Result<bool, Status> {
+        match (&self.bearer, &self.peer) {
+            (None, Some(peer)) => Ok(peer.has_role(role)),
+            _ => Ok(self.user()?.has_role(role)),
+        }
+    }
+
+    /// Who the access log names: never a token, only ids.
+    fn principal_label(&self) -> String {
+        match (&self.bearer, &self.peer) {
+            (Some(Ok(p)), _) if p.user_id == p.session_id => {
+                format!("service-account:{}", p.user_id)
+            }
+            (Some(Ok(p)), _) => format!("user:{}", p.user_id),
+            (Some(Err(_)), _) => "invalid-token".to_owned(),
+            (None, Some(peer)) => format!("peer:{}", peer.identity),
+            (None, None) => "anonymous".to_owned(),
+        }
+    }
+}
+
+/// The gRPC methods this process serves, from the descriptor sets it
+/// registers: metric labels come only from this set (a client cannot grow
+/// the label space by calling made-up paths).
+static KNOWN_METHODS: LazyLock<HashMap<String, (&'static str, &'static str)>> =
+    LazyLock::new(|| {
+        let mut known = HashMap::new();
+        let sets = [
+            super::pb::FILE_DESCRIPTOR_SET,
+            super::pb::AUTHZ_FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ];
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        for set in sets {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in set.file {
+                for service in &file.service {
+                    let full = format!("{}.{}", file.package(), service.name());
+                    let service_name = leak(full.clone());
+                    for method in &service.method {
+                        known.insert(
+                            format!("/{full}/{}", method.name()),
+                            (service_name, leak(method.name().to_owned())),
+                        );
+                    }
+                }
+            }
+        }
+        known.insert(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned(),
+            (
+                "grpc.reflection.v1.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+        );
+        known
+    });
+
+/// `(service, method)` for a path this process serves, else `None`.
+pub fn known_method(path: &str) -> Option<(&'static str, &'static str)> {
+    KNOWN_METHODS.get(path).copied()
+}
+
+/// The AuthService methods (for validating `rpc.session_limits`).
+pub fn auth_service_methods() -> Vec<&'static str> {
+    let mut methods: Vec<&'static str> = KNOWN_METHODS
+        .values()
+        .filter(|(service, _)| *service == "immersiverse.auth.v1.AuthService")
+        .map(|(_, method)| *method)
+        .collect();
+    methods.sort_unstable();
+    methods
+}
+
+/// Everything the stack needs, shared by every listener.
+#[derive(Clone)]
+pub struct CallLayer {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    tokens: Arc<TokenService>,
+    peers: PeerPolicy,
+    trusted_proxy_hops: usize,
+    request_timeout: Duration,
+    access_log: AccessLog,
+    /// Per-session limits by AuthService method name.
+    session_limits: BTreeMap<String, Limit>,
+    limiter: Option<Arc<RateLimiter>>,
+}
+
+impl CallLayer {
+    pub fn new(
+        tokens: Arc<TokenService>,
+        peers: PeerPolicy,
+        trusted_proxy_hops: usize,
+        request_timeout: Duration,
+        rpc: &RpcConfig,
+        limiter: Arc<RateLimiter>,
+    ) -> anyhow::Result<Self> {
+        let methods = auth_service_methods();
+        for method in rpc.session_limits.keys() {
+            anyhow::ensure!(
+                methods.contains(&method.as_str()),
+                "rpc.session_limits.{method}: not an AuthService method (one of {})",
+                methods.join(", ")
+            );
+        }
+        Ok(Self {
+            inner: Arc::new(Shared {
+                tokens,
+                peers,
+                trusted_proxy_hops,
+                request_timeout,
+                access_log: rpc.access_log,
+                session_limits: rpc.session_limits.clone(),
+                limiter: (!rpc.session_limits.is_empty()).then_some(limiter),
+            }),
+        })
+    }
+}
+
+/// The stack in order, as one layer for `Server::builder().layer(..)`.
+pub type Stack = tower::layer::util::Stack<
+    CallLayer,
+    tower::layer::util::Stack<GrpcTraceLayer, tower::layer::util::Identity>,
+>;
+
+pub fn stack(calls: CallLayer) -> Stack {
+    tower::ServiceBuilder::new()
+        .layer(GrpcTraceLayer)
+        .layer(calls)
+        .into_inner()
+}
+
+impl<S> tower::Layer<S> for CallLayer {
+    type Service = CallService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CallService {
+            inner,
+            shared: self.inner.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CallService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// A request id from the caller is kept when it is 1 to 128 characters of
+/// `[A-Za-z0-9._:-]` (what proxies and tracers send); anything else is
+/// replaced so it is safe to log and echo.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            (1..=128).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        })
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}
+
+/// The code a response carries in its headers (a trailers-only error
+/// answer), else OK: a unary success, or a stream that opened (a stream's
+/// later status is not seen here).
+fn response_code(response: &http::Response<Body>) -> Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
+/// `call`'s answer, or Unavailable once `timeout` has passed (the call is
+/// dropped: a transaction it had open is rolled back).
+async fn within<T>(
+    timeout: Duration,
+    method: &'static str,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                method,
+                ?timeout,
+                "call timed out: a backend does not answer"
+            );
+            Err(Status::unavailable("the request timed out; retry later"))
+        }
+    }
+}
+
+impl Shared {
+    /// The call as its metadata and connection describe it, and its bearer
+    /// token (not yet authenticated).
+    fn read<B>(&self, request: &http::Request<B>) -> (Call, Option<String>) {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let headers = request.headers();
+        let extensions = request.extensions();
+        let tcp = extensions.get::<TcpConnectInfo>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        });
+        let remote = tcp.and_then(TcpConnectInfo::remote_addr);
+        let peer = super::peer_from_connection(extensions, &self.peers);
+        let forwarding_trusted = !self.peers.gateway_only_forwarding
+            || peer.as_ref().is_some_and(|p| p.has_role(GATEWAY_ROLE));
+        let hops = if forwarding_trusted {
+            self.trusted_proxy_hops
+        } else {
+            0
+        };
+        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        let remote_ip = remote.map(|a| a.ip().to_string());
+        let client_ip = crate::client_ip(forwarded, remote_ip.as_deref(), hops).map(str::to_owned);
+        let bearer = crate::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()))
+            .map(str::to_owned);
+        let call = Call {
+            request_id: request_id(headers),
+            client_ip,
+            peer_ip: remote.map(|a| a.ip()),
+            forwarding_trusted,
+            peer,
+            bearer: None,
+            deadline: super::grpc_timeout(headers).map(|t| Instant::now() + t),
+            traceparent: crate::telemetry::current_traceparent().or_else(|| {
+                headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            }),
+        };
+        (call, bearer)
+    }
+
+    /// The per-session limit of `method`, when one is configured and the
+    /// caller has a session: `Err` answers the call ResourceExhausted.
+    async fn session_limit(&self, method: &str, call: &Call) -> Result<(), Status> {
+        let (Some(limiter), Some(limit)) = (&self.limiter, self.session_limits.get(method)) else {
+            return Ok(());
+        };
+        let Some(Ok(principal)) = &call.bearer else {
+            return Ok(());
+        };
+        let key = format!("rpc:{}:{method}", principal.session_id);
+        match limiter.check(&key, limit).await {
+            Ok(RateDecision::Allowed) => Ok(()),
+            Ok(RateDecision::Limited { retry_after }) => {
+                metrics::counter!("grpc_session_limited_total", "method" => method.to_owned())
+                    .increment(1);
+                Err(error::with_retry_after(
+                    Code::ResourceExhausted,
+                    "too many calls of this method in this session",
+                    retry_after,
+                ))
+            }
+            // The limit fails open like ext_authz's (`authz.rate_limit_fail_open`
+            // decides inside the limiter); an error here is the closed case.
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CallService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let (service, method) =
+                known_method(request.uri().path()).unwrap_or(("unknown", "unknown"));
+            let (mut call, bearer) = shared.read(&request);
+            if let Some(token) = bearer {
+                call.bearer = Some(
+                    shared
+                        .tokens
+                        .authenticate(&token)
+                        .await
+                        .map_err(Status::from),
+                );
+            }
+            let call = Arc::new(call);
+            let answer = match shared.session_limit(method, &call).await {
+                Err(status) => status.into_http(),
+                Ok(()) => {
+                    request.extensions_mut().insert(call.clone());
+                    let answer = within(shared.request_timeout, method, async {
+                        let Ok(response) = inner.call(request).await;
+                        Ok(response)
+                    });
+                    answer.await.unwrap_or_else(Status::into_http)
+                }
+            };
+            let mut response = answer;
+            if let Ok(id) = http::HeaderValue::from_str(&call.request_id) {
+                response.headers_mut().insert("x-request-id", id);
+            }
+            let code = response_code(&response);
+            let elapsed = started.elapsed();
+            let code_label = super::code_label(code);
+            metrics::counter!("grpc_server_requests_total", "service" => service, "method" => method, "code" => code_label)
+                .increment(1);
+            metrics::histogram!("grpc_server_request_duration_seconds", "service" => service, "method" => method, "code" => code_label)
+                .record(elapsed.as_secs_f64());
+            let logged = match shared.access_log {
+                AccessLog::Off => false,
+                AccessLog::Api => service != "envoy.service.auth.v3.Authorization",
+                AccessLog::All => true,
+            };
+            if logged {
+                tracing::info!(
+                    target: "access",
+                    request_id = %call.request_id,
+                    rpc.service = service,
+                    rpc.method = method,
+                    code = code_label,
+                    latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                    principal = %call.principal_label(),
+                    client_ip = call.client_ip.as_deref().unwrap_or("-"),
+                    "rpc"
+                );
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_from_callers_are_kept_only_when_safe_to_log() {
+        let with = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-request-id", http::HeaderValue::from_str(v).unwrap());
+            request_id(&h)
+        };
+        assert_eq!(with("abc-123_x.y:z"), "abc-123_x.y:z");
+        for bad in ["a b", "x\"y", &"a".repeat(129), "é"] {
+            let mut h = http::HeaderMap::new();
+            if let Ok(v) = http::HeaderValue::from_str(bad) {
+                h.insert("x-request-id", v);
+            }
+            let id = request_id(&h);
+            assert_ne!(id, bad);
+            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_that_never_ends_is_answered_unavailable_at_the_timeout() {
+        let timeout = Duration::from_millis(20);
+        let answer: Result<(), Status> = within(timeout, "Test", std::future::pending()).await;
+        assert_eq!(answer.unwrap_err().code(), Code::Unavailable);
+        let answer = within(timeout, "Test", async { Ok(7) }).await;
+        assert_eq!(answer.unwrap(), 7, "a call that ends keeps its answer");
+    }
+
+    #[test]
+    fn only_served_methods_become_metric_labels() {
+        assert_eq!(
+            known_method("/immersiverse.auth.v1.AuthService/Login"),
+            Some(("immersiverse.auth.v1.AuthService", "Login"))
+        );
+        assert_eq!(
+            known_method("/envoy.service.auth.v3.Authorization/Check"),
+            Some(("envoy.service.auth.v3.Authorization", "Check"))
+        );
+        assert_eq!(
+            known_method("/grpc.health.v1.Health/Watch"),
+            Some(("grpc.health.v1.Health", "Watch"))
+        );
+        assert_eq!(
+            known_method("/immersiverse.auth.v1.AuthService/Made-Up"),
+            None
+        );
+        assert!(auth_service_methods().contains(&"GetPlatformAccessToken"));
+        assert_eq!(auth_service_methods().len(), 21);
+    }
+}
