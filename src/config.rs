@@ -80,10 +80,14 @@ pub struct Config {
     /// With `redis_mode = "cluster"`: the seed nodes, comma-separated
     /// (`redis://a:6379,redis://b:6379`).
     pub redis_url: Option<String>,
-    /// `standalone` (one server, or a proxy in front of several) or
+    /// `standalone` (one server, or a proxy in front of several),
     /// `cluster` (Redis Cluster: keys are hash-tagged so that no command
-    /// spans two slots).
+    /// spans two slots) or `sentinel` (`redis_url` lists the sentinels,
+    /// comma-separated; the master named `redis_sentinel_master` is asked
+    /// of them, and asked again after a failover).
     pub redis_mode: RedisMode,
+    /// The master's name as the sentinels monitor it (`sentinel` mode).
+    pub redis_sentinel_master: String,
     /// Prefix of every Redis key this service writes (lets deployments and
     /// tests share one Redis).
     pub redis_key_prefix: String,
@@ -606,6 +610,7 @@ pub enum RedisMode {
     #[default]
     Standalone,
     Cluster,
+    Sentinel,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -711,6 +716,7 @@ impl Default for Config {
             database_url: None,
             redis_url: None,
             redis_mode: RedisMode::Standalone,
+            redis_sentinel_master: "mymaster".into(),
             redis_key_prefix: "auth:".into(),
             redis_timeout_ms: 250,
             redis_tls: RedisTlsConfig::default(),
@@ -847,7 +853,7 @@ impl Config {
         if let Some(url) = &self.redis_url {
             let urls: Vec<&str> = match self.redis_mode {
                 RedisMode::Standalone => vec![url.as_str()],
-                RedisMode::Cluster => url.split(',').map(str::trim).collect(),
+                RedisMode::Cluster | RedisMode::Sentinel => url.split(',').map(str::trim).collect(),
             };
             if urls
                 .iter()
@@ -855,7 +861,7 @@ impl Config {
             {
                 return fail(
                     "redis_url (AUTH_REDIS_URL)",
-                    "must start with redis:// or rediss:// (in cluster mode: each comma-separated seed node)",
+                    "must start with redis:// or rediss:// (in cluster and sentinel modes: each comma-separated node)",
                 );
             }
         }

@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod platforms;
 pub mod redis;
+pub mod sentinel;
 pub mod service_accounts;
 pub mod sql;
 
@@ -257,6 +258,7 @@ pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
             let redis = RedisStore::connect(
                 url,
                 config.redis_mode,
+                &config.redis_sentinel_master,
                 &config.redis_key_prefix,
                 config.redis_timeout(),
                 &config.redis_tls,
@@ -278,4 +280,23 @@ pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
             redis: None,
         }),
     }
+}
+
+/// A client span for one store operation (its statements, or its
+/// transaction) in a traced call, by the OpenTelemetry database
+/// conventions; `Span::none()` outside one, so untraced calls pay nothing.
+/// `system` is sqlx's name of the database.
+pub fn db_span(system: &'static str, operation: &'static str) -> tracing::Span {
+    let system = match system {
+        "PostgreSQL" => "postgresql",
+        "SQLite" => "sqlite",
+        other => other,
+    };
+    crate::child_span!(
+        "db",
+        otel.name = operation,
+        otel.kind = "client",
+        db.system.name = system,
+        db.operation.name = operation,
+    )
 }

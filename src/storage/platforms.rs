@@ -77,47 +77,55 @@ macro_rules! platform_store {
             #[async_trait]
             impl PlatformStore for SqlStore<$db> {
                 async fn insert_link_state(&self, state_hash: &[u8; 32], state: &LinkState) -> Result<(), BackendError> {
-                    sqlx::query(
-                        "INSERT INTO platform_link_states (state_hash, user_id, platform, redirect_uri, verifier_key, verifier, expires_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    )
-                    .bind(&state_hash[..])
-                    .bind(state.user_id)
-                    .bind(state.platform.as_str())
-                    .bind(&state.redirect_uri)
-                    .bind(state.verifier.as_ref().map(|v| v.key_id.as_str()))
-                    .bind(state.verifier.as_ref().map(|v| v.bytes.as_slice()))
-                    .bind(state.expires_at)
-                    .execute(&self.pool)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "insert_link_state");
+                    tracing::Instrument::instrument(async move {
+                        sqlx::query(
+                            "INSERT INTO platform_link_states (state_hash, user_id, platform, redirect_uri, verifier_key, verifier, expires_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        )
+                        .bind(&state_hash[..])
+                        .bind(state.user_id)
+                        .bind(state.platform.as_str())
+                        .bind(&state.redirect_uri)
+                        .bind(state.verifier.as_ref().map(|v| v.key_id.as_str()))
+                        .bind(state.verifier.as_ref().map(|v| v.bytes.as_slice()))
+                        .bind(state.expires_at)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                        Ok(())
+                    }, span)
                     .await
-                    .map_err(db_error)?;
-                    Ok(())
                 }
 
                 async fn take_link_state(&self, state_hash: &[u8; 32]) -> Result<Option<LinkState>, BackendError> {
-                    // DELETE … RETURNING: of two concurrent uses exactly one
-                    // gets the row.
-                    let row = sqlx::query(
-                        "DELETE FROM platform_link_states WHERE state_hash = $1 \
-                         RETURNING user_id, platform, redirect_uri, verifier_key, verifier, expires_at",
-                    )
-                    .bind(&state_hash[..])
-                    .fetch_optional(&self.pool)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "take_link_state");
+                    tracing::Instrument::instrument(async move {
+                        // DELETE … RETURNING: of two concurrent uses exactly one
+                        // gets the row.
+                        let row = sqlx::query(
+                            "DELETE FROM platform_link_states WHERE state_hash = $1 \
+                             RETURNING user_id, platform, redirect_uri, verifier_key, verifier, expires_at",
+                        )
+                        .bind(&state_hash[..])
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                        let Some(row) = row else { return Ok(None) };
+                        use sqlx::Row as _;
+                        let platform: String = row.try_get(1).map_err(db_error)?;
+                        let key: Option<String> = row.try_get(3).map_err(db_error)?;
+                        let verifier: Option<Vec<u8>> = row.try_get(4).map_err(db_error)?;
+                        Ok(Some(LinkState {
+                            user_id: row.try_get(0).map_err(db_error)?,
+                            platform: Platform::parse(&platform)
+                                .ok_or_else(|| BackendError::failed("database", "unknown platform in platform_link_states"))?,
+                            redirect_uri: row.try_get(2).map_err(db_error)?,
+                            verifier: key.zip(verifier).map(|(key_id, bytes)| Sealed { key_id, bytes }),
+                            expires_at: row.try_get(5).map_err(db_error)?,
+                        }))
+                    }, span)
                     .await
-                    .map_err(db_error)?;
-                    let Some(row) = row else { return Ok(None) };
-                    use sqlx::Row as _;
-                    let platform: String = row.try_get(1).map_err(db_error)?;
-                    let key: Option<String> = row.try_get(3).map_err(db_error)?;
-                    let verifier: Option<Vec<u8>> = row.try_get(4).map_err(db_error)?;
-                    Ok(Some(LinkState {
-                        user_id: row.try_get(0).map_err(db_error)?,
-                        platform: Platform::parse(&platform)
-                            .ok_or_else(|| BackendError::failed("database", "unknown platform in platform_link_states"))?,
-                        redirect_uri: row.try_get(2).map_err(db_error)?,
-                        verifier: key.zip(verifier).map(|(key_id, bytes)| Sealed { key_id, bytes }),
-                        expires_at: row.try_get(5).map_err(db_error)?,
-                    }))
                 }
 
                 async fn link_account(
@@ -127,114 +135,134 @@ macro_rules! platform_store {
                     version: i64,
                     event: &OutboxEvent,
                 ) -> Result<LinkOutcome, BackendError> {
-                    use sqlx::Row as _;
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let owner = sqlx::query("SELECT user_id FROM platform_accounts WHERE platform = $1 AND platform_user_id = $2")
-                        .bind(account.platform.as_str())
-                        .bind(&account.platform_user_id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
-                    if let Some(owner) = owner {
-                        let owner: Uuid = owner.try_get(0).map_err(db_error)?;
-                        if owner != account.user_id {
-                            return Ok(LinkOutcome::LinkedElsewhere);
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "link_account");
+                    tracing::Instrument::instrument(async move {
+                        use sqlx::Row as _;
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let owner = sqlx::query("SELECT user_id FROM platform_accounts WHERE platform = $1 AND platform_user_id = $2")
+                            .bind(account.platform.as_str())
+                            .bind(&account.platform_user_id)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        if let Some(owner) = owner {
+                            let owner: Uuid = owner.try_get(0).map_err(db_error)?;
+                            if owner != account.user_id {
+                                return Ok(LinkOutcome::LinkedElsewhere);
+                            }
                         }
-                    }
-                    // Re-linking replaces the user's account on this platform.
-                    sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2")
+                        // Re-linking replaces the user's account on this platform.
+                        sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2")
+                            .bind(account.user_id)
+                            .bind(account.platform.as_str())
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        let inserted = sqlx::query(
+                            "INSERT INTO platform_accounts (user_id, platform, platform_user_id, login, display_name, scopes, status, \
+                             key_id, access_token, refresh_token, token_expires_at, token_version, validated_at, connected_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $13)",
+                        )
                         .bind(account.user_id)
                         .bind(account.platform.as_str())
+                        .bind(&account.platform_user_id)
+                        .bind(&account.login)
+                        .bind(&account.display_name)
+                        .bind(Json(&account.scopes))
+                        .bind(account.status.as_str())
+                        .bind(&tokens.key_id)
+                        .bind(&tokens.access)
+                        .bind(tokens.refresh.as_deref())
+                        .bind(tokens.expires_at)
+                        .bind(version)
+                        .bind(account.connected_at)
                         .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
-                    let inserted = sqlx::query(
-                        "INSERT INTO platform_accounts (user_id, platform, platform_user_id, login, display_name, scopes, status, \
-                         key_id, access_token, refresh_token, token_expires_at, token_version, validated_at, connected_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $13)",
-                    )
-                    .bind(account.user_id)
-                    .bind(account.platform.as_str())
-                    .bind(&account.platform_user_id)
-                    .bind(&account.login)
-                    .bind(&account.display_name)
-                    .bind(Json(&account.scopes))
-                    .bind(account.status.as_str())
-                    .bind(&tokens.key_id)
-                    .bind(&tokens.access)
-                    .bind(tokens.refresh.as_deref())
-                    .bind(tokens.expires_at)
-                    .bind(version)
-                    .bind(account.connected_at)
-                    .execute(&mut *tx)
-                    .await;
-                    if let Err(error) = inserted {
-                        // A concurrent link of the same platform account by
-                        // another user won the unique constraint.
-                        if error.as_database_error().is_some_and(|e| e.is_unique_violation()) {
-                            return Ok(LinkOutcome::LinkedElsewhere);
+                        .await;
+                        if let Err(error) = inserted {
+                            // A concurrent link of the same platform account by
+                            // another user won the unique constraint.
+                            if error.as_database_error().is_some_and(|e| e.is_unique_violation()) {
+                                return Ok(LinkOutcome::LinkedElsewhere);
+                            }
+                            return Err(db_error(error));
                         }
-                        return Err(db_error(error));
-                    }
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(LinkOutcome::Linked)
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(LinkOutcome::Linked)
+                    }, span)
+                    .await
                 }
 
                 async fn accounts_of(&self, user_id: Uuid) -> Result<Vec<PlatformAccount>, BackendError> {
-                    let rows = self
-                        .accounts_where(
-                            concat!("SELECT ", account_columns!(), " FROM platform_accounts WHERE user_id = $1 ORDER BY platform"),
-                            |q| q.bind(user_id),
-                        )
-                        .await?;
-                    Ok(rows.into_iter().map(|r| r.account).collect())
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "accounts_of");
+                    tracing::Instrument::instrument(async move {
+                        let rows = self
+                            .accounts_where(
+                                concat!("SELECT ", account_columns!(), " FROM platform_accounts WHERE user_id = $1 ORDER BY platform"),
+                                |q| q.bind(user_id),
+                            )
+                            .await?;
+                        Ok(rows.into_iter().map(|r| r.account).collect())
+                    }, span)
+                    .await
                 }
 
                 async fn find_account(&self, user_id: Uuid, platform: Platform) -> Result<Option<StoredAccount>, BackendError> {
-                    // With the owner's status, in the same read.
-                    let row = sqlx::query(concat!(
-                        "SELECT ", account_columns!(), ", (SELECT status FROM users WHERE users.id = platform_accounts.user_id) \
-                         FROM platform_accounts WHERE user_id = $1 AND platform = $2"
-                    ))
-                    .bind(user_id)
-                    .bind(platform.as_str())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_error)?;
-                    let Some(row) = row else { return Ok(None) };
-                    let mut stored = stored_account(&row)?;
-                    use sqlx::Row as _;
-                    let owner: Option<String> = row.try_get(14).map_err(db_error)?;
-                    stored.user_active = owner.as_deref() == Some("active");
-                    Ok(Some(stored))
-                }
-
-                async fn find_by_platform_user(&self, platform: Platform, platform_user_id: &str) -> Result<Option<StoredAccount>, BackendError> {
-                    let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM platform_accounts WHERE platform = $1 AND platform_user_id = $2"))
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "find_account");
+                    tracing::Instrument::instrument(async move {
+                        // With the owner's status, in the same read.
+                        let row = sqlx::query(concat!(
+                            "SELECT ", account_columns!(), ", (SELECT status FROM users WHERE users.id = platform_accounts.user_id) \
+                             FROM platform_accounts WHERE user_id = $1 AND platform = $2"
+                        ))
+                        .bind(user_id)
                         .bind(platform.as_str())
-                        .bind(platform_user_id)
                         .fetch_optional(&self.pool)
                         .await
                         .map_err(db_error)?;
-                    row.as_ref().map(stored_account).transpose()
+                        let Some(row) = row else { return Ok(None) };
+                        let mut stored = stored_account(&row)?;
+                        use sqlx::Row as _;
+                        let owner: Option<String> = row.try_get(14).map_err(db_error)?;
+                        stored.user_active = owner.as_deref() == Some("active");
+                        Ok(Some(stored))
+                    }, span)
+                    .await
+                }
+
+                async fn find_by_platform_user(&self, platform: Platform, platform_user_id: &str) -> Result<Option<StoredAccount>, BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "find_by_platform_user");
+                    tracing::Instrument::instrument(async move {
+                        let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM platform_accounts WHERE platform = $1 AND platform_user_id = $2"))
+                            .bind(platform.as_str())
+                            .bind(platform_user_id)
+                            .fetch_optional(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        row.as_ref().map(stored_account).transpose()
+                    }, span)
+                    .await
                 }
 
                 async fn delete_account(&self, user_id: Uuid, platform: Platform, event: &OutboxEvent) -> Result<bool, BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let deleted = sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2")
-                        .bind(user_id)
-                        .bind(platform.as_str())
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?
-                        .rows_affected();
-                    if deleted == 0 {
-                        return Ok(false);
-                    }
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(true)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "delete_account");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let deleted = sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2")
+                            .bind(user_id)
+                            .bind(platform.as_str())
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?
+                            .rows_affected();
+                        if deleted == 0 {
+                            return Ok(false);
+                        }
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(true)
+                    }, span)
+                    .await
                 }
 
                 async fn take_refresh_lease(
@@ -245,24 +273,28 @@ macro_rules! platform_store {
                     now: OffsetDateTime,
                     until: OffsetDateTime,
                 ) -> Result<bool, BackendError> {
-                    // One conditional UPDATE: on PostgreSQL a concurrent one
-                    // waits for the row lock, then re-checks the condition and
-                    // finds the lease taken.
-                    let taken = sqlx::query(
-                        "UPDATE platform_accounts SET refresh_lease_until = $5 \
-                         WHERE user_id = $1 AND platform = $2 AND token_version = $3 AND status = 'active' \
-                         AND (refresh_lease_until IS NULL OR refresh_lease_until < $4)",
-                    )
-                    .bind(user_id)
-                    .bind(platform.as_str())
-                    .bind(version)
-                    .bind(now)
-                    .bind(until)
-                    .execute(&self.pool)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "take_refresh_lease");
+                    tracing::Instrument::instrument(async move {
+                        // One conditional UPDATE: on PostgreSQL a concurrent one
+                        // waits for the row lock, then re-checks the condition and
+                        // finds the lease taken.
+                        let taken = sqlx::query(
+                            "UPDATE platform_accounts SET refresh_lease_until = $5 \
+                             WHERE user_id = $1 AND platform = $2 AND token_version = $3 AND status = 'active' \
+                             AND (refresh_lease_until IS NULL OR refresh_lease_until < $4)",
+                        )
+                        .bind(user_id)
+                        .bind(platform.as_str())
+                        .bind(version)
+                        .bind(now)
+                        .bind(until)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected();
+                        Ok(taken == 1)
+                    }, span)
                     .await
-                    .map_err(db_error)?
-                    .rows_affected();
-                    Ok(taken == 1)
                 }
 
                 async fn replace_tokens(
@@ -273,41 +305,49 @@ macro_rules! platform_store {
                     tokens: &SealedTokens,
                     scopes: Option<&[String]>,
                 ) -> Result<bool, BackendError> {
-                    let now = OffsetDateTime::now_utc();
-                    let updated = sqlx::query(
-                        "UPDATE platform_accounts SET key_id = $4, access_token = $5, refresh_token = $6, token_expires_at = $7, \
-                         scopes = COALESCE($8, scopes), token_version = token_version + 1, refresh_lease_until = NULL, \
-                         validated_at = $9, updated_at = $9 \
-                         WHERE user_id = $1 AND platform = $2 AND token_version = $3",
-                    )
-                    .bind(user_id)
-                    .bind(platform.as_str())
-                    .bind(version)
-                    .bind(&tokens.key_id)
-                    .bind(&tokens.access)
-                    .bind(tokens.refresh.as_deref())
-                    .bind(tokens.expires_at)
-                    .bind(scopes.map(Json))
-                    .bind(now)
-                    .execute(&self.pool)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "replace_tokens");
+                    tracing::Instrument::instrument(async move {
+                        let now = OffsetDateTime::now_utc();
+                        let updated = sqlx::query(
+                            "UPDATE platform_accounts SET key_id = $4, access_token = $5, refresh_token = $6, token_expires_at = $7, \
+                             scopes = COALESCE($8, scopes), token_version = token_version + 1, refresh_lease_until = NULL, \
+                             validated_at = $9, updated_at = $9 \
+                             WHERE user_id = $1 AND platform = $2 AND token_version = $3",
+                        )
+                        .bind(user_id)
+                        .bind(platform.as_str())
+                        .bind(version)
+                        .bind(&tokens.key_id)
+                        .bind(&tokens.access)
+                        .bind(tokens.refresh.as_deref())
+                        .bind(tokens.expires_at)
+                        .bind(scopes.map(Json))
+                        .bind(now)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected();
+                        Ok(updated == 1)
+                    }, span)
                     .await
-                    .map_err(db_error)?
-                    .rows_affected();
-                    Ok(updated == 1)
                 }
 
                 async fn release_refresh_lease(&self, user_id: Uuid, platform: Platform, version: i64) -> Result<(), BackendError> {
-                    sqlx::query(
-                        "UPDATE platform_accounts SET refresh_lease_until = NULL \
-                         WHERE user_id = $1 AND platform = $2 AND token_version = $3",
-                    )
-                    .bind(user_id)
-                    .bind(platform.as_str())
-                    .bind(version)
-                    .execute(&self.pool)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "release_refresh_lease");
+                    tracing::Instrument::instrument(async move {
+                        sqlx::query(
+                            "UPDATE platform_accounts SET refresh_lease_until = NULL \
+                             WHERE user_id = $1 AND platform = $2 AND token_version = $3",
+                        )
+                        .bind(user_id)
+                        .bind(platform.as_str())
+                        .bind(version)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                        Ok(())
+                    }, span)
                     .await
-                    .map_err(db_error)?;
-                    Ok(())
                 }
 
                 async fn set_status(
@@ -317,25 +357,29 @@ macro_rules! platform_store {
                     status: AccountStatus,
                     event: &OutboxEvent,
                 ) -> Result<bool, BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let changed = sqlx::query(
-                        "UPDATE platform_accounts SET status = $3, refresh_lease_until = NULL, updated_at = $4 \
-                         WHERE user_id = $1 AND platform = $2 AND status <> $3",
-                    )
-                    .bind(user_id)
-                    .bind(platform.as_str())
-                    .bind(status.as_str())
-                    .bind(event.occurred_at)
-                    .execute(&mut *tx)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "set_status");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let changed = sqlx::query(
+                            "UPDATE platform_accounts SET status = $3, refresh_lease_until = NULL, updated_at = $4 \
+                             WHERE user_id = $1 AND platform = $2 AND status <> $3",
+                        )
+                        .bind(user_id)
+                        .bind(platform.as_str())
+                        .bind(status.as_str())
+                        .bind(event.occurred_at)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected();
+                        if changed == 0 {
+                            return Ok(false);
+                        }
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(true)
+                    }, span)
                     .await
-                    .map_err(db_error)?
-                    .rows_affected();
-                    if changed == 0 {
-                        return Ok(false);
-                    }
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(true)
                 }
 
                 async fn expiring(
@@ -345,15 +389,19 @@ macro_rules! platform_store {
                     now: OffsetDateTime,
                     limit: i64,
                 ) -> Result<Vec<StoredAccount>, BackendError> {
-                    self.accounts_where(
-                        concat!(
-                            "SELECT ", account_columns!(), " FROM platform_accounts \
-                             WHERE platform = $1 AND status = 'active' AND token_expires_at < $2 \
-                             AND (refresh_lease_until IS NULL OR refresh_lease_until < $3) \
-                             ORDER BY token_expires_at LIMIT $4"
-                        ),
-                        |q| q.bind(platform.as_str()).bind(before).bind(now).bind(limit),
-                    )
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "expiring");
+                    tracing::Instrument::instrument(async move {
+                        self.accounts_where(
+                            concat!(
+                                "SELECT ", account_columns!(), " FROM platform_accounts \
+                                 WHERE platform = $1 AND status = 'active' AND token_expires_at < $2 \
+                                 AND (refresh_lease_until IS NULL OR refresh_lease_until < $3) \
+                                 ORDER BY token_expires_at LIMIT $4"
+                            ),
+                            |q| q.bind(platform.as_str()).bind(before).bind(now).bind(limit),
+                        )
+                        .await
+                    }, span)
                     .await
                 }
 
@@ -364,56 +412,76 @@ macro_rules! platform_store {
                     now: OffsetDateTime,
                     limit: i64,
                 ) -> Result<Vec<StoredAccount>, BackendError> {
-                    self.accounts_where($claim, |q| q.bind(platform.as_str()).bind(cutoff).bind(now).bind(limit))
-                        .await
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "claim_validation");
+                    tracing::Instrument::instrument(async move {
+                        self.accounts_where($claim, |q| q.bind(platform.as_str()).bind(cutoff).bind(now).bind(limit))
+                            .await
+                    }, span)
+                    .await
                 }
 
                 async fn sealed_with_other_key(&self, key_id: &str, limit: i64) -> Result<Vec<StoredAccount>, BackendError> {
-                    let key_id = key_id.to_owned();
-                    self.accounts_where(
-                        concat!("SELECT ", account_columns!(), " FROM platform_accounts WHERE key_id <> $1 LIMIT $2"),
-                        |q| q.bind(key_id).bind(limit),
-                    )
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "sealed_with_other_key");
+                    tracing::Instrument::instrument(async move {
+                        let key_id = key_id.to_owned();
+                        self.accounts_where(
+                            concat!("SELECT ", account_columns!(), " FROM platform_accounts WHERE key_id <> $1 LIMIT $2"),
+                            |q| q.bind(key_id).bind(limit),
+                        )
+                        .await
+                    }, span)
                     .await
                 }
 
                 async fn record_webhook_message(&self, source: &str, message_id: &str, now: OffsetDateTime) -> Result<bool, BackendError> {
-                    let inserted = sqlx::query(
-                        "INSERT INTO webhook_messages (source, message_id, received_at) VALUES ($1, $2, $3) \
-                         ON CONFLICT (source, message_id) DO NOTHING",
-                    )
-                    .bind(source)
-                    .bind(message_id)
-                    .bind(now)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(db_error)?
-                    .rows_affected();
-                    Ok(inserted == 1)
-                }
-
-                async fn forget_webhook_message(&self, source: &str, message_id: &str) -> Result<(), BackendError> {
-                    sqlx::query("DELETE FROM webhook_messages WHERE source = $1 AND message_id = $2")
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "record_webhook_message");
+                    tracing::Instrument::instrument(async move {
+                        let inserted = sqlx::query(
+                            "INSERT INTO webhook_messages (source, message_id, received_at) VALUES ($1, $2, $3) \
+                             ON CONFLICT (source, message_id) DO NOTHING",
+                        )
                         .bind(source)
                         .bind(message_id)
-                        .execute(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                    Ok(())
-                }
-
-                async fn purge_platform_state(&self, now: OffsetDateTime, before: OffsetDateTime) -> Result<(), BackendError> {
-                    sqlx::query("DELETE FROM platform_link_states WHERE expires_at < $1")
                         .bind(now)
                         .execute(&self.pool)
                         .await
-                        .map_err(db_error)?;
-                    sqlx::query("DELETE FROM webhook_messages WHERE received_at < $1")
-                        .bind(before)
-                        .execute(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                    Ok(())
+                        .map_err(db_error)?
+                        .rows_affected();
+                        Ok(inserted == 1)
+                    }, span)
+                    .await
+                }
+
+                async fn forget_webhook_message(&self, source: &str, message_id: &str) -> Result<(), BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "forget_webhook_message");
+                    tracing::Instrument::instrument(async move {
+                        sqlx::query("DELETE FROM webhook_messages WHERE source = $1 AND message_id = $2")
+                            .bind(source)
+                            .bind(message_id)
+                            .execute(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        Ok(())
+                    }, span)
+                    .await
+                }
+
+                async fn purge_platform_state(&self, now: OffsetDateTime, before: OffsetDateTime) -> Result<(), BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "purge_platform_state");
+                    tracing::Instrument::instrument(async move {
+                        sqlx::query("DELETE FROM platform_link_states WHERE expires_at < $1")
+                            .bind(now)
+                            .execute(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        sqlx::query("DELETE FROM webhook_messages WHERE received_at < $1")
+                            .bind(before)
+                            .execute(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        Ok(())
+                    }, span)
+                    .await
                 }
             }
         };

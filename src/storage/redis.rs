@@ -6,7 +6,7 @@
 //! closed rather than accept a possibly revoked token or an unlimited
 //! password guess).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use futures::{FutureExt as _, TryFutureExt as _};
@@ -17,6 +17,7 @@ use redis::{
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use super::sentinel::SentinelConn;
 use crate::{
     config::RedisMode,
     error::BackendError,
@@ -48,6 +49,7 @@ pub struct RedisStore {
 enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    Sentinel(Arc<SentinelConn>),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -58,6 +60,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => Box::pin(s.query(cmd)),
         }
     }
 
@@ -70,6 +73,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(s) => Box::pin(s.query_pipeline(pipeline, offset, count)),
         }
     }
 
@@ -77,6 +81,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(_) => 0,
         }
     }
 }
@@ -140,6 +145,7 @@ impl RedisStore {
     pub async fn connect(
         url: &str,
         mode: RedisMode,
+        sentinel_master: &str,
         prefix: &str,
         timeout: Duration,
         tls: &crate::config::RedisTlsConfig,
@@ -207,6 +213,41 @@ impl RedisStore {
                     .map_ok(Conn::Cluster)
                     .boxed();
                 (pubsub, connecting)
+            }
+            RedisMode::Sentinel => {
+                let sentinels = url
+                    .split(',')
+                    .map(|u| client(u.trim()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Data nodes are reached like the sentinels: same scheme,
+                // same certificates.
+                let scheme = if url.trim_start().starts_with("rediss://") {
+                    "rediss"
+                } else {
+                    "redis"
+                };
+                let certificates = certificates.clone();
+                let node: super::sentinel::NodeClient = Box::new(move |host, port| {
+                    let url = format!("{scheme}://{host}:{port}/");
+                    match &certificates {
+                        Some(certs) => redis::Client::build_with_tls(url, certs.clone()),
+                        None => redis::Client::open(url),
+                    }
+                });
+                // Below the store's own call timeout, so a master that
+                // stopped answering is noticed (and resolved again) there.
+                let conn = Arc::new(SentinelConn::new(
+                    sentinels,
+                    sentinel_master.to_owned(),
+                    node,
+                    timeout * 3 / 4,
+                ));
+                let connecting = async move {
+                    conn.connection().await?;
+                    Ok(Conn::Sentinel(conn))
+                }
+                .boxed();
+                (Vec::new(), connecting)
             }
         };
         let conn = tokio::time::timeout(timeout * 4, connecting)
@@ -323,9 +364,17 @@ impl RedisStore {
         // node of a cluster (one server: always the same).
         let mut attempt = 0usize;
         while !stop.is_cancelled() {
-            let client = &self.pubsub[attempt % self.pubsub.len()];
+            let seed =
+                (!self.pubsub.is_empty()).then(|| self.pubsub[attempt % self.pubsub.len()].clone());
             attempt += 1;
             let subscribed = async {
+                // Behind Sentinel: on the master of the moment (a replica
+                // would hear PUBLISH too, but the master is what is known).
+                let client = match (&self.conn, seed) {
+                    (Conn::Sentinel(sentinel), _) => sentinel.master_client().await?,
+                    (_, Some(client)) => client,
+                    (_, None) => unreachable!("standalone and cluster modes have seed clients"),
+                };
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 Ok::<_, RedisError>(pubsub)

@@ -43,78 +43,98 @@ macro_rules! service_account_store {
             #[async_trait]
             impl ServiceAccountStore for SqlStore<$db> {
                 async fn insert_service_account(&self, a: &ServiceAccount, secret_hash: &[u8; 32], event: &OutboxEvent) -> Result<bool, BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let inserted = sqlx::query(
-                        "INSERT INTO service_accounts (id, name, roles, secret_hash, created_at, secret_rotated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
-                    )
-                    .bind(a.id)
-                    .bind(&a.name)
-                    .bind(Json(&a.roles))
-                    .bind(&secret_hash[..])
-                    .bind(a.created_at)
-                    .bind(a.secret_rotated_at)
-                    .execute(&mut *tx)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "insert_service_account");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let inserted = sqlx::query(
+                            "INSERT INTO service_accounts (id, name, roles, secret_hash, created_at, secret_rotated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+                        )
+                        .bind(a.id)
+                        .bind(&a.name)
+                        .bind(Json(&a.roles))
+                        .bind(&secret_hash[..])
+                        .bind(a.created_at)
+                        .bind(a.secret_rotated_at)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected();
+                        if inserted != 1 {
+                            return Ok(false);
+                        }
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(true)
+                    }, span)
                     .await
-                    .map_err(db_error)?
-                    .rows_affected();
-                    if inserted != 1 {
-                        return Ok(false);
-                    }
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(true)
                 }
 
                 async fn service_accounts(&self) -> Result<Vec<ServiceAccount>, BackendError> {
-                    let rows = sqlx::query(concat!(select_accounts!(), " ORDER BY name"))
-                        .fetch_all(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                    rows.iter().map(|r| account(r).map(|(a, _)| a)).collect()
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "service_accounts");
+                    tracing::Instrument::instrument(async move {
+                        let rows = sqlx::query(concat!(select_accounts!(), " ORDER BY name"))
+                            .fetch_all(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        rows.iter().map(|r| account(r).map(|(a, _)| a)).collect()
+                    }, span)
+                    .await
                 }
 
                 async fn service_account(&self, id: Uuid) -> Result<Option<(ServiceAccount, [u8; 32])>, BackendError> {
-                    let row = sqlx::query(concat!(select_accounts!(), " WHERE id = $1"))
-                        .bind(id)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                    row.as_ref().map(account).transpose()
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "service_account");
+                    tracing::Instrument::instrument(async move {
+                        let row = sqlx::query(concat!(select_accounts!(), " WHERE id = $1"))
+                            .bind(id)
+                            .fetch_optional(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        row.as_ref().map(account).transpose()
+                    }, span)
+                    .await
                 }
 
                 async fn set_service_secret(&self, id: Uuid, secret_hash: &[u8; 32], at: OffsetDateTime, event: &OutboxEvent) -> Result<bool, BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let updated = sqlx::query("UPDATE service_accounts SET secret_hash = $2, secret_rotated_at = $3 WHERE id = $1")
-                        .bind(id)
-                        .bind(&secret_hash[..])
-                        .bind(at)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?
-                        .rows_affected();
-                    if updated != 1 {
-                        return Ok(false);
-                    }
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(true)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "set_service_secret");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let updated = sqlx::query("UPDATE service_accounts SET secret_hash = $2, secret_rotated_at = $3 WHERE id = $1")
+                            .bind(id)
+                            .bind(&secret_hash[..])
+                            .bind(at)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?
+                            .rows_affected();
+                        if updated != 1 {
+                            return Ok(false);
+                        }
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(true)
+                    }, span)
+                    .await
                 }
 
                 async fn delete_service_account(&self, id: Uuid, event: &OutboxEvent) -> Result<bool, BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let deleted = sqlx::query("DELETE FROM service_accounts WHERE id = $1")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?
-                        .rows_affected();
-                    if deleted != 1 {
-                        return Ok(false);
-                    }
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(true)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "delete_service_account");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let deleted = sqlx::query("DELETE FROM service_accounts WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?
+                            .rows_affected();
+                        if deleted != 1 {
+                            return Ok(false);
+                        }
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(true)
+                    }, span)
+                    .await
                 }
             }
         };

@@ -228,288 +228,348 @@ macro_rules! sql_store {
             #[async_trait]
             impl UserStore for SqlStore<$db> {
                 async fn insert_user(&self, user: &User, password_hash: &str, event: &OutboxEvent) -> Result<(), InsertUserError> {
-                    let roles: Vec<&str> = user.roles.iter().map(Role::as_str).collect();
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let inserted = sqlx::query(
-                        "INSERT INTO users (id, email, username, password_hash, roles, status, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
-                    )
-                    .bind(user.id)
-                    .bind(user.email.as_str())
-                    .bind(user.username.as_str())
-                    .bind(password_hash)
-                    .bind(Json(roles))
-                    .bind(user.status.as_str())
-                    .bind(user.created_at)
-                    .execute(&mut *tx)
-                    .await;
-                    if let Err(error) = inserted {
-                        return Err(match conflicting_field(&error) {
-                            Some(field) => InsertUserError::Conflict(field),
-                            None => db_error(error).into(),
-                        });
-                    }
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(())
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "insert_user");
+                    tracing::Instrument::instrument(async move {
+                        let roles: Vec<&str> = user.roles.iter().map(Role::as_str).collect();
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let inserted = sqlx::query(
+                            "INSERT INTO users (id, email, username, password_hash, roles, status, created_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                        )
+                        .bind(user.id)
+                        .bind(user.email.as_str())
+                        .bind(user.username.as_str())
+                        .bind(password_hash)
+                        .bind(Json(roles))
+                        .bind(user.status.as_str())
+                        .bind(user.created_at)
+                        .execute(&mut *tx)
+                        .await;
+                        if let Err(error) = inserted {
+                            return Err(match conflicting_field(&error) {
+                                Some(field) => InsertUserError::Conflict(field),
+                                None => db_error(error).into(),
+                            });
+                        }
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(())
+                    }, span)
+                    .await
                 }
 
                 async fn find_credentials(&self, login: &LoginName) -> Result<Option<Credentials>, BackendError> {
-                    match login {
-                        LoginName::Email(email) => self.credentials_by(concat!("SELECT ", user_columns!(), " FROM users WHERE email = $1"), email.as_str()).await,
-                        LoginName::Username(name) => self.credentials_by(concat!("SELECT ", user_columns!(), " FROM users WHERE username = $1"), name.as_str()).await,
-                    }
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "find_credentials");
+                    tracing::Instrument::instrument(async move {
+                        match login {
+                            LoginName::Email(email) => self.credentials_by(concat!("SELECT ", user_columns!(), " FROM users WHERE email = $1"), email.as_str()).await,
+                            LoginName::Username(name) => self.credentials_by(concat!("SELECT ", user_columns!(), " FROM users WHERE username = $1"), name.as_str()).await,
+                        }
+                    }, span)
+                    .await
                 }
 
                 async fn find_credentials_by_id(&self, id: Uuid) -> Result<Option<Credentials>, BackendError> {
-                    let row: Option<UserRow> = sqlx::query_as(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1"))
-                        .bind(id)
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                    row.map(UserRow::into_credentials).transpose()
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "find_credentials_by_id");
+                    tracing::Instrument::instrument(async move {
+                        let row: Option<UserRow> = sqlx::query_as(concat!("SELECT ", user_columns!(), " FROM users WHERE id = $1"))
+                            .bind(id)
+                            .fetch_optional(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        row.map(UserRow::into_credentials).transpose()
+                    }, span)
+                    .await
                 }
 
                 async fn find_user(&self, id: Uuid) -> Result<Option<User>, BackendError> {
-                    Ok(self.find_credentials_by_id(id).await?.map(|c| c.user))
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "find_user");
+                    tracing::Instrument::instrument(async move {
+                        Ok(self.find_credentials_by_id(id).await?.map(|c| c.user))
+                    }, span)
+                    .await
                 }
 
                 async fn upgrade_password_hash(&self, id: Uuid, old_hash: &str, new_hash: &str) -> Result<(), BackendError> {
-                    sqlx::query("UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2")
-                        .bind(id)
-                        .bind(old_hash)
-                        .bind(new_hash)
-                        .execute(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                    Ok(())
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "upgrade_password_hash");
+                    tracing::Instrument::instrument(async move {
+                        sqlx::query("UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2")
+                            .bind(id)
+                            .bind(old_hash)
+                            .bind(new_hash)
+                            .execute(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        Ok(())
+                    }, span)
+                    .await
                 }
 
                 async fn change_password(&self, id: Uuid, new_hash: &str, event: &OutboxEvent) -> Result<bool, BackendError> {
-                    let now = event.occurred_at;
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let changed = sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
-                        .bind(id)
-                        .bind(new_hash)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?
-                        .rows_affected();
-                    if changed == 0 {
-                        return Ok(false);
-                    }
-                    revoke_all_sessions!(tx, id, now, "password_changed");
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(true)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "change_password");
+                    tracing::Instrument::instrument(async move {
+                        let now = event.occurred_at;
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let changed = sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
+                            .bind(id)
+                            .bind(new_hash)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?
+                            .rows_affected();
+                        if changed == 0 {
+                            return Ok(false);
+                        }
+                        revoke_all_sessions!(tx, id, now, "password_changed");
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(true)
+                    }, span)
+                    .await
                 }
 
                 async fn set_status(&self, id: Uuid, status: UserStatus, event: &OutboxEvent) -> Result<Option<User>, BackendError> {
-                    let now = event.occurred_at;
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let row: Option<UserRow> = sqlx::query_as(
-                        concat!("UPDATE users SET status = $2, updated_at = $3 WHERE id = $1 RETURNING ", user_columns!()),
-                    )
-                    .bind(id)
-                    .bind(status.as_str())
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "set_status");
+                    tracing::Instrument::instrument(async move {
+                        let now = event.occurred_at;
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let row: Option<UserRow> = sqlx::query_as(
+                            concat!("UPDATE users SET status = $2, updated_at = $3 WHERE id = $1 RETURNING ", user_columns!()),
+                        )
+                        .bind(id)
+                        .bind(status.as_str())
+                        .bind(now)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                        let Some(row) = row else { return Ok(None) };
+                        revoke_all_sessions!(tx, id, now, status.as_str());
+                        if status == UserStatus::Deleted {
+                            // A deleted user's platform tokens go with the
+                            // account, in the same transaction.
+                            sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1")
+                                .bind(id)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_error)?;
+                        }
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(Some(row.into_credentials()?.user))
+                    }, span)
                     .await
-                    .map_err(db_error)?;
-                    let Some(row) = row else { return Ok(None) };
-                    revoke_all_sessions!(tx, id, now, status.as_str());
-                    if status == UserStatus::Deleted {
-                        // A deleted user's platform tokens go with the
-                        // account, in the same transaction.
-                        sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1")
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_error)?;
-                    }
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(Some(row.into_credentials()?.user))
                 }
 
                 async fn set_roles(&self, id: Uuid, roles: &[Role], event: &OutboxEvent) -> Result<Option<User>, BackendError> {
-                    let now = event.occurred_at;
-                    let names: Vec<&str> = roles.iter().map(Role::as_str).collect();
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let row: Option<UserRow> = sqlx::query_as(
-                        concat!("UPDATE users SET roles = $2, updated_at = $3 WHERE id = $1 RETURNING ", user_columns!()),
-                    )
-                    .bind(id)
-                    .bind(Json(names))
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "set_roles");
+                    tracing::Instrument::instrument(async move {
+                        let now = event.occurred_at;
+                        let names: Vec<&str> = roles.iter().map(Role::as_str).collect();
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let row: Option<UserRow> = sqlx::query_as(
+                            concat!("UPDATE users SET roles = $2, updated_at = $3 WHERE id = $1 RETURNING ", user_columns!()),
+                        )
+                        .bind(id)
+                        .bind(Json(names))
+                        .bind(now)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                        let Some(row) = row else { return Ok(None) };
+                        revoke_all_sessions!(tx, id, now, "roles_changed");
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(Some(row.into_credentials()?.user))
+                    }, span)
                     .await
-                    .map_err(db_error)?;
-                    let Some(row) = row else { return Ok(None) };
-                    revoke_all_sessions!(tx, id, now, "roles_changed");
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(Some(row.into_credentials()?.user))
                 }
 
                 async fn append_event(&self, event: &OutboxEvent) -> Result<(), BackendError> {
-                    let mut conn = self.pool.acquire().await.map_err(db_error)?;
-                    insert_event!(conn, event);
-                    self.outbox_written.notify_one();
-                    Ok(())
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "append_event");
+                    tracing::Instrument::instrument(async move {
+                        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+                        insert_event!(conn, event);
+                        self.outbox_written.notify_one();
+                        Ok(())
+                    }, span)
+                    .await
                 }
             }
 
             #[async_trait]
             impl SessionStore for SqlStore<$db> {
                 async fn create_session(&self, session: &NewSession, token: &NewRefreshToken, event: &OutboxEvent) -> Result<(), BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    sqlx::query("INSERT INTO sessions (id, user_id, created_at, absolute_expires_at) VALUES ($1, $2, $3, $4)")
-                        .bind(session.id)
-                        .bind(session.user_id)
-                        .bind(session.created_at)
-                        .bind(session.absolute_expires_at)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
-                    sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, idle_expires_at) VALUES ($1, $2, $3, $4)")
-                        .bind(&token.hash[..])
-                        .bind(token.session_id)
-                        .bind(token.created_at)
-                        .bind(token.idle_expires_at)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(())
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "create_session");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        sqlx::query("INSERT INTO sessions (id, user_id, created_at, absolute_expires_at) VALUES ($1, $2, $3, $4)")
+                            .bind(session.id)
+                            .bind(session.user_id)
+                            .bind(session.created_at)
+                            .bind(session.absolute_expires_at)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, idle_expires_at) VALUES ($1, $2, $3, $4)")
+                            .bind(&token.hash[..])
+                            .bind(token.session_id)
+                            .bind(token.created_at)
+                            .bind(token.idle_expires_at)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(())
+                    }, span)
+                    .await
                 }
 
                 async fn rotate_refresh_token(&self, request: RotateRequest<'_>) -> Result<Rotation, BackendError> {
-                    let now = request.now;
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    // Spending first makes the rotation atomic: of two
-                    // concurrent presentations exactly one sees `used_at IS
-                    // NULL`; the other takes the reuse path below.
-                    let spent = sqlx::query(
-                        "UPDATE refresh_tokens SET used_at = $2 WHERE token_hash = $1 AND used_at IS NULL \
-                         RETURNING session_id, idle_expires_at",
-                    )
-                    .bind(&request.presented[..])
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-
-                    let Some(spent) = spent else {
-                        let owner = sqlx::query(
-                            "SELECT s.id, s.user_id, s.revoked_at FROM refresh_tokens t \
-                             JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = $1",
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "rotate_refresh_token");
+                    tracing::Instrument::instrument(async move {
+                        let now = request.now;
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        // Spending first makes the rotation atomic: of two
+                        // concurrent presentations exactly one sees `used_at IS
+                        // NULL`; the other takes the reuse path below.
+                        let spent = sqlx::query(
+                            "UPDATE refresh_tokens SET used_at = $2 WHERE token_hash = $1 AND used_at IS NULL \
+                             RETURNING session_id, idle_expires_at",
                         )
                         .bind(&request.presented[..])
+                        .bind(now)
                         .fetch_optional(&mut *tx)
                         .await
                         .map_err(db_error)?;
-                        let Some(owner) = owner else { return Ok(Rotation::Invalid) };
-                        let session_id: Uuid = owner.try_get(0).map_err(db_error)?;
-                        let user_id: Uuid = owner.try_get(1).map_err(db_error)?;
-                        let revoked_at: Option<OffsetDateTime> = owner.try_get(2).map_err(db_error)?;
-                        if revoked_at.is_none() {
-                            // Conditional, so of several concurrent replays
-                            // only one revokes and records the event.
-                            let revoked = sqlx::query(
-                                "UPDATE sessions SET revoked_at = $2, revoked_reason = 'refresh_token_reuse' \
-                                 WHERE id = $1 AND revoked_at IS NULL",
-                            )
-                            .bind(session_id)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_error)?
-                            .rows_affected();
-                            if revoked == 0 {
-                                return Ok(Rotation::Reused { user_id, session_id });
-                            }
-                            let event = OutboxEvent::token_revoked(user_id, session_id, "refresh_token_reuse", request.ctx);
-                            insert_event!(tx, event);
-                            self.commit_events(tx).await?;
-                        }
-                        return Ok(Rotation::Reused { user_id, session_id });
-                    };
 
-                    let session_id: Uuid = spent.try_get(0).map_err(db_error)?;
-                    let idle_expires_at: OffsetDateTime = spent.try_get(1).map_err(db_error)?;
-                    if idle_expires_at <= now {
-                        return Ok(Rotation::Invalid);
-                    }
-                    let row = sqlx::query(
-                        "SELECT s.absolute_expires_at, s.revoked_at, u.id, u.email, u.username, u.password_hash, u.roles, u.status, u.created_at \
-                         FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
-                    )
-                    .bind(session_id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                    let absolute_expires_at: OffsetDateTime = row.try_get(0).map_err(db_error)?;
-                    let revoked_at: Option<OffsetDateTime> = row.try_get(1).map_err(db_error)?;
-                    let user = UserRow::from_row(&row).map_err(db_error)?.into_credentials()?.user;
-                    if revoked_at.is_some() || absolute_expires_at <= now || user.status != UserStatus::Active {
-                        return Ok(Rotation::Invalid);
-                    }
-                    let next_idle = (now + request.idle_ttl).min(absolute_expires_at);
-                    sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, idle_expires_at) VALUES ($1, $2, $3, $4)")
-                        .bind(&request.next[..])
+                        let Some(spent) = spent else {
+                            let owner = sqlx::query(
+                                "SELECT s.id, s.user_id, s.revoked_at FROM refresh_tokens t \
+                                 JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = $1",
+                            )
+                            .bind(&request.presented[..])
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                            let Some(owner) = owner else { return Ok(Rotation::Invalid) };
+                            let session_id: Uuid = owner.try_get(0).map_err(db_error)?;
+                            let user_id: Uuid = owner.try_get(1).map_err(db_error)?;
+                            let revoked_at: Option<OffsetDateTime> = owner.try_get(2).map_err(db_error)?;
+                            if revoked_at.is_none() {
+                                // Conditional, so of several concurrent replays
+                                // only one revokes and records the event.
+                                let revoked = sqlx::query(
+                                    "UPDATE sessions SET revoked_at = $2, revoked_reason = 'refresh_token_reuse' \
+                                     WHERE id = $1 AND revoked_at IS NULL",
+                                )
+                                .bind(session_id)
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_error)?
+                                .rows_affected();
+                                if revoked == 0 {
+                                    return Ok(Rotation::Reused { user_id, session_id });
+                                }
+                                let event = OutboxEvent::token_revoked(user_id, session_id, "refresh_token_reuse", request.ctx);
+                                insert_event!(tx, event);
+                                self.commit_events(tx).await?;
+                            }
+                            return Ok(Rotation::Reused { user_id, session_id });
+                        };
+
+                        let session_id: Uuid = spent.try_get(0).map_err(db_error)?;
+                        let idle_expires_at: OffsetDateTime = spent.try_get(1).map_err(db_error)?;
+                        if idle_expires_at <= now {
+                            return Ok(Rotation::Invalid);
+                        }
+                        let row = sqlx::query(
+                            "SELECT s.absolute_expires_at, s.revoked_at, u.id, u.email, u.username, u.password_hash, u.roles, u.status, u.created_at \
+                             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
+                        )
                         .bind(session_id)
-                        .bind(now)
-                        .bind(next_idle)
-                        .execute(&mut *tx)
+                        .fetch_one(&mut *tx)
                         .await
                         .map_err(db_error)?;
-                    tx.commit().await.map_err(db_error)?;
-                    Ok(Rotation::Rotated { user, session_id, idle_expires_at: next_idle })
+                        let absolute_expires_at: OffsetDateTime = row.try_get(0).map_err(db_error)?;
+                        let revoked_at: Option<OffsetDateTime> = row.try_get(1).map_err(db_error)?;
+                        let user = UserRow::from_row(&row).map_err(db_error)?.into_credentials()?.user;
+                        if revoked_at.is_some() || absolute_expires_at <= now || user.status != UserStatus::Active {
+                            return Ok(Rotation::Invalid);
+                        }
+                        let next_idle = (now + request.idle_ttl).min(absolute_expires_at);
+                        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, idle_expires_at) VALUES ($1, $2, $3, $4)")
+                            .bind(&request.next[..])
+                            .bind(session_id)
+                            .bind(now)
+                            .bind(next_idle)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        tx.commit().await.map_err(db_error)?;
+                        Ok(Rotation::Rotated { user, session_id, idle_expires_at: next_idle })
+                    }, span)
+                    .await
                 }
 
                 async fn refresh_token_owner(&self, presented: &TokenHash) -> Result<Option<(Uuid, Uuid)>, BackendError> {
-                    let row = sqlx::query("SELECT s.id, s.user_id FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = $1")
-                        .bind(&presented[..])
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(db_error)?;
-                    row.map(|r| Ok((r.try_get(0).map_err(db_error)?, r.try_get(1).map_err(db_error)?))).transpose()
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "refresh_token_owner");
+                    tracing::Instrument::instrument(async move {
+                        let row = sqlx::query("SELECT s.id, s.user_id FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = $1")
+                            .bind(&presented[..])
+                            .fetch_optional(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        row.map(|r| Ok((r.try_get(0).map_err(db_error)?, r.try_get(1).map_err(db_error)?))).transpose()
+                    }, span)
+                    .await
                 }
 
                 async fn revoke_session(&self, session_id: Uuid, user_id: Uuid, now: OffsetDateTime, event: &OutboxEvent) -> Result<bool, BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let revoked = sqlx::query(
-                        "UPDATE sessions SET revoked_at = $3, revoked_reason = 'logout' \
-                         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
-                    )
-                    .bind(session_id)
-                    .bind(user_id)
-                    .bind(now)
-                    .execute(&mut *tx)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "revoke_session");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let revoked = sqlx::query(
+                            "UPDATE sessions SET revoked_at = $3, revoked_reason = 'logout' \
+                             WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+                        )
+                        .bind(session_id)
+                        .bind(user_id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected();
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(revoked > 0)
+                    }, span)
                     .await
-                    .map_err(db_error)?
-                    .rows_affected();
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(revoked > 0)
                 }
 
                 async fn revoke_user_sessions(&self, user_id: Uuid, now: OffsetDateTime, event: &OutboxEvent) -> Result<u64, BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    let revoked = revoke_all_sessions!(tx, user_id, now, "admin_revoke");
-                    insert_event!(tx, event);
-                    self.commit_events(tx).await?;
-                    Ok(revoked)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "revoke_user_sessions");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let revoked = revoke_all_sessions!(tx, user_id, now, "admin_revoke");
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(revoked)
+                    }, span)
+                    .await
                 }
             }
 
             #[async_trait]
             impl $crate::storage::Ping for SqlStore<$db> {
                 async fn ping(&self) -> Result<(), BackendError> {
-                    sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error).map(drop)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "ping");
+                    tracing::Instrument::instrument(async move {
+                        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error).map(drop)
+                    }, span)
+                    .await
                 }
             }
 
@@ -528,33 +588,53 @@ macro_rules! sql_store {
             #[async_trait]
             impl RelayStore for SqlStore<$db> {
                 async fn lease(&self, limit: i64, now: OffsetDateTime, lease_until: OffsetDateTime) -> Result<Vec<StoredEvent>, BackendError> {
-                    let rows = sqlx::query($lease_sql).bind(limit).bind(now).bind(lease_until).fetch_all(&self.pool).await.map_err(db_error)?;
-                    let mut events = rows.iter().map(stored_event).collect::<Result<Vec<_>, _>>().map_err(db_error)?;
-                    // RETURNING has no order; UUIDv7 ids sort by time.
-                    events.sort_by_key(|e| e.id);
-                    Ok(events)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "lease");
+                    tracing::Instrument::instrument(async move {
+                        let rows = sqlx::query($lease_sql).bind(limit).bind(now).bind(lease_until).fetch_all(&self.pool).await.map_err(db_error)?;
+                        let mut events = rows.iter().map(stored_event).collect::<Result<Vec<_>, _>>().map_err(db_error)?;
+                        // RETURNING has no order; UUIDv7 ids sort by time.
+                        events.sort_by_key(|e| e.id);
+                        Ok(events)
+                    }, span)
+                    .await
                 }
 
                 async fn mark_published(&self, ids: &[Uuid], at: OffsetDateTime) -> Result<(), BackendError> {
-                    self.update_each("UPDATE outbox SET published_at = $2, lease_until = NULL WHERE id = $1", ids, at).await
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "mark_published");
+                    tracing::Instrument::instrument(async move {
+                        self.update_each("UPDATE outbox SET published_at = $2, lease_until = NULL WHERE id = $1", ids, at).await
+                    }, span)
+                    .await
                 }
 
                 async fn retry_later(&self, ids: &[Uuid], retry_at: OffsetDateTime) -> Result<(), BackendError> {
-                    self.update_each("UPDATE outbox SET lease_until = $2 WHERE id = $1 AND published_at IS NULL", ids, retry_at).await
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "retry_later");
+                    tracing::Instrument::instrument(async move {
+                        self.update_each("UPDATE outbox SET lease_until = $2 WHERE id = $1 AND published_at IS NULL", ids, retry_at).await
+                    }, span)
+                    .await
                 }
 
                 async fn purge_published(&self, before: OffsetDateTime) -> Result<u64, BackendError> {
-                    Ok(sqlx::query("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1")
-                        .bind(before)
-                        .execute(&self.pool)
-                        .await
-                        .map_err(db_error)?
-                        .rows_affected())
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "purge_published");
+                    tracing::Instrument::instrument(async move {
+                        Ok(sqlx::query("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < $1")
+                            .bind(before)
+                            .execute(&self.pool)
+                            .await
+                            .map_err(db_error)?
+                            .rows_affected())
+                    }, span)
+                    .await
                 }
 
                 async fn unpublished_count(&self) -> Result<i64, BackendError> {
-                    let row = sqlx::query("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetch_one(&self.pool).await.map_err(db_error)?;
-                    row.try_get::<i64, _>(0).map_err(db_error)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "unpublished_count");
+                    tracing::Instrument::instrument(async move {
+                        let row = sqlx::query("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetch_one(&self.pool).await.map_err(db_error)?;
+                        row.try_get::<i64, _>(0).map_err(db_error)
+                    }, span)
+                    .await
                 }
 
                 fn outbox_written(&self) -> std::sync::Arc<tokio::sync::Notify> {
@@ -566,38 +646,50 @@ macro_rules! sql_store {
             #[async_trait]
             impl $crate::revocation::feed::RevocationLog for SqlStore<$db> {
                 async fn after(&self, seq: i64, limit: i64) -> Result<Vec<$crate::revocation::feed::LoggedRevocation>, BackendError> {
-                    let rows = sqlx::query(
-                        "SELECT seq, event_id, event_type, user_id, occurred_at, payload FROM revocation_log \
-                         WHERE seq > $1 ORDER BY seq LIMIT $2",
-                    )
-                    .bind(seq)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_error)?;
-                    rows.iter()
-                        .map(|r| {
-                            Ok($crate::revocation::feed::LoggedRevocation {
-                                seq: r.try_get(0)?,
-                                event_id: r.try_get(1)?,
-                                event_type: r.try_get(2)?,
-                                user_id: r.try_get(3)?,
-                                occurred_at: r.try_get(4)?,
-                                data: r.try_get::<Json<serde_json::Value>, _>(5)?.0,
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "after");
+                    tracing::Instrument::instrument(async move {
+                        let rows = sqlx::query(
+                            "SELECT seq, event_id, event_type, user_id, occurred_at, payload FROM revocation_log \
+                             WHERE seq > $1 ORDER BY seq LIMIT $2",
+                        )
+                        .bind(seq)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                        rows.iter()
+                            .map(|r| {
+                                Ok($crate::revocation::feed::LoggedRevocation {
+                                    seq: r.try_get(0)?,
+                                    event_id: r.try_get(1)?,
+                                    event_type: r.try_get(2)?,
+                                    user_id: r.try_get(3)?,
+                                    occurred_at: r.try_get(4)?,
+                                    data: r.try_get::<Json<serde_json::Value>, _>(5)?.0,
+                                })
                             })
-                        })
-                        .collect::<Result<_, sqlx::Error>>()
-                        .map_err(db_error)
+                            .collect::<Result<_, sqlx::Error>>()
+                            .map_err(db_error)
+                    }, span)
+                    .await
                 }
 
                 async fn head(&self) -> Result<i64, BackendError> {
-                    let row = sqlx::query("SELECT n FROM revocation_seq WHERE id = 1").fetch_one(&self.pool).await.map_err(db_error)?;
-                    row.try_get::<i64, _>(0).map_err(db_error)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "head");
+                    tracing::Instrument::instrument(async move {
+                        let row = sqlx::query("SELECT n FROM revocation_seq WHERE id = 1").fetch_one(&self.pool).await.map_err(db_error)?;
+                        row.try_get::<i64, _>(0).map_err(db_error)
+                    }, span)
+                    .await
                 }
 
                 async fn oldest(&self) -> Result<Option<i64>, BackendError> {
-                    let row = sqlx::query("SELECT MIN(seq) FROM revocation_log").fetch_one(&self.pool).await.map_err(db_error)?;
-                    row.try_get::<Option<i64>, _>(0).map_err(db_error)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "oldest");
+                    tracing::Instrument::instrument(async move {
+                        let row = sqlx::query("SELECT MIN(seq) FROM revocation_log").fetch_one(&self.pool).await.map_err(db_error)?;
+                        row.try_get::<Option<i64>, _>(0).map_err(db_error)
+                    }, span)
+                    .await
                 }
 
                 fn written(&self) -> std::sync::Arc<tokio::sync::Notify> {
@@ -606,27 +698,35 @@ macro_rules! sql_store {
                 }
 
                 async fn purge_before(&self, before: OffsetDateTime) -> Result<u64, BackendError> {
-                    Ok(sqlx::query("DELETE FROM revocation_log WHERE occurred_at < $1")
-                        .bind(before)
-                        .execute(&self.pool)
-                        .await
-                        .map_err(db_error)?
-                        .rows_affected())
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "purge_before");
+                    tracing::Instrument::instrument(async move {
+                        Ok(sqlx::query("DELETE FROM revocation_log WHERE occurred_at < $1")
+                            .bind(before)
+                            .execute(&self.pool)
+                            .await
+                            .map_err(db_error)?
+                            .rows_affected())
+                    }, span)
+                    .await
                 }
             }
 
             #[async_trait]
             impl OutboxReader for SqlStore<$db> {
                 async fn unpublished(&self, limit: i64) -> Result<Vec<StoredEvent>, BackendError> {
-                    let rows = sqlx::query(
-                        "SELECT id, event_type, user_id, occurred_at, payload, traceparent, attempts FROM outbox \
-                         WHERE published_at IS NULL ORDER BY id LIMIT $1",
-                    )
-                    .bind(limit)
-                    .fetch_all(&self.pool)
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "unpublished");
+                    tracing::Instrument::instrument(async move {
+                        let rows = sqlx::query(
+                            "SELECT id, event_type, user_id, occurred_at, payload, traceparent, attempts FROM outbox \
+                             WHERE published_at IS NULL ORDER BY id LIMIT $1",
+                        )
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                        rows.iter().map(stored_event).collect::<Result<_, _>>().map_err(db_error)
+                    }, span)
                     .await
-                    .map_err(db_error)?;
-                    rows.iter().map(stored_event).collect::<Result<_, _>>().map_err(db_error)
                 }
             }
         };

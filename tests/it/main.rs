@@ -16,6 +16,7 @@ mod overload;
 mod platforms;
 mod process;
 mod redis_cluster;
+mod redis_sentinel;
 mod revocation_feed;
 mod service_accounts;
 mod stack;

@@ -31,7 +31,7 @@ fn on_cluster(cluster: &RedisCluster) -> impl FnOnce(&mut Config) + '_ {
     }
 }
 
-async fn until_unauthenticated(app: &mut TestApp, token: &str) {
+pub(crate) async fn until_unauthenticated(app: &mut TestApp, token: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match app.validate(token).await {

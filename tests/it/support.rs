@@ -1375,3 +1375,99 @@ impl TestPki {
         ]);
     }
 }
+
+/// Redis behind Sentinel on loopback: a master, one replica of it and one
+/// sentinel (quorum 1, the master judged down after 1 s).
+pub struct RedisSentinel {
+    pub master: OwnRedis,
+    pub replica: OwnRedis,
+    sentinel: std::process::Child,
+    pub sentinel_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+pub const SENTINEL_MASTER: &str = "authmaster";
+
+impl RedisSentinel {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let master = OwnRedis::start().await;
+        let master_port = node_port(&master.url);
+        let replica = OwnRedis::start_with(
+            &["--replicaof", "127.0.0.1", &master_port.to_string()],
+            "redis",
+        )
+        .await;
+        let sentinel_port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sentinel_port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let sentinel = std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs as a sentinel");
+        let deployment = Self {
+            master,
+            replica,
+            sentinel,
+            sentinel_port,
+            _dir: dir,
+        };
+        // The replica is in sync and the sentinel knows it before the test.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let replica_port = node_port(&deployment.replica.url);
+        while !(cluster_cli(replica_port, &["info", "replication"])
+            .contains("master_link_status:up")
+            && deployment.master_port() == Some(master_port))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sentinel deployment did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        deployment
+    }
+
+    /// `redis_url` in sentinel mode.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.sentinel_port)
+    }
+
+    /// The master's port as the sentinel names it now.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = cluster_cli(
+            self.sentinel_port,
+            &["sentinel", "get-master-addr-by-name", SENTINEL_MASTER],
+        );
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    pub fn port_of(node: &OwnRedis) -> u16 {
+        node_port(&node.url)
+    }
+
+    /// Blocks until the replica has acknowledged every write so far.
+    pub fn wait_replicated(&self) {
+        let acked = cluster_cli(node_port(&self.master.url), &["wait", "1", "5000"]);
+        assert_eq!(acked.trim(), "1", "the replica did not acknowledge");
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        let _ = self.sentinel.kill();
+        let _ = self.sentinel.wait();
+    }
+}

@@ -311,6 +311,23 @@ async fn the_kafka_send_and_the_lifecycle_consumer_continue_the_trace() {
     let (_, hash) = receiver.span("password.hash").await;
     assert_eq!(hex::encode(&hash.trace_id), TRACE);
     assert!(receiver.descends(&hash, &rpc), "hashing is inside the call");
+    // The sign-up's transaction (user row and outbox row) is a database
+    // client span of the call.
+    let (_, insert) = receiver.span("insert_user").await;
+    assert!(
+        receiver.descends(&insert, &rpc),
+        "the insert is inside the call"
+    );
+    assert_eq!(insert.kind, 3, "SPAN_KIND_CLIENT");
+    let attrs = attributes(&insert);
+    assert_eq!(
+        attrs.get("db.system.name").map(String::as_str),
+        Some("postgresql")
+    );
+    assert_eq!(
+        attrs.get("db.operation.name").map(String::as_str),
+        Some("insert_user")
+    );
 
     // A traced login: its Redis calls (the failure counters) are children.
     let mut login = tonic::Request::new(pb::LoginRequest {
@@ -328,6 +345,11 @@ async fn the_kafka_send_and_the_lifecycle_consumer_continue_the_trace() {
         .await;
     let (_, verify) = receiver.span("password.verify").await;
     assert!(receiver.descends(&verify, &login));
+    let (_, lookup) = receiver.span("find_credentials").await;
+    assert!(
+        receiver.descends(&lookup, &login),
+        "the lookup is inside the login"
+    );
     let redis = loop {
         let redis: Vec<Span> = receiver
             .spans
