@@ -25,6 +25,9 @@ pub struct AccessRequest<'a> {
     /// The bearer token, if the request carried one.
     pub bearer: Option<&'a str>,
     pub client_ip: Option<&'a str>,
+    /// The downstream client's verified service identity (from the client
+    /// certificate the gateway or sidecar checked), if any.
+    pub service: Option<&'a str>,
 }
 
 /// Who the upstream is told the caller is.
@@ -93,6 +96,15 @@ impl Authorizer {
         let Some(route) = self.policy.route(request.method, request.path) else {
             return Decision::Deny(Denial::Forbidden { reason: "no_route" });
         };
+        if !route.services.is_empty()
+            && !request
+                .service
+                .is_some_and(|s| route.services.iter().any(|allowed| allowed == s))
+        {
+            return Decision::Deny(Denial::Forbidden {
+                reason: "service_identity_required",
+            });
+        }
         let principal = match request.bearer {
             Some(token) => match self.authenticate(token).await {
                 Ok(principal) => Some(principal),

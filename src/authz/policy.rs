@@ -32,6 +32,12 @@ pub struct RouteRule {
     /// Rate-limit class (a key of `authz.rate_limits`).
     #[serde(default = "default_class")]
     pub rate_class: String,
+    /// When set, only these service identities may call (a SPIFFE URI SAN
+    /// such as `spiffe://immersiverse/ns/x/sa/y`, else a DNS SAN): the
+    /// identity of the downstream client certificate Envoy verified and
+    /// forwards (`include_peer_certificate`), in addition to `access`.
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 fn default_class() -> String {
@@ -46,6 +52,7 @@ impl RouteRule {
             access,
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             rate_class: class.into(),
+            services: Vec::new(),
         }
     }
 }
@@ -100,6 +107,8 @@ pub struct Route {
     pattern: Vec<Segment>,
     pub access: Access,
     pub rate_class: String,
+    /// Service identities allowed; empty: any caller.
+    pub services: Vec<String>,
 }
 
 /// Compiled rules.
@@ -150,6 +159,13 @@ impl RoutePolicy {
                     }
                     AccessKind::Roles => Access::Roles(rule.roles.clone()),
                 };
+                if let Some(bad) = rule
+                    .services
+                    .iter()
+                    .find(|s| s.is_empty() || s.chars().any(char::is_whitespace))
+                {
+                    return Err(fail(format!("services: {bad:?} is not an identity")));
+                }
                 if !classes.contains(&rule.rate_class.as_str()) {
                     return Err(fail(format!(
                         "rate_class {:?} is not defined in authz.rate_limits",
@@ -165,6 +181,7 @@ impl RoutePolicy {
                     pattern,
                     access,
                     rate_class: rule.rate_class.clone(),
+                    services: rule.services.clone(),
                 })
             })
             .collect::<Result<_, _>>()?;

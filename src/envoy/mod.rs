@@ -38,6 +38,45 @@ impl ExtAuthz {
     }
 }
 
+/// The identity of the downstream client certificate Envoy verified: from
+/// the certificate itself when Envoy forwards it (`include_peer_certificate`,
+/// URL-encoded PEM), by the same rule as this service's own mTLS peers (a
+/// SPIFFE URI SAN, else a DNS SAN); else Envoy's `principal` for the peer.
+fn source_identity(
+    source: &envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer,
+) -> Option<String> {
+    if !source.certificate.is_empty() {
+        use rustls_pki_types::{CertificateDer, pem::PemObject};
+        let pem = percent_decode(source.certificate.as_bytes());
+        let der = CertificateDer::from_pem_slice(&pem).ok()?;
+        return crate::tls::certificate_identity(der.as_ref());
+    }
+    (!source.principal.is_empty()).then(|| source.principal.clone())
+}
+
+/// `%XX` escapes decoded; anything else (a malformed escape included) kept
+/// as it is.
+fn percent_decode(input: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                input.get(i + 1).and_then(|&b| hex(b)),
+                input.get(i + 2).and_then(|&b| hex(b)),
+            )
+        {
+            out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
+            i += 3;
+        } else {
+            out.push(input[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 fn json_body(code: &str, message: &str) -> String {
     serde_json::json!({ "code": code, "message": message }).to_string()
 }
@@ -150,6 +189,12 @@ impl Authorization for ExtAuthz {
                 Some(Address::SocketAddress(socket)) => Some(socket.address.as_str()),
                 _ => None,
             });
+        // The downstream client's service identity, believed only from a
+        // trusted caller (the gateway or a sidecar), like its address.
+        let service = attributes
+            .and_then(|a| a.source.as_ref())
+            .filter(|_| forwarding_trusted)
+            .and_then(source_identity);
         let header = |name: &str| http.headers.get(name).map(String::as_str);
         let path = http
             .path
@@ -164,6 +209,7 @@ impl Authorization for ExtAuthz {
             } else {
                 caller.as_deref()
             },
+            service: service.as_deref(),
         };
         // With traces on, the decision is a span of the client request's
         // trace when the CheckRequest carries its traceparent.

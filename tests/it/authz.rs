@@ -141,3 +141,92 @@ async fn a_separate_check_listener_serves_only_ext_authz() {
         "the account API stays on grpc_addr"
     );
 }
+
+/// The PEM of `name.crt` URL-encoded, as Envoy forwards a downstream client
+/// certificate with `include_peer_certificate` (every byte outside the
+/// unreserved set escaped: `+`, `/`, `=` and newlines included).
+pub(crate) fn url_encoded_pem(pki: &crate::support::TestPki, name: &str) -> String {
+    let pem = std::fs::read(pki.path(&format!("{name}.crt"))).unwrap();
+    pem.iter()
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_can_require_the_downstream_service_identity() {
+    const CHAT: &str = "spiffe://immersiverse/ns/chat/sa/chat";
+    let pki = crate::support::TestPki::new();
+    pki.issue("chat", &format!("URI:{CHAT}"));
+    pki.issue("video", "URI:spiffe://immersiverse/ns/video/sa/video");
+    let app = TestApp::spawn_with(Backend::Embedded, |c| {
+        let mut rule = auth_service::authz::policy::RouteRule {
+            methods: Vec::new(),
+            path: "/internal/chat/**".into(),
+            access: auth_service::authz::policy::AccessKind::Public,
+            roles: Vec::new(),
+            rate_class: "default".into(),
+            services: vec![CHAT.into()],
+        };
+        c.authz.routes.insert(0, rule.clone());
+        rule.path = "/internal/open/**".into();
+        rule.services.clear();
+        c.authz.routes.insert(0, rule);
+    })
+    .await;
+    let from = |certificate: String, principal: &str| {
+        let mut request = check("GET", "/internal/chat/rooms", &[]);
+        let source = request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .source
+            .get_or_insert_default();
+        source.certificate = certificate;
+        source.principal = principal.into();
+        request
+    };
+    let forbidden = (Code::PermissionDenied as i32, Some(403));
+    assert_eq!(
+        decide(&app, from(url_encoded_pem(&pki, "chat"), "")).await,
+        (0, None)
+    );
+    assert_eq!(
+        decide(&app, from(url_encoded_pem(&pki, "video"), "")).await,
+        forbidden
+    );
+    assert_eq!(
+        decide(&app, from(String::new(), "")).await,
+        forbidden,
+        "no identity"
+    );
+    // Without the certificate, Envoy's principal for the peer names it.
+    assert_eq!(decide(&app, from(String::new(), CHAT)).await, (0, None));
+    // The certificate wins over a principal that disagrees with it.
+    assert_eq!(
+        decide(&app, from(url_encoded_pem(&pki, "video"), CHAT)).await,
+        forbidden
+    );
+    assert_eq!(
+        decide(&app, from("%ZZnot a certificate".into(), CHAT)).await,
+        forbidden
+    );
+    // A route without `services` does not care.
+    let mut open = from(String::new(), "");
+    open.attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap()
+        .path = "/internal/open/x".into();
+    assert_eq!(decide(&app, open).await, (0, None));
+}

@@ -224,6 +224,7 @@ fn route_patterns() {
             access: AccessKind::Authenticated,
             roles: Vec::new(),
             rate_class: "default".into(),
+            services: Vec::new(),
         }];
         if let Ok(policy) = RoutePolicy::compile(&rules, &["default"]) {
             for path in lines {
@@ -265,7 +266,8 @@ fn grpc_metadata_timeout_bearer_and_forwarded_for() {
 
 /// The whole ext_authz Check on the embedded backends: method, path and the
 /// headers Envoy forwards (authorization with a JWT, x-forwarded-for,
-/// traceparent) come from the input, one per line. Also the JWT verifier and
+/// traceparent) and the client certificate it forwards come from the input,
+/// one per line. Also the JWT verifier and
 /// the device-token check on the raw token.
 #[test]
 fn check_requests_and_jwts() {
@@ -282,8 +284,8 @@ fn check_requests_and_jwts() {
         let s = text(input);
         let mut fields = s.split('\n');
         let mut field = || fields.next().unwrap_or_default().to_owned();
-        let (method, path, authorization, forwarded, traceparent) =
-            (field(), field(), field(), field(), field());
+        let (method, path, authorization, forwarded, traceparent, certificate) =
+            (field(), field(), field(), field(), field(), field());
         let token = authorization
             .strip_prefix("Bearer ")
             .unwrap_or(&authorization);
@@ -301,6 +303,9 @@ fn check_requests_and_jwts() {
         http.headers.insert("authorization".into(), authorization);
         http.headers.insert("x-forwarded-for".into(), forwarded);
         http.headers.insert("traceparent".into(), traceparent);
+        // The downstream client certificate as Envoy forwards it
+        // (URL-encoded PEM), here whatever the input holds.
+        attributes.source.get_or_insert_default().certificate = certificate;
         let answer = runtime.block_on(ext_authz.check(tonic::Request::new(request)));
         assert!(
             answer.is_ok(),

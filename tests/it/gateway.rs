@@ -449,11 +449,10 @@ async fn when_auth_service_is_down_envoy_fails_closed() {
     assert_eq!(r.status, 503, "{r:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sidecar_passes_and_denies_the_same_way() {
-    let mut app = TestApp::spawn_with(Backend::Production, mesh_tls).await;
+/// The shipped sidecar in front of an echo application, checked by `app`.
+async fn sidecar_for(app: &TestApp) -> Envoy {
     let local_app = echo_backend().await;
-    let sidecar = Envoy::start(
+    Envoy::start(
         "sidecar.yaml",
         15006,
         &[
@@ -470,7 +469,13 @@ async fn the_sidecar_passes_and_denies_the_same_way() {
         .chain(envoy_tls())
         .collect::<Vec<_>>(),
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_passes_and_denies_the_same_way() {
+    let mut app = TestApp::spawn_with(Backend::Production, mesh_tls).await;
+    let sidecar = sidecar_for(&app).await;
     app.sign_up("ivy").await;
     let login = app.login_ok("ivy").await;
     let auth = format!("Bearer {}", login.access_token);
@@ -619,4 +624,76 @@ async fn oversized_grpc_messages_and_metadata_are_refused() {
     );
     // Still serving, on a fresh connection as on the old one.
     app.sign_up("stillhere").await;
+}
+
+/// A caller from the mesh reaches the sidecar with its workload certificate
+/// (mTLS); Envoy forwards the verified certificate in the CheckRequest, and
+/// a route that requires a service identity admits only that identity. A
+/// certificate of another service, and a plaintext caller, get 403; a
+/// certificate from another CA never gets past the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_route_admits_only_the_service_identity_it_requires() {
+    const CHAT: &str = "spiffe://immersiverse/ns/chat/sa/chat";
+    let pki = crate::support::mesh_pki();
+    pki.issue("chat", &format!("URI:{CHAT}"));
+    pki.issue("video", "URI:spiffe://immersiverse/ns/video/sa/video");
+    let app = TestApp::spawn_with(Backend::Production, |c| {
+        mesh_tls(c);
+        c.authz.routes.insert(
+            0,
+            auth_service::authz::policy::RouteRule {
+                methods: Vec::new(),
+                path: "/internal/chat/**".into(),
+                access: auth_service::authz::policy::AccessKind::Public,
+                roles: Vec::new(),
+                rate_class: "default".into(),
+                services: vec![CHAT.into()],
+            },
+        );
+    })
+    .await;
+    let sidecar = sidecar_for(&app).await;
+    let get = |pki: &crate::support::TestPki, name: Option<&str>| {
+        let mut client = reqwest::Client::builder()
+            .use_rustls_tls()
+            // The sidecar's own certificate names the workload (a SPIFFE
+            // URI), not 127.0.0.1; the caller's identity is what is tested.
+            .danger_accept_invalid_certs(true);
+        if let Some(name) = name {
+            let mut pem = std::fs::read(pki.path(&format!("{name}.crt"))).unwrap();
+            pem.extend(std::fs::read(pki.path(&format!("{name}.key"))).unwrap());
+            client = client.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        let scheme = if name.is_some() { "https" } else { "http" };
+        let url = format!(
+            "{scheme}://127.0.0.1:{}/internal/chat/rooms",
+            sidecar.addr.port()
+        );
+        async move {
+            client
+                .build()
+                .unwrap()
+                .get(url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    };
+    assert_eq!(
+        get(pki, Some("chat")).await.unwrap(),
+        200,
+        "the required identity"
+    );
+    assert_eq!(
+        get(pki, Some("video")).await.unwrap(),
+        403,
+        "another service"
+    );
+    assert_eq!(get(pki, None).await.unwrap(), 403, "plaintext: no identity");
+    let foreign = crate::support::TestPki::new();
+    foreign.issue("chat", &format!("URI:{CHAT}"));
+    assert!(
+        get(&foreign, Some("chat")).await.is_err(),
+        "a certificate from another CA is refused in the handshake"
+    );
 }
