@@ -630,6 +630,7 @@ async fn the_production_pods_run_the_real_binaries_as_their_specs_say() {
             "auth-service".into(),
             "api-backend".into(),
             "kafka-bootstrap.kafka.svc.cluster.local".into(),
+            "otel-collector.observability.svc.cluster.local".into(),
         ],
     };
 

@@ -756,6 +756,11 @@ impl Envoy {
         ));
         if config == "gateway.yaml" {
             all.push(("address: api-backend,".into(), "address: 127.0.0.1,".into()));
+            // Traces go nowhere unless a test points them at its receiver.
+            all.push((
+                "address: otel-collector.observability.svc.cluster.local,".into(),
+                "address: 127.0.0.1,".into(),
+            ));
         }
         for (from, to) in &all {
             assert!(

@@ -101,6 +101,29 @@ impl Receiver {
         }
     }
 
+    /// The first span (with its service) that `pick` accepts, waiting for
+    /// the batch export.
+    async fn first(&self, what: &str, pick: impl Fn(&str, &Span) -> bool) -> Span {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((_, found)) = self
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(service, s)| pick(service, s))
+            {
+                return found.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} exported; got {:?}",
+                self.names()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Whether `ancestor` is `span`'s parent, or a parent of its parent…
     fn descends(&self, span: &Span, ancestor: &Span) -> bool {
         let spans = self.spans.lock().unwrap();
@@ -422,4 +445,187 @@ async fn the_kafka_send_and_the_lifecycle_consumer_continue_the_trace() {
         })
         .await;
     assert_eq!(hex::encode(&written.trace_id), ENVOY_TRACE);
+}
+
+/// The whole path with Envoy's own tracer: a REST sign-up through the
+/// shipped gateway (OpenTelemetry tracer, sampling raised to 100 %) is one
+/// trace. Envoy's server span is the root; the ext_authz Check and the
+/// transcoded CreateUser are auth-service spans under Envoy's spans; the
+/// password hash, the database insert and the Redis call of a login are
+/// under those; the outbox event (so the Kafka message's header) carries
+/// the CreateUser span's context. PostgreSQL, Redis, mTLS to auth-service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_call_through_envoy_is_one_trace_from_the_gateway_to_the_database() {
+    use crate::support::{Envoy, GATEWAY_IDENTITY, envoy_tls, http, mesh_pki};
+    let (receiver, otlp) = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = mesh_pki();
+    std::fs::write(
+        dir.path().join("auth.toml"),
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\nclient_auth = \"required\"\n\
+             [services.{GATEWAY_IDENTITY:?}]\nroles = [\"gateway\"]\n",
+            pki.path("server.crt"),
+            pki.path("server.key"),
+            pki.path("ca.crt"),
+        ),
+    )
+    .unwrap();
+    let database_url = crate::support::fresh_postgres_url().await;
+    let redis_url = crate::support::env_url("TEST_REDIS_URL");
+    let prefix = format!("t{}:", uuid::Uuid::new_v4().simple());
+    let data = dir.path().display().to_string();
+    let endpoint = format!("http://{otlp}");
+    let mut server = start(
+        dir.path(),
+        &[
+            ("AUTH_CONFIG", "auth.toml"),
+            ("AUTH_DATA_DIR", &data),
+            ("AUTH_DATABASE_URL", &database_url),
+            ("AUTH_REDIS_URL", &redis_url),
+            ("AUTH_REDIS_KEY_PREFIX", &prefix),
+            ("AUTH_OTEL__ENDPOINT", &endpoint),
+            ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
+            ("AUTH_PASSWORD__ITERATIONS", "1"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    server.ready().await;
+    let descriptor = dir.path().join("descriptor.pb");
+    std::fs::write(&descriptor, pb::FILE_DESCRIPTOR_SET).unwrap();
+    let gateway = Envoy::start(
+        "gateway.yaml",
+        8080,
+        &[
+            (
+                "random_sampling: { value: 1 }",
+                "random_sampling: { value: 100 }".into(),
+            ),
+            ("port_value: 4317", format!("port_value: {}", otlp.port())),
+            (
+                "port_value: 50051",
+                format!("port_value: {}", server.grpc.port()),
+            ),
+            (
+                "port_value: 8081",
+                format!("port_value: {}", server.http.port()),
+            ),
+            (
+                "/etc/envoy/descriptor/auth_descriptor.pb",
+                descriptor.display().to_string(),
+            ),
+        ]
+        .into_iter()
+        .chain(envoy_tls())
+        .collect::<Vec<_>>(),
+    )
+    .await;
+
+    let body =
+        format!(r#"{{"email":"edge@example.com","username":"edge","password":"{PASSWORD}"}}"#);
+    let created = http(gateway.addr, "POST", "/v1/users", &[], Some(&body)).await;
+    assert_eq!(created.status, 200, "{created:?}");
+
+    let (service, create) = receiver
+        .span("immersiverse.auth.v1.AuthService/CreateUser")
+        .await;
+    assert_eq!(service, "auth-service");
+    let trace = create.trace_id.clone();
+    // Envoy's spans of this request: the ingress (server) span is the root.
+    let (_, root) = receiver
+        .span_where("ingress", |s| {
+            s.trace_id == trace && s.parent_span_id.is_empty()
+        })
+        .await;
+    let envoy_spans: Vec<(String, Span)> = receiver
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(service, s)| service == "envoy-gateway" && s.trace_id == trace)
+        .cloned()
+        .collect();
+    assert!(
+        envoy_spans.iter().any(|(_, s)| s.span_id == root.span_id),
+        "the root is Envoy's: {envoy_spans:?}"
+    );
+    // CreateUser's parent is one of Envoy's spans (its upstream call).
+    assert!(
+        envoy_spans
+            .iter()
+            .any(|(_, s)| s.span_id == create.parent_span_id),
+        "CreateUser's parent is an Envoy span"
+    );
+    assert!(receiver.descends(&create, &root));
+    // The ext_authz decision of the same request, under Envoy's root.
+    let (_, check) = receiver
+        .span_where("authz.check", |s| s.trace_id == trace)
+        .await;
+    assert!(
+        receiver.descends(&check, &root),
+        "the Check is in the request's trace"
+    );
+    // The hash and the insert inside CreateUser.
+    let (_, hash) = receiver
+        .span_where("password.hash", |s| s.trace_id == trace)
+        .await;
+    assert!(receiver.descends(&hash, &create));
+    let (_, insert) = receiver
+        .span_where("insert_user", |s| s.trace_id == trace)
+        .await;
+    assert!(receiver.descends(&insert, &create));
+    assert_eq!(
+        attributes(&insert)
+            .get("db.system.name")
+            .map(String::as_str),
+        Some("postgresql")
+    );
+
+    // The event the call wrote continues CreateUser's span: the relay puts
+    // this traceparent into the Kafka message's headers.
+    use sqlx::{Connection, Row};
+    let mut db = sqlx::PgConnection::connect(&database_url).await.unwrap();
+    let row = sqlx::query("SELECT traceparent FROM outbox WHERE event_type = 'user_created'")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    let traceparent: String = row.get(0);
+    assert_eq!(
+        traceparent,
+        format!(
+            "00-{}-{}-01",
+            hex::encode(&trace),
+            hex::encode(&create.span_id)
+        )
+    );
+
+    // A REST login: its Redis calls (failure counters) are in the trace.
+    let login = http(
+        gateway.addr,
+        "POST",
+        "/v1/auth/login",
+        &[],
+        Some(&format!(r#"{{"login":"edge","password":"{PASSWORD}"}}"#)),
+    )
+    .await;
+    assert_eq!(login.status, 200, "{login:?}");
+    let (_, login) = receiver
+        .span("immersiverse.auth.v1.AuthService/Login")
+        .await;
+    let redis = receiver
+        .first("a Redis span of the login", |_, s| {
+            s.trace_id == login.trace_id
+                && attributes(s).get("db.system.name").map(String::as_str) == Some("redis")
+        })
+        .await;
+    assert!(receiver.descends(&redis, &login));
+    assert!(
+        receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(service, s)| service == "envoy-gateway" && s.span_id == login.parent_span_id),
+        "the login's parent is an Envoy span"
+    );
 }
