@@ -30,11 +30,13 @@
 //!   * [`events`] — domain events written to the transactional outbox, their
 //!     wire envelope, the Kafka relay and the lifecycle consumer.
 //! * Adapters at the edge: [`grpc`] (AuthService, error mapping to gRPC
-//!   status), [`envoy`] (ext_authz Check), [`http`] (admin port and
+//!   status, and `grpc::stack`: the one layer stack every gRPC listener
+//!   serves behind, where call metadata is read), [`envoy`] (ext_authz Check), [`http`] (admin port and
 //!   webhooks) and [`tls`] (rustls on the gRPC listeners, certificate
 //!   reload, peer identities).
 //! * [`storage`] — backends behind the store roles: SQL (PostgreSQL and
-//!   SQLite from one implementation), Redis, and in-process memory.
+//!   SQLite from one implementation), Redis (standalone, Cluster or behind
+//!   Sentinel), and in-process memory.
 //! * [`error`] — field violations and backend errors shared by the contexts.
 
 #![forbid(unsafe_code)]
