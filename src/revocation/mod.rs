@@ -135,6 +135,9 @@ impl Revocations {
             cache: Cache::builder()
                 .max_capacity(capacity)
                 .expire_after(EntryExpiry)
+                // For `forget_negative_answers` (without it moka refuses
+                // the predicate and nothing is forgotten).
+                .support_invalidation_closures()
                 .build(),
             negative_ttl,
             access_ttl_secs: i64::try_from(access_ttl_secs).unwrap_or(i64::MAX / 4),
@@ -349,9 +352,15 @@ impl Revocations {
     /// stream, when notices may have been missed).
     pub fn forget_negative_answers(&self) {
         // Revoked entries stay: revocations are never undone.
-        let _ = self
+        if let Err(error) = self
             .cache
-            .invalidate_entries_if(|_, entry| !matches!(entry.known, Known::Revoked));
+            .invalidate_entries_if(|_, entry| !matches!(entry.known, Known::Revoked))
+        {
+            // Not reachable with the cache built in `new`; if it were,
+            // dropping everything is the safe side.
+            tracing::warn!(%error, "forgetting every cached revocation answer");
+            self.cache.invalidate_all();
+        }
         self.cache.run_pending_tasks();
     }
 }
@@ -359,6 +368,34 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn forgetting_negative_answers_makes_the_next_check_ask_the_store() {
+        let store = Arc::new(crate::storage::memory::MemoryRevocations::new(100));
+        let revocations = Revocations::new(store.clone(), 100, Duration::from_secs(60), 900);
+        let (user, session, jti) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let facts = TokenFacts {
+            keys: RevocationKeys {
+                jti,
+                session_id: session,
+                user_id: user,
+            },
+            issued_at_ms: unix_now() * 1000,
+            expires_at: unix_now() + 900,
+        };
+        assert!(!revocations.is_revoked(&facts).await.unwrap());
+        // Revoked behind this cache's back (another replica, a missed notice).
+        store
+            .revoke_token(user, jti, unix_now() + 900)
+            .await
+            .unwrap();
+        assert!(
+            !revocations.is_revoked(&facts).await.unwrap(),
+            "the cached answer stands for its TTL"
+        );
+        revocations.forget_negative_answers();
+        assert!(revocations.is_revoked(&facts).await.unwrap());
+    }
 
     #[test]
     fn notices_round_trip_and_garbage_is_refused() {

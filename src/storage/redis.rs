@@ -382,6 +382,9 @@ impl RedisStore {
             let mut pubsub = match tokio::time::timeout(self.timeout * 4, subscribed).await {
                 Ok(Ok(pubsub)) => pubsub,
                 Ok(Err(error)) => {
+                    if let Conn::Sentinel(sentinel) = &self.conn {
+                        sentinel.forget();
+                    }
                     tracing::warn!(%error, "revocation channel: subscribe failed; retrying");
                     tokio::select! { () = stop.cancelled() => return, () = tokio::time::sleep(backoff) => {} }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -411,6 +414,12 @@ impl RedisStore {
                     Some(notice) => revocations.apply(&notice),
                     None => tracing::warn!("revocation channel: ignoring a malformed notice"),
                 }
+            }
+            // Behind Sentinel the channel's connection is to the master: it
+            // closing means the master is gone (or restarted), so the
+            // command connection is asked for again too.
+            if let Conn::Sentinel(sentinel) = &self.conn {
+                sentinel.forget();
             }
             tracing::warn!("revocation channel closed; resubscribing");
         }

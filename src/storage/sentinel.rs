@@ -91,7 +91,10 @@ impl SentinelConn {
             .clone()
     }
 
-    fn forget(&self) {
+    /// Drops the master's connection: the next call asks the sentinels
+    /// again. Also called when the revocation channel's connection to the
+    /// master closes, so a dead master is noticed before a call fails on it.
+    pub fn forget(&self) {
         *self
             .current
             .lock()

@@ -47,6 +47,10 @@ async fn revocations_survive_a_sentinel_failover_and_calls_follow_the_new_master
     a.client.logout(logout(&first)).await.unwrap();
     until_unauthenticated(&mut b, &first.access_token).await;
 
+    // Replicas that will have nothing cached (a replica connects at start).
+    let mut c = a.replica().await;
+    let mut d = a.replica().await;
+
     // The master dies after its writes reached the replica.
     deployment.wait_replicated();
     let old_master = RedisSentinel::port_of(&deployment.master);
@@ -54,7 +58,6 @@ async fn revocations_survive_a_sentinel_failover_and_calls_follow_the_new_master
 
     // Before the sentinel has promoted anyone, a replica with nothing
     // cached fails closed.
-    let mut c = a.replica().await;
     let status = c.validate(&second.access_token).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
@@ -79,7 +82,6 @@ async fn revocations_survive_a_sentinel_failover_and_calls_follow_the_new_master
 
     // With its state: the revocation written before the failover holds on
     // a replica that never cached it, and so does the one written after.
-    let mut d = a.replica().await;
     let status = d.validate(&first.access_token).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     let status = d.validate(&second.access_token).await.unwrap_err();
