@@ -301,6 +301,9 @@ pub fn kafka_span(side: KafkaSide, topic: &str, traceparent: Option<&str>) -> tr
 
 /// The `traceparent` of the current span, when traces are on.
 pub fn current_traceparent() -> Option<String> {
+    if !traces_on() {
+        return None;
+    }
     traceparent_of(&tracing::Span::current())
 }
 

@@ -126,8 +126,8 @@ impl AuthApi {
 
 /// The caller's `grpc-timeout` (at most 8 digits and a unit, per the gRPC
 /// HTTP/2 protocol); anything else is ignored.
-pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+pub fn grpc_timeout(value: &http::HeaderValue) -> Option<std::time::Duration> {
+    let value = value.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -21,7 +21,7 @@ use std::{
     convert::Infallible,
     future::Future,
     net::IpAddr,
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, OnceLock},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -44,11 +44,13 @@ use crate::{
 /// What the stack learned about one call, for its handler.
 #[derive(Debug, Clone, Default)]
 pub struct Call {
-    pub request_id: String,
-    /// The client address: from `x-forwarded-for` when the peer may set it
-    /// (`trusted_proxy_hops`; with client certificates on, only a peer
-    /// holding the `gateway` role), else the peer's own address.
-    pub client_ip: Option<String>,
+    /// The caller's `x-request-id` when it is safe to log and echo; else
+    /// the stack makes one for the access log and the response.
+    pub request_id: Option<String>,
+    /// The caller's `x-forwarded-for`, read by [`Call::client_ip`].
+    forwarded: Option<http::HeaderValue>,
+    /// How many of its entries to skip (0 when the peer may not set it).
+    hops: usize,
     /// The TCP peer's address (for ext_authz: the caller itself).
     pub peer_ip: Option<IpAddr>,
     /// Whether this peer's forwarded addresses are believed.
@@ -59,9 +61,8 @@ pub struct Call {
     /// call carries none.
     pub bearer: Option<Result<Principal, Status>>,
     pub deadline: Option<Instant>,
-    /// This call's span (when traces are on), else the caller's
-    /// `traceparent` as received: events written by the call continue it.
-    pub traceparent: Option<String>,
+    /// The caller's `traceparent` as received.
+    traceparent: Option<http::HeaderValue>,
 }
 
 /// A call that did not come through the stack (a handler called directly,
@@ -83,12 +84,31 @@ impl Call {
             .unwrap_or_else(|| ANONYMOUS.clone())
     }
 
+    /// What a use case records of the call. Called inside the handler (the
+    /// call's span is current): events continue this span when traces are
+    /// on, else the caller's `traceparent` as received.
     pub fn context(&self) -> RequestContext {
         RequestContext {
-            client_ip: self.client_ip.clone(),
-            traceparent: self.traceparent.clone(),
+            client_ip: self.client_ip(),
+            traceparent: crate::telemetry::current_traceparent().or_else(|| {
+                self.traceparent
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            }),
             deadline: self.deadline,
         }
+    }
+
+    /// The client address: from `x-forwarded-for` when the peer may set it
+    /// (`trusted_proxy_hops`; with client certificates on, only a peer
+    /// holding the `gateway` role), else the peer's own address. Computed
+    /// when asked (an ext_authz Check never asks: its client is inside the
+    /// CheckRequest).
+    pub fn client_ip(&self) -> Option<String> {
+        let forwarded = self.forwarded.as_ref().and_then(|v| v.to_str().ok());
+        let peer = self.peer_ip.map(|ip| ip.to_string());
+        crate::client_ip(forwarded, peer.as_deref(), self.hops).map(str::to_owned)
     }
 
     /// The caller named by a valid bearer access token (user or service
@@ -147,56 +167,99 @@ impl Call {
     }
 }
 
-/// The gRPC methods this process serves, from the descriptor sets it
-/// registers: metric labels come only from this set (a client cannot grow
-/// the label space by calling made-up paths).
-static KNOWN_METHODS: LazyLock<HashMap<String, (&'static str, &'static str)>> =
-    LazyLock::new(|| {
-        let mut known = HashMap::new();
-        let sets = [
-            super::pb::FILE_DESCRIPTOR_SET,
-            super::pb::AUTHZ_FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ];
-        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-        for set in sets {
-            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
-                continue;
-            };
-            for file in set.file {
-                for service in &file.service {
-                    let full = format!("{}.{}", file.package(), service.name());
-                    let service_name = leak(full.clone());
-                    for method in &service.method {
-                        known.insert(
-                            format!("/{full}/{}", method.name()),
-                            (service_name, leak(method.name().to_owned())),
-                        );
-                    }
+/// A gRPC method this process serves.
+struct Method {
+    service: &'static str,
+    name: &'static str,
+    /// Its RPC metrics by code, registered on first use: a call then
+    /// records without building or hashing a label set.
+    metrics: [OnceLock<RpcMetrics>; 17],
+}
+
+struct RpcMetrics {
+    calls: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl Method {
+    fn new(service: &'static str, name: &'static str) -> Self {
+        Self {
+            service,
+            name,
+            metrics: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn metrics(&self, code: Code) -> &RpcMetrics {
+        let slot = usize::try_from(code as i32).unwrap_or(0).min(16);
+        self.metrics[slot].get_or_init(|| {
+            let (service, method, code) = (self.service, self.name, super::code_label(code));
+            RpcMetrics {
+                calls: metrics::counter!("grpc_server_requests_total", "service" => service, "method" => method, "code" => code),
+                duration: metrics::histogram!("grpc_server_request_duration_seconds", "service" => service, "method" => method, "code" => code),
+            }
+        })
+    }
+}
+
+const AUTH_SERVICE: &str = "immersiverse.auth.v1.AuthService";
+const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
+/// The gRPC methods this process serves, by path, from the descriptor sets
+/// it registers: metric labels come only from this set (a client cannot
+/// grow the label space by calling made-up paths).
+static KNOWN_METHODS: LazyLock<HashMap<String, Method>> = LazyLock::new(|| {
+    let mut known = HashMap::new();
+    let sets = [
+        super::pb::FILE_DESCRIPTOR_SET,
+        super::pb::AUTHZ_FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    for set in sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in set.file {
+            for service in &file.service {
+                let full = format!("{}.{}", file.package(), service.name());
+                let service_name = leak(full.clone());
+                for method in &service.method {
+                    known.insert(
+                        format!("/{full}/{}", method.name()),
+                        Method::new(service_name, leak(method.name().to_owned())),
+                    );
                 }
             }
         }
-        known.insert(
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned(),
-            (
-                "grpc.reflection.v1.ServerReflection",
-                "ServerReflectionInfo",
-            ),
-        );
-        known
-    });
+    }
+    known.insert(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned(),
+        Method::new(
+            "grpc.reflection.v1.ServerReflection",
+            "ServerReflectionInfo",
+        ),
+    );
+    known
+});
+
+static UNKNOWN: LazyLock<Method> = LazyLock::new(|| Method::new("unknown", "unknown"));
+
+fn method_of(path: &str) -> &'static Method {
+    KNOWN_METHODS.get(path).unwrap_or_else(|| &UNKNOWN)
+}
 
 /// `(service, method)` for a path this process serves, else `None`.
 pub fn known_method(path: &str) -> Option<(&'static str, &'static str)> {
-    KNOWN_METHODS.get(path).copied()
+    KNOWN_METHODS.get(path).map(|m| (m.service, m.name))
 }
 
 /// The AuthService methods (for validating `rpc.session_limits`).
 pub fn auth_service_methods() -> Vec<&'static str> {
     let mut methods: Vec<&'static str> = KNOWN_METHODS
         .values()
-        .filter(|(service, _)| *service == "immersiverse.auth.v1.AuthService")
-        .map(|(_, method)| *method)
+        .filter(|m| m.service == AUTH_SERVICE)
+        .map(|m| m.name)
         .collect();
     methods.sort_unstable();
     methods
@@ -282,9 +345,9 @@ pub struct CallService<S> {
 /// A request id from the caller is kept when it is 1 to 128 characters of
 /// `[A-Za-z0-9._:-]` (what proxies and tracers send); anything else is
 /// replaced so it is safe to log and echo.
-pub fn request_id(headers: &http::HeaderMap) -> String {
+pub fn request_id(headers: &http::HeaderMap) -> Option<String> {
     headers
-        .get("x-request-id")
+        .get(&names::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|id| {
             (1..=128).contains(&id.len())
@@ -292,7 +355,31 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
         })
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+        .map(str::to_owned)
+}
+
+/// Header names the stack reads, made once (a `&str` lookup would parse and
+/// validate the name on every call).
+mod names {
+    use tonic::codegen::http::HeaderName;
+    pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub static FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub static AUTHORIZATION: HeaderName = HeaderName::from_static("authorization");
+    pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+}
+
+/// A new request id, UUID-shaped and unique without a system call per call:
+/// the high half is a UUIDv7's drawn once per process (its start time and
+/// random bits), the low half a counter.
+pub fn new_request_id() -> String {
+    static PROCESS: LazyLock<u64> = LazyLock::new(|| uuid::Uuid::now_v7().as_u64_pair().0);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    uuid::Uuid::from_u64_pair(*PROCESS, n)
+        .hyphenated()
+        .to_string()
 }
 
 /// The code a response carries in its headers (a trailers-only error
@@ -301,7 +388,7 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 fn response_code(response: &http::Response<Body>) -> Code {
     response
         .headers()
-        .get("grpc-status")
+        .get(&names::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map_or(Code::Ok, Code::from_i32)
@@ -348,25 +435,25 @@ impl Shared {
         } else {
             0
         };
-        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        let remote_ip = remote.map(|a| a.ip().to_string());
-        let client_ip = crate::client_ip(forwarded, remote_ip.as_deref(), hops).map(str::to_owned);
-        let bearer = crate::bearer(headers.get("authorization").and_then(|v| v.to_str().ok()))
-            .map(str::to_owned);
+        let bearer = crate::bearer(
+            headers
+                .get(&names::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .map(str::to_owned);
         let call = Call {
             request_id: request_id(headers),
-            client_ip,
+            forwarded: headers.get(&names::FORWARDED_FOR).cloned(),
+            hops,
             peer_ip: remote.map(|a| a.ip()),
             forwarding_trusted,
             peer,
             bearer: None,
-            deadline: super::grpc_timeout(headers).map(|t| Instant::now() + t),
-            traceparent: crate::telemetry::current_traceparent().or_else(|| {
-                headers
-                    .get("traceparent")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            }),
+            deadline: headers
+                .get(&names::GRPC_TIMEOUT)
+                .and_then(super::grpc_timeout)
+                .map(|t| Instant::now() + t),
+            traceparent: headers.get(&names::TRACEPARENT).cloned(),
         };
         (call, bearer)
     }
@@ -423,8 +510,9 @@ where
         let shared = self.shared.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let (service, method) =
-                known_method(request.uri().path()).unwrap_or(("unknown", "unknown"));
+            let rpc = method_of(request.uri().path());
+            let (service, method) = (rpc.service, rpc.name);
+            let is_check = service == AUTHZ_SERVICE;
             let (mut call, bearer) = shared.read(&request);
             if let Some(token) = bearer {
                 call.bearer = Some(
@@ -436,45 +524,55 @@ where
                 );
             }
             let call = Arc::new(call);
-            let answer = match shared.session_limit(method, &call).await {
+            let mut response = match shared.session_limit(method, &call).await {
                 Err(status) => status.into_http(),
                 Ok(()) => {
                     request.extensions_mut().insert(call.clone());
-                    let answer = within(shared.request_timeout, method, async {
+                    if is_check {
+                        // No timer per Check: Envoy bounds the call (0.5 s in
+                        // the shipped configs) and a Check waits on nothing
+                        // but Redis, bounded by `redis_timeout_ms`.
                         let Ok(response) = inner.call(request).await;
-                        Ok(response)
-                    });
-                    answer.await.unwrap_or_else(Status::into_http)
+                        response
+                    } else {
+                        let answer = within(shared.request_timeout, method, async {
+                            let Ok(response) = inner.call(request).await;
+                            Ok(response)
+                        });
+                        answer.await.unwrap_or_else(Status::into_http)
+                    }
                 }
             };
-            let mut response = answer;
-            if let Ok(id) = http::HeaderValue::from_str(&call.request_id) {
-                response.headers_mut().insert("x-request-id", id);
-            }
             let code = response_code(&response);
             let elapsed = started.elapsed();
-            let code_label = super::code_label(code);
-            metrics::counter!("grpc_server_requests_total", "service" => service, "method" => method, "code" => code_label)
-                .increment(1);
-            metrics::histogram!("grpc_server_request_duration_seconds", "service" => service, "method" => method, "code" => code_label)
-                .record(elapsed.as_secs_f64());
+            let recorded = rpc.metrics(code);
+            recorded.calls.increment(1);
+            recorded.duration.record(elapsed.as_secs_f64());
             let logged = match shared.access_log {
                 AccessLog::Off => false,
-                AccessLog::Api => service != "envoy.service.auth.v3.Authorization",
+                AccessLog::Api => service == AUTH_SERVICE,
                 AccessLog::All => true,
             };
-            if logged {
-                tracing::info!(
-                    target: "access",
-                    request_id = %call.request_id,
-                    rpc.service = service,
-                    rpc.method = method,
-                    code = code_label,
-                    latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-                    principal = %call.principal_label(),
-                    client_ip = call.client_ip.as_deref().unwrap_or("-"),
-                    "rpc"
-                );
+            // Checks answer Envoy, which does not read it: no id is made
+            // for them unless they are logged.
+            if logged || !is_check {
+                let request_id = call.request_id.clone().unwrap_or_else(new_request_id);
+                if !is_check && let Ok(id) = http::HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert(names::REQUEST_ID.clone(), id);
+                }
+                if logged {
+                    tracing::info!(
+                        target: "access",
+                        request_id = %request_id,
+                        rpc.service = service,
+                        rpc.method = method,
+                        code = super::code_label(code),
+                        latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                        principal = %call.principal_label(),
+                        client_ip = call.client_ip().as_deref().unwrap_or("-"),
+                        "rpc"
+                    );
+                }
             }
             Ok(response)
         })
@@ -487,21 +585,21 @@ mod tests {
 
     #[test]
     fn request_ids_from_callers_are_kept_only_when_safe_to_log() {
-        let with = |v: &str| {
+        let from = |v: &str| {
             let mut h = http::HeaderMap::new();
-            h.insert("x-request-id", http::HeaderValue::from_str(v).unwrap());
-            request_id(&h)
-        };
-        assert_eq!(with("abc-123_x.y:z"), "abc-123_x.y:z");
-        for bad in ["a b", "x\"y", &"a".repeat(129), "é"] {
-            let mut h = http::HeaderMap::new();
-            if let Ok(v) = http::HeaderValue::from_str(bad) {
+            if let Ok(v) = http::HeaderValue::from_str(v) {
                 h.insert("x-request-id", v);
             }
-            let id = request_id(&h);
-            assert_ne!(id, bad);
-            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+            request_id(&h)
+        };
+        assert_eq!(from("abc-123_x.y:z").as_deref(), Some("abc-123_x.y:z"));
+        for bad in ["a b", "x\"y", &"a".repeat(129), "é", ""] {
+            assert_eq!(from(bad), None, "{bad:?}");
         }
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        assert!(uuid::Uuid::parse_str(&a).is_ok(), "{a}");
+        assert_eq!(from(&a), Some(a), "a made id passes the caller rule");
     }
 
     #[tokio::test]

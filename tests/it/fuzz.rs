@@ -252,9 +252,12 @@ fn grpc_metadata_timeout_bearer_and_forwarded_for() {
                 metadata.insert(name, value);
             }
         }
-        let _ = grpc_timeout(&metadata);
-        let id = auth_service::grpc::stack::request_id(&metadata);
-        assert!((1..=128).contains(&id.len()), "{id:?}");
+        if let Some(value) = metadata.get("grpc-timeout") {
+            let _ = grpc_timeout(value);
+        }
+        if let Some(id) = auth_service::grpc::stack::request_id(&metadata) {
+            assert!((1..=128).contains(&id.len()), "{id:?}");
+        }
         let forwarded = metadata
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
