@@ -165,14 +165,7 @@ async fn a_route_can_require_the_downstream_service_identity() {
     pki.issue("chat", &format!("URI:{CHAT}"));
     pki.issue("video", "URI:spiffe://immersiverse/ns/video/sa/video");
     let app = TestApp::spawn_with(Backend::Embedded, |c| {
-        let mut rule = auth_service::authz::policy::RouteRule {
-            methods: Vec::new(),
-            path: "/internal/chat/**".into(),
-            access: auth_service::authz::policy::AccessKind::Public,
-            roles: Vec::new(),
-            rate_class: "default".into(),
-            services: vec![CHAT.into()],
-        };
+        let mut rule = crate::support::service_only_route("/internal/chat/**", CHAT);
         c.authz.routes.insert(0, rule.clone());
         rule.path = "/internal/open/**".into();
         rule.services.clear();

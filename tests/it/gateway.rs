@@ -641,14 +641,7 @@ async fn a_sidecar_route_admits_only_the_service_identity_it_requires() {
         mesh_tls(c);
         c.authz.routes.insert(
             0,
-            auth_service::authz::policy::RouteRule {
-                methods: Vec::new(),
-                path: "/internal/chat/**".into(),
-                access: auth_service::authz::policy::AccessKind::Public,
-                roles: Vec::new(),
-                rate_class: "default".into(),
-                services: vec![CHAT.into()],
-            },
+            crate::support::service_only_route("/internal/chat/**", CHAT),
         );
     })
     .await;

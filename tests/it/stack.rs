@@ -8,16 +8,8 @@ use tonic::{Code, transport::Channel};
 
 use crate::{
     process,
-    support::{PASSWORD, channel, http_get},
+    support::{PASSWORD, bearer, channel, http_get},
 };
-
-fn with_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
 
 async fn login(client: &mut AuthServiceClient<Channel>, name: &str) -> pb::TokenResponse {
     client
@@ -60,14 +52,14 @@ async fn every_call_has_a_request_id_one_access_line_with_its_principal_and_sess
     let second = login(&mut client, "stacky").await;
 
     // The caller's request id is kept and echoed; a malformed one replaced.
-    let mut request = with_bearer(pb::GetMeRequest {}, &first.access_token);
+    let mut request = bearer(pb::GetMeRequest {}, &first.access_token);
     request
         .metadata_mut()
         .insert("x-request-id", "req-me-1".parse().unwrap());
     let answer = client.get_me(request).await.unwrap();
     assert_eq!(answer.metadata().get("x-request-id").unwrap(), "req-me-1");
     assert_eq!(answer.into_inner().id, user.id);
-    let mut request = with_bearer(pb::GetMeRequest {}, &first.access_token);
+    let mut request = bearer(pb::GetMeRequest {}, &first.access_token);
     request
         .metadata_mut()
         .insert("x-request-id", "no spaces allowed".parse().unwrap());
@@ -84,7 +76,7 @@ async fn every_call_has_a_request_id_one_access_line_with_its_principal_and_sess
     // retry-after; another session of the same user, and another method of
     // this one, are not.
     let refused = client
-        .get_me(with_bearer(pb::GetMeRequest {}, &first.access_token))
+        .get_me(bearer(pb::GetMeRequest {}, &first.access_token))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
@@ -99,18 +91,18 @@ async fn every_call_has_a_request_id_one_access_line_with_its_principal_and_sess
     assert!((1..=3600).contains(&retry), "{retry}");
     assert!(refused.metadata().get("x-request-id").is_some());
     client
-        .get_me(with_bearer(pb::GetMeRequest {}, &second.access_token))
+        .get_me(bearer(pb::GetMeRequest {}, &second.access_token))
         .await
         .expect("another session has its own count");
     client
-        .list_platform_accounts(with_bearer(
+        .list_platform_accounts(bearer(
             pb::ListPlatformAccountsRequest {},
             &first.access_token,
         ))
         .await
         .expect("another method is not limited");
     let invalid = client
-        .get_me(with_bearer(pb::GetMeRequest {}, "not-a-token"))
+        .get_me(bearer(pb::GetMeRequest {}, "not-a-token"))
         .await
         .unwrap_err();
     assert_eq!(invalid.code(), Code::Unauthenticated);

@@ -364,6 +364,19 @@ pub fn bearer<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
+/// A rule admitting only `identity` (a downstream service's certificate)
+/// on `path`, with no user token.
+pub fn service_only_route(path: &str, identity: &str) -> auth_service::authz::policy::RouteRule {
+    auth_service::authz::policy::RouteRule {
+        methods: Vec::new(),
+        path: path.into(),
+        access: auth_service::authz::policy::AccessKind::Public,
+        roles: Vec::new(),
+        rate_class: "default".into(),
+        services: vec![identity.into()],
+    }
+}
+
 /// `message` as if the gateway saw it come from `ip`.
 pub fn from_ip<T>(message: T, ip: &str) -> Request<T> {
     let mut request = Request::new(message);

@@ -124,6 +124,35 @@ impl Receiver {
         }
     }
 
+    /// The first Redis client span under `ancestor`, waiting for the batch
+    /// export.
+    async fn redis_under(&self, ancestor: &Span) -> Span {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let redis: Vec<Span> = self
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, s)| {
+                    s.trace_id == ancestor.trace_id
+                        && attributes(s).get("db.system.name").map(String::as_str) == Some("redis")
+                })
+                .map(|(_, s)| s.clone())
+                .collect();
+            if let Some(span) = redis.into_iter().find(|s| self.descends(s, ancestor)) {
+                return span;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no Redis span under {}; got {:?}",
+                ancestor.name,
+                self.names()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Whether `ancestor` is `span`'s parent, or a parent of its parent…
     fn descends(&self, span: &Span, ancestor: &Span) -> bool {
         let spans = self.spans.lock().unwrap();
@@ -308,7 +337,6 @@ async fn the_kafka_send_and_the_lifecycle_consumer_continue_the_trace() {
         ],
     );
     server.ready().await;
-    let started = Instant::now();
 
     let mut client = server.client().await;
     let mut request = tonic::Request::new(pb::CreateUserRequest {
@@ -373,27 +401,7 @@ async fn the_kafka_send_and_the_lifecycle_consumer_continue_the_trace() {
         receiver.descends(&lookup, &login),
         "the lookup is inside the login"
     );
-    let redis = loop {
-        let redis: Vec<Span> = receiver
-            .spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, s)| {
-                attributes(s).get("db.system.name").map(String::as_str) == Some("redis")
-            })
-            .map(|(_, s)| s.clone())
-            .collect();
-        if let Some(span) = redis.into_iter().find(|s| receiver.descends(s, &login)) {
-            break span;
-        }
-        assert!(
-            Instant::now() < started + Duration::from_secs(30),
-            "no Redis span under the login; got {:?}",
-            receiver.names()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let redis = receiver.redis_under(&login).await;
     assert_eq!(redis.kind, 3, "SPAN_KIND_CLIENT");
 
     let (_, send) = receiver.span("send auth.events.user_created").await;
@@ -612,31 +620,9 @@ async fn a_rest_call_through_envoy_is_one_trace_from_the_gateway_to_the_database
     let (_, login) = receiver
         .span("immersiverse.auth.v1.AuthService/Login")
         .await;
-    // (The request's Check has Redis calls of its own in the same trace:
-    // the rate limit; the login's are under the Login span.)
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let redis: Vec<Span> = receiver
-            .spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, s)| {
-                s.trace_id == login.trace_id
-                    && attributes(s).get("db.system.name").map(String::as_str) == Some("redis")
-            })
-            .map(|(_, s)| s.clone())
-            .collect();
-        if redis.iter().any(|s| receiver.descends(s, &login)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no Redis span under the login; got {:?}",
-            receiver.names()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // (The request's Check has Redis calls of its own in the same trace,
+    // the rate limit's; the login's are under the Login span.)
+    receiver.redis_under(&login).await;
     // The login's parent is an Envoy span (exported in Envoy's next batch).
     receiver
         .first("the Envoy parent of the login", |service, s| {
