@@ -647,6 +647,10 @@ pub struct PasswordConfig {
     /// refusals of an overloaded queue, the runtime's I/O) whenever both
     /// want it, and still takes every cycle nothing else needs.
     pub worker_nice: i32,
+    /// One more hashing thread that takes only logins presenting a valid
+    /// device token, at the process's own priority (not `worker_nice`): a
+    /// known device does not wait for a worker busy with a flood.
+    pub device_lane: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -738,6 +742,7 @@ impl Default for Config {
                 max_queued_per_source: 8,
                 max_wait_ms: 500,
                 worker_nice: 10,
+                device_lane: true,
             },
             tokens: TokenConfig {
                 issuer: "immersiverse-auth".into(),
@@ -1140,6 +1145,7 @@ impl Config {
             },
             max_queued_per_source: p.max_queued_per_source,
             max_wait: Duration::from_millis(p.max_wait_ms),
+            device_lane: p.device_lane,
         }
     }
 

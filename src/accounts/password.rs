@@ -70,6 +70,10 @@ pub struct AdmissionConfig {
     pub max_queued_per_source: usize,
     /// The longest a job may wait to start.
     pub max_wait: Duration,
+    /// One more worker that takes only known-device jobs, at the process's
+    /// own priority: a known device's login does not wait for a worker busy
+    /// with a flood, nor run at the flood's lowered priority.
+    pub device_lane: bool,
 }
 
 impl AdmissionConfig {
@@ -79,8 +83,18 @@ impl AdmissionConfig {
             max_queued: 1 << 20,
             max_queued_per_source: 1 << 20,
             max_wait: Duration::from_secs(3600),
+            device_lane: false,
         }
     }
+}
+
+/// Which jobs a worker takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Any job, known devices first.
+    All,
+    /// Known-device jobs only.
+    KnownDevices,
 }
 
 /// Who a hashing job is for, for admission.
@@ -244,7 +258,9 @@ impl Scheduler {
         });
         metrics::gauge!("password_hash_queue_depth").set(state.waiting.len() as f64);
         drop(state);
-        self.ready.notify_one();
+        // Every idle worker looks: the one woken must be one whose lane
+        // takes this job (a device-lane worker leaves a flood job alone).
+        self.ready.notify_all();
         Ok(())
     }
 
@@ -305,14 +321,14 @@ impl Scheduler {
     /// their deadline, or whose caller is gone, are dropped on the way.
     /// `None` when the pool is shut down. After `idle` without a job,
     /// `idle_hook` runs once (outside the lock) before waiting on.
-    fn next(&self, idle: Duration, idle_hook: &mut impl FnMut()) -> Option<Job> {
+    fn next(&self, lane: Lane, idle: Duration, idle_hook: &mut impl FnMut()) -> Option<Job> {
         let mut state = self.state.lock().ok()?;
         let mut hooked = false;
         loop {
             if state.closed {
                 return None;
             }
-            if let Some(job) = self.pick(&mut state, Instant::now()) {
+            if let Some(job) = self.pick(&mut state, lane, Instant::now()) {
                 return Some(job);
             }
             // Sleep until a job arrives. A job that expires meanwhile is
@@ -332,7 +348,7 @@ impl Scheduler {
         }
     }
 
-    fn pick(&self, state: &mut QueueState, now: Instant) -> Option<Job> {
+    fn pick(&self, state: &mut QueueState, lane: Lane, now: Instant) -> Option<Job> {
         let mut i = 0;
         while i < state.waiting.len() {
             if state.waiting[i].deadline <= now {
@@ -349,6 +365,7 @@ impl Scheduler {
             .waiting
             .iter()
             .enumerate()
+            .filter(|(_, q)| lane == Lane::All || q.known)
             .min_by(|(_, a), (_, b)| {
                 b.known
                     .cmp(&a.known)
@@ -423,15 +440,18 @@ impl PasswordHasher {
             ready: Condvar::new(),
             config: admission,
         });
-        for i in 0..workers {
+        let device_lane = scheduler.config.device_lane;
+        let lanes = (0..workers)
+            .map(|i| (format!("argon2-{i}"), Lane::All, config.worker_nice))
+            .chain(device_lane.then(|| ("argon2-device".to_owned(), Lane::KnownDevices, 0)));
+        for (name, lane, nice) in lanes {
             let scheduler = scheduler.clone();
             let params = params.clone();
-            let nice = config.worker_nice;
             thread::Builder::new()
-                .name(format!("argon2-{i}"))
+                .name(name)
                 .spawn(move || {
                     yield_to_the_rest(nice);
-                    worker(&scheduler, &params)
+                    worker(&scheduler, &params, lane)
                 })
                 .map_err(|e| HashError::Hash(e.to_string()))?;
         }
@@ -533,9 +553,9 @@ fn yield_to_the_rest(nice: i32) {
 /// milliseconds, once). An idle service holds no hashing memory.
 const RELEASE_MEMORY_AFTER: Duration = Duration::from_secs(10);
 
-fn worker(scheduler: &Scheduler, params: &Params) {
+fn worker(scheduler: &Scheduler, params: &Params, lane: Lane) {
     let mut memory: Vec<Block> = Vec::new();
-    while let Some(job) = scheduler.next(RELEASE_MEMORY_AFTER, &mut || {
+    while let Some(job) = scheduler.next(lane, RELEASE_MEMORY_AFTER, &mut || {
         memory = Vec::new();
     }) {
         match job {
@@ -663,6 +683,7 @@ mod tests {
             max_queued_per_source: 8,
             max_wait_ms: 500,
             worker_nice: 10,
+            device_lane: true,
         }
     }
 
@@ -832,6 +853,7 @@ mod tests {
                 max_queued,
                 max_queued_per_source: per_source,
                 max_wait: Duration::from_secs(10),
+                device_lane: false,
             },
         }
     }
@@ -921,11 +943,74 @@ mod tests {
         )
         .unwrap();
         let mut state = s.state.lock().unwrap();
-        assert_eq!(name(s.pick(&mut state, now)), "device");
-        assert_eq!(name(s.pick(&mut state, now)), "fresh");
-        assert_eq!(name(s.pick(&mut state, now)), "flood-1", "oldest first");
-        assert_eq!(name(s.pick(&mut state, now)), "flood-2");
-        assert!(s.pick(&mut state, now).is_none());
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "device");
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "fresh");
+        assert_eq!(
+            name(s.pick(&mut state, Lane::All, now)),
+            "flood-1",
+            "oldest first"
+        );
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood-2");
+        assert!(s.pick(&mut state, Lane::All, now).is_none());
+    }
+
+    #[test]
+    fn the_device_lane_takes_known_devices_only() {
+        let s = scheduler(100, 100);
+        let now = Instant::now();
+        let (j, _f) = job("flood");
+        s.submit(j, &from("flood")).unwrap();
+        let mut state = s.state.lock().unwrap();
+        assert!(
+            s.pick(&mut state, Lane::KnownDevices, now).is_none(),
+            "a flood job waits for the general workers"
+        );
+        drop(state);
+        let (j, _k) = job("device");
+        s.submit(
+            j,
+            &Admission {
+                known_device: true,
+                ..from("flood")
+            },
+        )
+        .unwrap();
+        let mut state = s.state.lock().unwrap();
+        assert_eq!(name(s.pick(&mut state, Lane::KnownDevices, now)), "device");
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood");
+    }
+
+    #[tokio::test]
+    async fn a_device_lane_worker_hashes_known_devices_and_leaves_the_rest() {
+        // Only a device-lane worker runs (as when every general worker is
+        // busy): the known device is hashed, the flood job stays queued.
+        let s = Arc::new(scheduler(100, 100));
+        let params = Params::new(1024, 1, 1, None).unwrap();
+        let lane = {
+            let s = s.clone();
+            thread::spawn(move || worker(&s, &params, Lane::KnownDevices))
+        };
+        let (flood, _flood_answer) = job("flood");
+        s.submit(flood, &from("flood")).unwrap();
+        let (device, device_answer) = job("device");
+        s.submit(
+            device,
+            &Admission {
+                known_device: true,
+                ..from("flood")
+            },
+        )
+        .unwrap();
+        let hashed = tokio::time::timeout(Duration::from_secs(30), device_answer).await;
+        assert!(matches!(hashed, Ok(Ok(Ok(_)))), "{hashed:?}");
+        {
+            let state = s.state.lock().unwrap();
+            assert_eq!(state.waiting.len(), 1);
+            assert!(!state.waiting[0].known, "the flood job is left queued");
+        }
+        s.state.lock().unwrap().closed = true;
+        s.ready.notify_all();
+        lane.join().unwrap();
     }
 
     #[test]
@@ -949,8 +1034,8 @@ mod tests {
         assert!(refused(&mut second), "the newest flood job was evicted");
         assert!(!refused(&mut first));
         let mut state = s.state.lock().unwrap();
-        assert_eq!(name(s.pick(&mut state, now)), "device");
-        assert_eq!(name(s.pick(&mut state, now)), "flood-1");
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "device");
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood-1");
     }
 
     #[test]
@@ -1008,8 +1093,8 @@ mod tests {
         s.submit(j, &from("c")).unwrap();
         let mut state = s.state.lock().unwrap();
         let later = now + Duration::from_millis(50);
-        assert_eq!(name(s.pick(&mut state, later)), "current");
-        assert!(s.pick(&mut state, later).is_none());
+        assert_eq!(name(s.pick(&mut state, Lane::All, later)), "current");
+        assert!(s.pick(&mut state, Lane::All, later).is_none());
         assert!(refused(&mut expired));
     }
 
