@@ -320,5 +320,11 @@ mod tests {
                 .to_string()
                 .contains("nope")
         );
+        for identity in ["", "spiffe://x/ns/a b"] {
+            let mut rule = RouteRule::new(&[], "/x", AccessKind::Public, &[], "default");
+            rule.services = vec![identity.into()];
+            let error = RoutePolicy::compile(&[rule], &["default"]).unwrap_err();
+            assert!(error.to_string().contains("services"), "{error}");
+        }
     }
 }

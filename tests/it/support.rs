@@ -483,6 +483,16 @@ impl OwnRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Sends `signal` (`STOP`: the server goes silent, its connections
+    /// stay open; `CONT`: it comes back).
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal}");
+    }
 }
 
 impl Drop for OwnRedis {

@@ -461,3 +461,51 @@ async fn a_check_caller_that_is_not_a_gateway_is_limited_by_its_own_address() {
         "both count against 127.0.0.1"
     );
 }
+
+/// The downstream identity inside a CheckRequest is believed only from a
+/// gateway: another service cannot name a certificate (or a principal) it
+/// does not hold to reach a route that requires that identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_service_identity_is_believed_only_from_a_gateway() {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let pki = pki();
+    let app = TestApp::spawn_with(Backend::Embedded, |c| {
+        tls(c, &pki, ClientAuth::Required);
+        c.authz.routes.insert(
+            0,
+            crate::support::service_only_route("/internal/chat/**", CHAT),
+        );
+    })
+    .await;
+    let ca = pki.path("ca.crt");
+    let allowed = |channel: Channel, certificate: String, principal: &str| {
+        let mut request = crate::authz::check("GET", "/internal/chat/rooms", &[]);
+        let source = request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .source
+            .get_or_insert_default();
+        source.certificate = certificate;
+        source.principal = principal.into();
+        async move {
+            let response = AuthorizationClient::new(channel)
+                .check(request)
+                .await
+                .unwrap()
+                .into_inner();
+            response.status.is_some_and(|s| s.code == 0)
+        }
+    };
+    let chat_pem = crate::authz::url_encoded_pem(&pki, "chat");
+    let gateway = tls_channel(&app, &ca, Some((&pki, "gateway")))
+        .await
+        .unwrap();
+    assert!(allowed(gateway.clone(), chat_pem.clone(), "").await);
+    assert!(allowed(gateway, String::new(), CHAT).await);
+    // The chat service itself calling Check (not a gateway): what it says
+    // of the downstream client is not believed.
+    let chat = tls_channel(&app, &ca, Some((&pki, "chat"))).await.unwrap();
+    assert!(!allowed(chat.clone(), chat_pem, "").await);
+    assert!(!allowed(chat, String::new(), CHAT).await);
+}
