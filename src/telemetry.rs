@@ -441,14 +441,23 @@ mod tests {
     #[test]
     fn the_recorder_has_an_upkeep_thread() {
         let _ = super::metrics_handle();
-        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|n| n.trim().to_owned())
-            .collect();
-        assert!(
-            names.iter().any(|n| n == "metrics-upkeep"),
-            "threads: {names:?}"
-        );
+        // A new thread names itself once it runs: until then it shows its
+        // parent's name, so look until it appears (or give up).
+        let names = || -> Vec<String> {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !names().iter().any(|n| n == "metrics-upkeep") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "threads: {:?}",
+                names()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
