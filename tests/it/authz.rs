@@ -142,6 +142,24 @@ async fn a_separate_check_listener_serves_only_ext_authz() {
     );
 }
 
+/// `request` with the downstream client's certificate (URL-encoded PEM) and
+/// principal, as Envoy fills `attributes.source`.
+pub(crate) fn from_downstream(
+    mut request: CheckRequest,
+    certificate: String,
+    principal: &str,
+) -> CheckRequest {
+    let source = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .source
+        .get_or_insert_default();
+    source.certificate = certificate;
+    source.principal = principal.into();
+    request
+}
+
 /// The PEM of `name.crt` URL-encoded, as Envoy forwards a downstream client
 /// certificate with `include_peer_certificate` (every byte outside the
 /// unreserved set escaped: `+`, `/`, `=` and newlines included).
@@ -173,16 +191,11 @@ async fn a_route_can_require_the_downstream_service_identity() {
     })
     .await;
     let from = |certificate: String, principal: &str| {
-        let mut request = check("GET", "/internal/chat/rooms", &[]);
-        let source = request
-            .attributes
-            .as_mut()
-            .unwrap()
-            .source
-            .get_or_insert_default();
-        source.certificate = certificate;
-        source.principal = principal.into();
-        request
+        from_downstream(
+            check("GET", "/internal/chat/rooms", &[]),
+            certificate,
+            principal,
+        )
     };
     let forbidden = (Code::PermissionDenied as i32, Some(403));
     assert_eq!(

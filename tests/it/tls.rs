@@ -479,15 +479,11 @@ async fn a_forwarded_service_identity_is_believed_only_from_a_gateway() {
     .await;
     let ca = pki.path("ca.crt");
     let allowed = |channel: Channel, certificate: String, principal: &str| {
-        let mut request = crate::authz::check("GET", "/internal/chat/rooms", &[]);
-        let source = request
-            .attributes
-            .as_mut()
-            .unwrap()
-            .source
-            .get_or_insert_default();
-        source.certificate = certificate;
-        source.principal = principal.into();
+        let request = crate::authz::from_downstream(
+            crate::authz::check("GET", "/internal/chat/rooms", &[]),
+            certificate,
+            principal,
+        );
         async move {
             let response = AuthorizationClient::new(channel)
                 .check(request)
