@@ -115,6 +115,22 @@ pub(crate) async fn sign_up(
         .expect("the created user")
 }
 
+/// Logs `name` in with the test password.
+pub(crate) async fn login(
+    client: &mut AuthServiceClient<tonic::transport::Channel>,
+    name: &str,
+) -> pb::TokenResponse {
+    client
+        .login(pb::LoginRequest {
+            login: name.into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("login succeeds")
+        .into_inner()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

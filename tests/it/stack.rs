@@ -3,25 +3,13 @@
 //! principal, per-session call limits, and metric labels bounded to the
 //! methods served.
 
-use auth_service::grpc::pb::{self, auth_service_client::AuthServiceClient};
-use tonic::{Code, transport::Channel};
+use auth_service::grpc::pb;
+use tonic::Code;
 
 use crate::{
     process,
     support::{PASSWORD, bearer, channel, http_get},
 };
-
-async fn login(client: &mut AuthServiceClient<Channel>, name: &str) -> pb::TokenResponse {
-    client
-        .login(pb::LoginRequest {
-            login: name.into(),
-            password: PASSWORD.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 /// The `rpc` lines of a JSON log.
 fn access_lines(log: &str) -> Vec<serde_json::Value> {
@@ -48,8 +36,8 @@ async fn every_call_has_a_request_id_one_access_line_with_its_principal_and_sess
     server.ready().await;
     let mut client = server.client().await;
     let user = process::sign_up(&mut client, "stacky").await;
-    let first = login(&mut client, "stacky").await;
-    let second = login(&mut client, "stacky").await;
+    let first = process::login(&mut client, "stacky").await;
+    let second = process::login(&mut client, "stacky").await;
 
     // The caller's request id is kept and echoed; a malformed one replaced.
     let mut request = bearer(pb::GetMeRequest {}, &first.access_token);
