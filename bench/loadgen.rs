@@ -26,6 +26,12 @@
 //!   device token. Reports their latency (unloaded first, then under the
 //!   flood) and how fast the excess was refused.
 //!
+//! * `flood-gateway GATEWAY RATE SOURCES SECONDS` — the same through the
+//!   REST gateway, every client a real loopback source address. The real
+//!   user runs on a thread and runtime of its own; with `FLOOD_TRACE=FILE`
+//!   each of its logins is appended to FILE (phase, source, status, start
+//!   and latency in ms) to match against the service's access log.
+//!
 //! * `chaos ADDR SECONDS ACKED_FILE` — steady sign-up and ValidateToken load
 //!   (4 loops each) while `bench/chaos` breaks backends: prints, per second,
 //!   answers by gRPC code and the longest call, and writes the id of every
@@ -250,6 +256,19 @@ async fn real_user(
     (plain, known, refused)
 }
 
+/// The pace of flooding loop `i` of `loops` sending `rate` attempts per
+/// second in all: one tick per `loops / rate` seconds, the loops' first ticks
+/// spread evenly over one period. Started together, the loops would tick
+/// together and send their attempts in bursts of `loops` at once (every
+/// 256 ms at 1 000/s), which measures how a burst drains, not a flood.
+fn flood_pace(i: usize, loops: usize, rate: u64) -> tokio::time::Interval {
+    let period = Duration::from_secs_f64(loops as f64 / rate as f64);
+    let offset = period.mul_f64(i as f64 / loops as f64);
+    let mut pace = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    pace
+}
+
 async fn flood(addr: &str, rate: u64, sources: &str, seconds: u64) {
     let attackers = 256;
     let mut c = client(addr).await;
@@ -282,9 +301,7 @@ async fn flood(addr: &str, rate: u64, sources: &str, seconds: u64) {
             tokio::spawn(async move {
                 let mut c = client(&addr).await;
                 let (mut refused, mut answered) = (Vec::new(), 0u64);
-                let mut pace =
-                    tokio::time::interval(Duration::from_secs_f64(attackers as f64 / rate as f64));
-                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut pace = flood_pace(i, attackers, rate);
                 while !stop.load(Ordering::Relaxed) {
                     pace.tick().await;
                     let n = counter.fetch_add(1, Ordering::Relaxed);
@@ -348,6 +365,14 @@ async fn flood_report(
         answered as f64 / elapsed,
         refused.len() as f64 / elapsed,
     );
+    let fast = refused
+        .iter()
+        .filter(|d| **d <= Duration::from_millis(5))
+        .count();
+    println!(
+        "{prefix}refusals answered within 5 ms at the client: {:.1} %",
+        100.0 * fast as f64 / refused.len().max(1) as f64
+    );
     report(&format!("{prefix}refusal latency"), refused);
     report(&format!("{prefix}under flood, no device token"), plain);
     report(&format!("{prefix}under flood, device token"), known);
@@ -392,6 +417,61 @@ async fn gateway_login(
     }
 }
 
+/// The real user's logins through the gateway for `seconds`, every 100 ms:
+/// alternately with its device token from its usual address `usual`, and
+/// without one from a new address each time. Returns the latencies of the
+/// logins without and with the token, and how many were refused. With
+/// `FLOOD_TRACE` set to a file, appends one line per login (phase, source
+/// address, status, milliseconds since the start, latency in ms), to match
+/// against the service's access log.
+async fn probe_gateway_logins(
+    gateway: &str,
+    device: &str,
+    usual: std::net::IpAddr,
+    seconds: u64,
+    phase: &str,
+) -> (Vec<Duration>, Vec<Duration>, u64) {
+    use std::io::Write as _;
+    let mut trace = std::env::var_os("FLOOD_TRACE").map(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+    });
+    let user = gateway_client(usual);
+    let (mut plain, mut known, mut refused) = (Vec::new(), Vec::new(), 0u64);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        i += 1;
+        let with_device = i.is_multiple_of(2);
+        let (client, source) = if with_device {
+            (user.clone(), usual)
+        } else {
+            let source = std::net::Ipv4Addr::new(127, 251, (i >> 8) as u8, i as u8).into();
+            (gateway_client(source), source)
+        };
+        let token = if with_device { device } else { "" };
+        let t = Instant::now();
+        let (status, _) = gateway_login(&client, gateway, "realuser", PASSWORD, token).await;
+        let took = t.elapsed();
+        match (status, with_device) {
+            (200, true) => known.push(took),
+            (200, false) => plain.push(took),
+            _ => refused += 1,
+        }
+        if let Some(file) = trace.as_mut() {
+            let at = t.duration_since(started).as_secs_f64() * 1e3;
+            let ms = took.as_secs_f64() * 1e3;
+            writeln!(file, "{phase} {source} {status} {at:.1} {ms:.3}").unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (plain, known, refused)
+}
+
 /// The login flood of `flood`, through the REST gateway (Envoy on the
 /// shipped gateway.yaml) with every source a real loopback address: 64
 /// fixed sources, or a fresh address per attempt ("fresh").
@@ -418,34 +498,32 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
     let device = first["device_token"].as_str().unwrap().to_owned();
 
     // The real user: with the device token from its usual address, and
-    // without one from a new address each time (someone new).
-    let real = |seconds: u64| {
-        let (gateway, device, user) = (gateway.to_owned(), device.clone(), user.clone());
+    // without one from a new address each time (someone new). It runs on a
+    // thread and runtime of its own, as a client on another machine would:
+    // its calls do not wait for the load generator's flood tasks to be
+    // polled, only for the gateway and the service.
+    let real = |seconds: u64, label: &'static str| {
+        let (gateway, device) = (gateway.to_owned(), device.clone());
+        let probe = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(probe_gateway_logins(
+                    &gateway,
+                    &device,
+                    user_source,
+                    seconds,
+                    label,
+                ))
+        });
         async move {
-            let (mut plain, mut known, mut refused) = (Vec::new(), Vec::new(), 0u64);
-            let deadline = Instant::now() + Duration::from_secs(seconds);
-            let mut i = 0u64;
-            while Instant::now() < deadline {
-                i += 1;
-                let t = Instant::now();
-                let (status, _) = if i.is_multiple_of(2) {
-                    gateway_login(&user, &gateway, "realuser", PASSWORD, &device).await
-                } else {
-                    let source: std::net::IpAddr =
-                        std::net::Ipv4Addr::new(127, 251, (i >> 8) as u8, i as u8).into();
-                    gateway_login(&gateway_client(source), &gateway, "realuser", PASSWORD, "").await
-                };
-                match (status, i.is_multiple_of(2)) {
-                    (200, true) => known.push(t.elapsed()),
-                    (200, false) => plain.push(t.elapsed()),
-                    _ => refused += 1,
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            (plain, known, refused)
+            tokio::task::spawn_blocking(move || probe.join().unwrap())
+                .await
+                .unwrap()
         }
     };
-    let (plain, known, _) = real(5).await;
+    let (plain, known, _) = real(5, "unloaded").await;
     report("gateway, unloaded, no device token", plain);
     report("gateway, unloaded, device token", known);
 
@@ -462,9 +540,7 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
             let gateway = gateway.to_owned();
             tokio::spawn(async move {
                 let (mut refused, mut answered, mut other) = (Vec::new(), 0u64, 0u64);
-                let mut pace =
-                    tokio::time::interval(Duration::from_secs_f64(attackers as f64 / rate as f64));
-                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut pace = flood_pace(i, attackers, rate);
                 while !stop.load(Ordering::Relaxed) {
                     pace.tick().await;
                     let n = counter.fetch_add(1, Ordering::Relaxed);
@@ -489,7 +565,7 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
         })
         .collect();
     let started = Instant::now();
-    let real = real(seconds).await;
+    let real = real(seconds, if fresh { "fresh" } else { "64" }).await;
     stop.store(true, Ordering::Relaxed);
     let sources = if fresh {
         "fresh".to_owned()
