@@ -647,10 +647,14 @@ pub struct PasswordConfig {
     /// refusals of an overloaded queue, the runtime's I/O) whenever both
     /// want it, and still takes every cycle nothing else needs.
     pub worker_nice: i32,
-    /// One more hashing thread that takes only logins presenting a valid
-    /// device token, at the process's own priority (not `worker_nice`): a
+    /// One more hashing thread, at the process's own priority (not
+    /// `worker_nice`), that takes logins presenting a valid device token: a
     /// known device does not wait for a worker busy with a flood.
     pub device_lane: bool,
+    /// The lane also takes jobs from quiet client addresses (less than one
+    /// hash recently) while they are a minority of the demand: under a flood
+    /// from a few addresses, someone new is not hashed behind the flood.
+    pub quiet_sources_in_lane: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -743,6 +747,7 @@ impl Default for Config {
                 max_wait_ms: 500,
                 worker_nice: 10,
                 device_lane: true,
+                quiet_sources_in_lane: true,
             },
             tokens: TokenConfig {
                 issuer: "immersiverse-auth".into(),
@@ -1146,6 +1151,7 @@ impl Config {
             max_queued_per_source: p.max_queued_per_source,
             max_wait: Duration::from_millis(p.max_wait_ms),
             device_lane: p.device_lane,
+            quiet_sources_in_lane: p.quiet_sources_in_lane,
         }
     }
 

@@ -26,7 +26,15 @@
 //!   behind everyone who has not, instead of in front of them. When the queue
 //!   is full, a known device, or a source that has used at least one hash
 //!   less than the heaviest source waiting, takes the place of that source's
-//!   newest job.
+//!   newest job;
+//! * with `device_lane`, one more worker at the process's own priority (the
+//!   others run at `worker_nice`) takes known devices first and then, while
+//!   new addresses are a minority of the recent demand, jobs from **quiet
+//!   sources** (less than one hash used recently): a concentrated flood
+//!   (every attempt from one of a few addresses) leaves someone new a worker
+//!   that is not busy with the flood; a distributed one (every attempt from a
+//!   new address) is itself the new addresses, and the lane leaves it to the
+//!   general workers (see [`QUIET_SHARE_MAX`]).
 
 use std::{
     collections::HashMap,
@@ -70,10 +78,13 @@ pub struct AdmissionConfig {
     pub max_queued_per_source: usize,
     /// The longest a job may wait to start.
     pub max_wait: Duration,
-    /// One more worker that takes only known-device jobs, at the process's
-    /// own priority: a known device's login does not wait for a worker busy
+    /// One more worker that takes known-device jobs, at the process's own
+    /// priority: a known device's login does not wait for a worker busy
     /// with a flood, nor run at the flood's lowered priority.
     pub device_lane: bool,
+    /// The lane also takes jobs from quiet sources while they are a minority
+    /// of the recent demand (see [`QUIET_SHARE_MAX`]).
+    pub quiet_sources_in_lane: bool,
 }
 
 impl AdmissionConfig {
@@ -84,6 +95,7 @@ impl AdmissionConfig {
             max_queued_per_source: 1 << 20,
             max_wait: Duration::from_secs(3600),
             device_lane: false,
+            quiet_sources_in_lane: false,
         }
     }
 }
@@ -93,8 +105,9 @@ impl AdmissionConfig {
 enum Lane {
     /// Any job, known devices first.
     All,
-    /// Known-device jobs only.
-    KnownDevices,
+    /// Known-device jobs, then (when enabled) jobs from quiet sources while
+    /// quiet sources are a minority of the demand.
+    Priority,
 }
 
 /// Who a hashing job is for, for admission.
@@ -111,6 +124,18 @@ pub struct Admission {
 
 /// How fast a source's recent hashing usage is forgotten.
 pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(10);
+
+/// A source that has used less than this many hashes recently (decayed) is
+/// quiet: someone new, or back after a while.
+const QUIET_USAGE: f64 = 1.0;
+
+/// The lane takes quiet sources' jobs only while they are less than this
+/// share of the recent demand (jobs submitted, decayed like usage). Under a
+/// flood from a few addresses the share is small and a new user's login goes
+/// to the lane; under a flood from a new address per attempt nearly every
+/// job is from a quiet source, and the lane keeps to known devices (a
+/// flood job on the lane would make the next known device wait for it).
+pub const QUIET_SHARE_MAX: f64 = 0.5;
 
 /// Sources whose usage is remembered at most (the least used are dropped
 /// first; a forgotten source simply counts as fresh).
@@ -198,12 +223,72 @@ impl Usage {
     }
 }
 
+/// Recent demand (jobs submitted), all and from quiet sources, decaying
+/// like [`Usage`].
+#[derive(Default)]
+struct Demand {
+    all: f64,
+    quiet: f64,
+    at: Option<Instant>,
+}
+
+impl Demand {
+    fn decay(&mut self, now: Instant) {
+        if let Some(at) = self.at {
+            let age = now.saturating_duration_since(at).as_secs_f64();
+            let factor = 0.5f64.powf(age / USAGE_HALF_LIFE.as_secs_f64());
+            self.all *= factor;
+            self.quiet *= factor;
+        }
+        self.at = Some(now);
+    }
+
+    fn add(&mut self, quiet: bool, now: Instant) {
+        self.decay(now);
+        self.all += 1.0;
+        if quiet {
+            self.quiet += 1.0;
+        }
+    }
+
+    /// Whether quiet sources are a minority of the recent demand (the ratio
+    /// does not change with decay, so none is applied here).
+    fn quiet_are_few(&self) -> bool {
+        self.quiet < QUIET_SHARE_MAX * self.all
+    }
+}
+
 #[derive(Default)]
 struct QueueState {
     waiting: Vec<Queued>,
     usage: Usage,
+    demand: Demand,
     seq: u64,
     closed: bool,
+}
+
+impl QueueState {
+    /// Whether `source` is quiet: a client address that has hashed less
+    /// than [`QUIET_USAGE`] recently and has at most `waiting` jobs queued
+    /// (operators' and internal jobs, without an address, are not).
+    fn quiet(&self, source: Option<&Arc<str>>, now: Instant, waiting: usize) -> bool {
+        source.is_some()
+            && self.usage.of(source, now) < QUIET_USAGE
+            && self
+                .waiting
+                .iter()
+                .filter(|q| q.source.as_ref() == source)
+                .nth(waiting)
+                .is_none()
+    }
+
+    /// Counts an attempt to queue a job for `admission` in the demand.
+    fn note_demand(&mut self, admission: &Admission, now: Instant) {
+        if !admission.known_device && admission.source.is_some() {
+            let quiet = self.quiet(admission.source.as_ref(), now, 0);
+            self.demand.add(quiet, now);
+        }
+    }
 }
 
 struct Scheduler {
@@ -238,6 +323,7 @@ impl Scheduler {
         if state.closed {
             return Err(HashError::PoolClosed);
         }
+        state.note_demand(admission, now);
         match self.place(&state, admission, now) {
             Err(reason) => return Err(self.overloaded(reason)),
             Ok(Some(victim)) => {
@@ -308,12 +394,20 @@ impl Scheduler {
         }
     }
 
-    /// Whether a job for `admission` would be queued now (nothing changes):
-    /// lets a caller refuse before doing any other work for it.
+    /// Whether a job for `admission` would be queued now: lets a caller
+    /// refuse before doing any other work for it. Only the demand changes,
+    /// for an attempt refused here (an admitted one is counted when it is
+    /// submitted).
     fn admissible(&self, admission: &Admission) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|state| self.place(&state, admission, Instant::now()).is_ok())
+        let Ok(mut state) = self.state.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        let admitted = self.place(&state, admission, now).is_ok();
+        if !admitted {
+            state.note_demand(admission, now);
+        }
+        admitted
     }
 
     /// The next job to run: known devices first (oldest first), then the
@@ -360,12 +454,19 @@ impl Scheduler {
                 i += 1;
             }
         }
+        let quiet_too = lane == Lane::Priority
+            && self.config.quiet_sources_in_lane
+            && state.demand.quiet_are_few();
         let usage = &state.usage;
         let best = state
             .waiting
             .iter()
             .enumerate()
-            .filter(|(_, q)| lane == Lane::All || q.known)
+            .filter(|(_, q)| {
+                lane == Lane::All
+                    || q.known
+                    || (quiet_too && state.quiet(q.source.as_ref(), now, 1))
+            })
             .min_by(|(_, a), (_, b)| {
                 b.known
                     .cmp(&a.known)
@@ -378,6 +479,14 @@ impl Scheduler {
             })
             .map(|(i, _)| i)?;
         let queued = state.waiting.swap_remove(best);
+        if lane == Lane::Priority {
+            let job = if queued.known {
+                "known_device"
+            } else {
+                "quiet_source"
+            };
+            metrics::counter!("password_hash_lane_total", "job" => job).increment(1);
+        }
         // A known device's hashing is not held against its address.
         if let Some(source) = queued.source.as_ref().filter(|_| !queued.known) {
             state.usage.add(source, now);
@@ -443,7 +552,7 @@ impl PasswordHasher {
         let device_lane = scheduler.config.device_lane;
         let lanes = (0..workers)
             .map(|i| (format!("argon2-{i}"), Lane::All, config.worker_nice))
-            .chain(device_lane.then(|| ("argon2-device".to_owned(), Lane::KnownDevices, 0)));
+            .chain(device_lane.then(|| ("argon2-lane".to_owned(), Lane::Priority, 0)));
         for (name, lane, nice) in lanes {
             let scheduler = scheduler.clone();
             let params = params.clone();
@@ -684,6 +793,7 @@ mod tests {
             max_wait_ms: 500,
             worker_nice: 10,
             device_lane: true,
+            quiet_sources_in_lane: true,
         }
     }
 
@@ -854,12 +964,15 @@ mod tests {
                 max_queued_per_source: per_source,
                 max_wait: Duration::from_secs(10),
                 device_lane: false,
+                quiet_sources_in_lane: true,
             },
         }
     }
 
+    type Answer = oneshot::Receiver<Result<String, HashError>>;
+
     /// A job named by its password; the receiver sees its refusal.
-    fn job(name: &str) -> (Job, oneshot::Receiver<Result<String, HashError>>) {
+    fn job(name: &str) -> (Job, Answer) {
         let (reply, answer) = oneshot::channel();
         let job = Job::Hash {
             password: SecretString::from(name.to_owned()),
@@ -962,7 +1075,7 @@ mod tests {
         s.submit(j, &from("flood")).unwrap();
         let mut state = s.state.lock().unwrap();
         assert!(
-            s.pick(&mut state, Lane::KnownDevices, now).is_none(),
+            s.pick(&mut state, Lane::Priority, now).is_none(),
             "a flood job waits for the general workers"
         );
         drop(state);
@@ -976,8 +1089,107 @@ mod tests {
         )
         .unwrap();
         let mut state = s.state.lock().unwrap();
-        assert_eq!(name(s.pick(&mut state, Lane::KnownDevices, now)), "device");
+        assert_eq!(name(s.pick(&mut state, Lane::Priority, now)), "device");
         assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood");
+    }
+
+    /// `n` jobs queued, one from each of `sources` in turn, after each
+    /// source has used `used` hashes.
+    fn flood(s: &Scheduler, sources: &[&str], used: usize, n: usize) -> Vec<Answer> {
+        let now = Instant::now();
+        {
+            let mut state = s.state.lock().unwrap();
+            for source in sources {
+                for _ in 0..used {
+                    state.usage.add(&Arc::from(*source), now);
+                }
+            }
+        }
+        (0..n)
+            .map(|i| {
+                let (j, a) = job("flood");
+                s.submit(j, &from(sources[i % sources.len()])).unwrap();
+                a
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_lane_takes_a_quiet_source_under_a_flood_from_few_addresses() {
+        let s = scheduler(100, 100);
+        let _flood = flood(&s, &["10.0.0.1", "10.0.0.2"], 5, 20);
+        let now = Instant::now();
+        let mut state = s.state.lock().unwrap();
+        assert!(
+            s.pick(&mut state, Lane::Priority, now).is_none(),
+            "the flood's jobs are left to the general workers"
+        );
+        drop(state);
+        let (j, _n) = job("newcomer");
+        s.submit(j, &from("192.0.2.7")).unwrap();
+        let (j, _k) = job("device");
+        s.submit(
+            j,
+            &Admission {
+                known_device: true,
+                ..from("10.0.0.1")
+            },
+        )
+        .unwrap();
+        let mut state = s.state.lock().unwrap();
+        assert_eq!(name(s.pick(&mut state, Lane::Priority, now)), "device");
+        assert_eq!(name(s.pick(&mut state, Lane::Priority, now)), "newcomer");
+        assert!(s.pick(&mut state, Lane::Priority, now).is_none());
+    }
+
+    #[test]
+    fn the_lane_leaves_quiet_sources_alone_when_they_are_the_flood() {
+        // A distributed flood: every job from an address never seen before.
+        let s = scheduler(100, 100);
+        let fresh: Vec<String> = (0..30).map(|i| format!("10.1.0.{i}")).collect();
+        let fresh: Vec<&str> = fresh.iter().map(String::as_str).collect();
+        let _flood = flood(&s, &fresh, 0, 30);
+        let (j, _n) = job("newcomer");
+        s.submit(j, &from("192.0.2.7")).unwrap();
+        let now = Instant::now();
+        let mut state = s.state.lock().unwrap();
+        assert!(
+            s.pick(&mut state, Lane::Priority, now).is_none(),
+            "a newcomer is indistinguishable from this flood"
+        );
+        assert!(s.pick(&mut state, Lane::All, now).is_some());
+    }
+
+    #[test]
+    fn with_quiet_sources_off_the_lane_takes_known_devices_only() {
+        let s = Scheduler {
+            config: AdmissionConfig {
+                quiet_sources_in_lane: false,
+                ..scheduler(100, 100).config
+            },
+            ..scheduler(100, 100)
+        };
+        let _flood = flood(&s, &["10.0.0.1"], 5, 10);
+        let (j, _n) = job("newcomer");
+        s.submit(j, &from("192.0.2.7")).unwrap();
+        let mut state = s.state.lock().unwrap();
+        assert!(s.pick(&mut state, Lane::Priority, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn demand_forgets_a_past_flood() {
+        let mut demand = Demand::default();
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            demand.add(true, t0);
+        }
+        assert!(!demand.quiet_are_few());
+        // Ten half-lives later, a flood from few addresses has begun.
+        let later = t0 + USAGE_HALF_LIFE * 10;
+        for _ in 0..20 {
+            demand.add(false, later);
+        }
+        assert!(demand.quiet_are_few(), "{} of {}", demand.quiet, demand.all);
     }
 
     #[tokio::test]
@@ -988,7 +1200,7 @@ mod tests {
         let params = Params::new(1024, 1, 1, None).unwrap();
         let lane = {
             let s = s.clone();
-            thread::spawn(move || worker(&s, &params, Lane::KnownDevices))
+            thread::spawn(move || worker(&s, &params, Lane::Priority))
         };
         let (flood, _flood_answer) = job("flood");
         s.submit(flood, &from("flood")).unwrap();

@@ -119,57 +119,125 @@ async fn a_login_flood_is_refused_at_once_and_a_known_device_still_gets_in() {
         .into_inner()
         .device_token;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicUsize::new(0));
-    let flood: Vec<_> = (0..32)
-        .map(|i| {
-            let mut client = app.client.clone();
-            let (stop, refused) = (stop.clone(), refused.clone());
-            tokio::spawn(async move {
-                let mut n = 0u32;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    let ip = format!("10.{}.{}.{}", i, n / 250, n % 250);
-                    match client
-                        .login(from_ip(
-                            login(&format!("nobody{i}x{n}"), "guess guess", ""),
-                            &ip,
-                        ))
-                        .await
-                    {
-                        Err(s) if s.code() == Code::Unavailable => {
-                            assert!(
-                                s.metadata().get("retry-after").is_some(),
-                                "Unavailable without retry-after"
-                            );
-                            refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(s) => assert_eq!(s.code(), Code::Unauthenticated, "{s:?}"),
-                        Ok(_) => panic!("a guess logged in"),
-                    }
-                }
-            })
-        })
-        .collect();
-    // Wait until the queue is full (refusals happen).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while refused.load(Ordering::Relaxed) < 10 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the flood was never refused"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let flood = Flood::start(&app, 32, |i, n| format!("10.{}.{}.{}", i, n / 250, n % 250));
+    flood.refused(10).await;
     for _ in 0..3 {
         app.client
             .login(from_ip(login("victim", PASSWORD, &device), "192.0.2.1"))
             .await
             .expect("the known device logs in through the flood");
     }
-    stop.store(true, Ordering::Relaxed);
-    for task in flood {
-        task.await.unwrap();
+    flood.stop().await;
+}
+
+/// Logins for unknown accounts from `loops` loops until stopped, loop `i`'s
+/// `n`th attempt from address `source(i, n)`; each refusal must be
+/// Unavailable with retry-after, each hashed guess Unauthenticated.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(app: &TestApp, loops: usize, source: fn(usize, u32) -> String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..loops)
+            .map(|i| {
+                let mut client = app.client.clone();
+                let (stop, refused) = (stop.clone(), refused.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let guess = login(&format!("nobody{i}x{n}"), "guess guess", "");
+                        match client.login(from_ip(guess, &source(i, n))).await {
+                            Err(s) if s.code() == Code::Unavailable => {
+                                assert!(
+                                    s.metadata().get("retry-after").is_some(),
+                                    "Unavailable without retry-after"
+                                );
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(s) => assert_eq!(s.code(), Code::Unauthenticated, "{s:?}"),
+                            Ok(_) => panic!("a guess logged in"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            refused,
+            tasks,
+        }
     }
+
+    /// Waits until `at_least` attempts were refused (the queue is full).
+    async fn refused(&self, at_least: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.refused.load(Ordering::Relaxed) < at_least {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flood was never refused"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// Under a flood from two addresses, someone logging in from an address
+/// the service has not seen is hashed by the lane, not behind the flood
+/// (the one general worker is busy with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_under_a_flood_from_few_addresses_is_hashed_on_the_lane() {
+    let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+        one_slow_hashing_thread(c, 2);
+        c.password.max_queued = 4;
+        c.password.max_queued_per_source = 2;
+        c.password.max_wait_ms = 5000;
+        c.lockout.max_failures_per_ip = 1_000_000;
+        c.lockout.max_failures_per_account = 1_000_000;
+        c.lockout.max_failures_per_account_ip = 1_000_000;
+    })
+    .await;
+    app.sign_up("newcomer").await;
+    let flood = Flood::start(&app, 24, |i, _| format!("10.0.0.{}", i % 2));
+    flood.refused(10).await;
+    // Each flooding address has hashed a few times: it is no longer quiet,
+    // and a newcomer may take the place of its newest job.
+    while hashes_started(&app).await < 8 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..3 {
+        app.client
+            .login(from_ip(
+                login("newcomer", PASSWORD, ""),
+                &format!("192.0.2.{}", 10 + n),
+            ))
+            .await
+            .expect("the newcomer logs in through the flood");
+    }
+    flood.stop().await;
+    let (_, page) = app.http_get("/metrics").await;
+    let on_lane: u64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("password_hash_lane_total{job=\"quiet_source\"} "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    // The general worker may, rarely, be the one free when a login arrives.
+    assert!(
+        on_lane >= 1,
+        "no newcomer's login was hashed on the lane:\n{page}"
+    );
+    assert!(on_lane <= 3, "the lane took flood jobs too: {on_lane}");
 }
 
 /// Hashing jobs started so far (the wait histogram counts one per start).
