@@ -18,7 +18,10 @@
 //!   `max_queued_per_source` waiting) is refused at once with
 //!   [`HashError::Overloaded`];
 //! * a job that has not *started* within `max_wait` — or by its caller's own
-//!   deadline, whichever is sooner — is refused, never hashed late;
+//!   deadline, whichever is sooner — is refused, never hashed late; and one
+//!   that would not start by then, judged from the jobs that would go before
+//!   it and how long a hash takes now, is refused at once rather than after
+//!   waiting for nothing;
 //! * workers take jobs of **known devices** first (a valid device token for
 //!   the account: see `TokenService::known_device`), then the job whose source has used
 //!   the least hashing recently (usage decays with a half-life of
@@ -263,6 +266,9 @@ struct QueueState {
     waiting: Vec<Queued>,
     usage: Usage,
     demand: Demand,
+    /// How long a general worker takes per job now, wall clock (moving
+    /// average): what the queue drains at, contention included.
+    seconds_per_job: Option<f64>,
     seq: u64,
     closed: bool,
 }
@@ -295,6 +301,8 @@ struct Scheduler {
     state: Mutex<QueueState>,
     ready: Condvar,
     config: AdmissionConfig,
+    /// General workers (the lane not counted): how many jobs start at once.
+    workers: usize,
 }
 
 impl Scheduler {
@@ -310,12 +318,30 @@ impl Scheduler {
         }
     }
 
+    /// The latest a job for `admission` may start: `max_wait` from now, or
+    /// the caller's own deadline when sooner.
+    fn deadline(&self, admission: &Admission, now: Instant) -> Instant {
+        let deadline = now + self.config.max_wait;
+        admission
+            .deadline
+            .map_or(deadline, |caller| deadline.min(caller))
+    }
+
+    /// A general worker finished a job that took `took`.
+    fn record_job(&self, took: Duration) {
+        if let Ok(mut state) = self.state.lock() {
+            let took = took.as_secs_f64();
+            state.seconds_per_job = Some(
+                state
+                    .seconds_per_job
+                    .map_or(took, |average| average + 0.2 * (took - average)),
+            );
+        }
+    }
+
     fn submit(&self, job: Job, admission: &Admission) -> Result<(), HashError> {
         let now = Instant::now();
-        let mut deadline = now + self.config.max_wait;
-        if let Some(caller) = admission.deadline {
-            deadline = deadline.min(caller);
-        }
+        let deadline = self.deadline(admission, now);
         if deadline <= now {
             return Err(self.overloaded("deadline"));
         }
@@ -371,6 +397,23 @@ impl Scheduler {
                 >= self.config.max_queued_per_source
         {
             return Err("source_queue_full");
+        }
+        // Would it start in time? The jobs that go before it (known devices,
+        // and sources that have used no more than this one) drain at the
+        // general workers' current pace. Known devices have the lane.
+        if !admission.known_device
+            && let Some(per_job) = state.seconds_per_job
+        {
+            let mine = state.usage.of(admission.source.as_ref(), now);
+            let ahead = state
+                .waiting
+                .iter()
+                .filter(|q| q.known || state.usage.of(q.source.as_ref(), now) <= mine)
+                .count();
+            let wait = per_job * ahead as f64 / self.workers.max(1) as f64;
+            if now + Duration::from_secs_f64(wait) >= self.deadline(admission, now) {
+                return Err("would_wait_too_long");
+            }
         }
         if state.waiting.len() < self.config.max_queued {
             return Ok(None);
@@ -548,6 +591,7 @@ impl PasswordHasher {
             state: Mutex::new(QueueState::default()),
             ready: Condvar::new(),
             config: admission,
+            workers,
         });
         let device_lane = scheduler.config.device_lane;
         let lanes = (0..workers)
@@ -667,6 +711,7 @@ fn worker(scheduler: &Scheduler, params: &Params, lane: Lane) {
     while let Some(job) = scheduler.next(lane, RELEASE_MEMORY_AFTER, &mut || {
         memory = Vec::new();
     }) {
+        let started = Instant::now();
         match job {
             Job::Hash { password, reply } => {
                 let _ = reply.send(hash_with(params, &password, &mut memory));
@@ -678,6 +723,9 @@ fn worker(scheduler: &Scheduler, params: &Params, lane: Lane) {
             } => {
                 let _ = reply.send(verify_with(params, &password, &hash, &mut memory));
             }
+        }
+        if lane == Lane::All {
+            scheduler.record_job(started.elapsed());
         }
     }
 }
@@ -966,6 +1014,7 @@ mod tests {
                 device_lane: false,
                 quiet_sources_in_lane: true,
             },
+            workers: 1,
         }
     }
 
@@ -1272,6 +1321,43 @@ mod tests {
         // Equally fresh sources do not push each other out.
         let (j, _t) = job("another");
         assert!(s.submit(j, &from("another")).is_err());
+    }
+
+    #[test]
+    fn a_job_that_would_not_start_in_time_is_refused_at_once() {
+        let s = Scheduler {
+            config: AdmissionConfig {
+                max_wait: Duration::from_millis(250),
+                ..scheduler(100, 100).config
+            },
+            ..scheduler(100, 100)
+        };
+        s.record_job(Duration::from_millis(100));
+        let now = Instant::now();
+        for _ in 0..3 {
+            s.state.lock().unwrap().usage.add(&Arc::from("flood"), now);
+        }
+        // One worker at 100 ms a job: the third job waits about 200 ms,
+        // the fourth would wait 300 ms, past its 250 ms.
+        let mut kept = Vec::new();
+        for _ in 0..3 {
+            let (j, a) = job("flood");
+            s.submit(j, &from("flood")).unwrap();
+            kept.push(a);
+        }
+        assert!(!s.admissible(&from("flood")));
+        let (j, _late) = job("flood");
+        assert!(matches!(
+            s.submit(j, &from("flood")),
+            Err(HashError::Overloaded { .. })
+        ));
+        // A quieter source goes before the flood's jobs: it starts in time.
+        assert!(s.admissible(&from("quiet")));
+        // As the pace picks up (jobs now take 10 ms), the flood fits again.
+        for _ in 0..30 {
+            s.record_job(Duration::from_millis(10));
+        }
+        assert!(s.admissible(&from("flood")));
     }
 
     #[test]
