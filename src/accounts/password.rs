@@ -133,7 +133,7 @@ pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(10);
 const QUIET_USAGE: f64 = 1.0;
 
 /// The lane takes quiet sources' jobs only while they are less than this
-/// share of the recent demand (jobs submitted, decayed like usage). Under a
+/// share of the recent demand (see [`Demand`]). Under a
 /// flood from a few addresses the share is small and a new user's login goes
 /// to the lane; under a flood from a new address per attempt nearly every
 /// job is from a quiet source, and the lane keeps to known devices (a
@@ -226,8 +226,13 @@ impl Usage {
     }
 }
 
-/// Recent demand (jobs submitted), all and from quiet sources, decaying
-/// like [`Usage`].
+/// How fast the demand's mix is forgotten: short, so that a flood that
+/// changes shape (from a few addresses to a new one per attempt) changes the
+/// lane's choice within seconds.
+const DEMAND_HALF_LIFE: Duration = Duration::from_secs(2);
+
+/// Recent demand (attempts to queue a job), all and from quiet sources,
+/// decaying with [`DEMAND_HALF_LIFE`].
 #[derive(Default)]
 struct Demand {
     all: f64,
@@ -239,7 +244,7 @@ impl Demand {
     fn decay(&mut self, now: Instant) {
         if let Some(at) = self.at {
             let age = now.saturating_duration_since(at).as_secs_f64();
-            let factor = 0.5f64.powf(age / USAGE_HALF_LIFE.as_secs_f64());
+            let factor = 0.5f64.powf(age / DEMAND_HALF_LIFE.as_secs_f64());
             self.all *= factor;
             self.quiet *= factor;
         }
@@ -497,30 +502,39 @@ impl Scheduler {
                 i += 1;
             }
         }
-        let quiet_too = lane == Lane::Priority
-            && self.config.quiet_sources_in_lane
-            && state.demand.quiet_are_few();
+        let quiet_too = self.config.quiet_sources_in_lane && state.demand.quiet_are_few();
+        let for_lane =
+            |q: &Queued| q.known || (quiet_too && state.quiet(q.source.as_ref(), now, 1));
         let usage = &state.usage;
-        let best = state
-            .waiting
-            .iter()
-            .enumerate()
-            .filter(|(_, q)| {
-                lane == Lane::All
-                    || q.known
-                    || (quiet_too && state.quiet(q.source.as_ref(), now, 1))
-            })
-            .min_by(|(_, a), (_, b)| {
-                b.known
-                    .cmp(&a.known)
-                    .then_with(|| {
-                        usage
-                            .of(a.source.as_ref(), now)
-                            .total_cmp(&usage.of(b.source.as_ref(), now))
-                    })
-                    .then(a.seq.cmp(&b.seq))
-            })
-            .map(|(i, _)| i)?;
+        let best_of = |take: &dyn Fn(&Queued) -> bool| {
+            state
+                .waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| take(q))
+                .min_by(|(_, a), (_, b)| {
+                    b.known
+                        .cmp(&a.known)
+                        .then_with(|| {
+                            usage
+                                .of(a.source.as_ref(), now)
+                                .total_cmp(&usage.of(b.source.as_ref(), now))
+                        })
+                        .then(a.seq.cmp(&b.seq))
+                })
+                .map(|(i, _)| i)
+        };
+        let best = match lane {
+            Lane::Priority => best_of(&for_lane),
+            // With a lane, its jobs are left to it while there is other
+            // work: a general worker hashes at `worker_nice`, and under
+            // load a known device's hash there would take many times as long
+            // as on the lane.
+            Lane::All if self.config.device_lane => {
+                best_of(&|q| !for_lane(q)).or_else(|| best_of(&|_| true))
+            }
+            Lane::All => best_of(&|_| true),
+        }?;
         let queued = state.waiting.swap_remove(best);
         if lane == Lane::Priority {
             let job = if queued.known {
@@ -1226,6 +1240,37 @@ mod tests {
     }
 
     #[test]
+    fn with_a_lane_general_workers_leave_its_jobs_to_it_while_there_is_other_work() {
+        let s = Scheduler {
+            config: AdmissionConfig {
+                device_lane: true,
+                ..scheduler(100, 100).config
+            },
+            ..scheduler(100, 100)
+        };
+        let _flood = flood(&s, &["10.0.0.1"], 5, 2);
+        let (j, _n) = job("newcomer");
+        s.submit(j, &from("192.0.2.7")).unwrap();
+        let (j, _k) = job("device");
+        s.submit(
+            j,
+            &Admission {
+                known_device: true,
+                ..from("10.0.0.1")
+            },
+        )
+        .unwrap();
+        let now = Instant::now();
+        let mut state = s.state.lock().unwrap();
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood");
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood");
+        // Nothing else waits: a general worker takes the lane's jobs too,
+        // known devices first.
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "device");
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "newcomer");
+    }
+
+    #[test]
     fn demand_forgets_a_past_flood() {
         let mut demand = Demand::default();
         let t0 = Instant::now();
@@ -1234,7 +1279,7 @@ mod tests {
         }
         assert!(!demand.quiet_are_few());
         // Ten half-lives later, a flood from few addresses has begun.
-        let later = t0 + USAGE_HALF_LIFE * 10;
+        let later = t0 + DEMAND_HALF_LIFE * 10;
         for _ in 0..20 {
             demand.add(false, later);
         }
