@@ -115,8 +115,24 @@ services_stop() {
   SERVICES_WORK=""
 }
 
+# The k8s test runs the pods' binaries on this host's network, on their spec
+# ports. 50051-50052 lie in the ephemeral range, where any test's client socket
+# could hold one first (seen once: "binding health_addr 0.0.0.0:50052: Address
+# already in use"); keep the kernel from handing them out. Best effort: needs
+# root and a writable /proc/sys.
+reserve_pod_ports() {
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports current
+  [ -w "$file" ] || return 0
+  current=$(cat "$file")
+  case ",$current," in
+    *,50051-50052,*) ;;
+    *) echo "${current:+$current,}50051-50052" >"$file" 2>/dev/null || true ;;
+  esac
+}
+
 # Starts PostgreSQL and Redis; exports TEST_DATABASE_URL and TEST_REDIS_URL.
 services_start() {
+  reserve_pod_ports
   SERVICES_WORK=$(mktemp -d /tmp/auth-service-services.XXXXXX)
   chmod 755 "$SERVICES_WORK"
 

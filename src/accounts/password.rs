@@ -1016,6 +1016,13 @@ mod tests {
         );
     }
 
+    /// [`scheduler`] with its admission configuration changed by `change`.
+    fn scheduler_with(change: impl FnOnce(&mut AdmissionConfig)) -> Scheduler {
+        let mut s = scheduler(100, 100);
+        change(&mut s.config);
+        s
+    }
+
     /// A scheduler without worker threads: jobs are taken by hand.
     fn scheduler(max_queued: usize, per_source: usize) -> Scheduler {
         Scheduler {
@@ -1048,6 +1055,14 @@ mod tests {
         Admission {
             source: Some(Arc::from(source)),
             ..Admission::default()
+        }
+    }
+
+    /// From `source`, with a valid device token.
+    fn known(source: &str) -> Admission {
+        Admission {
+            known_device: true,
+            ..from(source)
         }
     }
 
@@ -1110,14 +1125,7 @@ mod tests {
             answers.push(a);
         }
         let (j, _k) = job("device");
-        s.submit(
-            j,
-            &Admission {
-                known_device: true,
-                ..from("flood")
-            },
-        )
-        .unwrap();
+        s.submit(j, &known("flood")).unwrap();
         let mut state = s.state.lock().unwrap();
         assert_eq!(name(s.pick(&mut state, Lane::All, now)), "device");
         assert_eq!(name(s.pick(&mut state, Lane::All, now)), "fresh");
@@ -1143,14 +1151,7 @@ mod tests {
         );
         drop(state);
         let (j, _k) = job("device");
-        s.submit(
-            j,
-            &Admission {
-                known_device: true,
-                ..from("flood")
-            },
-        )
-        .unwrap();
+        s.submit(j, &known("flood")).unwrap();
         let mut state = s.state.lock().unwrap();
         assert_eq!(name(s.pick(&mut state, Lane::Priority, now)), "device");
         assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood");
@@ -1191,14 +1192,7 @@ mod tests {
         let (j, _n) = job("newcomer");
         s.submit(j, &from("192.0.2.7")).unwrap();
         let (j, _k) = job("device");
-        s.submit(
-            j,
-            &Admission {
-                known_device: true,
-                ..from("10.0.0.1")
-            },
-        )
-        .unwrap();
+        s.submit(j, &known("10.0.0.1")).unwrap();
         let mut state = s.state.lock().unwrap();
         assert_eq!(name(s.pick(&mut state, Lane::Priority, now)), "device");
         assert_eq!(name(s.pick(&mut state, Lane::Priority, now)), "newcomer");
@@ -1225,13 +1219,7 @@ mod tests {
 
     #[test]
     fn with_quiet_sources_off_the_lane_takes_known_devices_only() {
-        let s = Scheduler {
-            config: AdmissionConfig {
-                quiet_sources_in_lane: false,
-                ..scheduler(100, 100).config
-            },
-            ..scheduler(100, 100)
-        };
+        let s = scheduler_with(|c| c.quiet_sources_in_lane = false);
         let _flood = flood(&s, &["10.0.0.1"], 5, 10);
         let (j, _n) = job("newcomer");
         s.submit(j, &from("192.0.2.7")).unwrap();
@@ -1241,25 +1229,12 @@ mod tests {
 
     #[test]
     fn with_a_lane_general_workers_leave_its_jobs_to_it_while_there_is_other_work() {
-        let s = Scheduler {
-            config: AdmissionConfig {
-                device_lane: true,
-                ..scheduler(100, 100).config
-            },
-            ..scheduler(100, 100)
-        };
+        let s = scheduler_with(|c| c.device_lane = true);
         let _flood = flood(&s, &["10.0.0.1"], 5, 2);
         let (j, _n) = job("newcomer");
         s.submit(j, &from("192.0.2.7")).unwrap();
         let (j, _k) = job("device");
-        s.submit(
-            j,
-            &Admission {
-                known_device: true,
-                ..from("10.0.0.1")
-            },
-        )
-        .unwrap();
+        s.submit(j, &known("10.0.0.1")).unwrap();
         let now = Instant::now();
         let mut state = s.state.lock().unwrap();
         assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood");
@@ -1299,14 +1274,7 @@ mod tests {
         let (flood, _flood_answer) = job("flood");
         s.submit(flood, &from("flood")).unwrap();
         let (device, device_answer) = job("device");
-        s.submit(
-            device,
-            &Admission {
-                known_device: true,
-                ..from("flood")
-            },
-        )
-        .unwrap();
+        s.submit(device, &known("flood")).unwrap();
         let hashed = tokio::time::timeout(Duration::from_secs(30), device_answer).await;
         assert!(matches!(hashed, Ok(Ok(Ok(_)))), "{hashed:?}");
         {
@@ -1329,14 +1297,7 @@ mod tests {
         let (j, mut second) = job("flood-2");
         s.submit(j, &from("flood")).unwrap();
         let (j, _d) = job("device");
-        s.submit(
-            j,
-            &Admission {
-                known_device: true,
-                ..from("elsewhere")
-            },
-        )
-        .unwrap();
+        s.submit(j, &known("elsewhere")).unwrap();
         assert!(refused(&mut second), "the newest flood job was evicted");
         assert!(!refused(&mut first));
         let mut state = s.state.lock().unwrap();
@@ -1370,13 +1331,7 @@ mod tests {
 
     #[test]
     fn a_job_that_would_not_start_in_time_is_refused_at_once() {
-        let s = Scheduler {
-            config: AdmissionConfig {
-                max_wait: Duration::from_millis(250),
-                ..scheduler(100, 100).config
-            },
-            ..scheduler(100, 100)
-        };
+        let s = scheduler_with(|c| c.max_wait = Duration::from_millis(250));
         s.record_job(Duration::from_millis(100));
         let now = Instant::now();
         for _ in 0..3 {

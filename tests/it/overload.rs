@@ -94,6 +94,13 @@ fn one_slow_hashing_thread(c: &mut auth_service::config::Config, iterations: u32
     c.password.max_concurrent_hashes = 1;
 }
 
+/// Lockout out of the way: these floods are about hashing capacity.
+fn no_lockout(c: &mut auth_service::config::Config) {
+    c.lockout.max_failures_per_ip = 1_000_000;
+    c.lockout.max_failures_per_account = 1_000_000;
+    c.lockout.max_failures_per_account_ip = 1_000_000;
+}
+
 /// One hashing thread with real argon2 cost, a queue of 2 and one waiting
 /// job per source: a flood from many addresses gets Unavailable with
 /// retry-after at once, and the owner's device still logs in.
@@ -104,10 +111,7 @@ async fn a_login_flood_is_refused_at_once_and_a_known_device_still_gets_in() {
         c.password.max_queued = 2;
         c.password.max_queued_per_source = 1;
         c.password.max_wait_ms = 2000;
-        // The flood is about hashing capacity, not lockout.
-        c.lockout.max_failures_per_ip = 1_000_000;
-        c.lockout.max_failures_per_account = 1_000_000;
-        c.lockout.max_failures_per_account_ip = 1_000_000;
+        no_lockout(c);
     })
     .await;
     app.sign_up("victim").await;
@@ -204,9 +208,7 @@ async fn a_newcomer_under_a_flood_from_few_addresses_is_hashed_on_the_lane() {
         c.password.max_queued = 4;
         c.password.max_queued_per_source = 2;
         c.password.max_wait_ms = 5000;
-        c.lockout.max_failures_per_ip = 1_000_000;
-        c.lockout.max_failures_per_account = 1_000_000;
-        c.lockout.max_failures_per_account_ip = 1_000_000;
+        no_lockout(c);
     })
     .await;
     app.sign_up("newcomer").await;
