@@ -49,6 +49,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod http;
+pub mod pause;
 pub mod platforms;
 pub mod ratelimit;
 pub mod reload;

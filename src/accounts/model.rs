@@ -276,6 +276,10 @@ impl User {
 pub struct Credentials {
     pub user: User,
     pub password_hash: String,
+    /// Bumped by every security change (password, status, roles, "revoke
+    /// all sessions"); what a login read, so its session is created only if
+    /// nothing changed since.
+    pub security_version: i64,
 }
 
 #[cfg(test)]

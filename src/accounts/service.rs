@@ -194,12 +194,15 @@ impl AccountService {
         // its own: counted apart from failures elsewhere, hashed first.
         let device = match &credentials {
             Some(c) if !device_token.is_empty() => {
-                self.tokens.trusted_device(device_token, c.user.id).await
+                self.tokens
+                    .trusted_device(device_token, c.user.id, c.security_version)
             }
             _ => None,
         };
         let attempt = device.map_or(Attempt::From(client_ip), Attempt::KnownDevice);
-        if let Err(locked) = self.lockout.check(&login, attempt).await {
+        // Counted as a failure before the hash, so parallel attempts cannot
+        // all pass the limit's last free place.
+        if let Err(locked) = self.lockout.reserve(&login, attempt).await {
             metrics::counter!("login_attempts_total", "outcome" => "locked_out").increment(1);
             return Err(locked.into());
         }
@@ -216,12 +219,13 @@ impl AccountService {
             .await
         {
             Err(HashError::Overloaded { retry_after }) => {
+                // Not tried: not a failure.
+                self.lockout.release(&login, attempt).await?;
                 return Err(login_overloaded(retry_after));
             }
             other => other?,
         };
         let Some(credentials) = credentials.filter(|_| verification.matches) else {
-            self.lockout.record_failure(&login, attempt).await?;
             let user_id = None;
             self.users
                 .append_event(&OutboxEvent::login_failed(user_id, "bad_credentials", ctx))
@@ -258,8 +262,13 @@ impl AccountService {
             }
         }
         let user_id = user.id;
-        let mut pair = self.tokens.start_session(user, ctx).await?;
-        pair.device_token = Some(self.tokens.issue_device_token(user_id)?);
+        let version = credentials.security_version;
+        // The session is created only if the account is still as read
+        // above: a password change, suspension, role change or "revoke all"
+        // that committed meanwhile makes this login fail (Aborted).
+        crate::pause::point("login.before_session").await;
+        let mut pair = self.tokens.start_session(user, version, ctx).await?;
+        pair.device_token = Some(self.tokens.issue_device_token(user_id, version)?);
         metrics::counter!("login_attempts_total", "outcome" => "success").increment(1);
         tracing::info!(user_id = %pair.user.id, "login succeeded");
         Ok(pair)
@@ -316,15 +325,36 @@ impl AccountService {
             .await?
             .ok_or(AccountError::NotFound)?;
         let admission = Self::admission(ctx);
-        if !self
+        // `current_password` is a secret check like a login's: the same
+        // lockout (by the account's username and the client's address,
+        // reserved before hashing) and the same audit event.
+        let subject = LoginName::Username(credentials.user.username.clone());
+        let attempt = Attempt::From(ctx.client_ip.as_deref().unwrap_or("unknown"));
+        self.lockout.reserve(&subject, attempt).await?;
+        let verification = match self
             .hasher
             .verify(&current, Some(&credentials.password_hash), &admission)
             .await
-            .map_err(overloaded)?
-            .matches
         {
+            Err(error) => {
+                self.lockout.release(&subject, attempt).await?;
+                return Err(overloaded(error));
+            }
+            Ok(v) => v,
+        };
+        if !verification.matches {
+            self.users
+                .append_event(&OutboxEvent::login_failed(
+                    Some(caller.user_id),
+                    "bad_current_password",
+                    ctx,
+                ))
+                .await?;
+            metrics::counter!("login_attempts_total", "outcome" => "bad_current_password")
+                .increment(1);
             return Err(AccountError::InvalidCredentials);
         }
+        self.lockout.record_success(&subject, attempt).await?;
         let hash = self
             .hasher
             .hash(&new, &admission)
@@ -344,6 +374,7 @@ impl AccountService {
         {
             return Err(AccountError::NotFound);
         }
+        self.tokens.revoke_user_after_change(caller.user_id).await;
         Ok(())
     }
 
@@ -369,6 +400,7 @@ impl AccountService {
             .set_status(user_id, UserStatus::Suspended, &event)
             .await?
             .ok_or(AccountError::NotFound)?;
+        self.tokens.revoke_user_after_change(user_id).await;
         tracing::info!(%user_id, "user suspended");
         Ok(user)
     }
@@ -421,10 +453,13 @@ impl AccountService {
         let roles = normalise_roles(parsed);
         self.tokens.revocations().revoke_user(user_id).await?;
         let event = OutboxEvent::roles_changed(user_id, admin.user_id(), &roles, ctx);
-        self.users
+        let user = self
+            .users
             .set_roles(user_id, &roles, &event)
             .await?
-            .ok_or(AccountError::NotFound)
+            .ok_or(AccountError::NotFound)?;
+        self.tokens.revoke_user_after_change(user_id).await;
+        Ok(user)
     }
 
     /// Applies a lifecycle change reported by another service: the status,
@@ -451,6 +486,7 @@ impl AccountService {
             .set_status(user_id, status, &event)
             .await?
             .ok_or(AccountError::NotFound)?;
+        self.tokens.revoke_user_after_change(user_id).await;
         tracing::info!(%user_id, status = status.as_str(), source, "lifecycle event applied");
         Ok(true)
     }

@@ -4,6 +4,7 @@
 //! user and per client IP, leased from the shared GCRA).
 
 pub mod policy;
+pub mod target;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -19,9 +20,14 @@ use crate::{
 /// The parts of an HTTP request a decision needs.
 #[derive(Debug, Clone, Copy)]
 pub struct AccessRequest<'a> {
+    /// As received: canonicalised (or refused) by the decision.
     pub method: &'a str,
-    /// Without the query string.
-    pub path: &'a str,
+    /// The request target as received (`:path`, query included):
+    /// canonicalised (or refused) by the decision, see [`target`].
+    pub target: &'a str,
+    /// The request carried a method-override header
+    /// ([`target::METHOD_OVERRIDE_HEADERS`]).
+    pub method_override: bool,
     /// The bearer token, if the request carried one.
     pub bearer: Option<&'a str>,
     pub client_ip: Option<&'a str>,
@@ -40,6 +46,9 @@ pub struct Identity {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
+    /// 400: a request target or method whose meaning depends on who reads
+    /// it (see [`target`]).
+    BadRequest { reason: target::Malformed },
     /// 401: no token, or an invalid, expired or revoked one.
     Unauthenticated { reason: &'static str },
     /// 403: no rule matched or a required role is missing.
@@ -57,6 +66,7 @@ impl Denial {
             | Self::Forbidden { reason }
             | Self::Unavailable { reason } => reason,
             Self::RateLimited { .. } => "rate_limited",
+            Self::BadRequest { reason } => reason.as_str(),
         }
     }
 }
@@ -93,8 +103,15 @@ impl Authorizer {
     }
 
     pub async fn decide(&self, request: &AccessRequest<'_>) -> Decision {
-        let Some(route) = self.policy.route(request.method, request.path) else {
-            return Decision::Deny(Denial::Forbidden { reason: "no_route" });
+        if request.method_override {
+            return Decision::Deny(Denial::BadRequest {
+                reason: target::Malformed::MethodOverride,
+            });
+        }
+        let route = match self.policy.resolve(request.method, request.target) {
+            Ok(Some(route)) => route,
+            Ok(None) => return Decision::Deny(Denial::Forbidden { reason: "no_route" }),
+            Err(reason) => return Decision::Deny(Denial::BadRequest { reason }),
         };
         if !route.services.is_empty()
             && !request

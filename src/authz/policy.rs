@@ -4,8 +4,12 @@
 //!
 //! Path patterns are matched segment by segment: `*` matches exactly one
 //! segment, a trailing `**` matches any remainder (including nothing).
+//! Requests are matched on their canonical target ([`super::target`]):
+//! [`RoutePolicy::resolve`] is the one entry point for a raw request.
 
 use serde::{Deserialize, Serialize};
+
+use super::target::{self, Malformed};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -172,12 +176,27 @@ impl RoutePolicy {
                         rule.rate_class
                     )));
                 }
+                let methods: Vec<String> = rule
+                    .methods
+                    .iter()
+                    .map(|m| m.to_ascii_uppercase())
+                    .collect();
+                if let Some(bad) = methods
+                    .iter()
+                    .find(|m| target::canonical_method(m).is_err())
+                {
+                    return Err(fail(format!("methods: {bad:?} is not an HTTP method")));
+                }
+                // HEAD is decided as GET (GET handlers serve it), so a rule
+                // cannot treat the two differently.
+                if methods.iter().any(|m| m == "HEAD") && !methods.iter().any(|m| m == "GET") {
+                    return Err(fail(
+                        "methods: HEAD is served by GET handlers and decided as GET; list GET"
+                            .into(),
+                    ));
+                }
                 Ok(Route {
-                    methods: rule
-                        .methods
-                        .iter()
-                        .map(|m| m.to_ascii_uppercase())
-                        .collect(),
+                    methods,
                     pattern,
                     access,
                     rate_class: rule.rate_class.clone(),
@@ -188,16 +207,42 @@ impl RoutePolicy {
         Ok(Self { routes })
     }
 
-    /// The first rule matching `method` and `path` (query string excluded).
+    /// The rule for a request as received: `method` and `target` (Envoy's
+    /// `:path`, query included) are first made canonical
+    /// ([`super::target`]); a target whose meaning depends on who reads it
+    /// is refused. `Ok(None)`: no rule matches (forbidden).
+    pub fn resolve(&self, method: &str, target: &str) -> Result<Option<&Route>, Malformed> {
+        let method = target::canonical_method(method)?;
+        let (path, query) = target::split_query(target);
+        if query.is_some_and(target::query_overrides_method) {
+            return Err(Malformed::MethodOverride);
+        }
+        let path = target::canonical_path(path)?;
+        let exact = self.position(method, &path, false);
+        // A backend that routes case-insensitively would serve this path
+        // as the rule that matches without case: it must be the same rule.
+        if self.position(method, &path, true) != exact {
+            return Err(Malformed::AmbiguousCase);
+        }
+        Ok(exact.map(|i| &self.routes[i]))
+    }
+
+    /// The first rule matching `method` and `path`, both already canonical
+    /// (see [`Self::resolve`] for a raw request).
     pub fn route(&self, method: &str, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
+        self.position(method, path, false).map(|i| &self.routes[i])
+    }
+
+    fn position(&self, method: &str, path: &str, any_case: bool) -> Option<usize> {
+        let method = if method == "HEAD" { "GET" } else { method };
+        self.routes.iter().position(|r| {
             (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
-                && matches(&r.pattern, path)
+                && matches(&r.pattern, path, any_case)
         })
     }
 }
 
-fn matches(pattern: &[Segment], path: &str) -> bool {
+fn matches(pattern: &[Segment], path: &str, any_case: bool) -> bool {
     let mut segments = path.split('/').skip(1).filter(|s| !s.is_empty());
     for expected in pattern {
         match expected {
@@ -207,11 +252,11 @@ fn matches(pattern: &[Segment], path: &str) -> bool {
                     return false;
                 }
             }
-            Segment::Literal(literal) => {
-                if segments.next() != Some(literal.as_str()) {
-                    return false;
-                }
-            }
+            Segment::Literal(literal) => match segments.next() {
+                Some(s) if s == literal => {}
+                Some(s) if any_case && s.eq_ignore_ascii_case(literal) => {}
+                _ => return false,
+            },
         }
     }
     segments.next().is_none()
@@ -296,6 +341,78 @@ mod tests {
         assert!(p.route("GET", "/a/b/c").is_some());
         assert!(p.route("GET", "/a/c").is_none());
         assert!(p.route("GET", "/a/b/x/c").is_none());
+    }
+
+    #[test]
+    fn a_raw_target_is_decided_on_the_path_the_backend_serves() {
+        let p = policy();
+        let access = |m: &str, t: &str| p.resolve(m, t).map(|r| r.map(|r| r.access.clone()));
+        // Dot segments, raw or encoded, cannot lift a path into a public rule.
+        assert_eq!(
+            access("GET", "/.well-known/../api/orders"),
+            Ok(Some(Access::Authenticated))
+        );
+        assert_eq!(
+            access("GET", "/.well-known/%2e%2e/v1/admin/users"),
+            Ok(Some(Access::Roles(vec!["admin".into()])))
+        );
+        assert_eq!(
+            access("GET", "/api/../v1//admin/?x=1"),
+            Ok(Some(Access::Roles(vec!["admin".into()])))
+        );
+        assert_eq!(
+            access("GET", "/v1/admin;x/users"),
+            Err(Malformed::PathParameter)
+        );
+        // Case that moves a path to another rule is refused; case that
+        // does not is fine.
+        assert_eq!(
+            access("GET", "/V1/Admin/users"),
+            Err(Malformed::AmbiguousCase)
+        );
+        assert_eq!(access("POST", "/V1/users"), Err(Malformed::AmbiguousCase));
+        assert_eq!(
+            access("GET", "/api/Videos/AbC"),
+            Ok(Some(Access::Authenticated))
+        );
+        // HEAD is GET; lower-case methods and overrides are refused.
+        assert_eq!(access("HEAD", "/healthz"), Ok(Some(Access::Public)));
+        assert_eq!(access("get", "/healthz"), Err(Malformed::InvalidMethod));
+        assert_eq!(
+            access("POST", "/v1/users?_method=DELETE"),
+            Err(Malformed::MethodOverride)
+        );
+    }
+
+    #[test]
+    fn a_rule_for_head_alone_or_a_bad_method_is_refused() {
+        let head = vec![RouteRule::new(
+            &["HEAD"],
+            "/x",
+            AccessKind::Public,
+            &[],
+            "default",
+        )];
+        let error = RoutePolicy::compile(&head, &["default"]).unwrap_err();
+        assert!(error.to_string().contains("HEAD"), "{error}");
+        let bad = vec![RouteRule::new(
+            &["GE T"],
+            "/x",
+            AccessKind::Public,
+            &[],
+            "default",
+        )];
+        assert!(RoutePolicy::compile(&bad, &["default"]).is_err());
+        // A GET rule covers HEAD.
+        let get = vec![
+            RouteRule::new(&["GET"], "/x", AccessKind::Roles, &["admin"], "default"),
+            RouteRule::new(&[], "/**", AccessKind::Authenticated, &[], "default"),
+        ];
+        let p = RoutePolicy::compile(&get, &["default"]).unwrap();
+        assert_eq!(
+            p.resolve("HEAD", "/x").unwrap().unwrap().access,
+            Access::Roles(vec!["admin".into()])
+        );
     }
 
     #[test]

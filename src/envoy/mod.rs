@@ -90,6 +90,14 @@ fn denied(denial: &Denial) -> CheckResponse {
         false,
     );
     let (status, grpc, code, message) = match denial {
+        Denial::BadRequest { reason } => (
+            HttpStatusCode::BadRequest,
+            Status::invalid_argument("bad request"),
+            "invalid_argument",
+            format!(
+                "the request target is ambiguous or malformed ({reason}); send it in canonical form"
+            ),
+        ),
         Denial::Unauthenticated { .. } => {
             http.add_header(
                 "www-authenticate",
@@ -196,13 +204,13 @@ impl Authorization for ExtAuthz {
             .filter(|_| forwarding_trusted)
             .and_then(source_identity);
         let header = |name: &str| http.headers.get(name).map(String::as_str);
-        let path = http
-            .path
-            .split_once('?')
-            .map_or(http.path.as_str(), |(p, _)| p);
+        let path = crate::authz::target::split_query(&http.path).0;
         let access = AccessRequest {
             method: &http.method,
-            path,
+            target: &http.path,
+            method_override: crate::authz::target::METHOD_OVERRIDE_HEADERS
+                .iter()
+                .any(|h| http.headers.contains_key(*h)),
             bearer: bearer(header("authorization")),
             client_ip: if forwarding_trusted {
                 client_ip(header("x-forwarded-for"), peer, self.trusted_proxy_hops)

@@ -63,6 +63,9 @@ impl From<TokenError> for Status {
                 unauthenticated("invalid or expired access token")
             }
             TokenError::InvalidRefresh => unauthenticated("invalid or expired refresh token"),
+            TokenError::Superseded => Status::aborted(
+                "the account changed (password, status or roles) while this request was in flight; nothing was created",
+            ),
             TokenError::Signing(cause) => {
                 tracing::error!(%cause, "token signing failed");
                 Status::internal("internal error")

@@ -19,6 +19,19 @@
 //! distributed guessing run that locked the account or the IP — do not lock
 //! out the owner's own devices.
 //!
+//! An attempt is counted as a failure *before* its password is hashed
+//! ([`LoginLockout::reserve`]): the counters are incremented first, and an
+//! attempt that took a counter past its limit is refused (and its increment
+//! taken back). So parallel attempts cannot all pass a check made at the
+//! same count: of eight wrong logins sent at once when the limit has room
+//! for one more, exactly one is hashed. A success clears the attempt's own
+//! counter and takes its increment back from the others; an attempt that
+//! was admitted but not tried (hashing at capacity) takes it back from all.
+//!
+//! Every secret check of the service goes through the same lockout with its
+//! own subject (`Subject`): logins by the login name as typed, a password
+//! change's `current_password` by the account.
+//!
 //! Every lock ends when its window does; none outlives the attack by more
 //! than one window. Counters are keyed by the *login name as typed*
 //! (normalised and hashed), not by the user id, so locking behaves the same
@@ -39,8 +52,16 @@ pub trait FailureCounter: Send + Sync + 'static {
     /// For each key: failures in its current window and the time until that
     /// window ends (zero when there is none).
     async fn counts(&self, keys: &[String]) -> Result<Vec<(u32, Duration)>, BackendError>;
-    /// One more failure under every key; a key's window starts at its first.
-    async fn add_failure(&self, keys: &[String], window: Duration) -> Result<(), BackendError>;
+    /// One more failure under every key; a key's window starts at its
+    /// first. Returns each key's count after the increment and the time
+    /// left in its window.
+    async fn add_failure(
+        &self,
+        keys: &[String],
+        window: Duration,
+    ) -> Result<Vec<(u32, Duration)>, BackendError>;
+    /// Takes one failure back from every key that still counts one.
+    async fn remove_failure(&self, keys: &[String]) -> Result<(), BackendError>;
     async fn clear(&self, key: &str) -> Result<(), BackendError>;
 }
 
@@ -105,7 +126,52 @@ impl LoginLockout {
         keys.0.iter().map(|(k, _)| k.clone()).collect()
     }
 
-    /// Refuses the attempt while any of its keys is at its limit.
+    /// Counts the attempt as a failure before it is tried, and refuses it
+    /// when that took any of its counters past its limit (taking the
+    /// increment back, so refused attempts do not add up elsewhere, e.g. on
+    /// the account-wide counter). An admitted attempt stays counted as a
+    /// failure unless [`Self::record_success`] follows.
+    pub async fn reserve(
+        &self,
+        login: &LoginName,
+        attempt: Attempt<'_>,
+    ) -> Result<(), LockoutError> {
+        let keys = self.keys(login, attempt);
+        let names = Self::names(&keys);
+        let counts = self
+            .counter
+            .add_failure(&names, Duration::from_secs(self.config.window_secs))
+            .await?;
+        let retry_after = counts
+            .iter()
+            .zip(&keys.0)
+            .filter(|((count, _), (_, limit))| count > limit)
+            .map(|((_, left), _)| *left)
+            .max();
+        match retry_after {
+            Some(left) => {
+                self.counter.remove_failure(&names).await?;
+                Err(LockoutError::Locked {
+                    retry_after: left.max(Duration::from_secs(1)),
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes back the failure [`Self::reserve`] counted for an attempt that
+    /// was then not tried (refused for capacity before hashing).
+    pub async fn release(
+        &self,
+        login: &LoginName,
+        attempt: Attempt<'_>,
+    ) -> Result<(), BackendError> {
+        let keys = self.keys(login, attempt);
+        self.counter.remove_failure(&Self::names(&keys)).await
+    }
+
+    /// Refuses the attempt while any of its keys is at its limit (a check
+    /// only: see [`Self::reserve`] for an attempt that will be tried).
     pub async fn check(&self, login: &LoginName, attempt: Attempt<'_>) -> Result<(), LockoutError> {
         let keys = self.keys(login, attempt);
         let counts = self.counter.counts(&Self::names(&keys)).await?;
@@ -123,29 +189,21 @@ impl LoginLockout {
         }
     }
 
-    pub async fn record_failure(
-        &self,
-        login: &LoginName,
-        attempt: Attempt<'_>,
-    ) -> Result<(), BackendError> {
-        let keys = self.keys(login, attempt);
-        self.counter
-            .add_failure(
-                &Self::names(&keys),
-                Duration::from_secs(self.config.window_secs),
-            )
-            .await
-    }
-
     /// A correct password clears the attempt's own counter (the pair, or
-    /// the device), not the IP or account ones: a success must not reset an
-    /// attack in progress elsewhere.
+    /// the device), and takes its reserved failure back from the IP and
+    /// account ones (not more: a success must not reset an attack in
+    /// progress elsewhere).
     pub async fn record_success(
         &self,
         login: &LoginName,
         attempt: Attempt<'_>,
     ) -> Result<(), BackendError> {
         let keys = self.keys(login, attempt);
-        self.counter.clear(&keys.0[0].0).await
+        self.counter.clear(&keys.0[0].0).await?;
+        let others: Vec<String> = keys.0[1..].iter().map(|(k, _)| k.clone()).collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        self.counter.remove_failure(&others).await
     }
 }

@@ -70,11 +70,17 @@ where
         self.cache.invalidate(key);
     }
 
-    /// Atomically replaces the entry with `f(current)`.
-    pub fn update(&self, key: K, f: impl FnOnce(Option<(V, Instant)>) -> (V, Instant)) {
+    /// Atomically replaces the entry with `f(current)`; returns the new
+    /// value and its deadline.
+    pub fn update(
+        &self,
+        key: K,
+        f: impl FnOnce(Option<(V, Instant)>) -> (V, Instant),
+    ) -> (V, Instant) {
         self.cache
             .entry(key)
-            .and_upsert_with(|current| f(current.map(|e| e.into_value())));
+            .and_upsert_with(|current| f(current.map(|e| e.into_value())))
+            .into_value()
     }
 }
 
@@ -132,7 +138,8 @@ impl RevocationStore for MemoryRevocations {
         until: i64,
     ) -> Result<(), BackendError> {
         let deadline = Instant::now() + ttl_until(until);
-        self.map
+        let _ = self
+            .map
             .update(RevKey::User(user_id), |current| match current {
                 Some((old, old_deadline)) if old >= epoch_ms => (old, old_deadline.max(deadline)),
                 _ => (epoch_ms, deadline),
@@ -171,14 +178,34 @@ impl FailureCounter for MemoryFailureCounter {
             .collect())
     }
 
-    async fn add_failure(&self, keys: &[String], window: Duration) -> Result<(), BackendError> {
+    async fn add_failure(
+        &self,
+        keys: &[String],
+        window: Duration,
+    ) -> Result<Vec<(u32, Duration)>, BackendError> {
+        Ok(keys
+            .iter()
+            .map(|key| {
+                // The window starts at the first failure and is not extended
+                // by later ones (a fixed window per key, as with INCR +
+                // EXPIRE NX).
+                let (n, deadline) = self.map.update(key.clone(), |current| match current {
+                    Some((n, deadline)) if deadline > Instant::now() => (n + 1, deadline),
+                    _ => (1, Instant::now() + window),
+                });
+                (n, deadline.saturating_duration_since(Instant::now()))
+            })
+            .collect())
+    }
+
+    async fn remove_failure(&self, keys: &[String]) -> Result<(), BackendError> {
         for key in keys {
-            // The window starts at the first failure and is not extended by
-            // later ones (a fixed window per key, as with INCR + EXPIRE NX).
-            self.map.update(key.clone(), |current| match current {
-                Some((n, deadline)) if deadline > Instant::now() => (n + 1, deadline),
-                _ => (1, Instant::now() + window),
-            });
+            if self.map.get(key).is_some() {
+                let _ = self.map.update(key.clone(), |current| match current {
+                    Some((n, deadline)) => (n.saturating_sub(1), deadline),
+                    None => (0, Instant::now()),
+                });
+            }
         }
         Ok(())
     }

@@ -526,7 +526,11 @@ impl FailureCounter for RedisStore {
             .await
     }
 
-    async fn add_failure(&self, keys: &[String], window: Duration) -> Result<(), BackendError> {
+    async fn add_failure(
+        &self,
+        keys: &[String],
+        window: Duration,
+    ) -> Result<Vec<(u32, Duration)>, BackendError> {
         let writes = keys.iter().map(|key| {
             let key = self.key(format_args!("{key}"));
             let mut conn = self.conn.clone();
@@ -534,21 +538,54 @@ impl FailureCounter for RedisStore {
                 // EXPIRE … NX: the window starts at the first failure and
                 // later failures do not stretch it. Atomic per key, so no key
                 // is left counting without an expiry.
-                redis::pipe()
+                let (count, left): (i64, i64) = redis::pipe()
                     .atomic()
                     .cmd("INCR")
                     .arg(&key)
-                    .ignore()
                     .cmd("EXPIRE")
                     .arg(&key)
                     .arg(window.as_secs())
                     .arg("NX")
                     .ignore()
-                    .query_async::<()>(&mut conn)
-                    .await
+                    .cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok::<_, RedisError>((
+                    u32::try_from(count).unwrap_or(u32::MAX),
+                    Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+                ))
             }
         });
-        self.run("MULTI INCR EXPIRE", futures::future::try_join_all(writes))
+        self.run(
+            "MULTI INCR EXPIRE PTTL",
+            futures::future::try_join_all(writes),
+        )
+        .await
+    }
+
+    async fn remove_failure(&self, keys: &[String]) -> Result<(), BackendError> {
+        // Only a counter that still exists (a DECR of a missing key would
+        // create one at -1 with no expiry); one key per script, so each
+        // runs on its own slot's node.
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                "if redis.call('EXISTS', KEYS[1]) == 1 and tonumber(redis.call('GET', KEYS[1])) > 0 \
+                 then return redis.call('DECR', KEYS[1]) end return 0",
+            )
+        });
+        let writes = keys.iter().map(|key| {
+            let key = self.key(format_args!("{key}"));
+            let mut conn = self.conn.clone();
+            async move {
+                SCRIPT
+                    .key(&key)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map(drop)
+            }
+        });
+        self.run("EVALSHA DECR", futures::future::try_join_all(writes))
             .await
             .map(drop)
     }

@@ -66,6 +66,7 @@ pub(crate) struct UserRow {
     roles: Json<Vec<String>>,
     status: String,
     created_at: OffsetDateTime,
+    security_version: i64,
 }
 
 impl UserRow {
@@ -82,6 +83,7 @@ impl UserRow {
         Ok(Credentials {
             user,
             password_hash: self.password_hash,
+            security_version: self.security_version,
         })
     }
 }
@@ -123,7 +125,7 @@ pub(crate) fn conflicting_field(error: &sqlx::Error) -> Option<&'static str> {
 /// The columns [`UserRow`] reads, in its order.
 macro_rules! user_columns {
     () => {
-        "id, email, username, password_hash, roles, status, created_at"
+        "id, email, username, password_hash, roles, status, created_at, security_version"
     };
 }
 
@@ -175,7 +177,7 @@ pub(crate) use insert_event;
 /// Implements `UserStore`, `SessionStore` and `OutboxReader` for
 /// `SqlStore<$db>`.
 macro_rules! sql_store {
-    ($db:ty, lease = $lease_sql:expr, listen = $listen:path) => {
+    ($db:ty, lease = $lease_sql:expr, listen = $listen:path, share_lock = $share_lock:literal) => {
         const _: () = {
             use async_trait::async_trait;
             use sqlx::{Row, types::Json};
@@ -310,7 +312,7 @@ macro_rules! sql_store {
                     tracing::Instrument::instrument(async move {
                         let now = event.occurred_at;
                         let mut tx = self.pool.begin().await.map_err(db_error)?;
-                        let changed = sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
+                        let changed = sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3, security_version = security_version + 1 WHERE id = $1")
                             .bind(id)
                             .bind(new_hash)
                             .bind(now)
@@ -335,7 +337,7 @@ macro_rules! sql_store {
                         let now = event.occurred_at;
                         let mut tx = self.pool.begin().await.map_err(db_error)?;
                         let row: Option<UserRow> = sqlx::query_as(
-                            concat!("UPDATE users SET status = $2, updated_at = $3 WHERE id = $1 RETURNING ", user_columns!()),
+                            concat!("UPDATE users SET status = $2, updated_at = $3, security_version = security_version + 1 WHERE id = $1 RETURNING ", user_columns!()),
                         )
                         .bind(id)
                         .bind(status.as_str())
@@ -368,7 +370,7 @@ macro_rules! sql_store {
                         let names: Vec<&str> = roles.iter().map(Role::as_str).collect();
                         let mut tx = self.pool.begin().await.map_err(db_error)?;
                         let row: Option<UserRow> = sqlx::query_as(
-                            concat!("UPDATE users SET roles = $2, updated_at = $3 WHERE id = $1 RETURNING ", user_columns!()),
+                            concat!("UPDATE users SET roles = $2, updated_at = $3, security_version = security_version + 1 WHERE id = $1 RETURNING ", user_columns!()),
                         )
                         .bind(id)
                         .bind(Json(names))
@@ -399,18 +401,33 @@ macro_rules! sql_store {
 
             #[async_trait]
             impl SessionStore for SqlStore<$db> {
-                async fn create_session(&self, session: &NewSession, token: &NewRefreshToken, event: &OutboxEvent) -> Result<(), BackendError> {
+                async fn create_session(&self, session: &NewSession, token: &NewRefreshToken, event: &OutboxEvent) -> Result<bool, BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "create_session");
                     tracing::Instrument::instrument(async move {
                         let mut tx = self.pool.begin().await.map_err(db_error)?;
-                        sqlx::query("INSERT INTO sessions (id, user_id, created_at, absolute_expires_at) VALUES ($1, $2, $3, $4)")
+                        // Only while the account is still as the login read
+                        // it: one statement, holding the account's row (on
+                        // PostgreSQL a share lock, which a security change's
+                        // UPDATE waits for; SQLite has one writer at a time).
+                        let created = sqlx::query(concat!(
+                            "INSERT INTO sessions (id, user_id, created_at, absolute_expires_at) \
+                             SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM users \
+                             WHERE id = $2 AND security_version = $5 AND status = 'active'",
+                            $share_lock,
+                            ")"
+                        ))
                             .bind(session.id)
                             .bind(session.user_id)
                             .bind(session.created_at)
                             .bind(session.absolute_expires_at)
+                            .bind(session.security_version)
                             .execute(&mut *tx)
                             .await
-                            .map_err(db_error)?;
+                            .map_err(db_error)?
+                            .rows_affected();
+                        if created == 0 {
+                            return Ok(false);
+                        }
                         sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, idle_expires_at) VALUES ($1, $2, $3, $4)")
                             .bind(&token.hash[..])
                             .bind(token.session_id)
@@ -421,7 +438,7 @@ macro_rules! sql_store {
                             .map_err(db_error)?;
                         insert_event!(tx, event);
                         self.commit_events(tx).await?;
-                        Ok(())
+                        Ok(true)
                     }, span)
                     .await
                 }
@@ -485,8 +502,20 @@ macro_rules! sql_store {
                         if idle_expires_at <= now {
                             return Ok(Rotation::Invalid);
                         }
+                        // The account's row is held (shared) before it is
+                        // read, so a security change that commits after this
+                        // read waits for this rotation and then revokes its
+                        // result; one that committed before is seen below.
+                        sqlx::query(concat!(
+                            "SELECT u.id FROM users u WHERE u.id = (SELECT user_id FROM sessions WHERE id = $1)",
+                            $share_lock
+                        ))
+                        .bind(session_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
                         let row = sqlx::query(
-                            "SELECT s.absolute_expires_at, s.revoked_at, u.id, u.email, u.username, u.password_hash, u.roles, u.status, u.created_at \
+                            "SELECT s.absolute_expires_at, s.revoked_at, u.id, u.email, u.username, u.password_hash, u.roles, u.status, u.created_at, u.security_version \
                              FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
                         )
                         .bind(session_id)
@@ -499,6 +528,7 @@ macro_rules! sql_store {
                         if revoked_at.is_some() || absolute_expires_at <= now || user.status != UserStatus::Active {
                             return Ok(Rotation::Invalid);
                         }
+                        $crate::pause::point("refresh.after_read").await;
                         let next_idle = (now + request.idle_ttl).min(absolute_expires_at);
                         sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at, idle_expires_at) VALUES ($1, $2, $3, $4)")
                             .bind(&request.next[..])
@@ -553,6 +583,13 @@ macro_rules! sql_store {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "revoke_user_sessions");
                     tracing::Instrument::instrument(async move {
                         let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        // The account's row first (its lock orders this
+                        // against logins and refreshes that read it).
+                        sqlx::query("UPDATE users SET security_version = security_version + 1 WHERE id = $1")
+                            .bind(user_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
                         let revoked = revoke_all_sessions!(tx, user_id, now, "admin_revoke");
                         insert_event!(tx, event);
                         self.commit_events(tx).await?;
@@ -808,6 +845,12 @@ fn listen_sqlite(_: &SqlStore<sqlx::Sqlite>) {}
 sql_store!(
     sqlx::Postgres,
     lease = LEASE_POSTGRES,
-    listen = listen_postgres
+    listen = listen_postgres,
+    share_lock = " FOR SHARE"
 );
-sql_store!(sqlx::Sqlite, lease = LEASE_SQLITE, listen = listen_sqlite);
+sql_store!(
+    sqlx::Sqlite,
+    lease = LEASE_SQLITE,
+    listen = listen_sqlite,
+    share_lock = ""
+);

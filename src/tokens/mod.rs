@@ -88,6 +88,11 @@ pub enum TokenError {
     InvalidRefresh,
     #[error("signing failed")]
     Signing(String),
+    /// A security change of the account (password, status, roles, revoke
+    /// all) committed between the read a login decided on and the session
+    /// it would have created: nothing was created.
+    #[error("the account changed while the request was in flight")]
+    Superseded,
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -173,6 +178,18 @@ struct DeviceClaims {
     nbf: i64,
     /// The device id.
     jti: Uuid,
+    /// The account's security version at issue: a security change since
+    /// (password, status, roles, revoke all) ends the device's trust.
+    #[serde(default)]
+    sv: i64,
+}
+
+/// A UUIDv7 whose time is `at` (to the millisecond).
+fn jti_at(at: OffsetDateTime) -> Uuid {
+    let nanos = at.unix_timestamp_nanos().max(0);
+    let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(0);
+    let subsec = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
+    Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, subsec))
 }
 
 /// When a token was issued, to the millisecond: its jti is a UUIDv7.
@@ -332,7 +349,10 @@ impl TokenService {
             exp: iat + ttl,
             iat,
             nbf: iat,
-            jti: Uuid::now_v7(),
+            // Issued at `now`, the time the request read the state it was
+            // decided on (before the store's write): a revocation epoch
+            // raised after a racing change committed is later than it.
+            jti: jti_at(now),
             sid: session_id,
             roles: user
                 .roles
@@ -378,7 +398,11 @@ impl TokenService {
     }
 
     /// A device token for `user_id` (valid `tokens.device_ttl_secs`).
-    pub fn issue_device_token(&self, user_id: Uuid) -> Result<SecretString, TokenError> {
+    pub fn issue_device_token(
+        &self,
+        user_id: Uuid,
+        security_version: i64,
+    ) -> Result<SecretString, TokenError> {
         let iat = crate::unix_now();
         let claims = DeviceClaims {
             iss: self.config.issuer.clone(),
@@ -388,6 +412,7 @@ impl TokenService {
             iat,
             nbf: iat,
             jti: Uuid::now_v7(),
+            sv: security_version,
         };
         self.sign_claims(&claims)
     }
@@ -408,37 +433,30 @@ impl TokenService {
         (claims.sub == user_id).then_some(claims)
     }
 
-    /// [`TokenService::known_device`], and the account has not moved its
-    /// "valid after" since the token was issued: a password change, a
-    /// suspension or "revoke all sessions" also ends every device's lane.
-    /// A revocation store that cannot answer gives `None` (the attempt is
-    /// then an ordinary one: no lane, never an error).
-    pub async fn trusted_device(&self, token: &str, user_id: Uuid) -> Option<Uuid> {
-        let claims = self.device_claims(token, user_id)?;
-        let facts = TokenFacts {
-            keys: RevocationKeys {
-                jti: claims.jti,
-                // Device tokens belong to no session.
-                session_id: Uuid::nil(),
-                user_id,
-            },
-            issued_at_ms: issued_at_ms(claims.jti)?,
-            expires_at: claims.exp,
-        };
-        match self.revocations.is_revoked(&facts).await {
-            Ok(false) => Some(claims.jti),
-            Ok(true) => None,
-            Err(error) => {
-                tracing::warn!(%error, "revocation store unavailable: device lane not granted");
-                None
-            }
-        }
+    /// [`TokenService::known_device`], issued at the account's current
+    /// security version (`security_version`, as the login read it from the
+    /// database): a password change, a suspension, a role change or "revoke
+    /// all sessions" since ends the device's lane for good, whatever the
+    /// fast-state backend remembers.
+    pub fn trusted_device(
+        &self,
+        token: &str,
+        user_id: Uuid,
+        security_version: i64,
+    ) -> Option<Uuid> {
+        self.device_claims(token, user_id)
+            .filter(|c| c.sv == security_version)
+            .map(|c| c.jti)
     }
 
     /// Starts a session for a user who just proved who they are.
+    /// Nothing is created, and [`TokenError::Superseded`] returned, when
+    /// the account is no longer active at `security_version` (the version
+    /// the caller read before it decided).
     pub async fn start_session(
         &self,
         user: User,
+        security_version: i64,
         ctx: &RequestContext,
     ) -> Result<TokenPair, TokenError> {
         let now = OffsetDateTime::now_utc();
@@ -447,6 +465,7 @@ impl TokenService {
             user_id: user.id,
             created_at: now,
             absolute_expires_at: now + secs(self.config.refresh_absolute_ttl_secs),
+            security_version,
         };
         let (refresh, hash) = new_refresh_token()?;
         let idle_expires_at =
@@ -459,9 +478,14 @@ impl TokenService {
         };
         let (access, expires_in) = self.sign(&user, session.id, now)?;
         let event = OutboxEvent::login_succeeded(user.id, session.id, ctx);
-        self.sessions
+        if !self
+            .sessions
             .create_session(&session, &token, &event)
-            .await?;
+            .await?
+        {
+            metrics::counter!("sessions_superseded_total").increment(1);
+            return Err(TokenError::Superseded);
+        }
         Ok(TokenPair {
             access_token: access,
             refresh_token: refresh,
@@ -669,9 +693,34 @@ impl TokenService {
         event: &OutboxEvent,
     ) -> Result<u64, TokenError> {
         self.revocations.revoke_user(user_id).await?;
-        Ok(self
+        let revoked = self
             .sessions
             .revoke_user_sessions(user_id, event.occurred_at, event)
-            .await?)
+            .await?;
+        self.revoke_user_after_change(user_id).await;
+        Ok(revoked)
+    }
+
+    /// Raises the user's revocation epoch again once a security change has
+    /// committed. The epoch raised before the change covers every token
+    /// issued before it; this one also covers a login or refresh that read
+    /// the account before the change and was ordered before it by the
+    /// database (its token's issue time precedes the change's commit, and
+    /// so this epoch, up to the clock skew between replicas).
+    ///
+    /// The change itself has committed, so a store failure here is not the
+    /// caller's error: it is retried, then logged and counted
+    /// (`revocation_after_commit_failures_total`).
+    pub async fn revoke_user_after_change(&self, user_id: Uuid) {
+        for attempt in 0..3u32 {
+            match self.revocations.revoke_user(user_id).await {
+                Ok(()) => return,
+                Err(error) if attempt == 2 => {
+                    metrics::counter!("revocation_after_commit_failures_total").increment(1);
+                    tracing::error!(%user_id, %error, "revocation epoch not raised after a security change");
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await,
+            }
+        }
     }
 }

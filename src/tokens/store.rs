@@ -20,6 +20,9 @@ pub struct NewSession {
     pub user_id: Uuid,
     pub created_at: OffsetDateTime,
     pub absolute_expires_at: OffsetDateTime,
+    /// The account's security version the login read; the session is
+    /// created only if it is still current and the account active.
+    pub security_version: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -57,13 +60,16 @@ pub enum Rotation {
 
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    /// A new session with its first refresh token and the login event.
+    /// A new session with its first refresh token and the login event,
+    /// atomically conditional on the account still being active at
+    /// `session.security_version`; `false` (and nothing written) when a
+    /// security change came between.
     async fn create_session(
         &self,
         session: &NewSession,
         token: &NewRefreshToken,
         event: &OutboxEvent,
-    ) -> Result<(), BackendError>;
+    ) -> Result<bool, BackendError>;
 
     /// Spends `presented` and issues `next` in one transaction; detects reuse.
     async fn rotate_refresh_token(

@@ -450,7 +450,7 @@ async fn when_auth_service_is_down_envoy_fails_closed() {
 }
 
 /// The shipped sidecar in front of an echo application, checked by `app`.
-async fn sidecar_for(app: &TestApp) -> Envoy {
+pub async fn sidecar_for(app: &TestApp) -> Envoy {
     let local_app = echo_backend().await;
     Envoy::start(
         "sidecar.yaml",

@@ -53,6 +53,7 @@ async fn user_with_session(db: &Database) -> (User, Uuid, [u8; 32]) {
         user_id: user.id,
         created_at: now,
         absolute_expires_at: now + Duration::days(1),
+        security_version: 0,
     };
     let hash = [7u8; 32];
     let token = NewRefreshToken {
@@ -61,15 +62,109 @@ async fn user_with_session(db: &Database) -> (User, Uuid, [u8; 32]) {
         created_at: now,
         idle_expires_at: now + Duration::hours(1),
     };
-    db.sessions
-        .create_session(
-            &session,
-            &token,
-            &OutboxEvent::login_succeeded(user.id, session.id, &ctx),
+    assert!(
+        db.sessions
+            .create_session(
+                &session,
+                &token,
+                &OutboxEvent::login_succeeded(user.id, session.id, &ctx),
+            )
+            .await
+            .unwrap()
+    );
+    (user, session.id, hash)
+}
+
+/// Race (the store's half): a session is created only at the security
+/// version its login read; every security change bumps the version in its
+/// own transaction, and a non-active account gets no session at any version.
+async fn sessions_are_created_only_at_the_version_the_login_read(backend: Backend) {
+    let (db, _dir) = database(backend).await;
+    let ctx = RequestContext::default();
+    let user = insert_user(&db, "versioned").await;
+    let version = || async {
+        db.users
+            .find_credentials_by_id(user.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .security_version
+    };
+    let try_create = |at: i64| {
+        let now = OffsetDateTime::now_utc();
+        let session = NewSession {
+            id: Uuid::now_v7(),
+            user_id: user.id,
+            created_at: now,
+            absolute_expires_at: now + Duration::days(1),
+            security_version: at,
+        };
+        let token = NewRefreshToken {
+            hash: auth_service::tokens::hash_refresh_token(&Uuid::now_v7().to_string()),
+            session_id: session.id,
+            created_at: now,
+            idle_expires_at: now + Duration::hours(1),
+        };
+        let db = &db;
+        let ctx = &ctx;
+        async move {
+            db.sessions
+                .create_session(
+                    &session,
+                    &token,
+                    &OutboxEvent::login_succeeded(user.id, session.id, ctx),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let v0 = version().await;
+    let roles = vec![Role::user()];
+    db.users
+        .set_roles(
+            user.id,
+            &roles,
+            &OutboxEvent::roles_changed(user.id, Uuid::nil(), &roles, &ctx),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let v1 = version().await;
+    assert_eq!(v1, v0 + 1, "a role change bumps the version");
+    assert!(!try_create(v0).await, "a stale version creates nothing");
+    assert!(try_create(v1).await);
+    db.users
+        .change_password(
+            user.id,
+            "$argon2id$other",
+            &OutboxEvent::password_changed(user.id, &ctx),
         )
         .await
         .unwrap();
-    (user, session.id, hash)
+    let v2 = version().await;
+    assert_eq!(v2, v1 + 1, "a password change bumps the version");
+    db.sessions
+        .revoke_user_sessions(
+            user.id,
+            OffsetDateTime::now_utc(),
+            &OutboxEvent::sessions_revoked(user.id, None, "admin", &ctx),
+        )
+        .await
+        .unwrap();
+    let v3 = version().await;
+    assert_eq!(v3, v2 + 1, "revoking every session bumps the version");
+    db.users
+        .set_status(
+            user.id,
+            UserStatus::Suspended,
+            &OutboxEvent::user_suspended(user.id, Uuid::nil(), "test", &ctx),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let v4 = version().await;
+    assert_eq!(v4, v3 + 1, "a status change bumps the version");
+    assert!(!try_create(v4).await, "a suspended account gets no session");
 }
 
 /// One rotation with a one-hour idle lifetime and no request context.
@@ -361,6 +456,7 @@ macro_rules! contract {
 
 contract!(
     concurrent_presentations_rotate_exactly_once,
+    sessions_are_created_only_at_the_version_the_login_read,
     a_session_past_its_absolute_lifetime_cannot_be_refreshed,
     relay_leases_are_disjoint_and_published_rows_are_purged,
     an_expired_refresh_token_is_invalid_and_stays_unspent,

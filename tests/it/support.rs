@@ -643,8 +643,9 @@ pub fn free_port() -> u16 {
 /// Generates one test per backend from one body.
 #[macro_export]
 macro_rules! on_both_backends {
-    ($(async fn $name:ident($app:ident) $body:block)*) => {
+    ($($(#[$meta:meta])* async fn $name:ident($app:ident) $body:block)*) => {
         $(
+            $(#[$meta])*
             mod $name {
                 #[allow(unused_imports)]
                 use super::*;
