@@ -478,6 +478,9 @@ async fn sigterm_drains_in_flight_calls_before_exiting_0() {
             ("AUTH_PASSWORD__MAX_CONCURRENT_HASHES", "1"),
             // All eight wait in the queue, however slow the machine.
             ("AUTH_PASSWORD__MAX_WAIT_MS", "60000"),
+            // Attempts are counted before they are hashed: room for all
+            // eight in flight at once from this one address.
+            ("AUTH_LOCKOUT__MAX_FAILURES_PER_ACCOUNT_IP", "8"),
         ],
     );
     server.ready().await;
