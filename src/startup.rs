@@ -363,6 +363,12 @@ impl Application {
         };
 
         tokio::spawn(self.services.platforms.clone().run_keepalive(stop.clone()));
+        // Subscribed before the poller starts, so no row it reads is missed.
+        tokio::spawn(crate::revocation::feed::apply_log(
+            self.services.revocation_feed.subscribe(),
+            self.services.tokens.revocations().clone(),
+            stop.clone(),
+        ));
         tokio::spawn(self.services.revocation_feed.clone().run(stop.clone()));
 
         if let Some(redis) = self.services.redis.clone() {

@@ -142,6 +142,12 @@ impl RevocationFeed {
         }
     }
 
+    /// The rows the poller reads from now on (for this process's own
+    /// revocation state, [`apply_log`]).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LoggedRevocation>> {
+        self.live.subscribe()
+    }
+
     /// The events after `cursor` (`None`: from now on), then live ones, in
     /// order and without gaps, until the receiver is dropped.
     pub async fn watch(
@@ -238,5 +244,60 @@ impl RevocationFeed {
             }
         });
         Ok(rx)
+    }
+}
+
+/// Applies every revocation in the database's log to this process's
+/// revocation state, whichever process wrote it (another replica, an admin
+/// command such as `auth-service set-roles`, the event worker): user-wide
+/// events raise the user's epoch to the event's time, a session's
+/// revocation revokes the session. So a revocation reaches every replica
+/// through the database even when the fast-state backend is in process
+/// (the embedded default) — within the poller's wake-up (at once on
+/// PostgreSQL through LISTEN, within a second on SQLite across processes).
+/// Idempotent: the writer's own process has applied the same already.
+pub async fn apply_log(
+    mut rows: broadcast::Receiver<Arc<LoggedRevocation>>,
+    revocations: super::Revocations,
+    stop: CancellationToken,
+) {
+    loop {
+        let row = tokio::select! {
+            () = stop.cancelled() => return,
+            row = rows.recv() => row,
+        };
+        let row = match row {
+            Ok(row) => row,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // Missed rows were applied by their writer; a store that
+                // forgot them is the backstop's (cache TTL) to bound.
+                metrics::counter!("revocation_log_apply_lagged_total").increment(missed);
+                tracing::warn!(missed, "revocation log: rows missed by this replica");
+                revocations.forget_negative_answers();
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(user_id) = row.user_id else { continue };
+        let applied = match row.event_type.as_str() {
+            "token_revoked" => match row
+                .data
+                .get("session_id")
+                .and_then(|s| s.as_str())
+                .and_then(|s| Uuid::parse_str(s).ok())
+            {
+                Some(session_id) => revocations.revoke_session(user_id, session_id).await,
+                None => continue,
+            },
+            _ => {
+                let epoch_ms = i64::try_from(row.occurred_at.unix_timestamp_nanos() / 1_000_000)
+                    .unwrap_or(i64::MAX);
+                revocations.revoke_user_at(user_id, epoch_ms).await
+            }
+        };
+        if let Err(error) = applied {
+            metrics::counter!("revocation_log_apply_failures_total").increment(1);
+            tracing::warn!(%error, seq = row.seq, "revocation log: not applied here");
+        }
     }
 }

@@ -237,7 +237,12 @@ impl Revocations {
 
     /// Revokes every access token of the user issued before now.
     pub async fn revoke_user(&self, user_id: Uuid) -> Result<(), BackendError> {
-        let epoch_ms = unix_now_ms();
+        self.revoke_user_at(user_id, unix_now_ms()).await
+    }
+
+    /// Revokes every access token of the user issued before `epoch_ms`
+    /// (never moves the user's epoch back).
+    pub async fn revoke_user_at(&self, user_id: Uuid, epoch_ms: i64) -> Result<(), BackendError> {
         let until = unix_now() + self.access_ttl_secs + 60;
         self.store
             .raise_user_epoch(user_id, epoch_ms, until)

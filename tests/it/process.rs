@@ -569,3 +569,55 @@ async fn sigterm_exits_0_after_the_kafka_broker_is_gone() {
     server.signal("TERM");
     assert_eq!(server.wait_exit().code(), Some(0));
 }
+
+/// Wrong party, another process: a role change made by the operator's
+/// `auth-service set-roles` (its own process, on the embedded default,
+/// whose revocation state lives in the server's memory) ends the running
+/// server's old access tokens, through the database's revocation log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_roles_from_another_process_ends_the_old_tokens_of_a_running_server() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut server = start(cwd.path(), &[]);
+    server.ready().await;
+    let mut client = server.client().await;
+    sign_up(&mut client, "demoted").await;
+    let before = login(&mut client, "demoted").await;
+    let checker = client.clone();
+    let validate = |token: String| {
+        let mut client = checker.clone();
+        async move {
+            client
+                .validate_token(pb::ValidateTokenRequest { token })
+                .await
+        }
+    };
+    assert!(validate(before.access_token.clone()).await.is_ok());
+    let output = Command::new(env!("CARGO_BIN_EXE_auth-service"))
+        .args(["set-roles", "demoted", "user"])
+        .current_dir(cwd.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The server's log poller wakes at least every second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match validate(before.access_token.clone()).await {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the old token still passes after set-roles: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A login after the change is unaffected.
+    let after = login(&mut client, "demoted").await;
+    assert!(validate(after.access_token).await.is_ok());
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(0));
+}
