@@ -135,7 +135,20 @@ pub struct Revocations {
     /// answers are forgotten): a lookup that began under an older value may
     /// predate that revocation, so its answer is not cached.
     generation: Arc<AtomicU64>,
+    /// Session revocations already decided (committed in the database)
+    /// whose store write failed: retried until written or moot.
+    unwritten: Arc<std::sync::Mutex<Unwritten>>,
 }
+
+/// Store writes owed, and whether a task is retrying them.
+#[derive(Default)]
+struct Unwritten {
+    sessions: Vec<(Uuid, Uuid, i64)>,
+    retrying: bool,
+}
+
+/// Longest pause between two attempts at the owed writes.
+const UNWRITTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
 impl Revocations {
     pub fn new(
@@ -156,6 +169,7 @@ impl Revocations {
             negative_ttl,
             access_ttl_secs: i64::try_from(access_ttl_secs).unwrap_or(i64::MAX / 4),
             generation: Arc::new(AtomicU64::new(0)),
+            unwritten: Arc::default(),
         }
     }
 
@@ -284,6 +298,69 @@ impl Revocations {
             .await?;
         self.apply(&Notice::Session { session_id, until });
         Ok(())
+    }
+
+    /// Revokes every access token of a session whose end is already
+    /// committed elsewhere (refresh-token reuse revoked the family in the
+    /// database): the caller cannot undo that, so this never fails. This
+    /// replica denies the session's tokens at once; when the store cannot
+    /// be written, the write is retried in the background until it succeeds
+    /// or every token it concerns has expired, and the other replicas learn
+    /// it then. (A process that dies before then loses the retry: the
+    /// family's access tokens live on elsewhere until they expire.)
+    pub async fn revoke_session_or_retry(&self, user_id: Uuid, session_id: Uuid) {
+        let until = unix_now() + self.access_ttl_secs + 60;
+        self.remember_revocation(Key::Session(session_id), Known::Revoked, until);
+        if let Err(error) = self.store.revoke_session(user_id, session_id, until).await {
+            metrics::counter!("revocation_store_write_failures_total").increment(1);
+            tracing::error!(%error, %user_id, %session_id, "session revocation not written to the store; retrying in the background");
+            self.owe_session(user_id, session_id, until);
+        }
+    }
+
+    fn owe_session(&self, user_id: Uuid, session_id: Uuid, until: i64) {
+        let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        owed.sessions.push((user_id, session_id, until));
+        metrics::gauge!("revocation_store_writes_owed").set(owed.sessions.len() as f64);
+        if !owed.retrying {
+            owed.retrying = true;
+            tokio::spawn(self.clone().write_owed());
+        }
+    }
+
+    /// Retries the owed writes with a growing pause until none is left.
+    async fn write_owed(self) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(UNWRITTEN_RETRY_MAX);
+            let owed = std::mem::take(
+                &mut self
+                    .unwritten
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .sessions,
+            );
+            let mut still = Vec::new();
+            for (user_id, session_id, until) in owed {
+                if until <= unix_now() {
+                    continue;
+                }
+                match self.store.revoke_session(user_id, session_id, until).await {
+                    Ok(()) => {
+                        tracing::info!(%user_id, %session_id, "owed session revocation written to the store");
+                    }
+                    Err(_) => still.push((user_id, session_id, until)),
+                }
+            }
+            let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            owed.sessions.extend(still);
+            metrics::gauge!("revocation_store_writes_owed").set(owed.sessions.len() as f64);
+            if owed.sessions.is_empty() {
+                owed.retrying = false;
+                return;
+            }
+        }
     }
 
     /// Revokes every access token of the user issued before now.

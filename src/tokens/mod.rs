@@ -512,8 +512,12 @@ impl TokenService {
             } => {
                 tracing::warn!(%user_id, %session_id, "refresh token reuse: session revoked");
                 metrics::counter!("refresh_token_reuse_total").increment(1);
-                // The family's access tokens die with it.
-                self.revocations.revoke_session(user_id, session_id).await?;
+                // The family's access tokens die with it: at once on this
+                // replica; in the store now or, if it is down, as soon as
+                // it answers again (the database has revoked the family).
+                self.revocations
+                    .revoke_session_or_retry(user_id, session_id)
+                    .await;
                 Err(TokenError::InvalidRefresh)
             }
             Rotation::Invalid => Err(TokenError::InvalidRefresh),
