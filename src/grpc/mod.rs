@@ -292,7 +292,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let body = request.into_inner();
         reply(async {
             if !call.holds(crate::accounts::model::Role::SERVICE)? {
@@ -330,7 +330,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -349,7 +349,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::TokenResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -366,7 +366,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RefreshTokenRequest>,
     ) -> Result<Response<pb::TokenResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -381,7 +381,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -423,7 +423,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetMeRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         reply(async {
             let caller = call.user()?;
             Ok(user_pb(&self.accounts.me(caller).await?))
@@ -435,7 +435,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -452,7 +452,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::SuspendUserRequest>,
     ) -> Result<Response<pb::SuspendUserResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -472,7 +472,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RevokeUserSessionsRequest>,
     ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -492,7 +492,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::SetUserRolesRequest>,
     ) -> Result<Response<pb::SetUserRolesResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -512,7 +512,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::StartPlatformLinkRequest>,
     ) -> Result<Response<pb::StartPlatformLinkResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let body = request.into_inner();
         reply(async {
             let caller = call.user()?;
@@ -534,7 +534,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ConnectPlatformAccountRequest>,
     ) -> Result<Response<pb::PlatformAccount>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -559,7 +559,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListPlatformAccountsRequest>,
     ) -> Result<Response<pb::ListPlatformAccountsResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         reply(async {
             let caller = call.user()?;
             let accounts = self.platforms.list(caller).await?;
@@ -574,7 +574,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::DisconnectPlatformAccountRequest>,
     ) -> Result<Response<pb::DisconnectPlatformAccountResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -594,7 +594,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetPlatformAccessTokenRequest>,
     ) -> Result<Response<pb::GetPlatformAccessTokenResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -619,7 +619,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateServiceAccountRequest>,
     ) -> Result<Response<pb::CreateServiceAccountResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -640,7 +640,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListServiceAccountsRequest>,
     ) -> Result<Response<pb::ListServiceAccountsResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         reply(async {
             let admin = call.admin()?;
             let accounts = self.service_accounts.list(&admin).await?;
@@ -655,7 +655,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RotateServiceAccountSecretRequest>,
     ) -> Result<Response<pb::RotateServiceAccountSecretResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -672,7 +672,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::DeleteServiceAccountRequest>,
     ) -> Result<Response<pb::DeleteServiceAccountResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
