@@ -23,7 +23,7 @@ use crate::{
     },
     config::ServiceIdentity,
     platforms::{AccountStatus, Platform, PlatformAccount, service::PlatformService},
-    revocation::feed::{FeedError, LoggedRevocation, RevocationFeed},
+    revocation::feed::{self, FeedError, LoggedRevocation, RevocationFeed},
     tokens::{TokenPair, TokenService},
 };
 
@@ -315,10 +315,26 @@ impl AuthService for AuthApi {
                     "is not in the revocation log (too old, or never issued): resynchronise",
                 )]),
                 FeedError::Backend(b) => b.into(),
+                FeedError::CredentialEnded(_) => error::unauthenticated("invalid token"),
             })?;
+            // Opened with a token: the stream lasts as long as the token (a
+            // rotated or deleted service account loses the feed).
+            let rx = match &call.bearer {
+                Some(Ok(principal)) => feed::while_valid(
+                    rx,
+                    principal
+                        .token_facts()
+                        .ok_or_else(|| error::unauthenticated("invalid token"))?,
+                    self.tokens.revocations().clone(),
+                ),
+                _ => rx,
+            };
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| match item {
                 Ok(row) => Ok(revocation_event_pb(&row)),
                 Err(FeedError::Backend(b)) => Err(b.into()),
+                Err(FeedError::CredentialEnded(why)) => Err(Status::unauthenticated(format!(
+                    "the token that opened this stream {why}: open it again with a valid one and the last cursor"
+                ))),
                 Err(e) => Err(Status::internal(e.to_string())),
             });
             Ok(Box::pin(stream) as RevocationStream)

@@ -131,6 +131,20 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The token as revocation checks see it (`None`: its `jti` carries no
+    /// time, which a verified token's always does).
+    pub fn token_facts(&self) -> Option<TokenFacts> {
+        Some(TokenFacts {
+            keys: RevocationKeys {
+                jti: self.jti,
+                session_id: self.session_id,
+                user_id: self.user_id,
+            },
+            issued_at_ms: issued_at_ms(self.jti)?,
+            expires_at: self.expires_at,
+        })
+    }
+
     /// The caller a verified token names (revocation is the caller's check).
     pub fn from_verified(token: &Verified) -> Self {
         Self {
