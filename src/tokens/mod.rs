@@ -269,6 +269,41 @@ impl TokenService {
         revocations: Revocations,
     ) -> Result<Self, KeyError> {
         let ring = KeyRing::load(&keys_dir, config.generate_key_if_missing)?;
+        Ok(Self::with_ring(
+            config,
+            ring,
+            keys_dir,
+            sessions,
+            revocations,
+        ))
+    }
+
+    /// A service that holds no key: it signs and verifies nothing (both
+    /// refuse) and serves revocation only. The event worker's, which must
+    /// not read the signing keys.
+    pub fn without_keys(
+        config: TokenConfig,
+        sessions: Arc<dyn SessionStore>,
+        revocations: Revocations,
+    ) -> Self {
+        let mut config = config;
+        config.generate_key_if_missing = false;
+        Self::with_ring(
+            config,
+            KeyRing::empty(),
+            PathBuf::new(),
+            sessions,
+            revocations,
+        )
+    }
+
+    fn with_ring(
+        config: TokenConfig,
+        ring: KeyRing,
+        keys_dir: PathBuf,
+        sessions: Arc<dyn SessionStore>,
+        revocations: Revocations,
+    ) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&config.issuer]);
         validation.set_audience(&[&config.audience]);
@@ -284,7 +319,7 @@ impl TokenService {
             config.verified_cache_bytes,
             EntryWeight,
         );
-        Ok(Self {
+        Self {
             keys: ArcSwap::from_pointee(ring),
             verified,
             role_sets: std::sync::Mutex::default(),
@@ -295,7 +330,7 @@ impl TokenService {
             device_validation,
             sessions,
             revocations,
-        })
+        }
     }
 
     /// Re-reads the key directory (after `rotate-key`, on SIGHUP). On error
@@ -384,9 +419,12 @@ impl TokenService {
     /// `claims` as a JWT signed with the current signing key (EdDSA, `kid`).
     fn sign_claims(&self, claims: &impl Serialize) -> Result<SecretString, TokenError> {
         let ring = self.keys.load();
+        let key = ring
+            .signing_key()
+            .ok_or_else(|| TokenError::Signing("this process holds no signing key".into()))?;
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(ring.signing_kid().to_owned());
-        jsonwebtoken::encode(&header, claims, ring.signing_key())
+        jsonwebtoken::encode(&header, claims, key)
             .map(SecretString::from)
             .map_err(|e| TokenError::Signing(e.to_string()))
     }
