@@ -4,6 +4,7 @@
 mod support;
 
 mod accounts;
+mod adversarial_low;
 mod authz;
 mod events_worker;
 mod fake_platform;
