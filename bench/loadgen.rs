@@ -695,7 +695,8 @@ async fn many_tokens(addr: &str, keys_dir: &str, n: usize, one_address: bool) {
                 sid: uuid::Uuid::now_v7(),
                 roles: vec!["user".into()],
             };
-            jsonwebtoken::encode(&header, &claims, ring.signing_key()).unwrap()
+            jsonwebtoken::encode(&header, &claims, ring.signing_key().expect("a signing key"))
+                .unwrap()
         })
         .collect();
     let channel = Channel::from_shared(format!("http://{addr}"))

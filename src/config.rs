@@ -95,6 +95,10 @@ pub struct Config {
     pub redis_timeout_ms: u64,
     /// TLS to Redis (with a `rediss://` URL).
     pub redis_tls: RedisTlsConfig,
+    /// Start even when Redis's `maxmemory-policy` evicts keys (anything but
+    /// `noeviction`), with a warning. Off: such a Redis stops start-up, as
+    /// under memory pressure it would delete revocations.
+    pub redis_allow_evicting_policy: bool,
     /// Maximum connections in the database pool.
     pub database_max_connections: u32,
     /// How long a call waits for a database connection before answering
@@ -728,6 +732,7 @@ impl Default for Config {
             redis_key_prefix: "auth:".into(),
             redis_timeout_ms: 250,
             redis_tls: RedisTlsConfig::default(),
+            redis_allow_evicting_policy: false,
             database_max_connections: 16,
             database_timeout_ms: 5000,
             database_migrations: Migrations::Apply,

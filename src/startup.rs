@@ -76,21 +76,7 @@ impl Services {
             )
             .context("loading signing keys")?,
         );
-        let hasher = PasswordHasher::with_admission(
-            &config.password,
-            config.hash_workers(),
-            config.hash_admission(),
-        )
-        .await
-        .context("argon2 parameters (password.*)")?;
-        let lockout = LoginLockout::new(fast.failures, config.lockout.clone());
-        let accounts = Arc::new(AccountService::new(
-            database.users.clone(),
-            hasher,
-            lockout,
-            tokens.clone(),
-            config.password.clone(),
-        ));
+        let accounts = account_service(config, &database, fast.failures, tokens.clone()).await?;
         let limiter = RateLimiter::new(
             fast.quota.clone(),
             config.authz.rate_limit_fail_open,
@@ -135,6 +121,60 @@ impl Services {
             database,
             redis: fast.redis,
         })
+    }
+}
+
+/// The account service on `tokens`.
+async fn account_service(
+    config: &Config,
+    database: &Database,
+    failures: Arc<dyn crate::ratelimit::FailureCounter>,
+    tokens: Arc<TokenService>,
+) -> anyhow::Result<Arc<AccountService>> {
+    let hasher = PasswordHasher::with_admission(
+        &config.password,
+        config.hash_workers(),
+        config.hash_admission(),
+    )
+    .await
+    .context("argon2 parameters (password.*)")?;
+    let lockout = LoginLockout::new(failures, config.lockout.clone());
+    Ok(Arc::new(AccountService::new(
+        database.users.clone(),
+        hasher,
+        lockout,
+        tokens,
+        config.password.clone(),
+    )))
+}
+
+/// What the `events` worker runs on: the outbox and the account service
+/// its lifecycle consumer revokes through. The worker parses broker data
+/// in a C library, so it is given no key material: its token service holds
+/// no signing key (it signs and verifies nothing) and no platform-token
+/// vault is opened. Neither key directory is read, nor a key generated.
+pub struct WorkerServices {
+    pub database: Database,
+    pub accounts: Arc<AccountService>,
+}
+
+impl WorkerServices {
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let database = open_database(config).await?;
+        let fast = open_fast_state(config).await?;
+        let revocations = Revocations::new(
+            fast.revocations,
+            config.revocation.cache_capacity,
+            Duration::from_millis(config.revocation.cache_ttl_ms),
+            config.tokens.access_ttl_secs,
+        );
+        let tokens = Arc::new(TokenService::without_keys(
+            config.tokens.clone(),
+            database.sessions.clone(),
+            revocations,
+        ));
+        let accounts = account_service(config, &database, fast.failures, tokens).await?;
+        Ok(Self { database, accounts })
     }
 }
 
@@ -585,7 +625,7 @@ pub async fn run_events_worker(
     let brokers = config.kafka_brokers.clone().context(
         "kafka_brokers (AUTH_KAFKA_BROKERS) is not set: the event worker has nothing to do",
     )?;
-    let services = Services::build(&config).await?;
+    let services = WorkerServices::build(&config).await?;
     let stop = CancellationToken::new();
     if supervised {
         worker::stop_on_stdin_eof(stop.clone());

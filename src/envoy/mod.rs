@@ -177,7 +177,7 @@ impl Authorization for ExtAuthz {
         // from a caller holding the `gateway` role (the gateway and the
         // sidecars); anyone else is limited by its own address, so it cannot
         // spend another client's per-address budget.
-        let call = crate::grpc::Call::of(request.extensions());
+        let call = crate::grpc::Call::required(request.extensions())?;
         let forwarding_trusted = call.forwarding_trusted;
         let caller = (!forwarding_trusted)
             .then(|| call.peer_ip.map(|ip| ip.to_string()))

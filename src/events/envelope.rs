@@ -39,7 +39,26 @@ pub struct JsonEnvelope {
     pub data: Value,
 }
 
-pub fn encode(event: &StoredEvent, format: EventFormat) -> Vec<u8> {
+/// Why an event has no wire form. The relay keeps such an event in the
+/// outbox (counted and logged) rather than publish an empty or partial
+/// payload.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("occurred_at {0} is outside years 1 to 9999")]
+    OccurredAt(time::OffsetDateTime),
+    #[error("data is not a JSON object")]
+    DataNotObject,
+    #[error("a number in data has no float form")]
+    Number,
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub fn encode(event: &StoredEvent, format: EventFormat) -> Result<Vec<u8>, EncodeError> {
+    // RFC 3339 and google.protobuf.Timestamp both stop at these years.
+    if !(1..=9999).contains(&event.occurred_at.year()) {
+        return Err(EncodeError::OccurredAt(event.occurred_at));
+    }
     match format {
         EventFormat::Json => {
             let envelope = JsonEnvelope {
@@ -47,15 +66,16 @@ pub fn encode(event: &StoredEvent, format: EventFormat) -> Vec<u8> {
                 event_type: event.event_type.clone(),
                 occurred_at: event
                     .occurred_at
+                    .to_offset(time::UtcOffset::UTC)
                     .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
+                    .map_err(|_| EncodeError::OccurredAt(event.occurred_at))?,
                 user_id: event.user_id.map(|u| u.to_string()),
                 schema_version: SCHEMA_VERSION,
                 data: event.data.clone(),
             };
-            serde_json::to_vec(&envelope).unwrap_or_default()
+            Ok(serde_json::to_vec(&envelope)?)
         }
-        EventFormat::Protobuf => pb::EventEnvelope {
+        EventFormat::Protobuf => Ok(pb::EventEnvelope {
             event_id: event.id.to_string(),
             event_type: event.event_type.clone(),
             occurred_at: Some(prost_types::Timestamp {
@@ -64,34 +84,34 @@ pub fn encode(event: &StoredEvent, format: EventFormat) -> Vec<u8> {
             }),
             user_id: event.user_id.map(|u| u.to_string()).unwrap_or_default(),
             schema_version: SCHEMA_VERSION,
-            data: match to_proto_value(&event.data).kind {
+            data: match to_proto_value(&event.data)?.kind {
                 Some(prost_types::value::Kind::StructValue(s)) => Some(s),
-                _ => None,
+                _ => return Err(EncodeError::DataNotObject),
             },
         }
-        .encode_to_vec(),
+        .encode_to_vec()),
     }
 }
 
 /// serde_json → google.protobuf.Value.
-fn to_proto_value(value: &Value) -> prost_types::Value {
+fn to_proto_value(value: &Value) -> Result<prost_types::Value, EncodeError> {
     use prost_types::value::Kind;
     let kind = match value {
         Value::Null => Kind::NullValue(0),
         Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().ok_or(EncodeError::Number)?),
         Value::String(s) => Kind::StringValue(s.clone()),
         Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.iter().map(to_proto_value).collect(),
+            values: items.iter().map(to_proto_value).collect::<Result<_, _>>()?,
         }),
         Value::Object(map) => Kind::StructValue(prost_types::Struct {
             fields: map
                 .iter()
-                .map(|(k, v)| (k.clone(), to_proto_value(v)))
-                .collect(),
+                .map(|(k, v)| Ok((k.clone(), to_proto_value(v)?)))
+                .collect::<Result<_, EncodeError>>()?,
         }),
     };
-    prost_types::Value { kind: Some(kind) }
+    Ok(prost_types::Value { kind: Some(kind) })
 }
 
 #[cfg(test)]
@@ -113,9 +133,11 @@ mod tests {
     #[test]
     fn json_and_protobuf_carry_the_same_envelope() {
         let e = event();
-        let json: JsonEnvelope = serde_json::from_slice(&encode(&e, EventFormat::Json)).unwrap();
+        let json: JsonEnvelope =
+            serde_json::from_slice(&encode(&e, EventFormat::Json).unwrap()).unwrap();
         let proto =
-            pb::EventEnvelope::decode(encode(&e, EventFormat::Protobuf).as_slice()).unwrap();
+            pb::EventEnvelope::decode(encode(&e, EventFormat::Protobuf).unwrap().as_slice())
+                .unwrap();
         assert_eq!(json.event_id, proto.event_id);
         assert_eq!(json.event_type, proto.event_type);
         assert_eq!(json.user_id.unwrap(), proto.user_id);
@@ -125,5 +147,28 @@ mod tests {
             matches!(&roles.kind, Some(prost_types::value::Kind::ListValue(l)) if l.values.len() == 2)
         );
         assert_eq!(json.data["roles"][0], "admin");
+    }
+
+    /// Failure class: input malformed — an event whose time or data has no
+    /// wire form is an error, never an empty or partial payload.
+    #[test]
+    fn an_event_without_a_wire_form_is_an_error_not_an_empty_payload() {
+        let mut bad_time = event();
+        bad_time.occurred_at = time::Date::from_calendar_date(-1, time::Month::June, 1)
+            .unwrap()
+            .midnight()
+            .assume_utc();
+        let mut bad_data = event();
+        bad_data.data = serde_json::json!(["not", "an", "object"]);
+        for format in [EventFormat::Json, EventFormat::Protobuf] {
+            assert!(
+                matches!(encode(&bad_time, format), Err(EncodeError::OccurredAt(_))),
+                "{format:?}"
+            );
+        }
+        assert!(matches!(
+            encode(&bad_data, EventFormat::Protobuf),
+            Err(EncodeError::DataNotObject)
+        ));
     }
 }

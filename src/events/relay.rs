@@ -50,6 +50,9 @@ pub enum RoundError {
         /// The broker lacked topics and they were created again.
         topics_recreated: bool,
     },
+    /// Every row of the batch that was not delivered has no wire form
+    /// (and none was delivered): the broker is not at fault.
+    Unencodable { count: usize, first_error: String },
 }
 
 impl std::fmt::Display for RoundError {
@@ -59,6 +62,9 @@ impl std::fmt::Display for RoundError {
             Self::Undelivered {
                 count, first_error, ..
             } => write!(f, "{count} events not delivered: {first_error}"),
+            Self::Unencodable { count, first_error } => {
+                write!(f, "{count} events kept in the outbox: {first_error}")
+            }
         }
     }
 }
@@ -236,7 +242,31 @@ impl Relay {
         if batch.is_empty() {
             return Ok(0);
         }
-        let encoded: Vec<Outgoing> = batch.iter().map(|e| self.encode(e)).collect();
+        // An event without a wire form is not sent (an empty payload marked
+        // published would lose it): it stays in the outbox, retried after a
+        // backoff like a failed send, and is counted and logged.
+        let (mut sendable, mut encoded, mut unencodable) = (Vec::new(), Vec::new(), Vec::new());
+        for event in &batch {
+            match self.encode(event) {
+                Ok(out) => {
+                    sendable.push(event);
+                    encoded.push(out);
+                }
+                Err(error) => {
+                    metrics::counter!("outbox_encode_failures_total").increment(1);
+                    tracing::error!(event_id = %event.id, event_type = event.event_type, attempts = event.attempts, %error, "event cannot be encoded; kept in the outbox");
+                    unencodable.push((event, error));
+                }
+            }
+        }
+        for (event, _) in &unencodable {
+            let retry_at = OffsetDateTime::now_utc()
+                + to_time(backoff(u32::try_from(event.attempts).unwrap_or(0)));
+            self.store
+                .retry_later(&[event.id], retry_at)
+                .await
+                .map_err(store)?;
+        }
         // Enqueued in id order: one user's events keep their order on the
         // partition their key maps to (the idempotent producer keeps it
         // through retries).
@@ -253,8 +283,13 @@ impl Relay {
         // The send spans end with their delivery reports.
         drop(encoded);
         let (mut published, mut failed) = (Vec::new(), Vec::new());
-        let (mut first_error, mut unknown_topic) = (None, false);
-        for (event, result) in batch.iter().zip(results) {
+        let (mut first_error, mut unknown_topic) = (
+            unencodable
+                .first()
+                .map(|(_, e)| format!("not encodable: {e}")),
+            false,
+        );
+        for (event, result) in sendable.into_iter().zip(results) {
             match result {
                 Ok(_) => {
                     published.push(event.id);
@@ -292,9 +327,15 @@ impl Relay {
                 .await
                 .map_err(store)?;
         }
+        if published.is_empty() && failed.is_empty() {
+            return Err(RoundError::Unencodable {
+                count: unencodable.len(),
+                first_error: first_error.unwrap_or_default(),
+            });
+        }
         if published.is_empty() {
             return Err(RoundError::Undelivered {
-                count: failed.len(),
+                count: failed.len() + unencodable.len(),
                 first_error: first_error.unwrap_or_default(),
                 unknown_topic,
                 topics_recreated: recreated,
@@ -303,8 +344,9 @@ impl Relay {
         Ok(batch.len())
     }
 
-    fn encode(&self, event: &StoredEvent) -> Outgoing {
+    fn encode(&self, event: &StoredEvent) -> Result<Outgoing, envelope::EncodeError> {
         let format: EventFormat = self.config.format;
+        let payload = envelope::encode(event, format)?;
         let topic = topic_for(&self.config, &event.event_type);
         let span = telemetry::kafka_span(
             telemetry::KafkaSide::Send,
@@ -339,13 +381,13 @@ impl Relay {
         let key = event
             .user_id
             .map_or_else(|| event_id.clone(), |u| u.to_string());
-        Outgoing {
-            payload: envelope::encode(event, format),
+        Ok(Outgoing {
+            payload,
             topic,
             key,
             headers,
             span,
-        }
+        })
     }
 }
 

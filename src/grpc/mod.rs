@@ -23,7 +23,7 @@ use crate::{
     },
     config::ServiceIdentity,
     platforms::{AccountStatus, Platform, PlatformAccount, service::PlatformService},
-    revocation::feed::{FeedError, LoggedRevocation, RevocationFeed},
+    revocation::feed::{self, FeedError, LoggedRevocation, RevocationFeed},
     tokens::{TokenPair, TokenService},
 };
 
@@ -292,7 +292,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<RevocationStream>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let body = request.into_inner();
         reply(async {
             if !call.holds(crate::accounts::model::Role::SERVICE)? {
@@ -315,10 +315,26 @@ impl AuthService for AuthApi {
                     "is not in the revocation log (too old, or never issued): resynchronise",
                 )]),
                 FeedError::Backend(b) => b.into(),
+                FeedError::CredentialEnded(_) => error::unauthenticated("invalid token"),
             })?;
+            // Opened with a token: the stream lasts as long as the token (a
+            // rotated or deleted service account loses the feed).
+            let rx = match &call.bearer {
+                Some(Ok(principal)) => feed::while_valid(
+                    rx,
+                    principal
+                        .token_facts()
+                        .ok_or_else(|| error::unauthenticated("invalid token"))?,
+                    self.tokens.revocations().clone(),
+                ),
+                _ => rx,
+            };
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| match item {
                 Ok(row) => Ok(revocation_event_pb(&row)),
                 Err(FeedError::Backend(b)) => Err(b.into()),
+                Err(FeedError::CredentialEnded(why)) => Err(Status::unauthenticated(format!(
+                    "the token that opened this stream {why}: open it again with a valid one and the last cursor"
+                ))),
                 Err(e) => Err(Status::internal(e.to_string())),
             });
             Ok(Box::pin(stream) as RevocationStream)
@@ -330,7 +346,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -349,7 +365,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::TokenResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -366,7 +382,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RefreshTokenRequest>,
     ) -> Result<Response<pb::TokenResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -381,7 +397,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -423,7 +439,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetMeRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         reply(async {
             let caller = call.user()?;
             Ok(user_pb(&self.accounts.me(caller).await?))
@@ -435,7 +451,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -452,7 +468,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::SuspendUserRequest>,
     ) -> Result<Response<pb::SuspendUserResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -472,7 +488,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RevokeUserSessionsRequest>,
     ) -> Result<Response<pb::RevokeUserSessionsResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -492,7 +508,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::SetUserRolesRequest>,
     ) -> Result<Response<pb::SetUserRolesResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -512,7 +528,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::StartPlatformLinkRequest>,
     ) -> Result<Response<pb::StartPlatformLinkResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let body = request.into_inner();
         reply(async {
             let caller = call.user()?;
@@ -534,7 +550,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ConnectPlatformAccountRequest>,
     ) -> Result<Response<pb::PlatformAccount>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -559,7 +575,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListPlatformAccountsRequest>,
     ) -> Result<Response<pb::ListPlatformAccountsResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         reply(async {
             let caller = call.user()?;
             let accounts = self.platforms.list(caller).await?;
@@ -574,7 +590,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::DisconnectPlatformAccountRequest>,
     ) -> Result<Response<pb::DisconnectPlatformAccountResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -594,7 +610,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::GetPlatformAccessTokenRequest>,
     ) -> Result<Response<pb::GetPlatformAccessTokenResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -619,7 +635,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::CreateServiceAccountRequest>,
     ) -> Result<Response<pb::CreateServiceAccountResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -640,7 +656,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::ListServiceAccountsRequest>,
     ) -> Result<Response<pb::ListServiceAccountsResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         reply(async {
             let admin = call.admin()?;
             let accounts = self.service_accounts.list(&admin).await?;
@@ -655,7 +671,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::RotateServiceAccountSecretRequest>,
     ) -> Result<Response<pb::RotateServiceAccountSecretResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {
@@ -672,7 +688,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::DeleteServiceAccountRequest>,
     ) -> Result<Response<pb::DeleteServiceAccountResponse>, Status> {
-        let call = Call::of(request.extensions());
+        let call = Call::required(request.extensions())?;
         let ctx = call.context();
         let body = request.into_inner();
         reply(async {

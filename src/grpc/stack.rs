@@ -65,23 +65,41 @@ pub struct Call {
     traceparent: Option<http::HeaderValue>,
 }
 
-/// A call that did not come through the stack (a handler called directly,
-/// as unit tests do): anonymous, no address, forwarded addresses believed
-/// as `trusted_proxy_hops` says.
-static ANONYMOUS: LazyLock<Arc<Call>> = LazyLock::new(|| {
-    Arc::new(Call {
-        forwarding_trusted: true,
-        ..Call::default()
-    })
-});
+/// What a call that did not come through the stack is taken for by
+/// [`Call::of`]: anonymous, no address, and its forwarded addresses never
+/// believed. Only reachable when a listener is built without the stack.
+static UNSTACKED: LazyLock<Arc<Call>> = LazyLock::new(|| Arc::new(Call::default()));
+
+/// The stack did not attach a [`Call`]: a listener was built without it.
+fn not_through_the_stack() {
+    metrics::counter!("grpc_calls_without_stack_total").increment(1);
+    tracing::error!(
+        "a call reached a handler without passing the layer stack (a listener built without grpc::stack); refused"
+    );
+}
 
 impl Call {
-    /// The call the stack attached, else [`ANONYMOUS`].
+    /// The call the stack attached; a call without one is an error of how
+    /// the listener was built, answered Internal (and logged), never served
+    /// as some default caller.
+    pub fn required(extensions: &tonic::Extensions) -> Result<Arc<Call>, Status> {
+        match extensions.get::<Arc<Call>>() {
+            Some(call) => Ok(call.clone()),
+            None => {
+                not_through_the_stack();
+                Err(Status::internal("internal error"))
+            }
+        }
+    }
+
+    /// The call the stack attached, else (logged) an anonymous call whose
+    /// forwarded addresses are not believed. Handlers use
+    /// [`Call::required`]; this is for callers that cannot fail the call.
     pub fn of(extensions: &tonic::Extensions) -> Arc<Call> {
-        extensions
-            .get::<Arc<Call>>()
-            .cloned()
-            .unwrap_or_else(|| ANONYMOUS.clone())
+        extensions.get::<Arc<Call>>().cloned().unwrap_or_else(|| {
+            not_through_the_stack();
+            UNSTACKED.clone()
+        })
     }
 
     /// What a use case records of the call. Called inside the handler (the
@@ -609,6 +627,24 @@ mod tests {
         assert_eq!(answer.unwrap_err().code(), Code::Unavailable);
         let answer = within(timeout, "Test", async { Ok(7) }).await;
         assert_eq!(answer.unwrap(), 7, "a call that ends keeps its answer");
+    }
+
+    /// Failure class: input from the wrong party — a request that never
+    /// passed the stack (a listener built without it) is refused, and is
+    /// never a caller whose forwarded addresses are believed.
+    #[test]
+    fn a_call_without_the_stack_is_refused_and_never_trusted() {
+        let bare = tonic::Extensions::new();
+        let refused = Call::required(&bare).unwrap_err();
+        assert_eq!(refused.code(), Code::Internal);
+        assert!(!Call::of(&bare).forwarding_trusted);
+        assert_eq!(Call::of(&bare).hops, 0);
+        let mut stacked = tonic::Extensions::new();
+        stacked.insert(Arc::new(Call {
+            forwarding_trusted: true,
+            ..Call::default()
+        }));
+        assert!(Call::required(&stacked).unwrap().forwarding_trusted);
     }
 
     #[test]

@@ -19,7 +19,10 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::error::BackendError;
+use crate::{
+    error::BackendError,
+    revocation::{Revocations, TokenFacts},
+};
 
 /// One row of the revocation log.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,9 +57,16 @@ pub enum FeedError {
     BadCursor(i64),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The token the stream was opened with expired or was revoked: the
+    /// stream ends with it.
+    #[error("the credential that opened the stream {0}")]
+    CredentialEnded(&'static str),
 }
 
 const PAGE: i64 = 500;
+/// How often a stream's token is checked against the revocation state
+/// (besides every event about its user, and its expiry).
+const CREDENTIAL_CHECK: Duration = Duration::from_secs(5);
 /// Longest pause between two looks when no commit wakes the poller.
 const POLL: Duration = Duration::from_secs(1);
 /// How often rows past the retention are deleted (by every replica; the
@@ -300,4 +310,64 @@ pub async fn apply_log(
             tracing::warn!(%error, seq = row.seq, "revocation log: not applied here");
         }
     }
+}
+
+/// Whether `row` ends the token `token` names: an event of the log about
+/// its user made after the token was issued (each kind the log holds
+/// revokes every token of the user issued before it, except
+/// `token_revoked`, which revokes one session).
+fn ends(row: &LoggedRevocation, token: &TokenFacts) -> bool {
+    let at_ms = i64::try_from(row.occurred_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    row.user_id == Some(token.keys.user_id)
+        && at_ms >= token.issued_at_ms
+        && (row.event_type != "token_revoked"
+            || row.data.get("session_id").and_then(|s| s.as_str())
+                == Some(token.keys.session_id.to_string().as_str()))
+}
+
+/// `rows` for as long as the token that opened the stream is valid. The
+/// stream ends with [`FeedError::CredentialEnded`] at the token's expiry,
+/// at the first event that revokes it, or when the periodic check finds it
+/// revoked (a revocation the log does not show, or one made before the
+/// stream's first row); with the backend's error when that check cannot
+/// be made (fail closed: the client reconnects with its cursor).
+pub fn while_valid(
+    mut rows: mpsc::Receiver<Result<Arc<LoggedRevocation>, FeedError>>,
+    token: TokenFacts,
+    revocations: Revocations,
+) -> mpsc::Receiver<Result<Arc<LoggedRevocation>, FeedError>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let left = u64::try_from(token.expires_at - crate::unix_now()).unwrap_or(0);
+        let expiry = tokio::time::sleep(Duration::from_secs(left));
+        tokio::pin!(expiry);
+        let mut check = tokio::time::interval(CREDENTIAL_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = &mut expiry => break Err(FeedError::CredentialEnded("expired")),
+                _ = check.tick() => match revocations.is_revoked(&token).await {
+                    Ok(false) => {}
+                    Ok(true) => break Err(FeedError::CredentialEnded("was revoked")),
+                    Err(error) => break Err(FeedError::Backend(error)),
+                },
+                row = rows.recv() => match row {
+                    Some(Ok(row)) if ends(&row, &token) => {
+                        break Err(FeedError::CredentialEnded("was revoked"));
+                    }
+                    Some(row) => {
+                        let failed = row.is_err();
+                        if tx.send(row).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+            }
+        };
+        tracing::info!(user_id = %token.keys.user_id, "revocation stream ended with its credential");
+        let _ = tx.send(end).await;
+    });
+    rx
 }

@@ -9,16 +9,26 @@
 //! anyway (revocations are never undone), an "is not revoked" answer for
 //! `revocation.cache_ttl_ms` only. Revocations made through this replica
 //! update its cache at once.
+//!
+//! A lookup's answer may be older than a revocation that reaches the cache
+//! while the lookup is in flight (a slow store). Every cache write is a
+//! per-key compute that never turns "revoked" back into "not revoked" nor
+//! moves an epoch back, and a lookup that started before the cache's
+//! generation last moved (a revocation applied, negative answers forgotten)
+//! caches nothing: its answer serves its own call only.
 
 pub mod feed;
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
-use moka::{Expiry, sync::Cache};
+use moka::{Expiry, ops::compute::Op, sync::Cache};
 use uuid::Uuid;
 
 use crate::{error::BackendError, unix_now};
@@ -121,7 +131,24 @@ pub struct Revocations {
     negative_ttl: Duration,
     /// How long user epochs must be kept: the longest an access token lives.
     access_ttl_secs: i64,
+    /// Moved before every revocation this cache learns (and before negative
+    /// answers are forgotten): a lookup that began under an older value may
+    /// predate that revocation, so its answer is not cached.
+    generation: Arc<AtomicU64>,
+    /// Session revocations already decided (committed in the database)
+    /// whose store write failed: retried until written or moot.
+    unwritten: Arc<std::sync::Mutex<Unwritten>>,
 }
+
+/// Store writes owed, and whether a task is retrying them.
+#[derive(Default)]
+struct Unwritten {
+    sessions: Vec<(Uuid, Uuid, i64)>,
+    retrying: bool,
+}
+
+/// Longest pause between two attempts at the owed writes.
+const UNWRITTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
 impl Revocations {
     pub fn new(
@@ -141,24 +168,54 @@ impl Revocations {
                 .build(),
             negative_ttl,
             access_ttl_secs: i64::try_from(access_ttl_secs).unwrap_or(i64::MAX / 4),
+            generation: Arc::new(AtomicU64::new(0)),
+            unwritten: Arc::default(),
         }
     }
 
-    fn remember(&self, key: Key, known: Known, until_unix: i64) {
+    /// Records a revocation this cache learns (made here or announced):
+    /// moves the generation first, so a lookup in flight cannot cache an
+    /// answer older than it.
+    fn remember_revocation(&self, key: Key, known: Known, until_unix: i64) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.remember(key, known, until_unix, None);
+    }
+
+    /// Writes what is known of `key`, serialised per key with every other
+    /// write of it: "revoked" is never replaced by "not revoked", an epoch
+    /// never moves back. `lookup_generation`: the generation a store lookup
+    /// began under; its answer is dropped when the generation has moved.
+    fn remember(&self, key: Key, known: Known, until_unix: i64, lookup_generation: Option<u64>) {
         let left = Duration::from_secs(u64::try_from(until_unix - unix_now()).unwrap_or(0));
         let ttl = match known {
             Known::Revoked => left,
             Known::NotRevoked | Known::Epoch(_) => self.negative_ttl.min(left),
         };
-        if !ttl.is_zero() {
-            self.cache.insert(
-                key,
-                Entry {
-                    known,
-                    until: Instant::now() + ttl,
-                },
-            );
+        if ttl.is_zero() {
+            return;
         }
+        let until = Instant::now() + ttl;
+        self.cache.entry(key).and_compute_with(|existing| {
+            if lookup_generation.is_some_and(|g| g != self.generation.load(Ordering::SeqCst)) {
+                return Op::Nop;
+            }
+            let existing = existing.map(|e| e.into_value());
+            let known = match (existing.map(|e| e.known), known) {
+                (Some(Known::Revoked), Known::Revoked) => {
+                    let kept = existing.map_or(until, |e| e.until);
+                    return Op::Put(Entry {
+                        known,
+                        until: kept.max(until),
+                    });
+                }
+                (Some(Known::Revoked), _) => return Op::Nop,
+                (Some(Known::Epoch(Some(had))), Known::Epoch(new)) => {
+                    Known::Epoch(Some(new.map_or(had, |new| new.max(had))))
+                }
+                (_, known) => known,
+            };
+            Op::Put(Entry { known, until })
+        });
     }
 
     /// Whether the token has been revoked by any of the three means.
@@ -178,6 +235,7 @@ impl Revocations {
         let epoch = match (jti, sid, user) {
             (Some(_), Some(_), Some(Known::Epoch(epoch))) => epoch,
             _ => {
+                let generation = Some(self.generation.load(Ordering::SeqCst));
                 let snapshot = self.store.lookup(&keys).await?;
                 let flag = |revoked| {
                     if revoked {
@@ -186,16 +244,23 @@ impl Revocations {
                         Known::NotRevoked
                     }
                 };
-                self.remember(jti_key, flag(snapshot.token_revoked), token.expires_at);
+                self.remember(
+                    jti_key,
+                    flag(snapshot.token_revoked),
+                    token.expires_at,
+                    generation,
+                );
                 self.remember(
                     Key::Session(keys.session_id),
                     flag(snapshot.session_revoked),
                     token.expires_at,
+                    generation,
                 );
                 self.remember(
                     Key::User(keys.user_id),
                     Known::Epoch(snapshot.user_epoch_ms),
                     token.expires_at,
+                    generation,
                 );
                 if snapshot.token_revoked || snapshot.session_revoked {
                     return Ok(true);
@@ -235,6 +300,69 @@ impl Revocations {
         Ok(())
     }
 
+    /// Revokes every access token of a session whose end is already
+    /// committed elsewhere (refresh-token reuse revoked the family in the
+    /// database): the caller cannot undo that, so this never fails. This
+    /// replica denies the session's tokens at once; when the store cannot
+    /// be written, the write is retried in the background until it succeeds
+    /// or every token it concerns has expired, and the other replicas learn
+    /// it then. (A process that dies before then loses the retry: the
+    /// family's access tokens live on elsewhere until they expire.)
+    pub async fn revoke_session_or_retry(&self, user_id: Uuid, session_id: Uuid) {
+        let until = unix_now() + self.access_ttl_secs + 60;
+        self.remember_revocation(Key::Session(session_id), Known::Revoked, until);
+        if let Err(error) = self.store.revoke_session(user_id, session_id, until).await {
+            metrics::counter!("revocation_store_write_failures_total").increment(1);
+            tracing::error!(%error, %user_id, %session_id, "session revocation not written to the store; retrying in the background");
+            self.owe_session(user_id, session_id, until);
+        }
+    }
+
+    fn owe_session(&self, user_id: Uuid, session_id: Uuid, until: i64) {
+        let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        owed.sessions.push((user_id, session_id, until));
+        metrics::gauge!("revocation_store_writes_owed").set(owed.sessions.len() as f64);
+        if !owed.retrying {
+            owed.retrying = true;
+            tokio::spawn(self.clone().write_owed());
+        }
+    }
+
+    /// Retries the owed writes with a growing pause until none is left.
+    async fn write_owed(self) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(UNWRITTEN_RETRY_MAX);
+            let owed = std::mem::take(
+                &mut self
+                    .unwritten
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .sessions,
+            );
+            let mut still = Vec::new();
+            for (user_id, session_id, until) in owed {
+                if until <= unix_now() {
+                    continue;
+                }
+                match self.store.revoke_session(user_id, session_id, until).await {
+                    Ok(()) => {
+                        tracing::info!(%user_id, %session_id, "owed session revocation written to the store");
+                    }
+                    Err(_) => still.push((user_id, session_id, until)),
+                }
+            }
+            let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            owed.sessions.extend(still);
+            metrics::gauge!("revocation_store_writes_owed").set(owed.sessions.len() as f64);
+            if owed.sessions.is_empty() {
+                owed.retrying = false;
+                return;
+            }
+        }
+    }
+
     /// Revokes every access token of the user issued before now.
     pub async fn revoke_user(&self, user_id: Uuid) -> Result<(), BackendError> {
         self.revoke_user_at(user_id, unix_now_ms()).await
@@ -247,19 +375,9 @@ impl Revocations {
         self.store
             .raise_user_epoch(user_id, epoch_ms, until)
             .await?;
-        // Our own view may only move forward too.
-        let current = self
-            .cache
-            .get(&Key::User(user_id))
-            .and_then(|e| match e.known {
-                Known::Epoch(e) => e,
-                _ => None,
-            });
-        self.remember(
-            Key::User(user_id),
-            Known::Epoch(Some(current.unwrap_or(0).max(epoch_ms))),
-            until,
-        );
+        // Our own view may only move forward too (`remember` keeps the
+        // larger epoch).
+        self.remember_revocation(Key::User(user_id), Known::Epoch(Some(epoch_ms)), until);
         Ok(())
     }
 }
@@ -327,27 +445,18 @@ impl Revocations {
     /// Applies a revocation made on another replica to this one's cache.
     pub fn apply(&self, notice: &Notice) {
         match notice {
-            Notice::Token { jti, until } => self.remember(Key::Token(*jti), Known::Revoked, *until),
+            Notice::Token { jti, until } => {
+                self.remember_revocation(Key::Token(*jti), Known::Revoked, *until)
+            }
             Notice::Session { session_id, until } => {
-                self.remember(Key::Session(*session_id), Known::Revoked, *until)
+                self.remember_revocation(Key::Session(*session_id), Known::Revoked, *until)
             }
             Notice::User {
                 user_id,
                 epoch_ms,
                 until,
             } => {
-                let current = self
-                    .cache
-                    .get(&Key::User(*user_id))
-                    .and_then(|e| match e.known {
-                        Known::Epoch(e) => e,
-                        _ => None,
-                    });
-                self.remember(
-                    Key::User(*user_id),
-                    Known::Epoch(Some(current.unwrap_or(0).max(*epoch_ms))),
-                    *until,
-                );
+                self.remember_revocation(Key::User(*user_id), Known::Epoch(Some(*epoch_ms)), *until)
             }
         }
         metrics::counter!("revocation_notices_applied_total").increment(1);
@@ -356,6 +465,8 @@ impl Revocations {
     /// Forgets every cached "not revoked" answer (after a gap in the notice
     /// stream, when notices may have been missed).
     pub fn forget_negative_answers(&self) {
+        // A lookup in flight may have missed the same notices.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         // Revoked entries stay: revocations are never undone.
         if let Err(error) = self
             .cache
@@ -399,6 +510,122 @@ mod tests {
             "the cached answer stands for its TTL"
         );
         revocations.forget_negative_answers();
+        assert!(revocations.is_revoked(&facts).await.unwrap());
+    }
+
+    /// The real in-process store with a hook: the first lookup reads its
+    /// answer, then waits until the test lets it return (a slow store).
+    struct HeldLookup {
+        inner: crate::storage::memory::MemoryRevocations,
+        held: std::sync::atomic::AtomicBool,
+        read: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl RevocationStore for HeldLookup {
+        async fn revoke_token(&self, u: Uuid, j: Uuid, t: i64) -> Result<(), BackendError> {
+            self.inner.revoke_token(u, j, t).await
+        }
+        async fn revoke_session(&self, u: Uuid, s: Uuid, t: i64) -> Result<(), BackendError> {
+            self.inner.revoke_session(u, s, t).await
+        }
+        async fn raise_user_epoch(&self, u: Uuid, e: i64, t: i64) -> Result<(), BackendError> {
+            self.inner.raise_user_epoch(u, e, t).await
+        }
+        async fn lookup(&self, keys: &RevocationKeys) -> Result<RevocationSnapshot, BackendError> {
+            let snapshot = self.inner.lookup(keys).await?;
+            if !self.held.swap(true, Ordering::SeqCst) {
+                self.read.notify_one();
+                self.release.notified().await;
+            }
+            Ok(snapshot)
+        }
+    }
+
+    fn facts_of_new_token() -> TokenFacts {
+        TokenFacts {
+            keys: RevocationKeys {
+                jti: Uuid::now_v7(),
+                session_id: Uuid::now_v7(),
+                user_id: Uuid::now_v7(),
+            },
+            issued_at_ms: unix_now_ms() - 1,
+            expires_at: unix_now() + 900,
+        }
+    }
+
+    /// Failure class: two requests racing between the read that decides
+    /// and the write that acts — a slow lookup read "not revoked", a
+    /// revocation was then made on this replica, and the lookup's stale
+    /// answer must not overwrite it in the cache.
+    #[tokio::test]
+    async fn a_slow_lookup_does_not_cache_its_stale_answer_over_a_newer_revocation() {
+        for revoke in ["session", "token", "user"] {
+            let store = Arc::new(HeldLookup {
+                inner: crate::storage::memory::MemoryRevocations::new(100),
+                held: false.into(),
+                read: tokio::sync::Notify::new(),
+                release: tokio::sync::Notify::new(),
+            });
+            // A long negative TTL: a stale entry would stand for the test.
+            let revocations = Revocations::new(store.clone(), 100, Duration::from_secs(600), 900);
+            let facts = facts_of_new_token();
+            let checking = tokio::spawn({
+                let revocations = revocations.clone();
+                async move { revocations.is_revoked(&facts).await }
+            });
+            // The lookup has read "not revoked" and is held.
+            store.read.notified().await;
+            let k = facts.keys;
+            match revoke {
+                "session" => revocations.revoke_session(k.user_id, k.session_id).await,
+                "token" => {
+                    revocations
+                        .revoke_token(k.user_id, k.jti, facts.expires_at)
+                        .await
+                }
+                _ => revocations.revoke_user(k.user_id).await,
+            }
+            .unwrap();
+            store.release.notify_one();
+            // The racing check answers as of its read; that is its own call.
+            let _ = checking.await.unwrap().unwrap();
+            assert!(
+                revocations.is_revoked(&facts).await.unwrap(),
+                "{revoke}: the revocation stands after the slow lookup returned"
+            );
+        }
+    }
+
+    /// Failure class: backend comes back without the notices it missed —
+    /// a lookup in flight across `forget_negative_answers` must not cache
+    /// its answer from before the gap.
+    #[tokio::test]
+    async fn a_lookup_in_flight_across_a_notice_gap_caches_nothing() {
+        let store = Arc::new(HeldLookup {
+            inner: crate::storage::memory::MemoryRevocations::new(100),
+            held: false.into(),
+            read: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        });
+        let revocations = Revocations::new(store.clone(), 100, Duration::from_secs(600), 900);
+        let facts = facts_of_new_token();
+        let checking = tokio::spawn({
+            let revocations = revocations.clone();
+            async move { revocations.is_revoked(&facts).await }
+        });
+        store.read.notified().await;
+        // Revoked behind this cache's back (a notice lost in the gap).
+        let k = facts.keys;
+        store
+            .inner
+            .revoke_session(k.user_id, k.session_id, unix_now() + 900)
+            .await
+            .unwrap();
+        revocations.forget_negative_answers();
+        store.release.notify_one();
+        let _ = checking.await.unwrap().unwrap();
         assert!(revocations.is_revoked(&facts).await.unwrap());
     }
 

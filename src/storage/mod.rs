@@ -265,6 +265,7 @@ pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
             )
             .await
             .context("connecting to Redis (AUTH_REDIS_URL)")?;
+            check_eviction_policy(&redis, config.redis_allow_evicting_policy).await?;
             let shared = Arc::new(redis.clone());
             Ok(FastState {
                 revocations: shared.clone(),
@@ -280,6 +281,32 @@ pub async fn open_fast_state(config: &Config) -> anyhow::Result<FastState> {
             redis: None,
         }),
     }
+}
+
+/// Revocations live in Redis with a TTL each: a Redis that evicts keys
+/// under memory pressure (`allkeys-*`, and `volatile-*`, which picks among
+/// keys with a TTL) would silently un-revoke tokens. Such a policy stops
+/// start-up unless `redis_allow_evicting_policy`; a Redis that will not say
+/// (CONFIG refused by managed Redis) is started with a warning.
+async fn check_eviction_policy(redis: &RedisStore, allow: bool) -> anyhow::Result<()> {
+    let policies = match redis.maxmemory_policies().await {
+        Ok(policies) => policies,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read Redis's maxmemory-policy: make sure it is noeviction, or revocations may vanish under memory pressure");
+            return Ok(());
+        }
+    };
+    for policy in policies.iter().filter(|p| p.as_str() != "noeviction") {
+        anyhow::ensure!(
+            allow,
+            "Redis maxmemory-policy is {policy}: under memory pressure Redis would delete revocations (revoked tokens would verify again). Set maxmemory-policy noeviction, or redis_allow_evicting_policy = true (AUTH_REDIS_ALLOW_EVICTING_POLICY) to start anyway"
+        );
+        tracing::warn!(
+            policy,
+            "Redis maxmemory-policy evicts keys: revocations may vanish under memory pressure (redis_allow_evicting_policy is on)"
+        );
+    }
+    Ok(())
 }
 
 /// A client span for one store operation (its statements, or its

@@ -299,6 +299,46 @@ impl RedisStore {
         format!("{}rv:{{{user_id}}}:{rest}", self.prefix)
     }
 
+    /// `maxmemory-policy` as CONFIG GET answers it: from the server (the
+    /// master behind Sentinel), or from every seed node of a cluster. An
+    /// error when a node refuses the command (managed Redis often does) or
+    /// cannot be asked.
+    pub async fn maxmemory_policies(&self) -> Result<Vec<String>, BackendError> {
+        async fn ask(
+            conn: &mut impl redis::aio::ConnectionLike,
+        ) -> Result<Option<String>, RedisError> {
+            let mut answer: std::collections::HashMap<String, String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async(conn)
+                .await?;
+            Ok(answer.remove("maxmemory-policy"))
+        }
+        let missing = || BackendError::failed("redis", "CONFIG GET maxmemory-policy: no answer");
+        match &self.conn {
+            Conn::Cluster(_) => {
+                let mut policies = Vec::new();
+                for client in &self.pubsub {
+                    let policy = self
+                        .run("CONFIG GET", async {
+                            let mut conn = client.get_multiplexed_async_connection().await?;
+                            ask(&mut conn).await
+                        })
+                        .await?;
+                    policies.push(policy.ok_or_else(missing)?);
+                }
+                Ok(policies)
+            }
+            _ => {
+                let mut conn = self.conn.clone();
+                let policy = self
+                    .run("CONFIG GET", async move { ask(&mut conn).await })
+                    .await?;
+                Ok(vec![policy.ok_or_else(missing)?])
+            }
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
         self.run("PING", async move {

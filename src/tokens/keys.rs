@@ -38,13 +38,14 @@ pub enum KeyError {
     Unwritable { path: PathBuf, reason: String },
 }
 
-/// All keys of one directory, ready to sign and verify.
+/// All keys of one directory, ready to sign and verify; or no key at all
+/// ([`KeyRing::empty`]), for a process that must hold none.
 pub struct KeyRing {
     /// The earliest activation time still in the future, if any: the ring
     /// must be loaded again then for that key to sign.
     next_activation: Option<OffsetDateTime>,
     signing_kid: String,
-    signing: EncodingKey,
+    signing: Option<EncodingKey>,
     verifying: HashMap<String, DecodingKey>,
     jwks: String,
 }
@@ -102,10 +103,23 @@ impl KeyRing {
         Ok(Self {
             next_activation,
             signing_kid,
-            signing: EncodingKey::from_ed_der(der.as_bytes()),
+            signing: Some(EncodingKey::from_ed_der(der.as_bytes())),
             verifying,
             jwks: json!({ "keys": jwks }).to_string(),
         })
+    }
+
+    /// A ring that signs and verifies nothing and publishes no key: for
+    /// the event worker, which parses broker data and is given no key
+    /// material (its account service only revokes).
+    pub fn empty() -> Self {
+        Self {
+            next_activation: None,
+            signing_kid: String::new(),
+            signing: None,
+            verifying: HashMap::new(),
+            jwks: json!({ "keys": [] }).to_string(),
+        }
     }
 
     pub fn signing_kid(&self) -> &str {
@@ -117,8 +131,9 @@ impl KeyRing {
         self.next_activation
     }
 
-    pub fn signing_key(&self) -> &EncodingKey {
-        &self.signing
+    /// `None` for an [`empty`](KeyRing::empty) ring.
+    pub fn signing_key(&self) -> Option<&EncodingKey> {
+        self.signing.as_ref()
     }
 
     pub fn verifying_key(&self, kid: &str) -> Option<&DecodingKey> {

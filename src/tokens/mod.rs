@@ -136,6 +136,20 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The token as revocation checks see it (`None`: its `jti` carries no
+    /// time, which a verified token's always does).
+    pub fn token_facts(&self) -> Option<TokenFacts> {
+        Some(TokenFacts {
+            keys: RevocationKeys {
+                jti: self.jti,
+                session_id: self.session_id,
+                user_id: self.user_id,
+            },
+            issued_at_ms: issued_at_ms(self.jti)?,
+            expires_at: self.expires_at,
+        })
+    }
+
     /// The caller a verified token names (revocation is the caller's check).
     pub fn from_verified(token: &Verified) -> Self {
         Self {
@@ -272,6 +286,41 @@ impl TokenService {
         revocations: Revocations,
     ) -> Result<Self, KeyError> {
         let ring = KeyRing::load(&keys_dir, config.generate_key_if_missing)?;
+        Ok(Self::with_ring(
+            config,
+            ring,
+            keys_dir,
+            sessions,
+            revocations,
+        ))
+    }
+
+    /// A service that holds no key: it signs and verifies nothing (both
+    /// refuse) and serves revocation only. The event worker's, which must
+    /// not read the signing keys.
+    pub fn without_keys(
+        config: TokenConfig,
+        sessions: Arc<dyn SessionStore>,
+        revocations: Revocations,
+    ) -> Self {
+        let mut config = config;
+        config.generate_key_if_missing = false;
+        Self::with_ring(
+            config,
+            KeyRing::empty(),
+            PathBuf::new(),
+            sessions,
+            revocations,
+        )
+    }
+
+    fn with_ring(
+        config: TokenConfig,
+        ring: KeyRing,
+        keys_dir: PathBuf,
+        sessions: Arc<dyn SessionStore>,
+        revocations: Revocations,
+    ) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&config.issuer]);
         validation.set_audience(&[&config.audience]);
@@ -287,7 +336,7 @@ impl TokenService {
             config.verified_cache_bytes,
             EntryWeight,
         );
-        Ok(Self {
+        Self {
             keys: ArcSwap::from_pointee(ring),
             verified,
             role_sets: std::sync::Mutex::default(),
@@ -298,7 +347,7 @@ impl TokenService {
             device_validation,
             sessions,
             revocations,
-        })
+        }
     }
 
     /// Re-reads the key directory (after `rotate-key`, on SIGHUP). On error
@@ -390,9 +439,12 @@ impl TokenService {
     /// `claims` as a JWT signed with the current signing key (EdDSA, `kid`).
     fn sign_claims(&self, claims: &impl Serialize) -> Result<SecretString, TokenError> {
         let ring = self.keys.load();
+        let key = ring
+            .signing_key()
+            .ok_or_else(|| TokenError::Signing("this process holds no signing key".into()))?;
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(ring.signing_kid().to_owned());
-        jsonwebtoken::encode(&header, claims, ring.signing_key())
+        jsonwebtoken::encode(&header, claims, key)
             .map(SecretString::from)
             .map_err(|e| TokenError::Signing(e.to_string()))
     }
@@ -536,8 +588,12 @@ impl TokenService {
             } => {
                 tracing::warn!(%user_id, %session_id, "refresh token reuse: session revoked");
                 metrics::counter!("refresh_token_reuse_total").increment(1);
-                // The family's access tokens die with it.
-                self.revocations.revoke_session(user_id, session_id).await?;
+                // The family's access tokens die with it: at once on this
+                // replica; in the store now or, if it is down, as soon as
+                // it answers again (the database has revoked the family).
+                self.revocations
+                    .revoke_session_or_retry(user_id, session_id)
+                    .await;
                 Err(TokenError::InvalidRefresh)
             }
             Rotation::Invalid => Err(TokenError::InvalidRefresh),

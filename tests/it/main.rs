@@ -5,6 +5,7 @@ mod support;
 
 mod accounts;
 mod adversarial;
+mod adversarial_low;
 mod authz;
 mod events_worker;
 mod fake_platform;

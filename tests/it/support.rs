@@ -415,11 +415,46 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 pub struct OwnRedis {
     pub url: String,
     child: std::process::Child,
+    /// How it was started, for [`OwnRedis::restart`].
+    args: Vec<String>,
+    port: u16,
 }
 
 impl OwnRedis {
     pub async fn start() -> Self {
         Self::start_with(&[], "redis").await
+    }
+
+    /// A plaintext Redis with `extra` server arguments
+    /// (`["--maxmemory-policy", "allkeys-lru"]`).
+    pub async fn start_args(extra: &[&str]) -> Self {
+        Self::start_with(extra, "redis").await
+    }
+
+    /// Starts it again, killed or not, on the same port with the same
+    /// arguments: it comes back empty (no persistence).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.args, self.port)
+            .await
+            .expect("redis-server starts again on its port");
+    }
+
+    async fn spawn(args: &[String], port: u16) -> Option<std::process::Child> {
+        let mut child = std::process::Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Some(child);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     /// Redis serving only TLS with `pki`'s server certificate, requiring
@@ -460,23 +495,15 @@ impl OwnRedis {
                 .map(|s| s.to_string()),
         );
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = std::process::Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test installs it)");
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Self {
-                    url: format!("{scheme}://127.0.0.1:{port}/"),
-                    child,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let child = Self::spawn(&args, port)
+            .await
+            .expect("redis-server did not start");
+        Self {
+            url: format!("{scheme}://127.0.0.1:{port}/"),
+            child,
+            args,
+            port,
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("redis-server did not start");
     }
 
     pub fn kill(&mut self) {
