@@ -309,7 +309,13 @@ fn check_requests_and_jwts() {
         // The downstream client certificate as Envoy forwards it
         // (URL-encoded PEM), here whatever the input holds.
         attributes.source.get_or_insert_default().certificate = certificate;
-        let answer = runtime.block_on(ext_authz.check(tonic::Request::new(request)));
+        // As the layer stack hands it over for a trusted proxy (a Check
+        // without the stack's Call is refused, tested in adversarial_low).
+        let mut request = tonic::Request::new(request);
+        let mut call = auth_service::grpc::Call::default();
+        call.forwarding_trusted = true;
+        request.extensions_mut().insert(std::sync::Arc::new(call));
+        let answer = runtime.block_on(ext_authz.check(request));
         assert!(
             answer.is_ok(),
             "a CheckRequest with HTTP attributes is always answered"
