@@ -218,10 +218,29 @@ impl RoutePolicy {
             return Err(Malformed::MethodOverride);
         }
         let path = target::canonical_path(path)?;
-        let exact = self.position(method, &path, false);
-        // A backend that routes case-insensitively would serve this path
-        // as the rule that matches without case: it must be the same rule.
-        if self.position(method, &path, true) != exact {
+        let method = if method == "HEAD" { "GET" } else { method };
+        // One pass: the first rule matching exactly and the first matching
+        // without case. A backend that routes case-insensitively would
+        // serve the path as the latter: it must be the same rule.
+        let mut exact = None;
+        let mut any_case = None;
+        for (i, r) in self.routes.iter().enumerate() {
+            if !(r.methods.is_empty() || r.methods.iter().any(|m| m == method)) {
+                continue;
+            }
+            match match_case(&r.pattern, &path) {
+                Match::No => continue,
+                Match::Exact => {
+                    exact.get_or_insert(i);
+                    any_case.get_or_insert(i);
+                    break;
+                }
+                Match::AnyCase => {
+                    any_case.get_or_insert(i);
+                }
+            }
+        }
+        if any_case != exact {
             return Err(Malformed::AmbiguousCase);
         }
         Ok(exact.map(|i| &self.routes[i]))
@@ -240,6 +259,37 @@ impl RoutePolicy {
                 && matches(&r.pattern, path, any_case)
         })
     }
+}
+
+enum Match {
+    No,
+    /// Matches only when case is ignored.
+    AnyCase,
+    Exact,
+}
+
+fn match_case(pattern: &[Segment], path: &str) -> Match {
+    let mut segments = path.split('/').skip(1).filter(|s| !s.is_empty());
+    let mut exact = true;
+    for expected in pattern {
+        match expected {
+            Segment::Rest => break,
+            Segment::One => {
+                if segments.next().is_none() {
+                    return Match::No;
+                }
+            }
+            Segment::Literal(literal) => match segments.next() {
+                Some(s) if s == literal => {}
+                Some(s) if s.eq_ignore_ascii_case(literal) => exact = false,
+                _ => return Match::No,
+            },
+        }
+    }
+    if !matches!(pattern.last(), Some(Segment::Rest)) && segments.next().is_some() {
+        return Match::No;
+    }
+    if exact { Match::Exact } else { Match::AnyCase }
 }
 
 fn matches(pattern: &[Segment], path: &str, any_case: bool) -> bool {

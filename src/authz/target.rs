@@ -31,7 +31,7 @@
 //! headers and a `_method` query parameter are refused, since a backend that
 //! honours them runs another method than the one decided on.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 /// Headers through which some frameworks let a client replace the method.
 pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
@@ -120,9 +120,12 @@ pub fn split_query(target: &str) -> (&str, Option<&str>) {
 
 /// The path as an RFC 3986 backend resolves it, or why it is refused.
 /// `path` excludes the query.
-pub fn canonical_path(path: &str) -> Result<String, Malformed> {
+pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, Malformed> {
     if !path.starts_with('/') {
         return Err(Malformed::NotOriginForm);
+    }
+    if is_canonical(path.as_bytes()) {
+        return Ok(Cow::Borrowed(path));
     }
     let raw = path.as_bytes();
     let mut decoded = Vec::with_capacity(raw.len());
@@ -199,7 +202,49 @@ pub fn canonical_path(path: &str) -> Result<String, Malformed> {
     if out.is_empty() {
         out.push('/');
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
+}
+
+/// The common case, in one pass without allocating: only plain path
+/// characters, no escape, no empty, `.` or `..` segment, no trailing `/`
+/// (the root alone excepted). Such a path is its own canonical form.
+fn is_canonical(raw: &[u8]) -> bool {
+    if raw == b"/" {
+        return true;
+    }
+    let mut segment_start = 0;
+    for (i, &b) in raw.iter().enumerate() {
+        match b {
+            b'/' => {
+                let segment = &raw[segment_start..i];
+                if i > 0 && matches!(segment, b"" | b"." | b"..") {
+                    return false;
+                }
+                segment_start = i + 1;
+            }
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'.'
+            | b'_'
+            | b'~'
+            | b'!'
+            | b'$'
+            | b'&'
+            | b'\''
+            | b'('
+            | b')'
+            | b'*'
+            | b'+'
+            | b','
+            | b'='
+            | b':'
+            | b'@' => {}
+            _ => return false,
+        }
+    }
+    !matches!(&raw[segment_start..], b"" | b"." | b"..")
 }
 
 /// Characters that Unicode compatibility folding (NFKC), "best fit"
@@ -247,6 +292,11 @@ mod tests {
             ("/caf%C3%A9", "/café"),
         ] {
             assert_eq!(canonical_path(raw).as_deref(), Ok(want), "{raw}");
+            // A canonical ASCII path is its own canonical form (decoded
+            // non-ASCII is compared decoded, never sent raw).
+            if want.is_ascii() {
+                assert_eq!(canonical_path(want).as_deref(), Ok(want), "{want}");
+            }
         }
     }
 
