@@ -140,6 +140,8 @@ pub struct Config {
     /// Service identities (a client certificate's SPIFFE URI SAN, else its
     /// DNS SAN) and the roles they hold, e.g.
     /// `[services."spiffe://immersiverse/ns/edge/sa/gateway"] roles = ["gateway"]`.
+    /// A key ending in `/*` gives its roles to every identity one segment
+    /// below it (`spiffe://immersiverse/ns/apps/sa/*`); an exact key wins.
     /// Role `gateway`: `x-forwarded-for` from this peer is trusted (with
     /// client certificates on, from no one else). Role `service`: may read
     /// platform tokens. Role `admin`: admin RPCs (an operator tool).
@@ -195,6 +197,14 @@ pub struct TlsConfig {
     /// How often the files are checked for changes (rotation by
     /// cert-manager or a mesh); new handshakes use new files.
     pub reload_interval_secs: u64,
+    /// Behind a mesh sidecar that terminates mTLS (Istio): the addresses
+    /// that sidecar connects from (Istio: `127.0.0.6`). A call from one of
+    /// them is the caller named by the `x-forwarded-client-cert` the
+    /// sidecar set (its SPIFFE URI, else its DNS name), with that
+    /// identity's `services` roles; from any other address the header is
+    /// ignored. Empty (the default): never read.
+    #[serde(default)]
+    pub xfcc_from: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -795,6 +805,7 @@ impl Default for Config {
                 client_ca: None,
                 client_auth: ClientAuth::None,
                 reload_interval_secs: 10,
+                xfcc_from: Vec::new(),
             },
             services: BTreeMap::new(),
             otel: OtelConfig {
@@ -1213,6 +1224,23 @@ mod tests {
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("grpc_addr"), "{err}");
             assert!(err.contains("AUTH_GRPC_ADDR"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_istio_overlays_sidecar_address_list_is_read_from_its_variable() {
+        figment::Jail::expect_with(|jail| {
+            // As k8s/overlays/istio/auth-service.yaml sets it.
+            jail.set_env("AUTH_TLS__XFCC_FROM", "[127.0.0.6]");
+            let config = Config::load(None).unwrap();
+            assert_eq!(
+                config.tls.xfcc_from,
+                vec!["127.0.0.6".parse::<std::net::IpAddr>().unwrap()]
+            );
+            jail.set_env("AUTH_TLS__XFCC_FROM", "[not-an-address]");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("xfcc_from"), "{err}");
             Ok(())
         });
     }

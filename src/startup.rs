@@ -420,7 +420,12 @@ impl Application {
         let limits = self.config.limits.clone();
         let peers = PeerPolicy {
             services: Arc::new(self.config.services.clone()),
-            gateway_only_forwarding: self.config.tls.client_auth != ClientAuth::None,
+            // Identities come from client certificates or, behind a mesh
+            // sidecar, from the header it sets: either way only a gateway
+            // may forward a client's address.
+            gateway_only_forwarding: self.config.tls.client_auth != ClientAuth::None
+                || !self.config.tls.xfcc_from.is_empty(),
+            xfcc_from: self.config.tls.xfcc_from.clone(),
         };
         let ext_authz = || {
             AuthorizationServer::new(ExtAuthz::new(

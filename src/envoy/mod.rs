@@ -179,6 +179,11 @@ impl Authorization for ExtAuthz {
         // spend another client's per-address budget.
         let call = crate::grpc::Call::required(request.extensions())?;
         let forwarding_trusted = call.forwarding_trusted;
+        let sidecar = call
+            .peer
+            .as_ref()
+            .filter(|p| !forwarding_trusted && p.has_role(crate::grpc::SIDECAR_ROLE))
+            .map(|p| p.identity.clone());
         let caller = (!forwarding_trusted)
             .then(|| call.peer_ip.map(|ip| ip.to_string()))
             .flatten();
@@ -201,8 +206,12 @@ impl Authorization for ExtAuthz {
         // trusted caller (the gateway or a sidecar), like its address.
         let service = attributes
             .and_then(|a| a.source.as_ref())
-            .filter(|_| forwarding_trusted)
+            .filter(|_| forwarding_trusted || sidecar.is_some())
             .and_then(source_identity);
+        // A sidecar's downstream address, within its own budget.
+        let scoped = sidecar
+            .as_ref()
+            .and_then(|identity| peer.map(|addr| format!("{addr}@{identity}")));
         let header = |name: &str| http.headers.get(name).map(String::as_str);
         let path = crate::authz::target::split_query(&http.path).0;
         let access = AccessRequest {
@@ -214,6 +223,8 @@ impl Authorization for ExtAuthz {
             bearer: bearer(header("authorization")),
             client_ip: if forwarding_trusted {
                 client_ip(header("x-forwarded-for"), peer, self.trusted_proxy_hops)
+            } else if sidecar.is_some() {
+                scoped.as_deref().or(caller.as_deref())
             } else {
                 caller.as_deref()
             },

@@ -48,6 +48,14 @@ use pb::auth_service_server::AuthService;
 /// The role of a peer whose `x-forwarded-for` is trusted.
 pub const GATEWAY_ROLE: &str = "gateway";
 
+/// The role of a mesh sidecar asking ext_authz about the requests to its
+/// own workload: its CheckRequest's downstream address (the TCP peer it
+/// saw) and verified client identity are believed, but the address counts
+/// only within this sidecar's own budget (`<address>@<identity>`), so a
+/// compromised sidecar can spend no one else's; its `x-forwarded-for` is
+/// not believed.
+pub const SIDECAR_ROLE: &str = "sidecar";
+
 pub struct AuthApi {
     accounts: Arc<AccountService>,
     service_accounts: Arc<ServiceAccounts>,
@@ -74,6 +82,106 @@ pub struct PeerPolicy {
     /// a peer holding the `gateway` role; any other caller's address is its
     /// own (it cannot claim another to escape the per-address lockout).
     pub gateway_only_forwarding: bool,
+    /// `tls.xfcc_from`: the local mesh proxy's addresses, whose
+    /// `x-forwarded-client-cert` names the caller.
+    pub xfcc_from: Vec<std::net::IpAddr>,
+}
+
+impl PeerPolicy {
+    /// The roles `services` gives `identity`: its own key, else the
+    /// longest `…/*` key whose prefix it extends by one segment.
+    pub fn roles_of(&self, identity: &str) -> Vec<String> {
+        if let Some(s) = self.services.get(identity) {
+            return s.roles.clone();
+        }
+        self.services
+            .iter()
+            .filter_map(|(key, s)| {
+                let prefix = key.strip_suffix('*')?;
+                let rest = identity.strip_prefix(prefix)?;
+                (prefix.ends_with('/') && !rest.is_empty() && !rest.contains('/'))
+                    .then_some((prefix.len(), s))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, s)| s.roles.clone())
+            .unwrap_or_default()
+    }
+
+    /// The caller a trusted local mesh proxy names in
+    /// `x-forwarded-client-cert`, when `remote` is one of `tls.xfcc_from`.
+    pub fn peer_from_xfcc(
+        &self,
+        remote: Option<std::net::IpAddr>,
+        header: Option<&http::HeaderValue>,
+    ) -> Option<Peer> {
+        if !remote.is_some_and(|ip| self.xfcc_from.contains(&ip)) {
+            return None;
+        }
+        let identity = identity_from_xfcc(header?.to_str().ok()?)?;
+        Some(Peer {
+            roles: self.roles_of(&identity),
+            identity,
+        })
+    }
+}
+
+/// The identity in an `x-forwarded-client-cert` value (Envoy's format:
+/// elements separated by `,`, each `Key=value` pairs separated by `;`,
+/// values optionally quoted): of the last element (the nearest proxy's),
+/// its SPIFFE `URI`, else its first `DNS`. `None` for anything malformed.
+pub fn identity_from_xfcc(value: &str) -> Option<String> {
+    if value.len() > 8192 {
+        return None;
+    }
+    // Split on separators outside quotes.
+    let mut elements: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    let (mut key, mut val, mut in_value, mut quoted) = (String::new(), String::new(), false, false);
+    let mut chars = value.chars();
+    let flush = |elements: &mut Vec<Vec<(String, String)>>, key: &mut String, val: &mut String| {
+        if !key.is_empty() {
+            elements.last_mut().expect("never empty").push((
+                std::mem::take(key).trim().to_ascii_lowercase(),
+                std::mem::take(val),
+            ));
+        }
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if in_value => quoted = !quoted,
+            '\\' if quoted => val.push(chars.next()?),
+            ';' if !quoted => {
+                flush(&mut elements, &mut key, &mut val);
+                in_value = false;
+            }
+            ',' if !quoted => {
+                flush(&mut elements, &mut key, &mut val);
+                in_value = false;
+                elements.push(Vec::new());
+            }
+            '=' if !in_value => in_value = true,
+            c if in_value => val.push(c),
+            c => key.push(c),
+        }
+    }
+    if quoted {
+        return None;
+    }
+    flush(&mut elements, &mut key, &mut val);
+    let last = elements.last()?;
+    let uri = last
+        .iter()
+        .find(|(k, v)| k == "uri" && v.starts_with("spiffe://"))
+        .map(|(_, v)| v.clone());
+    let identity = uri.or_else(|| {
+        last.iter()
+            .find(|(k, _)| k == "dns")
+            .map(|(_, v)| v.clone())
+    })?;
+    (!identity.is_empty()
+        && !identity
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control()))
+    .then_some(identity)
 }
 
 /// A verified client certificate's identity and its configured roles.
@@ -97,12 +205,10 @@ pub fn peer_from_connection(extensions: &http::Extensions, policy: &PeerPolicy) 
         .get::<TlsConnectInfo<TcpConnectInfo>>()?
         .peer_certs()?;
     let identity = crate::tls::certificate_identity(certs.first()?.as_ref())?;
-    let roles = policy
-        .services
-        .get(&identity)
-        .map(|s| s.roles.clone())
-        .unwrap_or_default();
-    Some(Peer { identity, roles })
+    Some(Peer {
+        roles: policy.roles_of(&identity),
+        identity,
+    })
 }
 
 impl AuthApi {
@@ -726,5 +832,80 @@ impl AuthService for AuthApi {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServiceIdentity;
+
+    #[test]
+    fn the_identity_is_the_nearest_proxys_spiffe_uri_else_its_dns_name() {
+        let istio = r#"By=spiffe://cluster.local/ns/immersiverse-auth/sa/auth-service;Hash=4f3a;Subject="";URI=spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"#;
+        assert_eq!(
+            identity_from_xfcc(istio).as_deref(),
+            Some("spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account")
+        );
+        // Two elements: the last was appended by the nearest proxy; a quoted
+        // subject may hold separators.
+        let chained =
+            r#"URI=spiffe://x/ns/a/sa/far,Subject="CN=a,O=b;c";URI=spiffe://x/ns/b/sa/near"#;
+        assert_eq!(
+            identity_from_xfcc(chained).as_deref(),
+            Some("spiffe://x/ns/b/sa/near")
+        );
+        assert_eq!(
+            identity_from_xfcc("Hash=1;DNS=svc.example;DNS=other").as_deref(),
+            Some("svc.example")
+        );
+        for bad in [
+            "",
+            "Hash=1",
+            "URI=\"unterminated",
+            "URI=http://not-spiffe",
+            "DNS=a b",
+        ] {
+            assert_eq!(identity_from_xfcc(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_trailing_star_gives_roles_one_segment_down_and_an_exact_key_wins() {
+        let services = [
+            ("spiffe://m/ns/apps/sa/*", "sidecar"),
+            ("spiffe://m/ns/apps/sa/edge", "gateway"),
+        ]
+        .into_iter()
+        .map(|(k, r)| {
+            (
+                k.to_owned(),
+                ServiceIdentity {
+                    roles: vec![r.into()],
+                },
+            )
+        })
+        .collect();
+        let policy = PeerPolicy {
+            services: Arc::new(services),
+            gateway_only_forwarding: true,
+            xfcc_from: vec!["127.0.0.6".parse().unwrap()],
+        };
+        assert_eq!(policy.roles_of("spiffe://m/ns/apps/sa/chat"), ["sidecar"]);
+        assert_eq!(policy.roles_of("spiffe://m/ns/apps/sa/edge"), ["gateway"]);
+        for none in [
+            "spiffe://m/ns/apps/sa/",
+            "spiffe://m/ns/apps/sa/a/b",
+            "spiffe://m/ns/other/sa/chat",
+            "spiffe://m/ns/apps/sa*",
+        ] {
+            assert!(policy.roles_of(none).is_empty(), "{none}");
+        }
+        // The header is believed only from the configured proxy addresses.
+        let header = http::HeaderValue::from_static("URI=spiffe://m/ns/apps/sa/edge");
+        let from = |ip: &str| policy.peer_from_xfcc(Some(ip.parse().unwrap()), Some(&header));
+        assert_eq!(from("127.0.0.6").unwrap().roles, ["gateway"]);
+        assert_eq!(from("127.0.0.1"), None);
+        assert_eq!(from("10.0.0.6"), None);
     }
 }

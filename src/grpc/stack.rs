@@ -445,7 +445,12 @@ impl Shared {
                 .map(TlsConnectInfo::get_ref)
         });
         let remote = tcp.and_then(TcpConnectInfo::remote_addr);
-        let peer = super::peer_from_connection(extensions, &self.peers);
+        let peer = super::peer_from_connection(extensions, &self.peers).or_else(|| {
+            self.peers.peer_from_xfcc(
+                remote.map(|a| a.ip()),
+                headers.get("x-forwarded-client-cert"),
+            )
+        });
         let forwarding_trusted = !self.peers.gateway_only_forwarding
             || peer.as_ref().is_some_and(|p| p.has_role(GATEWAY_ROLE));
         let hops = if forwarding_trusted {

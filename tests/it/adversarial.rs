@@ -673,3 +673,236 @@ mod throttling {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Class: the wrong party (who may move a client's address, and so its
+// per-address budget), in each shipped deployment
+// ---------------------------------------------------------------------------
+
+mod trust {
+    use auth_service::{config::Config, ratelimit::quota::Limit};
+    use envoy_types::{
+        ext_authz::v3::pb::{CheckRequest, HttpResponse},
+        pb::envoy::{
+            config::core::v3::{Address, SocketAddress, address},
+            service::auth::v3::{
+                AttributeContext, attribute_context, authorization_client::AuthorizationClient,
+            },
+        },
+    };
+    use tonic::transport::{Channel, Endpoint};
+
+    use crate::{
+        k8s::{object, render},
+        support::{Backend, TestApp},
+    };
+
+    const ISTIO_GATEWAY: &str =
+        "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account";
+    const ISTIO_APP: &str = "spiffe://cluster.local/ns/immersiverse-apps/sa/chat";
+    const ISTIO_OTHER_APP: &str = "spiffe://cluster.local/ns/immersiverse-apps/sa/feed";
+
+    /// The shipped base configuration (k8s/base/config.toml), as the pods
+    /// load it.
+    fn shipped() -> Config {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/base/config.toml"),
+        )
+        .unwrap();
+        Config::from_toml(&text).unwrap()
+    }
+
+    /// A connection from `source` (a loopback address of its own).
+    async fn from(source: &str, app: &TestApp) -> AuthorizationClient<Channel> {
+        let channel = Endpoint::from_shared(format!("http://{}", app.grpc_addr))
+            .unwrap()
+            .local_address(Some(source.parse().unwrap()))
+            .connect()
+            .await
+            .unwrap();
+        AuthorizationClient::new(channel)
+    }
+
+    /// `POST /v1/users` (public, limited per address) as a proxy asks
+    /// about it: the client's `x-forwarded-for`, the downstream address it
+    /// saw, and the caller named by `x-forwarded-client-cert` (as the local
+    /// sidecar sets it). The HTTP status of a denial, or 200.
+    async fn check(
+        client: &mut AuthorizationClient<Channel>,
+        xfcc: Option<&str>,
+        forwarded: &str,
+        downstream: &str,
+    ) -> i32 {
+        let mut request = tonic::Request::new(CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(attribute_context::Peer {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: downstream.into(),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                }),
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        method: "POST".into(),
+                        path: "/v1/users".into(),
+                        headers: [("x-forwarded-for".to_owned(), forwarded.to_owned())]
+                            .into_iter()
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        });
+        if let Some(xfcc) = xfcc {
+            request.metadata_mut().insert(
+                "x-forwarded-client-cert",
+                format!("URI={xfcc}").parse().unwrap(),
+            );
+        }
+        let response = client.check(request).await.unwrap().into_inner();
+        match response.http_response {
+            Some(HttpResponse::DeniedResponse(d)) => d.status.map_or(0, |s| s.code),
+            _ => 200,
+        }
+    }
+
+    /// Wrong party, Istio overlay as shipped: behind auth-service's own
+    /// sidecar (calls from 127.0.0.6, the caller named in
+    /// x-forwarded-client-cert), only the ingress gateway moves a client's
+    /// address; a workload's sidecar spends only its own budget, whatever
+    /// address it claims; the header from anywhere else names no one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_istio_only_the_ingress_gateway_forwards_client_addresses() {
+        let rendered = render("k8s/overlays/istio");
+        let deployment = object(&rendered, "Deployment", "auth-service");
+        let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+        let xfcc_from = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "AUTH_TLS__XFCC_FROM")
+            .and_then(|e| e["value"].as_str())
+            .expect("the Istio overlay names its sidecar's address");
+        assert_eq!(xfcc_from, "[127.0.0.6]");
+        let shipped = shipped();
+        let app = TestApp::spawn_with(Backend::Embedded, |c| {
+            c.services = shipped.services.clone();
+            c.tls.xfcc_from = vec!["127.0.0.6".parse().unwrap()];
+            c.authz.rate_limits.get_mut("public").unwrap().per_ip = Some(Limit {
+                requests: 1,
+                per_secs: 60,
+                burst: 2,
+            });
+        })
+        .await;
+        let mut sidecar_path = from("127.0.0.6", &app).await;
+        // The ingress gateway: each client address has its own budget.
+        for i in 0..4 {
+            let forwarded = format!("198.51.100.{i}");
+            assert_eq!(
+                check(
+                    &mut sidecar_path,
+                    Some(ISTIO_GATEWAY),
+                    &forwarded,
+                    "10.0.0.9"
+                )
+                .await,
+                200
+            );
+        }
+        let same: Vec<i32> = futures_all(&mut sidecar_path, Some(ISTIO_GATEWAY), |_| {
+            ("203.0.113.7".into(), "10.0.0.9".into())
+        })
+        .await;
+        assert_eq!(same, [200, 200, 429], "one client's budget");
+        // A workload's sidecar claiming a new client address each time:
+        // its own budget, for the one downstream address it saw.
+        let rotating = futures_all(&mut sidecar_path, Some(ISTIO_APP), |i| {
+            (format!("192.0.2.{i}"), "10.1.1.1".into())
+        })
+        .await;
+        assert_eq!(rotating, [200, 200, 429], "x-forwarded-for from a sidecar");
+        // Another workload's sidecar with the same downstream address is
+        // not limited by the first one's spending.
+        let other = futures_all(&mut sidecar_path, Some(ISTIO_OTHER_APP), |i| {
+            (format!("192.0.2.{i}"), "10.1.1.1".into())
+        })
+        .await;
+        assert_eq!(other, [200, 200, 429], "each sidecar's own budget");
+        // The gateway's identity claimed from another address than the
+        // sidecar's: no identity, its own address's budget.
+        let mut elsewhere = from("127.0.0.1", &app).await;
+        let spoofed = futures_all(&mut elsewhere, Some(ISTIO_GATEWAY), |i| {
+            (format!("198.51.100.{}", 100 + i), "10.0.0.9".into())
+        })
+        .await;
+        assert_eq!(
+            spoofed,
+            [200, 200, 429],
+            "x-forwarded-client-cert from a non-sidecar"
+        );
+    }
+
+    /// Three Checks in a row from `client` as `xfcc`, with the
+    /// (x-forwarded-for, downstream) that `at(i)` gives.
+    async fn futures_all(
+        client: &mut AuthorizationClient<Channel>,
+        xfcc: Option<&str>,
+        at: impl Fn(usize) -> (String, String),
+    ) -> Vec<i32> {
+        let mut out = Vec::new();
+        for i in 0..3 {
+            let (forwarded, downstream) = at(i);
+            out.push(check(client, xfcc, &forwarded, &downstream).await);
+        }
+        out
+    }
+
+    /// Wrong party, base and production deployments as shipped: the shipped
+    /// identities hold the roles the README gives them, and the production
+    /// gateway keeps each client's own address (a layer-4 load balancer
+    /// with `externalTrafficPolicy: Local`, Envoy trusting no hop).
+    #[test]
+    fn the_shipped_identities_and_the_edge_service_keep_client_addresses() {
+        let shipped = shipped();
+        let policy = auth_service::grpc::PeerPolicy {
+            services: std::sync::Arc::new(shipped.services.clone()),
+            gateway_only_forwarding: true,
+            xfcc_from: Vec::new(),
+        };
+        for (identity, roles) in [
+            (
+                "spiffe://immersiverse/ns/immersiverse-auth/sa/envoy-gateway",
+                vec!["gateway"],
+            ),
+            (
+                "spiffe://immersiverse/ns/immersiverse-apps/sa/chat",
+                vec!["sidecar"],
+            ),
+            (
+                "spiffe://immersiverse/ns/immersiverse-auth/sa/example-app",
+                vec!["sidecar"],
+            ),
+            (ISTIO_GATEWAY, vec!["gateway"]),
+            (ISTIO_APP, vec!["sidecar"]),
+            ("spiffe://immersiverse/ns/other/sa/x", vec![]),
+        ] {
+            assert_eq!(policy.roles_of(identity), roles, "{identity}");
+        }
+        let rendered = render("k8s/overlays/production");
+        let service = object(&rendered, "Service", "envoy-gateway");
+        assert_eq!(service["spec"]["type"], "LoadBalancer");
+        assert_eq!(service["spec"]["externalTrafficPolicy"], "Local");
+        let gateway = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/gateway.yaml"),
+        )
+        .unwrap();
+        assert!(gateway.contains("use_remote_address: true"));
+        assert!(gateway.contains("xff_num_trusted_hops: 0"));
+    }
+}

@@ -34,7 +34,7 @@ use crate::support::{PASSWORD, TestPki, env_url, fresh_postgres_url, http, http_
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// `kubectl kustomize` of a directory under the repository, as JSON values.
-fn render(dir: &str) -> Vec<Value> {
+pub(crate) fn render(dir: &str) -> Vec<Value> {
     let kubectl = std::env::var("KUBECTL")
         .expect("KUBECTL is not set: run the suite with scripts/test, which installs kubectl");
     let output = Command::new(kubectl)
@@ -55,7 +55,7 @@ fn render(dir: &str) -> Vec<Value> {
 
 /// The object of `kind` named `name` (a generated ConfigMap's name carries
 /// a content hash after it).
-fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+pub(crate) fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| {
             let n = d["metadata"]["name"].as_str().unwrap_or_default();
@@ -1000,13 +1000,15 @@ fn the_istio_overlay_sends_its_custom_policy_to_the_declared_provider() {
             .any(|p| p["name"] == "grpc" && p["port"] == grpc["port"]),
         "the provider's port is the Service's gRPC port"
     );
-    // Istio's sidecar terminates mTLS: the server has no TLS of its own,
-    // and the Envoy gateway (Istio's ingress gateway replaces it) is gone.
+    // Istio's sidecar terminates mTLS: the server has no TLS of its own
+    // (it names its callers by the sidecar's x-forwarded-client-cert), and
+    // the Envoy gateway (Istio's ingress gateway replaces it) is gone.
     let env = &server["spec"]["template"]["spec"]["containers"][0]["env"];
     assert!(
-        !list(env)
-            .iter()
-            .any(|e| str_of(&e["name"]).starts_with("AUTH_TLS__")),
+        !list(env).iter().any(|e| {
+            let name = str_of(&e["name"]);
+            name.starts_with("AUTH_TLS__") && name != "AUTH_TLS__XFCC_FROM"
+        }),
         "{env}"
     );
     assert!(!docs.iter().any(|d| {
