@@ -529,6 +529,24 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
 
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicU64::new(0));
+    // FLOOD_SHAPE: `open` (each loop at its pace: RATE/s in all, the
+    // default), `closed` (each loop sends its next attempt as soon as the
+    // last is answered: as fast as the service answers), `ramp` (open
+    // loop rising from 5 % of RATE to RATE over the run), `mixed` (open
+    // loop, half the loops from the fixed sources, half from a fresh
+    // address per attempt).
+    let shape: &'static str = match std::env::var("FLOOD_SHAPE").as_deref() {
+        Ok("closed") => "closed",
+        Ok("ramp") => "ramp",
+        Ok("mixed") => "mixed",
+        _ => "open",
+    };
+    let sources = if shape == "mixed" && sources == 0 {
+        64
+    } else {
+        sources
+    };
+    let flood_started = Instant::now();
     let fixed: Arc<Vec<reqwest::Client>> = Arc::new(
         (0..sources)
             .map(|id| gateway_client(loopback(id)))
@@ -541,8 +559,22 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
             tokio::spawn(async move {
                 let (mut refused, mut answered, mut other) = (Vec::new(), 0u64, 0u64);
                 let mut pace = flood_pace(i, attackers, rate);
+                let fresh = fresh || (shape == "mixed" && i % 2 == 0);
                 while !stop.load(Ordering::Relaxed) {
-                    pace.tick().await;
+                    match shape {
+                        "closed" => {}
+                        "ramp" => {
+                            let share = (flood_started.elapsed().as_secs_f64() / seconds as f64)
+                                .clamp(0.05, 1.0);
+                            tokio::time::sleep(Duration::from_secs_f64(
+                                attackers as f64 / (rate as f64 * share),
+                            ))
+                            .await;
+                        }
+                        _ => {
+                            pace.tick().await;
+                        }
+                    }
                     let n = counter.fetch_add(1, Ordering::Relaxed);
                     let client = if fresh {
                         gateway_client(loopback(n))
@@ -573,7 +605,7 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
         sources.to_string()
     };
     let what = format!(
-        "gateway flood: {attackers} loops at {rate}/s from {sources} loopback sources (hashed: 401, refused: 503/429)"
+        "gateway flood ({shape}): {attackers} loops at {rate}/s from {sources} loopback sources (hashed: 401, refused: 503/429)"
     );
     flood_report(&what, "gateway, ", started, tasks, real).await;
 }

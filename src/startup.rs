@@ -76,6 +76,7 @@ impl Services {
             )
             .context("loading signing keys")?,
         );
+        let lockout = LoginLockout::new(fast.failures.clone(), config.lockout.clone());
         let accounts = account_service(config, &database, fast.failures, tokens.clone()).await?;
         let limiter = RateLimiter::new(
             fast.quota.clone(),
@@ -109,6 +110,8 @@ impl Services {
             service_accounts: Arc::new(ServiceAccounts::new(
                 database.service_accounts.clone(),
                 tokens.clone(),
+                lockout,
+                database.users.clone(),
             )),
             revocation_feed: RevocationFeed::new(
                 database.revocation_log.clone(),

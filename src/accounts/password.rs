@@ -132,6 +132,14 @@ pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(10);
 /// quiet: someone new, or back after a while.
 const QUIET_USAGE: f64 = 1.0;
 
+/// ... and has made fewer than this many attempts recently (decayed like
+/// usage), hashed or refused. Usage alone is not enough: under a flood
+/// that is mostly refused (a closed loop, or addresses locked out), each
+/// flooding address hashes little, and would look as quiet as a newcomer
+/// while it sends tens of attempts a second. A person retrying a typo a
+/// few times stays quiet.
+const QUIET_ATTEMPTS: f64 = 4.0;
+
 /// The lane takes quiet sources' jobs only while they are less than this
 /// share of the recent demand (see [`Demand`]). Under a
 /// flood from a few addresses the share is small and a new user's login goes
@@ -270,6 +278,8 @@ impl Demand {
 struct QueueState {
     waiting: Vec<Queued>,
     usage: Usage,
+    /// Attempts per source (admitted or refused), decaying like `usage`.
+    attempts: Usage,
     demand: Demand,
     /// How long a general worker takes per job now, wall clock (moving
     /// average): what the queue drains at, contention included.
@@ -285,6 +295,7 @@ impl QueueState {
     fn quiet(&self, source: Option<&Arc<str>>, now: Instant, waiting: usize) -> bool {
         source.is_some()
             && self.usage.of(source, now) < QUIET_USAGE
+            && self.attempts.of(source, now) < QUIET_ATTEMPTS
             && self
                 .waiting
                 .iter()
@@ -295,9 +306,12 @@ impl QueueState {
 
     /// Counts an attempt to queue a job for `admission` in the demand.
     fn note_demand(&mut self, admission: &Admission, now: Instant) {
-        if !admission.known_device && admission.source.is_some() {
-            let quiet = self.quiet(admission.source.as_ref(), now, 0);
+        if !admission.known_device
+            && let Some(source) = &admission.source
+        {
+            let quiet = self.quiet(Some(source), now, 0);
             self.demand.add(quiet, now);
+            self.attempts.add(source, now);
         }
     }
 }

@@ -22,8 +22,10 @@ use super::{
     service::AdminCaller,
 };
 use crate::{
+    accounts::store::UserStore,
     error::{BackendError, FieldViolation, Violations},
     events::{EventType, OutboxEvent, RequestContext},
+    ratelimit::{Attempt, LoginLockout, ServiceSecret},
     tokens::TokenService,
 };
 
@@ -80,6 +82,11 @@ pub struct ServiceToken {
 pub struct ServiceAccounts {
     store: Arc<dyn ServiceAccountStore>,
     tokens: Arc<TokenService>,
+    /// A secret check is throttled like a login: per (account, address),
+    /// per address and per account, reserved before it is compared.
+    lockout: LoginLockout,
+    /// Where a refused secret is audited (`login_failed`).
+    audit_log: Arc<dyn UserStore>,
 }
 
 fn hash(secret: &str) -> [u8; 32] {
@@ -118,8 +125,18 @@ fn audit(
 }
 
 impl ServiceAccounts {
-    pub fn new(store: Arc<dyn ServiceAccountStore>, tokens: Arc<TokenService>) -> Self {
-        Self { store, tokens }
+    pub fn new(
+        store: Arc<dyn ServiceAccountStore>,
+        tokens: Arc<TokenService>,
+        lockout: LoginLockout,
+        audit_log: Arc<dyn UserStore>,
+    ) -> Self {
+        Self {
+            store,
+            tokens,
+            lockout,
+            audit_log,
+        }
     }
 
     /// The account `id` names, or NotFound.
@@ -238,7 +255,16 @@ impl ServiceAccounts {
         &self,
         client_id: &str,
         client_secret: &str,
+        ctx: &RequestContext,
     ) -> Result<ServiceToken, AccountError> {
+        // The token's issue time is when the request read the account: a
+        // rotation or deletion that commits after the read raises the
+        // account's epoch past it, so the token dies with the old secret.
+        let started = OffsetDateTime::now_utc();
+        let subject = format!("service-account:{}", client_id.trim());
+        let subject = ServiceSecret(&subject);
+        let attempt = Attempt::From(ctx.client_ip.as_deref().unwrap_or("unknown"));
+        self.lockout.reserve(&subject, attempt).await?;
         let presented = hash(client_secret);
         let found = match Uuid::parse_str(client_id.trim()) {
             Ok(id) => self.store.service_account(id).await?,
@@ -253,11 +279,16 @@ impl ServiceAccounts {
         let matches: bool = presented.ct_eq(&stored).into();
         let Some(account) = account.filter(|_| matches) else {
             metrics::counter!("service_tokens_total", "outcome" => "refused").increment(1);
+            self.audit_log
+                .append_event(&OutboxEvent::login_failed(None, "bad_service_secret", ctx))
+                .await?;
             return Err(AccountError::InvalidCredentials);
         };
-        let (access_token, expires_in) = self
-            .tokens
-            .issue_service_token(account.id, &account.roles)?;
+        self.lockout.record_success(&subject, attempt).await?;
+        crate::pause::point("service_token.before_sign").await;
+        let (access_token, expires_in) =
+            self.tokens
+                .issue_service_token(account.id, &account.roles, started)?;
         metrics::counter!("service_tokens_total", "outcome" => "issued").increment(1);
         Ok(ServiceToken {
             access_token,

@@ -809,6 +809,8 @@ impl AuthService for AuthApi {
         &self,
         request: Request<pb::IssueServiceTokenRequest>,
     ) -> Result<Response<pb::IssueServiceTokenResponse>, Status> {
+        let call = Call::required(request.extensions())?;
+        let ctx = call.context();
         let body = request.into_inner();
         reply(async {
             if body.client_id.len() > 64 || body.client_secret.len() > 256 {
@@ -816,7 +818,7 @@ impl AuthService for AuthApi {
             }
             let token = self
                 .service_accounts
-                .issue_token(&body.client_id, &body.client_secret)
+                .issue_token(&body.client_id, &body.client_secret, &ctx)
                 .await
                 .map_err(|e| match e {
                     crate::accounts::AccountError::InvalidCredentials => {

@@ -73,6 +73,28 @@ pub enum LockoutError {
     Backend(#[from] BackendError),
 }
 
+/// What a secret check is about, as the lockout counts it: a login name
+/// as typed, or another secret's owner (a service account's id).
+pub trait Subject {
+    fn subject(&self) -> &str;
+}
+
+impl Subject for LoginName {
+    fn subject(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// The secret of a service account: counted under its own subject, apart
+/// from any login name.
+pub struct ServiceSecret<'a>(pub &'a str);
+
+impl Subject for ServiceSecret<'_> {
+    fn subject(&self) -> &str {
+        self.0
+    }
+}
+
 #[derive(Clone)]
 pub struct LoginLockout {
     counter: Arc<dyn FailureCounter>,
@@ -98,13 +120,13 @@ impl LoginLockout {
         Self { counter, config }
     }
 
-    fn account_key(login: &LoginName) -> String {
-        // The login name is hashed so counter keys do not store emails.
-        hex::encode(&Sha256::digest(login.as_str().as_bytes())[..16])
+    fn account_key(subject: &str) -> String {
+        // The subject is hashed so counter keys do not store emails.
+        hex::encode(&Sha256::digest(subject.as_bytes())[..16])
     }
 
-    fn keys(&self, login: &LoginName, attempt: Attempt<'_>) -> Keys {
-        let account = Self::account_key(login);
+    fn keys(&self, login: &impl Subject, attempt: Attempt<'_>) -> Keys {
+        let account = Self::account_key(login.subject());
         let c = &self.config;
         Keys(match attempt {
             Attempt::From(client_ip) => vec![
@@ -133,7 +155,7 @@ impl LoginLockout {
     /// failure unless [`Self::record_success`] follows.
     pub async fn reserve(
         &self,
-        login: &LoginName,
+        login: &impl Subject,
         attempt: Attempt<'_>,
     ) -> Result<(), LockoutError> {
         let keys = self.keys(login, attempt);
@@ -163,7 +185,7 @@ impl LoginLockout {
     /// was then not tried (refused for capacity before hashing).
     pub async fn release(
         &self,
-        login: &LoginName,
+        login: &impl Subject,
         attempt: Attempt<'_>,
     ) -> Result<(), BackendError> {
         let keys = self.keys(login, attempt);
@@ -172,7 +194,11 @@ impl LoginLockout {
 
     /// Refuses the attempt while any of its keys is at its limit (a check
     /// only: see [`Self::reserve`] for an attempt that will be tried).
-    pub async fn check(&self, login: &LoginName, attempt: Attempt<'_>) -> Result<(), LockoutError> {
+    pub async fn check(
+        &self,
+        login: &impl Subject,
+        attempt: Attempt<'_>,
+    ) -> Result<(), LockoutError> {
         let keys = self.keys(login, attempt);
         let counts = self.counter.counts(&Self::names(&keys)).await?;
         let retry_after = counts
@@ -195,7 +221,7 @@ impl LoginLockout {
     /// progress elsewhere).
     pub async fn record_success(
         &self,
-        login: &LoginName,
+        login: &impl Subject,
         attempt: Attempt<'_>,
     ) -> Result<(), BackendError> {
         let keys = self.keys(login, attempt);

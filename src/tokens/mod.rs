@@ -419,9 +419,10 @@ impl TokenService {
         &self,
         account_id: Uuid,
         roles: &[String],
+        issued_at: OffsetDateTime,
     ) -> Result<(SecretString, i64), TokenError> {
         let ttl = i64::try_from(self.config.access_ttl_secs).unwrap_or(i64::MAX / 4);
-        let iat = crate::unix_now();
+        let iat = issued_at.unix_timestamp();
         let claims = Claims {
             iss: self.config.issuer.clone(),
             aud: self.config.audience.clone(),
@@ -429,7 +430,7 @@ impl TokenService {
             exp: iat + ttl,
             iat,
             nbf: iat,
-            jti: Uuid::now_v7(),
+            jti: jti_at(issued_at),
             sid: account_id,
             roles: roles.to_vec(),
         };

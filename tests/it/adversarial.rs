@@ -906,3 +906,97 @@ mod trust {
         assert!(gateway.contains("xff_num_trusted_hops: 0"));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Class: service-account secrets (guessing; a token racing a rotation)
+// ---------------------------------------------------------------------------
+
+mod service_secrets {
+    use auth_service::grpc::pb;
+    use tonic::Code;
+
+    use crate::{
+        on_both_backends,
+        support::{TestApp, bearer},
+    };
+
+    async fn account(app: &mut TestApp, admin: &str) -> (String, String) {
+        let created = app
+            .client
+            .create_service_account(bearer(
+                pb::CreateServiceAccountRequest {
+                    name: "ingest".into(),
+                    roles: vec!["service".into()],
+                },
+                admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        (created.account.unwrap().id, created.client_secret)
+    }
+
+    async fn issue(app: &TestApp, id: &str, secret: &str) -> Result<String, tonic::Status> {
+        app.client
+            .clone()
+            .issue_service_token(pb::IssueServiceTokenRequest {
+                client_id: id.into(),
+                client_secret: secret.into(),
+            })
+            .await
+            .map(|r| r.into_inner().access_token)
+    }
+
+    on_both_backends! {
+        /// Guessing a service account's secret is throttled like a login,
+        /// and each wrong one is audited as a failed login.
+        async fn service_secret_guesses_are_throttled_and_audited(app) {
+            let admin = app.admin().await.access_token;
+            let (id, secret) = account(&mut app, &admin).await;
+            let before = app.events().await.iter().filter(|e| e.event_type == "login_failed").count();
+            let mut codes = Vec::new();
+            for i in 0..7 {
+                codes.push(issue(&app, &id, &format!("ivsa_guess{i}")).await.unwrap_err().code());
+            }
+            assert_eq!(&codes[..5], &[Code::Unauthenticated; 5], "{codes:?}");
+            assert_eq!(&codes[5..], &[Code::ResourceExhausted; 2], "{codes:?}");
+            // Locked from this address, even with the right secret.
+            assert_eq!(issue(&app, &id, &secret).await.unwrap_err().code(), Code::ResourceExhausted);
+            let after = app.events().await.iter().filter(|e| e.event_type == "login_failed").count();
+            assert_eq!(after - before, 5);
+        }
+
+        /// Race: a token issued for a secret read before a rotation that
+        /// commits before the token is signed dies with the old secret.
+        async fn a_service_token_racing_a_rotation_dies_with_the_old_secret(app) {
+            let admin = app.admin().await.access_token;
+            let (id, secret) = account(&mut app, &admin).await;
+            let mut held = auth_service::pause::hold("service_token.before_sign");
+            let issuing = {
+                let (app_client, id, secret) = (app.client.clone(), id.clone(), secret.clone());
+                tokio::spawn(async move {
+                    let mut client = app_client;
+                    client
+                        .issue_service_token(pb::IssueServiceTokenRequest {
+                            client_id: id,
+                            client_secret: secret,
+                        })
+                        .await
+                        .map(|r| r.into_inner().access_token)
+                })
+            };
+            held.reached().await;
+            app.client
+                .rotate_service_account_secret(bearer(
+                    pb::RotateServiceAccountSecretRequest { id: id.clone() },
+                    &admin,
+                ))
+                .await
+                .unwrap();
+            held.release();
+            let token = issuing.await.unwrap().expect("the secret was valid when read");
+            let valid = app.validate(&token).await;
+            assert!(valid.is_err(), "a token of the rotated secret is still accepted: {valid:?}");
+        }
+    }
+}
