@@ -25,7 +25,7 @@ use oauth2::{
     AccessToken, AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
     EndpointNotSet, EndpointSet, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
     RequestTokenError, Scope, TokenResponse, TokenUrl,
-    basic::{BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse},
+    basic::{BasicRevocationErrorResponse, BasicTokenIntrospectionResponse},
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -167,8 +167,23 @@ fn scope_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Scope>>, D::
     }))
 }
 
+/// A token endpoint's error body, whatever its shape, kept whole so the
+/// failure is classified by what it means ([`classify`]), not by whether
+/// one parser happened to read it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorBody(serde_json::Value);
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&message_of(&self.0))
+    }
+}
+
+impl oauth2::ErrorResponse for ErrorBody {}
+
 type OAuthClient = oauth2::Client<
-    BasicErrorResponse,
+    ErrorBody,
     PlatformTokenResponse,
     BasicTokenIntrospectionResponse,
     oauth2::StandardRevocableToken,
@@ -383,11 +398,9 @@ impl Provider {
                 .map_err(transport)?;
             let status = response.status().as_u16();
             let body = response.bytes().await.map_err(transport)?;
-            if status >= 500 {
-                return Err(CallError::Transient(format!("HTTP {status}")));
-            }
             if status >= 400 {
-                return Err(CallError::InvalidGrant(error_message(&body)));
+                let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+                return Err(classify(status, json.as_ref()));
             }
             let parsed: PlatformTokenResponse = serde_json::from_slice(&body)
                 .map_err(|_| CallError::Transient("unreadable token response".into()))?;
@@ -589,31 +602,19 @@ impl From<&PlatformTokenResponse> for Grant {
 
 /// Classifies the oauth2 crate's result.
 fn grant(
-    result: Result<PlatformTokenResponse, RequestTokenError<HttpFailure, BasicErrorResponse>>,
+    result: Result<PlatformTokenResponse, RequestTokenError<HttpFailure, ErrorBody>>,
     status: &AtomicU16,
 ) -> Result<Grant, CallError> {
     match result {
         Ok(response) => Ok(Grant::from(&response)),
-        Err(RequestTokenError::ServerResponse(e)) => {
-            let code = e.error().as_ref().to_owned();
-            let text = match e.error_description() {
-                Some(d) => format!("{code} ({d})"),
-                None => code.clone(),
-            };
-            Err(if code == "invalid_grant" {
-                CallError::InvalidGrant(text)
-            } else {
-                CallError::Refused(text)
-            })
+        Err(RequestTokenError::ServerResponse(body)) => {
+            Err(classify(status.load(Ordering::Relaxed), Some(&body.0)))
         }
         Err(RequestTokenError::Request(e)) => Err(CallError::Transient(e.to_string())),
-        Err(RequestTokenError::Parse(_, body)) => match status.load(Ordering::Relaxed) {
-            // Twitch: {"status":400,"message":"Invalid refresh token"}.
-            400 | 401 => Err(CallError::InvalidGrant(error_message(&body))),
-            s => Err(CallError::Transient(format!(
-                "unreadable token response (HTTP {s})"
-            ))),
-        },
+        Err(RequestTokenError::Parse(_, body)) => {
+            let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+            Err(classify(status.load(Ordering::Relaxed), json.as_ref()))
+        }
         Err(RequestTokenError::Other(e)) => Err(CallError::Transient(e)),
     }
 }
@@ -637,12 +638,91 @@ async fn checked(response: reqwest::Response) -> Result<Vec<u8>, CallError> {
     }
 }
 
+/// What a token endpoint's failure means, from its HTTP status and its body
+/// in any of the platforms' documented shapes:
+///
+/// * RFC 6749 §5.2 (Google, SOOP): `{"error": "invalid_grant", …}` is a
+///   dead grant; the other codes (`invalid_client`, `invalid_request`,
+///   `unauthorized_client`, `redirect_uri_mismatch`, …) are refusals;
+/// * Twitch (dev.twitch.tv/docs/authentication/refresh-tokens):
+///   `{"error": "Bad Request", "status": 400, "message": "Invalid refresh
+///   token"}` — a dead grant by its message (also without `error`);
+///   `"invalid client secret"` and the like are refusals;
+/// * the Graph API (developers.facebook.com/docs/graph-api/guides/error-handling):
+///   `{"error": {"code": 190, …}}` (an invalid or expired token, whatever
+///   its subcode) and code 100 with subcode 36007/36009 (a code expired or
+///   already used) are dead grants; a message about the client secret or
+///   the redirect URI is a refusal; codes 4, 17, 32 and 613 (rate limits)
+///   and 1, 2 (temporary) are transient; anything else is a refusal;
+/// * without a readable body: 429 and 5xx are transient, other 4xx a
+///   refusal (never a dead grant on a guess: that would unlink accounts on
+///   a platform's misconfiguration), anything else transient.
+pub fn classify(status: u16, body: Option<&serde_json::Value>) -> CallError {
+    use serde_json::Value;
+    let text = || {
+        body.map(message_of)
+            .unwrap_or_else(|| format!("HTTP {status}"))
+    };
+    if let Some(body) = body {
+        if let Some(code) = body.get("error").and_then(Value::as_str) {
+            match code {
+                "invalid_grant" => return CallError::InvalidGrant(text()),
+                "invalid_client"
+                | "unauthorized_client"
+                | "invalid_request"
+                | "invalid_scope"
+                | "unsupported_grant_type"
+                | "redirect_uri_mismatch"
+                | "access_denied" => {
+                    return CallError::Refused(text());
+                }
+                _ => {}
+            }
+        }
+        if let Some(message) = body.get("message").and_then(Value::as_str) {
+            let m = message.to_ascii_lowercase();
+            if m.contains("invalid refresh token")
+                || m.contains("invalid authorization code")
+                || m.contains("invalid code")
+            {
+                return CallError::InvalidGrant(text());
+            }
+            if (400..500).contains(&status) && status != 429 {
+                return CallError::Refused(text());
+            }
+        }
+        if let Some(error) = body.get("error").filter(|e| e.is_object()) {
+            let code = error.get("code").and_then(Value::as_i64);
+            let subcode = error.get("error_subcode").and_then(Value::as_i64);
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            if message.contains("client secret") || message.contains("redirect_uri") {
+                return CallError::Refused(text());
+            }
+            return match (code, subcode) {
+                (Some(190), _) | (Some(100), Some(36007 | 36009)) => {
+                    CallError::InvalidGrant(text())
+                }
+                (Some(1 | 2 | 4 | 17 | 32 | 613), _) => CallError::Transient(text()),
+                _ => CallError::Refused(text()),
+            };
+        }
+    }
+    match status {
+        429 | 500.. => CallError::Transient(text()),
+        400..=499 => CallError::Refused(text()),
+        _ => CallError::Transient(format!("unreadable token response (HTTP {status})")),
+    }
+}
+
 /// The message of an error body in any platform's shape: Twitch
 /// `{"status":400,"message":…}`, the Graph API `{"error":{"message":…}}`,
 /// RFC 6749 `{"error":…,"error_description":…}`.
-fn error_message(body: &[u8]) -> String {
-    let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    v.as_ref()
+fn message_of(v: &serde_json::Value) -> String {
+    Some(v)
         .and_then(|v| {
             ["/message", "/error/message", "/error_description", "/error"]
                 .iter()
@@ -687,6 +767,178 @@ pub fn parse_identity(platform: Platform, body: &[u8]) -> Option<Identity> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Every documented error answer of every platform's token endpoint,
+    /// through the one classifier: what it means, not which parser read it.
+    #[test]
+    fn every_documented_token_error_is_classified_by_its_meaning() {
+        use serde_json::json;
+        #[derive(Debug, PartialEq)]
+        enum Is {
+            Dead,
+            Refused,
+            Transient,
+        }
+        let cases: Vec<(&str, u16, Option<serde_json::Value>, Is)> = vec![
+            // dev.twitch.tv/docs/authentication/refresh-tokens ("if the
+            // request fails"): a dead refresh token.
+            (
+                "twitch dead refresh (documented)",
+                400,
+                Some(
+                    json!({"error": "Bad Request", "status": 400, "message": "Invalid refresh token"}),
+                ),
+                Is::Dead,
+            ),
+            (
+                "twitch dead refresh (without error)",
+                400,
+                Some(json!({"status": 400, "message": "Invalid refresh token"})),
+                Is::Dead,
+            ),
+            (
+                "twitch bad code",
+                400,
+                Some(
+                    json!({"error": "Bad Request", "status": 400, "message": "Invalid authorization code"}),
+                ),
+                Is::Dead,
+            ),
+            (
+                "twitch bad client secret",
+                403,
+                Some(
+                    json!({"error": "Forbidden", "status": 403, "message": "invalid client secret"}),
+                ),
+                Is::Refused,
+            ),
+            (
+                "twitch bad redirect",
+                400,
+                Some(
+                    json!({"error": "Bad Request", "status": 400, "message": "Parameter redirect_uri does not match registered URI"}),
+                ),
+                Is::Refused,
+            ),
+            (
+                "twitch rate limit",
+                429,
+                Some(json!({"error": "Too Many Requests", "status": 429, "message": ""})),
+                Is::Transient,
+            ),
+            // developers.google.com/identity/protocols/oauth2/web-server
+            // (RFC 6749 §5.2 errors).
+            (
+                "google revoked",
+                400,
+                Some(
+                    json!({"error": "invalid_grant", "error_description": "Token has been expired or revoked."}),
+                ),
+                Is::Dead,
+            ),
+            (
+                "google bad client",
+                401,
+                Some(json!({"error": "invalid_client", "error_description": "Unauthorized"})),
+                Is::Refused,
+            ),
+            (
+                "google bad redirect",
+                400,
+                Some(json!({"error": "redirect_uri_mismatch", "error_description": "Bad Request"})),
+                Is::Refused,
+            ),
+            (
+                "google 5xx",
+                503,
+                Some(json!({"error": "internal_failure"})),
+                Is::Transient,
+            ),
+            // developers.facebook.com/docs/graph-api/guides/error-handling.
+            (
+                "facebook expired session",
+                400,
+                Some(
+                    json!({"error": {"message": "Error validating access token: Session has expired", "type": "OAuthException", "code": 190, "error_subcode": 463}}),
+                ),
+                Is::Dead,
+            ),
+            (
+                "facebook password changed",
+                400,
+                Some(
+                    json!({"error": {"message": "Error validating access token: The session has been invalidated because the user changed their password", "type": "OAuthException", "code": 190, "error_subcode": 460}}),
+                ),
+                Is::Dead,
+            ),
+            (
+                "facebook code used",
+                400,
+                Some(
+                    json!({"error": {"message": "This authorization code has been used.", "type": "OAuthException", "code": 100, "error_subcode": 36009}}),
+                ),
+                Is::Dead,
+            ),
+            (
+                "facebook bad client secret",
+                400,
+                Some(
+                    json!({"error": {"message": "Error validating client secret.", "type": "OAuthException", "code": 1}}),
+                ),
+                Is::Refused,
+            ),
+            (
+                "facebook temporary",
+                500,
+                Some(
+                    json!({"error": {"message": "An unknown error has occurred.", "type": "OAuthException", "code": 1}}),
+                ),
+                Is::Transient,
+            ),
+            (
+                "facebook bad parameter",
+                400,
+                Some(
+                    json!({"error": {"message": "Invalid verification code format.", "type": "OAuthException", "code": 100}}),
+                ),
+                Is::Refused,
+            ),
+            (
+                "facebook app rate limit",
+                400,
+                Some(
+                    json!({"error": {"message": "(#4) Application request limit reached", "type": "OAuthException", "code": 4}}),
+                ),
+                Is::Transient,
+            ),
+            // SOOP documents no error body: RFC 6749 shapes and none at all.
+            (
+                "soop invalid_grant",
+                400,
+                Some(json!({"error": "invalid_grant"})),
+                Is::Dead,
+            ),
+            ("no body, 400", 400, None, Is::Refused),
+            ("no body, 401", 401, None, Is::Refused),
+            ("no body, 429", 429, None, Is::Transient),
+            ("no body, 502", 502, None, Is::Transient),
+            (
+                "unknown JSON, 400",
+                400,
+                Some(json!({"whatever": true})),
+                Is::Refused,
+            ),
+        ];
+        for (name, status, body, want) in cases {
+            let got = match classify(status, body.as_ref()) {
+                CallError::InvalidGrant(_) => Is::Dead,
+                CallError::Refused(_) => Is::Refused,
+                CallError::Transient(_) => Is::Transient,
+            };
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
     use super::*;
 
     #[test]

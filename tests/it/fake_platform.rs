@@ -277,7 +277,22 @@ fn token_for(inner: &mut Inner, user: FakeUser, with_refresh: bool) -> (String, 
 /// Each platform's error shape for a dead grant.
 fn grant_error(platform: Platform, message: &str) -> Response {
     let body = match platform {
-        Platform::Twitch => json!({"status": 400, "message": message}),
+        // https://dev.twitch.tv/docs/authentication/refresh-tokens/ ("The
+        // following example shows what the response looks like if the
+        // request fails"): {"error": "Bad Request", "status": 400,
+        // "message": "Invalid refresh token"}; the same envelope for the
+        // other messages.
+        Platform::Twitch => json!({"error": "Bad Request", "status": 400, "message": message}),
+        // https://developers.facebook.com/docs/graph-api/guides/error-handling/:
+        // an expired or invalidated access token is code 190 (subcode 463:
+        // expired); a used authorization code is code 100, subcode 36009;
+        // other parameter errors code 100.
+        Platform::Facebook if message.starts_with("Error validating access token") => json!({
+            "error": {"message": message, "type": "OAuthException", "code": 190, "error_subcode": 463}
+        }),
+        Platform::Facebook if message == "Invalid authorization code" => json!({
+            "error": {"message": "This authorization code has been used.", "type": "OAuthException", "code": 100, "error_subcode": 36009}
+        }),
         Platform::Facebook => {
             json!({"error": {"message": message, "type": "OAuthException", "code": 100}})
         }
@@ -290,7 +305,10 @@ fn grant_error(platform: Platform, message: &str) -> Response {
 
 fn client_error(platform: Platform) -> Response {
     let body = match platform {
-        Platform::Twitch => json!({"status": 403, "message": "invalid client secret"}),
+        // The same documented envelope (dev.twitch.tv/docs/authentication).
+        Platform::Twitch => {
+            json!({"error": "Forbidden", "status": 403, "message": "invalid client secret"})
+        }
         Platform::Facebook => {
             json!({"error": {"message": "Error validating client secret.", "type": "OAuthException", "code": 1}})
         }
