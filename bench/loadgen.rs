@@ -895,6 +895,7 @@ async fn platform_token(addr: &str, ids_file: &str, concurrency: usize, seconds:
                 pb::GetPlatformAccessTokenRequest {
                     user_id,
                     platform: pb::Platform::Twitch as i32,
+                    ..Default::default()
                 },
                 &service,
             ))

@@ -725,7 +725,13 @@ impl AuthService for AuthApi {
             let service = call.service()?;
             let grant = self
                 .platforms
-                .access_token(&service, &body.user_id, platform(body.platform)?, &ctx)
+                .access_token(
+                    &service,
+                    &body.user_id,
+                    platform(body.platform)?,
+                    Some(body.rejected_token.as_str()).filter(|t| !t.is_empty()),
+                    &ctx,
+                )
                 .await?;
             Ok(pb::GetPlatformAccessTokenResponse {
                 access_token: grant.access_token.expose_secret().to_owned(),

@@ -37,6 +37,9 @@ use crate::{
 /// Longest `state` and `code` accepted (platform codes are far shorter).
 const MAX_STATE_LEN: usize = 256;
 const MAX_CODE_LEN: usize = 2048;
+/// No platform's access token is longer (Twitch's are 30 characters,
+/// Google's and Facebook's a few hundred).
+const MAX_PLATFORM_TOKEN_BYTES: usize = 4096;
 /// While another caller refreshes, a token valid for at least this long is
 /// handed out instead of waiting for the new one.
 const STILL_USABLE: Duration = Duration::from_secs(60);
@@ -443,15 +446,27 @@ impl PlatformService {
 
     /// A valid access token of `user_id`'s account on `platform`, refreshed
     /// first when it expires within the skew.
+    /// `rejected`: the token the caller was given and the platform refused
+    /// (401). It forces one refresh only while it is still the stored token;
+    /// a token that is not the current one (refreshed meanwhile, or never
+    /// ours) is answered with the current token and no refresh, so a caller
+    /// cannot force refreshes at will.
     pub async fn access_token(
         &self,
         caller: &ServiceCaller,
         user_id: &str,
         platform: Platform,
+        rejected: Option<&str>,
         ctx: &RequestContext,
     ) -> Result<AccessGrant, PlatformError> {
         let user_id =
             Uuid::parse_str(user_id.trim()).map_err(|_| invalid("user_id", "must be a UUID"))?;
+        if rejected.is_some_and(|t| t.len() > MAX_PLATFORM_TOKEN_BYTES) {
+            return Err(invalid(
+                "rejected_token",
+                "is longer than any platform token",
+            ));
+        }
         tracing::debug!(caller = caller.name(), %user_id, %platform, "platform token requested");
         let provider = self.provider(platform)?.clone();
         let skew = Duration::from_secs(self.config.refresh_skew_secs);
@@ -476,13 +491,28 @@ impl PlatformService {
                 });
             }
             let now = OffsetDateTime::now_utc();
-            if stored.tokens.expires_at.is_none_or(|e| e > now + skew) {
+            // The caller saw the stored token refused: it is dead, whatever
+            // its expiry says. Compared in constant time.
+            let dead = match rejected {
+                Some(r) => {
+                    let (current, _) = self.open(&stored)?;
+                    subtle::ConstantTimeEq::ct_eq(r.as_bytes(), current.expose_secret().as_bytes())
+                        .into()
+                }
+                None => false,
+            };
+            if dead {
+                metrics::counter!("platform_token_rejections_total", "platform" => platform.as_str())
+                    .increment(1);
+            }
+            if !dead && stored.tokens.expires_at.is_none_or(|e| e > now + skew) {
                 metrics::counter!("platform_token_reads_total", "platform" => platform.as_str(), "path" => "fresh")
                     .increment(1);
                 return self.grant_from(&stored);
             }
             let leased = stored.lease_until.is_some_and(|until| until > now);
             if leased
+                && !dead
                 && stored
                     .tokens
                     .expires_at

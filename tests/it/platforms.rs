@@ -145,6 +145,7 @@ pub(crate) async fn access_token(
             pb::GetPlatformAccessTokenRequest {
                 user_id: user_id.into(),
                 platform: pb_platform(p),
+                ..Default::default()
             },
             service,
         ))
@@ -637,6 +638,7 @@ async fn tokens_are_sealed_at_rest_and_refreshed_on_demand(backend: Backend) {
             pb::GetPlatformAccessTokenRequest {
                 user_id: dan.clone(),
                 platform: pb_platform(Platform::Twitch),
+                ..Default::default()
             },
             &token,
         ))
@@ -718,6 +720,7 @@ async fn twenty_concurrent_requests_on_two_replicas_refresh_once() {
                     pb::GetPlatformAccessTokenRequest {
                         user_id: erin,
                         platform: pb_platform(Platform::Twitch),
+                        ..Default::default()
                     },
                     &service,
                 ))
@@ -1193,4 +1196,88 @@ async fn a_deleted_users_platform_tokens_are_deleted_with_the_account() {
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     // Another user's link is untouched.
     assert_eq!(list(&mut app, &keep).await.len(), 1);
+}
+
+/// `GetPlatformAccessToken` reporting `rejected` as refused by the platform.
+async fn report_rejected(
+    client: &mut auth_service::grpc::pb::auth_service_client::AuthServiceClient<
+        tonic::transport::Channel,
+    >,
+    service: &str,
+    user_id: &str,
+    rejected: &str,
+) -> Result<String, tonic::Status> {
+    client
+        .get_platform_access_token(bearer(
+            pb::GetPlatformAccessTokenRequest {
+                user_id: user_id.into(),
+                platform: pb_platform(Platform::Twitch),
+                rejected_token: rejected.into(),
+            },
+            service,
+        ))
+        .await
+        .map(|r| r.into_inner().access_token)
+}
+
+/// Reactive refresh (Twitch: react to 401, do not trust expires_in): a
+/// token the platform refused, reported by callers on two replicas at once,
+/// is refreshed once; a report of a token that is no longer (or never was)
+/// the stored one refreshes nothing; an oversized report is refused with
+/// its field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_platform_refused_is_refreshed_once_for_all_who_report_it() {
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
+    let token = user(&mut app, "rhea").await;
+    let rhea = user_id_of(&mut app, &token).await;
+    let service = app.with_role("chat", "service").await.access_token;
+    // Valid for hours by its expiry: only a report can make it refresh.
+    twitch.set_access_ttl(Duration::from_secs(4 * 3600));
+    link(&mut app, &token, twitch).await;
+    let first = access_token(&mut app, &service, &rhea, Platform::Twitch)
+        .await
+        .unwrap()
+        .access_token;
+    assert_eq!(twitch.refreshes(), 0);
+    // Ten callers on two replicas report the same dead token at once.
+    twitch.set_latency(Duration::from_millis(300));
+    let replica = app.replica().await;
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let mut client = if i % 2 == 0 {
+            app.client.clone()
+        } else {
+            replica.client.clone()
+        };
+        let (service, rhea, first) = (service.clone(), rhea.clone(), first.clone());
+        calls.push(tokio::spawn(async move {
+            report_rejected(&mut client, &service, &rhea, &first).await
+        }));
+    }
+    let mut tokens = Vec::new();
+    for call in calls {
+        tokens.push(call.await.unwrap().expect("every reporter gets a token"));
+    }
+    assert_eq!(twitch.refreshes(), 1, "one refresh for every report");
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert_ne!(tokens[0], first);
+    assert!(twitch.is_live(&tokens[0]));
+    twitch.set_latency(Duration::ZERO);
+    // The old token reported again, or one that was never stored: the
+    // current token, no refresh.
+    for stale in [first.as_str(), "not-a-token-of-ours"] {
+        let got = report_rejected(&mut app.client, &service, &rhea, stale)
+            .await
+            .unwrap();
+        assert_eq!(got, tokens[0]);
+    }
+    assert_eq!(twitch.refreshes(), 1);
+    let oversized = report_rejected(&mut app.client, &service, &rhea, &"x".repeat(5000))
+        .await
+        .unwrap_err();
+    assert_eq!(oversized.code(), tonic::Code::InvalidArgument);
+    assert_eq!(field_of(&oversized), ["rejected_token"]);
 }

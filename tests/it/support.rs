@@ -418,6 +418,9 @@ pub struct OwnRedis {
     /// How it was started, for [`OwnRedis::restart`].
     args: Vec<String>,
     port: u16,
+    /// Its working directory (`--dir`): whatever it writes (a replica's
+    /// copy of its master's data, for one) stays out of the work tree.
+    _dir: tempfile::TempDir,
 }
 
 impl OwnRedis {
@@ -489,11 +492,21 @@ impl OwnRedis {
             vec!["--port".into()]
         };
         args.push(port.to_string());
+        let dir = tempfile::tempdir().unwrap();
         args.extend(
-            ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-                .iter()
-                .map(|s| s.to_string()),
+            [
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
         );
+        args.push(dir.path().display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Self::spawn(&args, port)
             .await
@@ -503,6 +516,7 @@ impl OwnRedis {
             child,
             args,
             port,
+            _dir: dir,
         }
     }
 

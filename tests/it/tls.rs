@@ -239,6 +239,7 @@ async fn a_service_identity_reads_platform_tokens_without_a_bearer_token() {
     let request = || pb::GetPlatformAccessTokenRequest {
         user_id: nia.clone(),
         platform: pb_platform(Platform::Twitch),
+        ..Default::default()
     };
     let mut chat = client(&app, &ca, Some((&pki, "chat"))).await.unwrap();
     let got = chat
