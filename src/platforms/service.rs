@@ -735,7 +735,7 @@ impl PlatformService {
         // Facebook signs with the app secret.
         let secret =
             self.webhook_secret(Platform::Facebook, &self.config.facebook.client_secret)?;
-        let user = webhooks::facebook_signed_request_user(
+        let request = webhooks::facebook_signed_request_verified(
             signed_request,
             secret.expose_secret().as_bytes(),
         )
@@ -748,15 +748,47 @@ impl PlatformService {
                 _ => WebhookError::Forbidden("malformed signed_request"),
             }
         })?;
+        // Fresh and first, like EventSub: a captured callback replayed
+        // later (after the user linked again) must not unlink them.
+        let now = OffsetDateTime::now_utc();
+        let max_age = Duration::from_secs(self.config.webhook_max_age_secs);
+        if !request
+            .issued_at
+            .and_then(|at| OffsetDateTime::from_unix_timestamp(at).ok())
+            .is_some_and(|at| webhooks::fresh(at, now, max_age))
+        {
+            metrics::counter!("webhook_messages_total", "source" => "facebook", "outcome" => "stale")
+                .increment(1);
+            return Err(WebhookError::Forbidden(
+                "signed_request is older than the replay window (issued_at)",
+            ));
+        }
+        let first = self
+            .store
+            .record_webhook_message("facebook", &request.id, now)
+            .await
+            .map_err(|_| WebhookError::Unavailable)?;
+        if !first {
+            metrics::counter!("webhook_messages_total", "source" => "facebook", "outcome" => "duplicate").increment(1);
+            return Ok(());
+        }
         metrics::counter!("webhook_messages_total", "source" => "facebook", "outcome" => "accepted").increment(1);
-        self.revoked_at_platform(
-            Platform::Facebook,
-            &user,
-            "deauthorized",
-            &RequestContext::default(),
-        )
-        .await
-        .map_err(|_| WebhookError::Unavailable)?;
+        let applied = self
+            .revoked_at_platform(
+                Platform::Facebook,
+                &request.user_id,
+                "deauthorized",
+                &RequestContext::default(),
+            )
+            .await;
+        if applied.is_err() {
+            // Forgotten so that Facebook's retry is applied.
+            let _ = self
+                .store
+                .forget_webhook_message("facebook", &request.id)
+                .await;
+            return Err(WebhookError::Unavailable);
+        }
         Ok(())
     }
 

@@ -64,6 +64,17 @@ pub enum SignedRequestError {
     Algorithm,
 }
 
+/// A verified `signed_request`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedRequest {
+    /// The app-scoped user id.
+    pub user_id: String,
+    /// `issued_at`, Unix seconds (`None` when absent).
+    pub issued_at: Option<i64>,
+    /// Hex SHA-256 of the signature: names this signed request, for replay.
+    pub id: String,
+}
+
 /// Facebook's `signed_request`: `<base64url signature>.<base64url payload>`,
 /// the signature HMAC-SHA256 of the encoded payload with the app secret.
 /// Returns the payload's `user_id` (app-scoped).
@@ -71,6 +82,15 @@ pub fn facebook_signed_request_user(
     signed_request: &str,
     app_secret: &[u8],
 ) -> Result<String, SignedRequestError> {
+    facebook_signed_request_verified(signed_request, app_secret).map(|r| r.user_id)
+}
+
+/// [`facebook_signed_request_user`] with the payload's `issued_at` and an
+/// id for replay detection.
+pub fn facebook_signed_request_verified(
+    signed_request: &str,
+    app_secret: &[u8],
+) -> Result<SignedRequest, SignedRequestError> {
     let (sig, payload) = signed_request
         .split_once('.')
         .ok_or(SignedRequestError::Malformed)?;
@@ -93,12 +113,17 @@ pub fn facebook_signed_request_user(
     {
         return Err(SignedRequestError::Algorithm);
     }
-    value
+    let user_id = value
         .get("user_id")
         .and_then(|u| u.as_str())
         .filter(|u| !u.is_empty())
         .map(str::to_owned)
-        .ok_or(SignedRequestError::Malformed)
+        .ok_or(SignedRequestError::Malformed)?;
+    Ok(SignedRequest {
+        user_id,
+        issued_at: value.get("issued_at").and_then(serde_json::Value::as_i64),
+        id: hex::encode(<Sha256 as sha2::Digest>::digest(&sig)),
+    })
 }
 
 /// Builds a `signed_request` as Facebook does (tests, tools).

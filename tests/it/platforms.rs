@@ -1051,7 +1051,9 @@ async fn facebook_deauthorize_needs_the_app_secret_signature() {
     let token = user(&mut app, "kim").await;
     facebook.log_in_as("10224", "kim");
     link(&mut app, &token, facebook).await;
-    let payload = serde_json::json!({"algorithm": "HMAC-SHA256", "issued_at": 1_764_000_000, "user_id": "10224"});
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let payload =
+        serde_json::json!({"algorithm": "HMAC-SHA256", "issued_at": now, "user_id": "10224"});
     let http_addr = app.http_addr;
     let post = |signed: String| {
         let url = format!("http://{http_addr}/webhooks/facebook/deauthorize");
@@ -1091,6 +1093,35 @@ async fn facebook_deauthorize_needs_the_app_secret_signature() {
             .await
             .iter()
             .any(|t| t == "platform_reauth_required")
+    );
+    // Replayed: the same callback captured and sent again after the user
+    // linked again is acknowledged and changes nothing.
+    let fresh = webhooks::facebook_signed_request(&payload, CLIENT_SECRET.as_bytes());
+    link(&mut app, &token, facebook).await;
+    assert_eq!(post(fresh).await, 200);
+    assert_eq!(
+        list(&mut app, &token).await[0].status,
+        pb::PlatformAccountStatus::Active as i32,
+        "a replayed deauthorize unlinked a new link"
+    );
+    // Stale: a validly signed callback issued an hour ago, or without
+    // issued_at, is refused and changes nothing.
+    for stale in [
+        serde_json::json!({"algorithm": "HMAC-SHA256", "issued_at": now - 3600, "user_id": "10224"}),
+        serde_json::json!({"algorithm": "HMAC-SHA256", "user_id": "10224"}),
+    ] {
+        assert_eq!(
+            post(webhooks::facebook_signed_request(
+                &stale,
+                CLIENT_SECRET.as_bytes()
+            ))
+            .await,
+            403
+        );
+    }
+    assert_eq!(
+        list(&mut app, &token).await[0].status,
+        pb::PlatformAccountStatus::Active as i32
     );
 }
 
