@@ -29,6 +29,7 @@ use oauth2::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
+use time::OffsetDateTime;
 
 use super::{Identity, Platform};
 use crate::config::ProviderConfig;
@@ -106,6 +107,40 @@ pub enum CallError {
     /// Worth a retry later: connection, timeout, 5xx, a garbled answer.
     #[error("transient: {0}")]
     Transient(String),
+    /// 429: the platform is not to be called again before `retry_after`
+    /// has passed (its `Retry-After`, or Twitch's `Ratelimit-Reset`; 1 s
+    /// when it said neither). Never retried at once.
+    #[error("rate limited for {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+}
+
+/// How long a 429 asks to wait: `Retry-After` (delta-seconds or an
+/// HTTP-date, RFC 9110 §10.2.3), else Twitch's `Ratelimit-Reset` (the Unix
+/// time its bucket refills: dev.twitch.tv/docs/api/guide#twitch-rate-limits),
+/// else 1 s; at most an hour.
+pub fn retry_after_of(headers: &reqwest::header::HeaderMap, now: OffsetDateTime) -> Duration {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let from_retry_after = text("retry-after").and_then(|v| {
+        v.parse::<u64>().ok().map(Duration::from_secs).or_else(|| {
+            let at =
+                OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+            Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
+        })
+    });
+    let from_reset = || {
+        let reset: i64 = text("ratelimit-reset")?.parse().ok()?;
+        let at = OffsetDateTime::from_unix_timestamp(reset).ok()?;
+        Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
+    };
+    from_retry_after
+        .or_else(from_reset)
+        .unwrap_or(Duration::from_secs(1))
+        .clamp(Duration::from_secs(1), Duration::from_secs(3600))
 }
 
 /// A token response in any of the platforms' shapes.
@@ -337,11 +372,17 @@ impl Provider {
             request =
                 request.set_pkce_verifier(PkceCodeVerifier::new(verifier.expose_secret().into()));
         }
+        let retry_after_ms = std::sync::atomic::AtomicU64::new(0);
         let sender = Sender {
             http: &self.http,
             status: &status,
+            retry_after_ms: &retry_after_ms,
         };
-        let grant = grant(request.request_async(&sender).await, &status)?;
+        let grant = grant(
+            request.request_async(&sender).await,
+            &status,
+            &retry_after_ms,
+        )?;
         match self.profile.refresh {
             RefreshModel::RefreshToken => Ok(grant),
             RefreshModel::ExchangeLongLived => self.extend(&grant.access_token).await,
@@ -363,17 +404,19 @@ impl Provider {
                 })?;
                 self.retrying(|| async move {
                     let status = AtomicU16::new(0);
+                    let retry_after_ms = std::sync::atomic::AtomicU64::new(0);
                     let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
                     let sender = Sender {
                         http: &self.http,
                         status: &status,
+                        retry_after_ms: &retry_after_ms,
                     };
                     let result = self
                         .oauth
                         .exchange_refresh_token(&token)
                         .request_async(&sender)
                         .await;
-                    grant(result, &status)
+                    grant(result, &status, &retry_after_ms)
                 })
                 .await
             }
@@ -397,6 +440,11 @@ impl Provider {
                 .await
                 .map_err(transport)?;
             let status = response.status().as_u16();
+            if status == 429 {
+                return Err(CallError::RateLimited {
+                    retry_after: retry_after_of(response.headers(), OffsetDateTime::now_utc()),
+                });
+            }
             let body = response.bytes().await.map_err(transport)?;
             if status >= 400 {
                 let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
@@ -531,6 +579,8 @@ impl Provider {
 struct Sender<'a> {
     http: &'a reqwest::Client,
     status: &'a AtomicU16,
+    /// A 429's wait, in milliseconds (0: none).
+    retry_after_ms: &'a std::sync::atomic::AtomicU64,
 }
 
 type SendFuture<'c> =
@@ -554,6 +604,13 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Sender<'_> {
                 .map_err(HttpFailure::transport)?;
             let code = response.status();
             self.status.store(code.as_u16(), Ordering::Relaxed);
+            if code.as_u16() == 429 {
+                let wait = retry_after_of(response.headers(), OffsetDateTime::now_utc());
+                self.retry_after_ms.store(
+                    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+            }
             if code.is_server_error() {
                 return Err(HttpFailure::Status(code.as_u16()));
             }
@@ -604,7 +661,14 @@ impl From<&PlatformTokenResponse> for Grant {
 fn grant(
     result: Result<PlatformTokenResponse, RequestTokenError<HttpFailure, ErrorBody>>,
     status: &AtomicU16,
+    retry_after_ms: &std::sync::atomic::AtomicU64,
 ) -> Result<Grant, CallError> {
+    if result.is_err() && status.load(Ordering::Relaxed) == 429 {
+        return Err(CallError::RateLimited {
+            retry_after: Duration::from_millis(retry_after_ms.load(Ordering::Relaxed))
+                .max(Duration::from_secs(1)),
+        });
+    }
     match result {
         Ok(response) => Ok(Grant::from(&response)),
         Err(RequestTokenError::ServerResponse(body)) => {
@@ -627,6 +691,11 @@ fn transport(error: reqwest::Error) -> CallError {
 /// a refusal.
 async fn checked(response: reqwest::Response) -> Result<Vec<u8>, CallError> {
     let status = response.status().as_u16();
+    if status == 429 {
+        return Err(CallError::RateLimited {
+            retry_after: retry_after_of(response.headers(), OffsetDateTime::now_utc()),
+        });
+    }
     let body = response.bytes().await.map_err(transport)?;
     match status {
         200..=299 => Ok(body.to_vec()),
@@ -767,6 +836,47 @@ pub fn parse_identity(platform: Platform, body: &[u8]) -> Option<Identity> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_429_waits_as_long_as_the_platform_says() {
+        use reqwest::header::{HeaderMap, HeaderValue};
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let with = |pairs: &[(&'static str, String)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_str(v).unwrap());
+            }
+            retry_after_of(&h, now)
+        };
+        assert_eq!(with(&[("retry-after", "7".into())]), Duration::from_secs(7));
+        // An HTTP-date (RFC 9110), 30 s ahead.
+        let date = (now + time::Duration::seconds(30))
+            .format(&time::format_description::well_known::Rfc2822)
+            .unwrap();
+        assert_eq!(with(&[("retry-after", date)]), Duration::from_secs(30));
+        // Twitch: the bucket's reset as a Unix time.
+        assert_eq!(
+            with(&[("ratelimit-reset", "1800000012".into())]),
+            Duration::from_secs(12)
+        );
+        // Retry-After wins; nothing said: 1 s; never past an hour.
+        assert_eq!(
+            with(&[
+                ("retry-after", "3".into()),
+                ("ratelimit-reset", "1800000012".into())
+            ]),
+            Duration::from_secs(3)
+        );
+        assert_eq!(with(&[]), Duration::from_secs(1));
+        assert_eq!(
+            with(&[("retry-after", "999999".into())]),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            with(&[("ratelimit-reset", "1700000000".into())]),
+            Duration::from_secs(1)
+        );
+    }
 
     /// Every documented error answer of every platform's token endpoint,
     /// through the one classifier: what it means, not which parser read it.
@@ -933,7 +1043,7 @@ mod tests {
             let got = match classify(status, body.as_ref()) {
                 CallError::InvalidGrant(_) => Is::Dead,
                 CallError::Refused(_) => Is::Refused,
-                CallError::Transient(_) => Is::Transient,
+                CallError::Transient(_) | CallError::RateLimited { .. } => Is::Transient,
             };
             assert_eq!(got, want, "{name}");
         }

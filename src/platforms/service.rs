@@ -524,6 +524,33 @@ impl PlatformService {
                     .increment(1);
                 return self.grant_from(&stored);
             }
+            // A platform that answered 429 is not called by any replica
+            // before its time: the current token while it is still good,
+            // else Unavailable with the platform's own wait.
+            if !leased
+                && let Some(until) = self
+                    .store
+                    .platform_cooldown(platform.as_str())
+                    .await?
+                    .filter(|until| *until > now)
+            {
+                if !dead
+                    && stored
+                        .tokens
+                        .expires_at
+                        .is_some_and(|e| e > now + STILL_USABLE)
+                {
+                    return self.grant_from(&stored);
+                }
+                metrics::counter!("platform_token_reads_total", "platform" => platform.as_str(), "path" => "rate_limited")
+                    .increment(1);
+                return Err(PlatformError::Unavailable {
+                    platform,
+                    retry_after: Duration::try_from(until - now)
+                        .unwrap_or(Duration::from_secs(1))
+                        .max(Duration::from_secs(1)),
+                });
+            }
             if !leased
                 && self
                     .store
@@ -1019,6 +1046,10 @@ fn seal_tokens(
 /// A platform failure during linking: nothing is stored.
 fn link_error(platform: Platform, error: CallError) -> PlatformError {
     match error {
+        CallError::RateLimited { retry_after } => PlatformError::Unavailable {
+            platform,
+            retry_after,
+        },
         CallError::InvalidGrant(reason) | CallError::Refused(reason) => {
             PlatformError::Refused { platform, reason }
         }
@@ -1118,6 +1149,22 @@ impl Refresher {
                 Err(PlatformError::ReauthRequired {
                     platform,
                     status: AccountStatus::ReauthRequired.as_str(),
+                })
+            }
+            Err(CallError::RateLimited { retry_after }) => {
+                count("rate_limited");
+                // Every replica waits as the platform asked, not only this one.
+                let until = OffsetDateTime::now_utc() + retry_after;
+                tracing::warn!(%platform, ?retry_after, "platform rate limit: no calls before its reset");
+                self.store
+                    .set_platform_cooldown(platform.as_str(), until)
+                    .await?;
+                self.store
+                    .release_refresh_lease(user_id, platform, stored.version)
+                    .await?;
+                Err(PlatformError::Unavailable {
+                    platform,
+                    retry_after,
                 })
             }
             Err(error) => {

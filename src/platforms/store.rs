@@ -181,6 +181,19 @@ pub trait PlatformStore: Send + Sync + 'static {
         message_id: &str,
     ) -> Result<(), BackendError>;
 
+    /// The platform answered 429: no replica calls it before `until`.
+    async fn set_platform_cooldown(
+        &self,
+        platform: &str,
+        until: OffsetDateTime,
+    ) -> Result<(), BackendError>;
+
+    /// Until when the platform is not to be called (`None`: never set).
+    async fn platform_cooldown(
+        &self,
+        platform: &str,
+    ) -> Result<Option<OffsetDateTime>, BackendError>;
+
     /// Deletes expired link states and webhook ids older than `before`.
     async fn purge_platform_state(
         &self,

@@ -452,6 +452,37 @@ macro_rules! platform_store {
                     .await
                 }
 
+                async fn set_platform_cooldown(&self, platform: &str, until: OffsetDateTime) -> Result<(), BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "set_platform_cooldown");
+                    tracing::Instrument::instrument(async move {
+                        sqlx::query(
+                            "INSERT INTO platform_cooldowns (platform, until) VALUES ($1, $2) \
+                             ON CONFLICT (platform) DO UPDATE SET until = excluded.until",
+                        )
+                        .bind(platform)
+                        .bind(until)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                        Ok(())
+                    }, span)
+                    .await
+                }
+
+                async fn platform_cooldown(&self, platform: &str) -> Result<Option<OffsetDateTime>, BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "platform_cooldown");
+                    tracing::Instrument::instrument(async move {
+                        let row: Option<(OffsetDateTime,)> =
+                            sqlx::query_as("SELECT until FROM platform_cooldowns WHERE platform = $1")
+                                .bind(platform)
+                                .fetch_optional(&self.pool)
+                                .await
+                                .map_err(db_error)?;
+                        Ok(row.map(|(until,)| until))
+                    }, span)
+                    .await
+                }
+
                 async fn forget_webhook_message(&self, source: &str, message_id: &str) -> Result<(), BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "forget_webhook_message");
                     tracing::Instrument::instrument(async move {

@@ -74,6 +74,10 @@ struct Inner {
     access_ttl: Duration,
     /// Answer this many token calls with 503 first.
     fail_next: u32,
+    /// Answer token calls with 429 until then (Unix seconds).
+    rate_limited_until: Option<u64>,
+    /// Every call to the token endpoint, answered or not.
+    token_requests: u32,
     latency: Duration,
     /// Every authorization is by a new platform user (load generation).
     new_user_each_time: bool,
@@ -115,6 +119,8 @@ impl FakePlatform {
             refresh: HashMap::new(),
             access_ttl: Duration::from_secs(4 * 3600),
             fail_next: 0,
+            rate_limited_until: None,
+            token_requests: 0,
             latency: Duration::ZERO,
             new_user_each_time: false,
             next_user: 0,
@@ -188,6 +194,20 @@ impl FakePlatform {
 
     pub fn fail_next(&self, calls: u32) {
         self.inner.lock().unwrap().fail_next = calls;
+    }
+
+    /// The token endpoint answers 429 for the next `window`, with the
+    /// reset time in Twitch's headers.
+    pub fn rate_limit_for(&self, window: Duration) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        self.inner.lock().unwrap().rate_limited_until = Some((now + window).as_secs() + 1);
+    }
+
+    /// Calls to the token endpoint so far.
+    pub fn token_requests(&self) -> u32 {
+        self.inner.lock().unwrap().token_requests
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -422,9 +442,30 @@ async fn token(fake: FakePlatform, q: HashMap<String, String>) -> Response {
     let latency = fake.inner.lock().unwrap().latency;
     tokio::time::sleep(latency).await;
     let mut inner = fake.inner.lock().unwrap();
+    inner.token_requests += 1;
     if inner.fail_next > 0 {
         inner.fail_next -= 1;
         return (StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if let Some(reset) = inner.rate_limited_until.filter(|reset| *reset > now) {
+        // https://dev.twitch.tv/docs/api/guide/#twitch-rate-limits: 429
+        // with Ratelimit-Limit, Ratelimit-Remaining and Ratelimit-Reset (the
+        // Unix time the bucket refills); the body in Twitch's error
+        // envelope. The page shows no Retry-After.
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                ("ratelimit-limit", "800".to_owned()),
+                ("ratelimit-remaining", "0".to_owned()),
+                ("ratelimit-reset", reset.to_string()),
+            ],
+            axum::Json(json!({"error": "Too Many Requests", "status": 429, "message": ""})),
+        )
+            .into_response();
     }
     let platform = inner.platform;
     if q.get("client_id") != Some(&inner.client_id)

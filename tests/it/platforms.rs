@@ -1312,3 +1312,66 @@ async fn a_token_the_platform_refused_is_refreshed_once_for_all_who_report_it() 
     assert_eq!(oversized.code(), tonic::Code::InvalidArgument);
     assert_eq!(field_of(&oversized), ["rejected_token"]);
 }
+
+/// A platform's 429 is honoured across replicas: the refresh that met it is
+/// not retried at once, callers on every replica are answered Unavailable
+/// with the platform's own wait (Twitch's Ratelimit-Reset) without calling
+/// it, and after the reset the next call refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platforms_rate_limit_is_honoured_by_every_replica_until_its_reset() {
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
+    let token = user(&mut app, "rafe").await;
+    let rafe = user_id_of(&mut app, &token).await;
+    let service = app.with_role("chat", "service").await.access_token;
+    twitch.set_access_ttl(Duration::from_secs(60));
+    link(&mut app, &token, twitch).await;
+    let mut replica = app.replica().await;
+    twitch.rate_limit_for(Duration::from_secs(2));
+    let before = twitch.token_requests();
+    let limited = access_token(&mut app, &service, &rafe, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(limited.code(), tonic::Code::Unavailable, "{limited:?}");
+    let wait: u64 = limited
+        .metadata()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after");
+    assert!(
+        (1..=5).contains(&wait),
+        "the platform reset, not a guess: {wait}"
+    );
+    assert_eq!(
+        twitch.token_requests(),
+        before + 1,
+        "a 429 is not retried at once"
+    );
+    // The other replica does not call the platform before the reset.
+    let other = access_token(&mut replica, &service, &rafe, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::Unavailable);
+    assert_eq!(twitch.token_requests(), before + 1);
+    // After the reset, the next call refreshes.
+    twitch.set_access_ttl(Duration::from_secs(4 * 3600));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match access_token(&mut replica, &service, &rafe, Platform::Twitch).await {
+            Ok(got) => {
+                assert!(twitch.is_live(&got.access_token));
+                break;
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never refreshed: {s:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+}
