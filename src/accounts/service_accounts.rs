@@ -261,7 +261,11 @@ impl ServiceAccounts {
         // rotation or deletion that commits after the read raises the
         // account's epoch past it, so the token dies with the old secret.
         let started = OffsetDateTime::now_utc();
-        let subject = format!("service-account:{}", client_id.trim());
+        // Keyed by the id itself, whichever of its spellings was sent.
+        let subject = match Uuid::parse_str(client_id.trim()) {
+            Ok(id) => format!("service-account:{id}"),
+            Err(_) => format!("service-account:{}", client_id.trim()),
+        };
         let subject = ServiceSecret(&subject);
         let attempt = Attempt::From(ctx.client_ip.as_deref().unwrap_or("unknown"));
         self.lockout.reserve(&subject, attempt).await?;

@@ -56,6 +56,8 @@ pub enum Malformed {
     InvalidUtf8,
     LookAlike,
     AmbiguousCase,
+    AmbiguousDotSegments,
+    TrailingDotOrSpace,
     InvalidMethod,
     MethodOverride,
 }
@@ -77,6 +79,8 @@ impl Malformed {
             Self::InvalidUtf8 => "path_invalid_utf8",
             Self::LookAlike => "path_look_alike_character",
             Self::AmbiguousCase => "path_ambiguous_case",
+            Self::AmbiguousDotSegments => "path_ambiguous_dot_segments",
+            Self::TrailingDotOrSpace => "path_trailing_dot_or_space",
             Self::InvalidMethod => "method_invalid",
             Self::MethodOverride => "method_override",
         }
@@ -101,12 +105,38 @@ pub fn canonical_method(method: &str) -> Result<&str, Malformed> {
     Ok(if method == "HEAD" { "GET" } else { method })
 }
 
-/// A query that asks for another method (`_method=…`, any case, raw or
-/// with its underscore encoded).
+/// A query that asks for another method: a parameter whose name reads
+/// `_method` as the frameworks that honour it read names — pairs split on
+/// `&` or `;`, the name percent-decoded with `+` as a space, and `.`, space
+/// and `[` taken for `_` (PHP), in any case.
 pub fn query_overrides_method(query: &str) -> bool {
-    query.split('&').any(|pair| {
-        let name = pair.split('=').next().unwrap_or("");
-        name.eq_ignore_ascii_case("_method") || name.eq_ignore_ascii_case("%5fmethod")
+    query.split(['&', ';']).any(|pair| {
+        let raw = pair.split('=').next().unwrap_or("");
+        let bytes = raw.replace('+', " ");
+        let bytes = bytes.as_bytes();
+        let mut name = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = |at: usize| bytes.get(at).and_then(|&h| (h as char).to_digit(16));
+            match (bytes[i], hex(i + 1), hex(i + 2)) {
+                (b'%', Some(hi), Some(lo)) => {
+                    name.push((hi * 16 + lo) as u8);
+                    i += 3;
+                }
+                (b, _, _) => {
+                    name.push(b);
+                    i += 1;
+                }
+            }
+        }
+        let name: Vec<u8> = name
+            .into_iter()
+            .map(|b| match b {
+                b'.' | b' ' | b'[' => b'_',
+                b => b.to_ascii_lowercase(),
+            })
+            .collect();
+        name.trim_ascii() == b"_method"
     })
 }
 
@@ -184,12 +214,29 @@ pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, Malformed> {
     if !decoded.is_ascii() && decoded.chars().any(is_look_alike) {
         return Err(Malformed::LookAlike);
     }
+    // Backends disagree on `..` after an empty segment (RFC 3986 keeps
+    // the empty segment and pops it; Go's path.Clean merges first): what
+    // no honest client sends is refused, not guessed.
+    let parts: Vec<&str> = decoded.split('/').skip(1).collect();
+    let mut empty_before = false;
+    for part in &parts {
+        match *part {
+            "" => empty_before = true,
+            ".." if empty_before => return Err(Malformed::AmbiguousDotSegments),
+            _ => {}
+        }
+    }
     let mut segments: Vec<&str> = Vec::new();
-    for segment in decoded.split('/') {
+    for segment in parts {
         match segment {
             "" | "." => {}
             ".." => {
                 segments.pop();
+            }
+            // Windows and .NET path mapping trim trailing dots and spaces
+            // (`admin.` is `admin`, `.. ` is `..`).
+            s if s.ends_with('.') || s.ends_with(' ') => {
+                return Err(Malformed::TrailingDotOrSpace);
             }
             s => segments.push(s),
         }
@@ -217,7 +264,7 @@ fn is_canonical(raw: &[u8]) -> bool {
         match b {
             b'/' => {
                 let segment = &raw[segment_start..i];
-                if i > 0 && matches!(segment, b"" | b"." | b"..") {
+                if i > 0 && (segment.is_empty() || segment.ends_with(b".")) {
                     return false;
                 }
                 segment_start = i + 1;
@@ -244,12 +291,25 @@ fn is_canonical(raw: &[u8]) -> bool {
             _ => return false,
         }
     }
-    !matches!(&raw[segment_start..], b"" | b"." | b"..")
+    let last = &raw[segment_start..];
+    !(last.is_empty() || last.ends_with(b"."))
 }
 
 /// Characters that Unicode compatibility folding (NFKC), "best fit"
-/// code-page mapping or confusable handling turn into `.`, `/` or `\`.
+/// code-page mapping or confusable handling turn into `.`, `/` or `\`,
+/// full-width ASCII (U+FF01–U+FF5E, which NFKC and best-fit mapping turn
+/// into ASCII), and letters whose upper or lower case is ASCII (`ı` is `I`
+/// upper-cased, `ſ` is `S`, the Kelvin sign is `k`): a case-insensitive
+/// backend (Java's `equalsIgnoreCase`) reads `adm\u{131}n` as `admin`.
 fn is_look_alike(c: char) -> bool {
+    !c.is_ascii()
+        && (('\u{FF01}'..='\u{FF5E}').contains(&c)
+            || c.to_lowercase().any(|l| l.is_ascii())
+            || c.to_uppercase().any(|u| u.is_ascii())
+            || is_separator_look_alike(c))
+}
+
+fn is_separator_look_alike(c: char) -> bool {
     matches!(
         c,
         '\u{2024}' // one dot leader
@@ -288,7 +348,6 @@ mod tests {
             ("/.well-known/%2E./api", "/api"),
             ("/a/%41", "/a/A"),
             ("/a/..", "/"),
-            ("/a/...", "/a/..."),
             ("/caf%C3%A9", "/café"),
         ] {
             assert_eq!(canonical_path(raw).as_deref(), Ok(want), "{raw}");
@@ -331,6 +390,20 @@ mod tests {
             ("/a%c0%ae%c0%ae", InvalidUtf8),
             ("/%EF%BC%8E%EF%BC%8E/admin", LookAlike),
             ("/a%E2%88%95b", LookAlike),
+            ("/v1/adm%C4%B1n/users", LookAlike),
+            ("/v1/adm%C4%B0n/users", LookAlike),
+            ("/v1/u%C5%BFers", LookAlike),
+            ("/%E2%84%AA", LookAlike),
+            ("/v1/%EF%BD%81dmin", LookAlike),
+            (
+                "/v1/admin/users/42/roles/////../../../../../v1/auth/login",
+                AmbiguousDotSegments,
+            ),
+            ("/v1/admin/files//%2e%2e/x", AmbiguousDotSegments),
+            ("/.well-known/..%20/v1/admin/users", TrailingDotOrSpace),
+            ("/v1/admin./users", TrailingDotOrSpace),
+            ("/v1/admin%20/users", TrailingDotOrSpace),
+            ("/a/...", TrailingDotOrSpace),
         ] {
             assert_eq!(canonical_path(raw), Err(why), "{raw:?}");
         }
@@ -355,6 +428,16 @@ mod tests {
         assert!(query_overrides_method("_method=DELETE"));
         assert!(query_overrides_method("a=1&_METHOD=put"));
         assert!(query_overrides_method("%5Fmethod=put"));
+        for sneaky in [
+            "_%6Dethod=DELETE",
+            "%5F%6D%65%74%68%6F%64=DELETE",
+            ".method=DELETE",
+            "+method=DELETE",
+            "[method=DELETE",
+            "a=1;_method=DELETE",
+        ] {
+            assert!(query_overrides_method(sneaky), "{sneaky}");
+        }
         assert!(!query_overrides_method("a=_method"));
         assert!(!query_overrides_method("my_method=x"));
     }

@@ -184,8 +184,15 @@ impl Authorization for ExtAuthz {
             .as_ref()
             .filter(|p| !forwarding_trusted && p.has_role(crate::grpc::SIDECAR_ROLE))
             .map(|p| p.identity.clone());
+        // Scoped by its identity when it has one (behind a mesh sidecar,
+        // every caller shares the sidecar's address).
         let caller = (!forwarding_trusted)
-            .then(|| call.peer_ip.map(|ip| ip.to_string()))
+            .then(|| {
+                call.peer_ip.map(|ip| match &call.peer {
+                    Some(p) => format!("{ip}@{}", p.identity),
+                    None => ip.to_string(),
+                })
+            })
             .flatten();
         let check = request.into_inner();
         let attributes = check.attributes.as_ref();

@@ -123,10 +123,17 @@ impl Call {
     /// holding the `gateway` role), else the peer's own address. Computed
     /// when asked (an ext_authz Check never asks: its client is inside the
     /// CheckRequest).
+    /// A caller that may not forward but has an identity (behind a mesh
+    /// sidecar every caller arrives from the sidecar's one address) is
+    /// counted as `<address>@<identity>`: its own budget, no one else's.
     pub fn client_ip(&self) -> Option<String> {
         let forwarded = self.forwarded.as_ref().and_then(|v| v.to_str().ok());
         let peer = self.peer_ip.map(|ip| ip.to_string());
-        crate::client_ip(forwarded, peer.as_deref(), self.hops).map(str::to_owned)
+        let ip = crate::client_ip(forwarded, peer.as_deref(), self.hops)?;
+        Some(match &self.peer {
+            Some(p) if !self.forwarding_trusted => format!("{ip}@{}", p.identity),
+            _ => ip.to_owned(),
+        })
     }
 
     /// The caller named by a valid bearer access token (user or service

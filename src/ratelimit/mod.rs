@@ -95,6 +95,18 @@ impl Subject for ServiceSecret<'_> {
     }
 }
 
+/// `ip` as the lockout counts it: an IPv6 address (not IPv4-mapped) by its
+/// /64, anything else as it is.
+fn network_of(ip: &str) -> std::borrow::Cow<'_, str> {
+    match ip.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            std::borrow::Cow::Owned(format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3]))
+        }
+        _ => std::borrow::Cow::Borrowed(ip),
+    }
+}
+
 #[derive(Clone)]
 pub struct LoginLockout {
     counter: Arc<dyn FailureCounter>,
@@ -127,6 +139,15 @@ impl LoginLockout {
 
     fn keys(&self, login: &impl Subject, attempt: Attempt<'_>) -> Keys {
         let account = Self::account_key(login.subject());
+        let network;
+        let attempt = match attempt {
+            // One IPv6 host holds a whole /64: counted as one address.
+            Attempt::From(ip) => {
+                network = network_of(ip);
+                Attempt::From(network.as_ref())
+            }
+            other => other,
+        };
         let c = &self.config;
         Keys(match attempt {
             Attempt::From(client_ip) => vec![
@@ -231,5 +252,19 @@ impl LoginLockout {
             return Ok(());
         }
         self.counter.remove_failure(&others).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::network_of;
+
+    #[test]
+    fn an_ipv6_host_is_counted_by_its_slash_64() {
+        assert_eq!(network_of("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(network_of("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::/64");
+        assert_eq!(network_of("203.0.113.7"), "203.0.113.7");
+        assert_eq!(network_of("::ffff:203.0.113.7"), "::ffff:203.0.113.7");
+        assert_eq!(network_of("unknown"), "unknown");
     }
 }

@@ -151,7 +151,11 @@ macro_rules! insert_event {
             .bind($event.id)
             .bind($event.event_type.as_str())
             .bind($event.user_id)
-            .bind($event.occurred_at)
+            // When it is logged: in the writing transaction, after the
+            // account's row is held, so later than any racing request
+            // the change was ordered after (the time every process raises
+            // the user's epoch to; `apply_log`).
+            .bind(time::OffsetDateTime::now_utc())
             .bind(sqlx::types::Json(&$event.data))
             .execute(&mut *$tx)
             .await

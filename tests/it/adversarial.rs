@@ -1000,3 +1000,55 @@ mod service_secrets {
         }
     }
 }
+
+mod mesh_lockout {
+    use auth_service::grpc::pb::{self, auth_service_client::AuthServiceClient};
+    use tonic::{Code, transport::Endpoint};
+
+    use crate::support::{Backend, PASSWORD, TestApp};
+
+    const APP: &str = "spiffe://cluster.local/ns/immersiverse-apps/sa/chat";
+    const OTHER: &str = "spiffe://cluster.local/ns/immersiverse-apps/sa/feed";
+
+    async fn login(app: &TestApp, identity: &str, password: &str) -> Code {
+        let channel = Endpoint::from_shared(format!("http://{}", app.grpc_addr))
+            .unwrap()
+            .local_address(Some("127.0.0.6".parse().unwrap()))
+            .connect()
+            .await
+            .unwrap();
+        let mut request = tonic::Request::new(pb::LoginRequest {
+            login: "mona".into(),
+            password: password.into(),
+            ..Default::default()
+        });
+        request.metadata_mut().insert(
+            "x-forwarded-client-cert",
+            format!("URI={identity}").parse().unwrap(),
+        );
+        match AuthServiceClient::new(channel).login(request).await {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        }
+    }
+
+    /// Wrong party behind Istio: every in-mesh caller arrives from the
+    /// sidecar's one address, so a workload that guesses wrong locks out
+    /// only itself (its address within its identity), not every other
+    /// workload's logins to the same account.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_workloads_failures_do_not_lock_out_the_rest_of_the_mesh() {
+        let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+            c.tls.xfcc_from = vec!["127.0.0.6".parse().unwrap()];
+        })
+        .await;
+        app.sign_up("mona").await;
+        let mut codes = Vec::new();
+        for i in 0..6 {
+            codes.push(login(&app, APP, &format!("wrong guess {i}")).await);
+        }
+        assert_eq!(&codes[..5], &[Code::Unauthenticated; 5], "{codes:?}");
+        assert_eq!(codes[5], Code::ResourceExhausted, "{codes:?}");
+        assert_eq!(login(&app, OTHER, PASSWORD).await, Code::Ok);
+    }
+}

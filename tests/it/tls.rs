@@ -213,8 +213,8 @@ async fn x_forwarded_for_is_trusted_only_from_a_gateway_identity() {
     );
     assert_eq!(
         recorded_address(&app, &mut chat, "ann").await,
-        "127.0.0.1",
-        "a service cannot claim an address"
+        "127.0.0.1@spiffe://immersiverse/ns/chat/sa/chat",
+        "a service cannot claim an address: its own, within its identity's budget"
     );
     assert_eq!(
         recorded_address(&app, &mut anonymous, "ann").await,
