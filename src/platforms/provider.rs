@@ -511,6 +511,9 @@ impl Provider {
             match response.status().as_u16() {
                 200..=299 => Ok(true),
                 401 => Ok(false),
+                429 => Err(CallError::RateLimited {
+                    retry_after: retry_after_of(response.headers(), OffsetDateTime::now_utc()),
+                }),
                 s if s >= 500 => Err(CallError::Transient(format!("HTTP {s}"))),
                 s => Err(CallError::Refused(format!("validate answered HTTP {s}"))),
             }

@@ -138,6 +138,8 @@ pub struct KeepaliveReport {
     pub validated: u32,
     pub reauth_required: u32,
     pub failed: u32,
+    /// Platforms skipped: cooling down after a 429 (`platform_cooldowns`).
+    pub rate_limited: u32,
 }
 
 impl KeepaliveReport {
@@ -829,6 +831,17 @@ impl PlatformService {
         let lease = Duration::from_millis(self.config.refresh_lease_ms);
         let ctx = RequestContext::default();
         for (&platform, provider) in &self.providers {
+            // A platform that answered 429 is left alone until its reset,
+            // by this round as by callers.
+            if self
+                .store
+                .platform_cooldown(platform.as_str())
+                .await?
+                .is_some_and(|until| until > now)
+            {
+                report.rate_limited += 1;
+                continue;
+            }
             let refresher = self.refresher(provider.clone());
             if provider.profile.refresh == super::provider::RefreshModel::ExchangeLongLived {
                 let due = self
@@ -868,6 +881,17 @@ impl PlatformService {
                                 .leased_refresh(&refresher, stored, now, lease, &ctx)
                                 .await?;
                             report.count(outcome, |r| r.validated += 1);
+                        }
+                        Err(CallError::RateLimited { retry_after }) => {
+                            // Every replica's round and every caller waits.
+                            self.store
+                                .set_platform_cooldown(
+                                    platform.as_str(),
+                                    OffsetDateTime::now_utc() + retry_after,
+                                )
+                                .await?;
+                            report.failed += 1;
+                            break;
                         }
                         Err(error) => {
                             tracing::debug!(%platform, %error, "token validation failed");

@@ -1355,6 +1355,12 @@ async fn a_platforms_rate_limit_is_honoured_by_every_replica_until_its_reset() {
         .unwrap_err();
     assert_eq!(other.code(), tonic::Code::Unavailable);
     assert_eq!(twitch.token_requests(), before + 1);
+    // The keep-alive round leaves the cooling platform alone too.
+    let validations = twitch.counters().4;
+    let report = app.platforms.keepalive().await.unwrap();
+    assert_eq!(report.rate_limited, 1, "{report:?}");
+    assert_eq!(twitch.counters().4, validations);
+    assert_eq!(twitch.token_requests(), before + 1);
     // After the reset, the next call refreshes.
     twitch.set_access_ttl(Duration::from_secs(4 * 3600));
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
