@@ -1087,18 +1087,10 @@ impl Config {
                 "relay batch, lease and partitions must be positive",
             );
         }
-        if self.kafka_brokers.is_some()
-            && self.kafka.consumer_enabled
-            && self.kafka.worker != EventsWorker::InProcess
-            && self.redis_url.is_none()
-        {
-            // The consumer revokes sessions; without Redis revocations live
-            // in the serving process's memory, out of the worker's reach.
-            return fail(
-                "kafka.worker (AUTH_KAFKA__WORKER)",
-                "the lifecycle consumer in its own process needs redis_url (AUTH_REDIS_URL) to revoke sessions; set redis_url, kafka.consumer_enabled = false, or kafka.worker = \"in_process\"",
-            );
-        }
+        // The lifecycle consumer in its own process needs no Redis: what it
+        // revokes goes into the database's revocation log, which every
+        // serving process applies to its own revocation state
+        // (revocation::feed::apply_log).
         if self.database_timeout_ms == 0 {
             return fail(
                 "database_timeout_ms (AUTH_DATABASE_TIMEOUT_MS)",

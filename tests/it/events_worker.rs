@@ -363,3 +363,53 @@ async fn a_commit_in_the_server_wakes_the_relay_in_the_worker_process() {
     server.signal("TERM");
     assert_eq!(server.wait_exit().code(), Some(0));
 }
+
+/// Backend without its state store: PostgreSQL and Kafka with no Redis, the
+/// consumer in its own (supervised) process. A suspension it consumes ends
+/// the serving process's access tokens through the database's revocation
+/// log, which the server applies to its in-process revocation state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_suspension_consumed_by_the_worker_ends_the_servers_tokens() {
+    let tansu = Tansu::start().await;
+    let database_url = fresh_postgres_url().await;
+    let cwd = tempfile::tempdir().unwrap();
+    let mut server = start(
+        cwd.path(),
+        &[
+            ("AUTH_DATABASE_URL", &database_url),
+            ("AUTH_KAFKA_BROKERS", &tansu.brokers),
+            ("AUTH_KAFKA__TOPIC_PARTITIONS", "1"),
+            ("AUTH_PASSWORD__MEMORY_KIB", "1024"),
+            ("AUTH_PASSWORD__ITERATIONS", "1"),
+        ],
+    );
+    server.ready().await;
+    let mut client = server.client().await;
+    let user = sign_up(&mut client, "wes").await;
+    let pair = crate::process::login(&mut client, "wes").await;
+    let validate =
+        |client: &mut pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>| {
+            let token = pair.access_token.clone();
+            let mut client = client.clone();
+            async move {
+                client
+                    .validate_token(pb::ValidateTokenRequest { token })
+                    .await
+            }
+        };
+    assert!(validate(&mut client).await.is_ok());
+    tansu.user_event("user_suspended", &user.id).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match validate(&mut client).await {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the suspension never reached the server: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(0));
+}
