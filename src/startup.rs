@@ -61,12 +61,7 @@ impl Services {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let database = open_database(config).await?;
         let fast = open_fast_state(config).await?;
-        let revocations = Revocations::new(
-            fast.revocations,
-            config.revocation.cache_capacity,
-            Duration::from_millis(config.revocation.cache_ttl_ms),
-            config.tokens.access_ttl_secs,
-        );
+        let revocations = revocations(config, fast.revocations);
         let tokens = Arc::new(
             TokenService::new(
                 config.tokens.clone(),
@@ -127,6 +122,16 @@ impl Services {
     }
 }
 
+/// The revocation state on `store`, with this configuration's cache.
+fn revocations(config: &Config, store: Arc<dyn crate::revocation::RevocationStore>) -> Revocations {
+    Revocations::new(
+        store,
+        config.revocation.cache_capacity,
+        Duration::from_millis(config.revocation.cache_ttl_ms),
+        config.tokens.access_ttl_secs,
+    )
+}
+
 /// The account service on `tokens`.
 async fn account_service(
     config: &Config,
@@ -165,12 +170,7 @@ impl WorkerServices {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let database = open_database(config).await?;
         let fast = open_fast_state(config).await?;
-        let revocations = Revocations::new(
-            fast.revocations,
-            config.revocation.cache_capacity,
-            Duration::from_millis(config.revocation.cache_ttl_ms),
-            config.tokens.access_ttl_secs,
-        );
+        let revocations = revocations(config, fast.revocations);
         let tokens = Arc::new(TokenService::without_keys(
             config.tokens.clone(),
             database.sessions.clone(),

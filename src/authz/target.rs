@@ -185,27 +185,8 @@ pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, Malformed> {
             b';' => return Err(Malformed::PathParameter),
             b'#' => return Err(Malformed::Fragment),
             0..=0x1f | 0x7f => return Err(Malformed::ControlCharacter),
-            // RFC 3986 pchar: unreserved, sub-delims (but `;`), ':', '@', '/'.
-            b'A'..=b'Z'
-            | b'a'..=b'z'
-            | b'0'..=b'9'
-            | b'-'
-            | b'.'
-            | b'_'
-            | b'~'
-            | b'!'
-            | b'$'
-            | b'&'
-            | b'\''
-            | b'('
-            | b')'
-            | b'*'
-            | b'+'
-            | b','
-            | b'='
-            | b':'
-            | b'@'
-            | b'/' => decoded.push(b),
+            b'/' => decoded.push(b),
+            b if is_plain(b) => decoded.push(b),
             _ => return Err(Malformed::InvalidCharacter),
         }
         i += 1;
@@ -252,6 +233,12 @@ pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, Malformed> {
     Ok(Cow::Owned(out))
 }
 
+/// RFC 3986 `pchar` without `%` and `;`: unreserved, sub-delims but `;`,
+/// `:` and `@` — a byte that means itself in a path segment.
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&b)
+}
+
 /// The common case, in one pass without allocating: only plain path
 /// characters, no escape, no empty, `.` or `..` segment, no trailing `/`
 /// (the root alone excepted). Such a path is its own canonical form.
@@ -269,25 +256,7 @@ fn is_canonical(raw: &[u8]) -> bool {
                 }
                 segment_start = i + 1;
             }
-            b'A'..=b'Z'
-            | b'a'..=b'z'
-            | b'0'..=b'9'
-            | b'-'
-            | b'.'
-            | b'_'
-            | b'~'
-            | b'!'
-            | b'$'
-            | b'&'
-            | b'\''
-            | b'('
-            | b')'
-            | b'*'
-            | b'+'
-            | b','
-            | b'='
-            | b':'
-            | b'@' => {}
+            b if is_plain(b) => {}
             _ => return false,
         }
     }

@@ -522,6 +522,18 @@ mod tests {
         release: tokio::sync::Notify,
     }
 
+    impl HeldLookup {
+        /// A fresh in-process store whose first lookup will be held.
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                inner: crate::storage::memory::MemoryRevocations::new(100),
+                held: false.into(),
+                read: tokio::sync::Notify::new(),
+                release: tokio::sync::Notify::new(),
+            })
+        }
+    }
+
     #[async_trait]
     impl RevocationStore for HeldLookup {
         async fn revoke_token(&self, u: Uuid, j: Uuid, t: i64) -> Result<(), BackendError> {
@@ -562,12 +574,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_lookup_does_not_cache_its_stale_answer_over_a_newer_revocation() {
         for revoke in ["session", "token", "user"] {
-            let store = Arc::new(HeldLookup {
-                inner: crate::storage::memory::MemoryRevocations::new(100),
-                held: false.into(),
-                read: tokio::sync::Notify::new(),
-                release: tokio::sync::Notify::new(),
-            });
+            let store = HeldLookup::new();
             // A long negative TTL: a stale entry would stand for the test.
             let revocations = Revocations::new(store.clone(), 100, Duration::from_secs(600), 900);
             let facts = facts_of_new_token();
@@ -603,12 +610,7 @@ mod tests {
     /// its answer from before the gap.
     #[tokio::test]
     async fn a_lookup_in_flight_across_a_notice_gap_caches_nothing() {
-        let store = Arc::new(HeldLookup {
-            inner: crate::storage::memory::MemoryRevocations::new(100),
-            held: false.into(),
-            read: tokio::sync::Notify::new(),
-            release: tokio::sync::Notify::new(),
-        });
+        let store = HeldLookup::new();
         let revocations = Revocations::new(store.clone(), 100, Duration::from_secs(600), 900);
         let facts = facts_of_new_token();
         let checking = tokio::spawn({

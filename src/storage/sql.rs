@@ -510,14 +510,18 @@ macro_rules! sql_store {
                         // read, so a security change that commits after this
                         // read waits for this rotation and then revokes its
                         // result; one that committed before is seen below.
-                        sqlx::query(concat!(
-                            "SELECT u.id FROM users u WHERE u.id = (SELECT user_id FROM sessions WHERE id = $1)",
-                            $share_lock
-                        ))
-                        .bind(session_id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
+                        // (SQLite has no row locks and needs none: this
+                        // transaction already holds its one write lock.)
+                        if !$share_lock.is_empty() {
+                            sqlx::query(concat!(
+                                "SELECT u.id FROM users u WHERE u.id = (SELECT user_id FROM sessions WHERE id = $1)",
+                                $share_lock
+                            ))
+                            .bind(session_id)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        }
                         let row = sqlx::query(
                             "SELECT s.absolute_expires_at, s.revoked_at, u.id, u.email, u.username, u.password_hash, u.roles, u.status, u.created_at, u.security_version \
                              FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
