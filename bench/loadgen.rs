@@ -389,6 +389,18 @@ fn gateway_client(source: std::net::IpAddr) -> reqwest::Client {
         .unwrap()
 }
 
+/// A loopback address for attempt `n` whose /24 differs from the last
+/// 30,719 attempts' (first octet after 127 in 1..=120).
+fn spread_loopback(n: u64) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(
+        127,
+        1 + (n % 120) as u8,
+        (n / 120) as u8,
+        (n / 30_720) as u8,
+    )
+    .into()
+}
+
 fn loopback(id: u64) -> std::net::IpAddr {
     std::net::Ipv4Addr::new(127, 1 + ((id >> 16) & 127) as u8, (id >> 8) as u8, id as u8).into()
 }
@@ -450,7 +462,12 @@ async fn probe_gateway_logins(
         let (client, source) = if with_device {
             (user.clone(), usual)
         } else {
-            let source = std::net::Ipv4Addr::new(127, 251, (i >> 8) as u8, i as u8).into();
+            // Someone new: a new address in a network (/24) of its own,
+            // not one the flood draws from (those are below 127.200).
+            static NEWCOMERS: AtomicU64 = AtomicU64::new(0);
+            let n = NEWCOMERS.fetch_add(1, Ordering::Relaxed);
+            let source =
+                std::net::Ipv4Addr::new(127, 200 + ((n >> 8) % 50) as u8, n as u8, 7).into();
             (gateway_client(source), source)
         };
         let token = if with_device { device } else { "" };
@@ -474,10 +491,14 @@ async fn probe_gateway_logins(
 
 /// The login flood of `flood`, through the REST gateway (Envoy on the
 /// shipped gateway.yaml) with every source a real loopback address: 64
-/// fixed sources, or a fresh address per attempt ("fresh").
+/// fixed sources, a fresh address per attempt ("fresh": consecutive
+/// addresses, 256 to a /24 network), or a fresh address in a fresh network
+/// per attempt ("spread": a /24 comes back after 30,720 attempts, as from a
+/// botnet spread across the internet).
 async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
     let attackers = 256;
-    let fresh = sources == "fresh";
+    let spread = sources == "spread";
+    let fresh = sources == "fresh" || spread;
     let sources: u64 = if fresh { 0 } else { sources.parse().unwrap() };
     let user_source: std::net::IpAddr = std::net::Ipv4Addr::new(127, 250, 0, 1).into();
     let user = gateway_client(user_source);
@@ -576,7 +597,9 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
                         }
                     }
                     let n = counter.fetch_add(1, Ordering::Relaxed);
-                    let client = if fresh {
+                    let client = if spread {
+                        gateway_client(spread_loopback(n))
+                    } else if fresh {
                         gateway_client(loopback(n))
                     } else {
                         fixed[(n % sources) as usize].clone()
@@ -599,7 +622,9 @@ async fn flood_gateway(gateway: &str, rate: u64, sources: &str, seconds: u64) {
     let started = Instant::now();
     let real = real(seconds, if fresh { "fresh" } else { "64" }).await;
     stop.store(true, Ordering::Relaxed);
-    let sources = if fresh {
+    let sources = if spread {
+        "spread".to_owned()
+    } else if fresh {
         "fresh".to_owned()
     } else {
         sources.to_string()

@@ -37,7 +37,17 @@
 //!   (every attempt from one of a few addresses) leaves someone new a worker
 //!   that is not busy with the flood; a distributed one (every attempt from a
 //!   new address) is itself the new addresses, and the lane leaves it to the
-//!   general workers (see [`QUIET_SHARE_MAX`]).
+//!   general workers (see [`QUIET_SHARE_MAX`]);
+//! * every address is also counted in its **network** (its /24, or /48 for
+//!   IPv6: see [`network_of`]): a source's weight is its own usage plus its
+//!   network's recent attempts divided by [`NETWORK_SHARE`], and a source is
+//!   quiet only while its network has made fewer than
+//!   [`QUIET_NETWORK_ATTEMPTS`] attempts recently. A flood from a new address per attempt drawn from a few
+//!   networks is then as heavy as a flood from a few addresses, and someone
+//!   new from another network keeps the lane. A flood spread over more
+//!   networks than it sends attempts per network (a botnet across the
+//!   internet) still looks like newcomers: only device tokens tell a known
+//!   user from it.
 
 use std::{
     collections::HashMap,
@@ -148,6 +158,36 @@ const QUIET_ATTEMPTS: f64 = 4.0;
 /// flood job on the lane would make the next known device wait for it).
 pub const QUIET_SHARE_MAX: f64 = 0.5;
 
+/// A network's recent attempts (hashed or refused) count in the weight of
+/// each of its addresses divided by this: a network weighs as one source
+/// that has hashed once per this many attempts, so a few people logging in
+/// from one office do not weigh on each other, and a flood that moves to a
+/// new address per attempt within one network does — by its attempts, not
+/// by what it got hashed, since most of a flood is refused.
+pub const NETWORK_SHARE: f64 = 32.0;
+
+/// A source is quiet only while its network has made fewer than this many
+/// attempts recently (decayed like usage).
+pub const QUIET_NETWORK_ATTEMPTS: f64 = 4.0;
+
+/// The network of a client address, for admission: its /24 (IPv4, also
+/// IPv4-mapped IPv6) or its /48 (IPv6), the smallest blocks routed on the
+/// internet. `None` for what is not an address.
+pub fn network_of(source: &str) -> Option<Arc<str>> {
+    let v4 = |o: [u8; 4]| format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    let network = match source.parse::<std::net::IpAddr>().ok()? {
+        std::net::IpAddr::V4(a) => v4(a.octets()),
+        std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(a) => v4(a.octets()),
+            None => {
+                let s = a.segments();
+                format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+            }
+        },
+    };
+    Some(Arc::from(network))
+}
+
 /// Sources whose usage is remembered at most (the least used are dropped
 /// first; a forgotten source simply counts as fresh).
 const MAX_TRACKED_SOURCES: usize = 65_536;
@@ -196,6 +236,8 @@ impl Job {
 struct Queued {
     job: Job,
     source: Option<Arc<str>>,
+    /// `source`'s network ([`network_of`]).
+    network: Option<Arc<str>>,
     known: bool,
     queued_at: Instant,
     deadline: Instant,
@@ -280,6 +322,8 @@ struct QueueState {
     usage: Usage,
     /// Attempts per source (admitted or refused), decaying like `usage`.
     attempts: Usage,
+    /// `attempts` per network ([`network_of`]).
+    network_attempts: Usage,
     demand: Demand,
     /// How long a general worker takes per job now, wall clock (moving
     /// average): what the queue drains at, contention included.
@@ -290,12 +334,21 @@ struct QueueState {
 
 impl QueueState {
     /// Whether `source` is quiet: a client address that has hashed less
-    /// than [`QUIET_USAGE`] recently and has at most `waiting` jobs queued
-    /// (operators' and internal jobs, without an address, are not).
-    fn quiet(&self, source: Option<&Arc<str>>, now: Instant, waiting: usize) -> bool {
+    /// than [`QUIET_USAGE`] and tried less than [`QUIET_ATTEMPTS`] recently,
+    /// in a network that has tried less than [`QUIET_NETWORK_ATTEMPTS`], and
+    /// has at most `waiting` jobs queued (operators' and internal jobs,
+    /// without an address, are not).
+    fn quiet(
+        &self,
+        source: Option<&Arc<str>>,
+        network: Option<&Arc<str>>,
+        now: Instant,
+        waiting: usize,
+    ) -> bool {
         source.is_some()
             && self.usage.of(source, now) < QUIET_USAGE
             && self.attempts.of(source, now) < QUIET_ATTEMPTS
+            && self.network_attempts.of(network, now) < QUIET_NETWORK_ATTEMPTS
             && self
                 .waiting
                 .iter()
@@ -304,14 +357,23 @@ impl QueueState {
                 .is_none()
     }
 
+    /// How much `source` has hashed recently, its network's attempts
+    /// included: what the workers order by (least first).
+    fn weight(&self, source: Option<&Arc<str>>, network: Option<&Arc<str>>, now: Instant) -> f64 {
+        self.usage.of(source, now) + self.network_attempts.of(network, now) / NETWORK_SHARE
+    }
+
     /// Counts an attempt to queue a job for `admission` in the demand.
-    fn note_demand(&mut self, admission: &Admission, now: Instant) {
+    fn note_demand(&mut self, admission: &Admission, network: Option<&Arc<str>>, now: Instant) {
         if !admission.known_device
             && let Some(source) = &admission.source
         {
-            let quiet = self.quiet(Some(source), now, 0);
+            let quiet = self.quiet(Some(source), network, now, 0);
             self.demand.add(quiet, now);
             self.attempts.add(source, now);
+            if let Some(network) = network {
+                self.network_attempts.add(network, now);
+            }
         }
     }
 }
@@ -325,6 +387,17 @@ struct Scheduler {
 }
 
 impl Scheduler {
+    /// Whether the lane takes quiet sources' jobs now.
+    fn quiet_in_lane(&self, state: &QueueState) -> bool {
+        self.config.quiet_sources_in_lane && state.demand.quiet_are_few()
+    }
+
+    /// Whether a waiting job is the lane's: a known device, or a quiet
+    /// source while the lane takes them (`quiet_too`).
+    fn for_lane(&self, state: &QueueState, q: &Queued, quiet_too: bool, now: Instant) -> bool {
+        q.known || (quiet_too && state.quiet(q.source.as_ref(), q.network.as_ref(), now, 1))
+    }
+
     /// What a refused caller is told to wait: about one queue's worth.
     fn retry_after(&self) -> Duration {
         Duration::from_secs(1).max(self.config.max_wait)
@@ -368,8 +441,9 @@ impl Scheduler {
         if state.closed {
             return Err(HashError::PoolClosed);
         }
-        state.note_demand(admission, now);
-        match self.place(&state, admission, now) {
+        let network = admission.source.as_deref().and_then(network_of);
+        state.note_demand(admission, network.as_ref(), now);
+        match self.place(&state, admission, network.as_ref(), now) {
             Err(reason) => return Err(self.overloaded(reason)),
             Ok(Some(victim)) => {
                 let evicted = state.waiting.swap_remove(victim);
@@ -382,6 +456,7 @@ impl Scheduler {
         state.waiting.push(Queued {
             job,
             source: admission.source.clone(),
+            network,
             known: admission.known_device,
             queued_at: now,
             deadline,
@@ -404,6 +479,7 @@ impl Scheduler {
         &self,
         state: &QueueState,
         admission: &Admission,
+        network: Option<&Arc<str>>,
         now: Instant,
     ) -> Result<Option<usize>, &'static str> {
         if let Some(source) = &admission.source
@@ -417,19 +493,28 @@ impl Scheduler {
         {
             return Err("source_queue_full");
         }
+        let mine = state.weight(admission.source.as_ref(), network, now);
         // Would it start in time? The jobs that go before it (known devices,
-        // and sources that have used no more than this one) drain at the
-        // general workers' current pace. Known devices have the lane.
+        // and sources that weigh no more than this one) drain at the
+        // general workers' current pace; a job for the lane waits only for
+        // the lane's jobs ahead of it. Known devices have the lane.
         if !admission.known_device
             && let Some(per_job) = state.seconds_per_job
         {
-            let mine = state.usage.of(admission.source.as_ref(), now);
+            let quiet_too = self.quiet_in_lane(state);
+            let lane = self.config.device_lane
+                && quiet_too
+                && state.quiet(admission.source.as_ref(), network, now, 0);
             let ahead = state
                 .waiting
                 .iter()
-                .filter(|q| q.known || state.usage.of(q.source.as_ref(), now) <= mine)
+                .filter(|q| !lane || self.for_lane(state, q, quiet_too, now))
+                .filter(|q| {
+                    q.known || state.weight(q.source.as_ref(), q.network.as_ref(), now) <= mine
+                })
                 .count();
-            let wait = per_job * ahead as f64 / self.workers.max(1) as f64;
+            let workers = if lane { 1 } else { self.workers.max(1) };
+            let wait = per_job * ahead as f64 / workers as f64;
             if now + Duration::from_secs_f64(wait) >= self.deadline(admission, now) {
                 return Err("would_wait_too_long");
             }
@@ -437,19 +522,18 @@ impl Scheduler {
         if state.waiting.len() < self.config.max_queued {
             return Ok(None);
         }
-        let usage = &state.usage;
         let victim = state
             .waiting
             .iter()
             .enumerate()
             .filter(|(_, q)| !q.known)
-            .map(|(i, q)| (i, usage.of(q.source.as_ref(), now), q.seq))
+            .map(|(i, q)| {
+                let weight = state.weight(q.source.as_ref(), q.network.as_ref(), now);
+                (i, weight, q.seq)
+            })
             .max_by(|a, b| a.1.total_cmp(&b.1).then(a.2.cmp(&b.2)));
         match victim {
-            Some((i, heaviest, _))
-                if admission.known_device
-                    || usage.of(admission.source.as_ref(), now) + 1.0 <= heaviest =>
-            {
+            Some((i, heaviest, _)) if admission.known_device || mine + 1.0 <= heaviest => {
                 Ok(Some(i))
             }
             _ => Err("queue_full"),
@@ -465,9 +549,10 @@ impl Scheduler {
             return false;
         };
         let now = Instant::now();
-        let admitted = self.place(&state, admission, now).is_ok();
+        let network = admission.source.as_deref().and_then(network_of);
+        let admitted = self.place(&state, admission, network.as_ref(), now).is_ok();
         if !admitted {
-            state.note_demand(admission, now);
+            state.note_demand(admission, network.as_ref(), now);
         }
         admitted
     }
@@ -516,10 +601,9 @@ impl Scheduler {
                 i += 1;
             }
         }
-        let quiet_too = self.config.quiet_sources_in_lane && state.demand.quiet_are_few();
-        let for_lane =
-            |q: &Queued| q.known || (quiet_too && state.quiet(q.source.as_ref(), now, 1));
-        let usage = &state.usage;
+        let quiet_too = self.quiet_in_lane(state);
+        let for_lane = |q: &Queued| self.for_lane(state, q, quiet_too, now);
+        let weight = |q: &Queued| state.weight(q.source.as_ref(), q.network.as_ref(), now);
         let best_of = |take: &dyn Fn(&Queued) -> bool| {
             state
                 .waiting
@@ -529,11 +613,7 @@ impl Scheduler {
                 .min_by(|(_, a), (_, b)| {
                     b.known
                         .cmp(&a.known)
-                        .then_with(|| {
-                            usage
-                                .of(a.source.as_ref(), now)
-                                .total_cmp(&usage.of(b.source.as_ref(), now))
-                        })
+                        .then_with(|| weight(a).total_cmp(&weight(b)))
                         .then(a.seq.cmp(&b.seq))
                 })
                 .map(|(i, _)| i)
@@ -1215,9 +1295,10 @@ mod tests {
 
     #[test]
     fn the_lane_leaves_quiet_sources_alone_when_they_are_the_flood() {
-        // A distributed flood: every job from an address never seen before.
+        // A distributed flood: every job from an address never seen before,
+        // each in a network never seen before.
         let s = scheduler(100, 100);
-        let fresh: Vec<String> = (0..30).map(|i| format!("10.1.0.{i}")).collect();
+        let fresh: Vec<String> = (0..30).map(|i| format!("10.{i}.0.1")).collect();
         let fresh: Vec<&str> = fresh.iter().map(String::as_str).collect();
         let _flood = flood(&s, &fresh, 0, 30);
         let (j, _n) = job("newcomer");
@@ -1229,6 +1310,81 @@ mod tests {
             "a newcomer is indistinguishable from this flood"
         );
         assert!(s.pick(&mut state, Lane::All, now).is_some());
+    }
+
+    #[test]
+    fn a_flood_of_new_addresses_from_a_few_networks_weighs_as_those_networks() {
+        // Every flood job from an address never seen before, all of them in
+        // two /24s (and one /48): after a few attempts each network is as
+        // heavy as one flooding address, and someone new from another network
+        // gets the lane, goes first on the general workers, and takes a
+        // flood job's place in a full queue.
+        let s = scheduler(90, 100);
+        let fresh: Vec<String> = (0..90)
+            .map(|i| match i % 3 {
+                0 => format!("203.0.113.{i}"),
+                1 => format!("198.51.100.{i}"),
+                _ => format!("2001:db8:7::{i:x}"),
+            })
+            .collect();
+        let fresh: Vec<&str> = fresh.iter().map(String::as_str).collect();
+        let mut flood_answers = flood(&s, &fresh, 0, 90);
+        let now = Instant::now();
+        {
+            // The general workers have hashed some of the flood already.
+            let mut state = s.state.lock().unwrap();
+            for _ in 0..12 {
+                assert_eq!(name(s.pick(&mut state, Lane::All, now)), "flood");
+            }
+        }
+        flood_answers.extend(flood(&s, &fresh[..12], 0, 12));
+        {
+            let state = s.state.lock().unwrap();
+            let flooding = Arc::from("203.0.113.250");
+            let network = network_of(&flooding);
+            assert!(
+                !state.quiet(Some(&flooding), network.as_ref(), now, 0),
+                "a new address of a flooding network is not quiet"
+            );
+            assert!(state.weight(Some(&flooding), network.as_ref(), now) >= 1.0);
+        }
+        let (j, _n) = job("newcomer");
+        s.submit(j, &from("192.0.2.7")).unwrap();
+        let mut state = s.state.lock().unwrap();
+        assert!(
+            state.demand.quiet_are_few(),
+            "{} of {}",
+            state.demand.quiet,
+            state.demand.all
+        );
+        assert_eq!(name(s.pick(&mut state, Lane::Priority, now)), "newcomer");
+        drop(state);
+        let (j, _m) = job("another newcomer");
+        s.submit(j, &from("2001:db8:99::1")).unwrap();
+        let mut state = s.state.lock().unwrap();
+        assert_eq!(name(s.pick(&mut state, Lane::All, now)), "another newcomer");
+        assert!(
+            flood_answers.iter_mut().any(refused),
+            "the full queue made room by dropping a flood job"
+        );
+    }
+
+    #[test]
+    fn networks_are_slash_24_and_slash_48() {
+        assert_eq!(network_of("203.0.113.9").as_deref(), Some("203.0.113.0/24"));
+        assert_eq!(
+            network_of("::ffff:203.0.113.9").as_deref(),
+            Some("203.0.113.0/24")
+        );
+        assert_eq!(
+            network_of("2001:db8:7:1::9").as_deref(),
+            Some("2001:db8:7::/48")
+        );
+        assert_eq!(
+            network_of("2001:db8:7:ffff::1"),
+            network_of("2001:db8:7::2")
+        );
+        assert_eq!(network_of("not an address"), None);
     }
 
     #[test]

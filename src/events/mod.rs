@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::{
     accounts::model::{Role, User},
-    platforms::{AccountStatus, PlatformAccount},
+    platforms::{AccountStatus, Platform, PlatformAccount},
 };
 
 /// The event types and their topic suffixes (`auth.events.<name>`).
@@ -263,6 +263,32 @@ impl OutboxEvent {
                 "platform_user_id": account.platform_user_id,
                 "scopes": account.scopes,
                 "revoked_at_platform": revoked_at_platform,
+            }),
+            ctx,
+        )
+    }
+
+    /// A deleted user's linked account, disconnected once its platform
+    /// answered the revocation of its grant: `revocation` is `revoked`,
+    /// `already_dead` or `unsupported` (no revocation endpoint).
+    pub fn platform_grant_revoked(
+        user_id: Uuid,
+        platform: Platform,
+        platform_user_id: &str,
+        scopes: &[String],
+        revocation: &str,
+        ctx: &RequestContext,
+    ) -> Self {
+        Self::new(
+            EventType::PlatformDisconnected,
+            Some(user_id),
+            json!({
+                "platform": platform.as_str(),
+                "platform_user_id": platform_user_id,
+                "scopes": scopes,
+                "revoked_at_platform": revocation == "revoked",
+                "revocation": revocation,
+                "reason": "user_deleted",
             }),
             ctx,
         )

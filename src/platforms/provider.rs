@@ -521,8 +521,15 @@ impl Provider {
         .await
     }
 
+    /// Whether [`revoke`](Self::revoke) presents the access token (Twitch,
+    /// Facebook), which the platform no longer knows once it has expired.
+    pub fn revokes_by_access_token(&self) -> bool {
+        matches!(self.platform, Platform::Twitch | Platform::Facebook)
+    }
+
     /// Revokes the grant at the platform. `Ok(false)`: the platform has no
-    /// revocation endpoint.
+    /// revocation endpoint. `InvalidGrant`: the platform does not know the
+    /// token (already revoked or expired): nothing is left to revoke.
     pub async fn revoke(
         &self,
         access_token: &SecretString,
@@ -549,8 +556,22 @@ impl Provider {
                     .bearer_auth(access_token.expose_secret()),
                 Platform::Soop => return Ok(false),
             };
-            checked(request.header_traced().send().await.map_err(transport)?).await?;
-            Ok(true)
+            let response = request.header_traced().send().await.map_err(transport)?;
+            let status = response.status().as_u16();
+            if (200..300).contains(&status) {
+                return Ok(true);
+            }
+            if status == 429 {
+                return Err(CallError::RateLimited {
+                    retry_after: retry_after_of(response.headers(), OffsetDateTime::now_utc()),
+                });
+            }
+            let body = response.bytes().await.map_err(transport)?;
+            let body = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            Err(match (status, classify(status, body.as_ref())) {
+                (401, CallError::Refused(why)) => CallError::InvalidGrant(why),
+                (_, classified) => classified,
+            })
         })
         .await
     }
@@ -738,7 +759,10 @@ pub fn classify(status: u16, body: Option<&serde_json::Value>) -> CallError {
     if let Some(body) = body {
         if let Some(code) = body.get("error").and_then(Value::as_str) {
             match code {
-                "invalid_grant" => return CallError::InvalidGrant(text()),
+                // `invalid_token`: Google's revocation endpoint for a token
+                // it no longer knows (developers.google.com/identity/
+                // protocols/oauth2/web-server#tokenrevoke).
+                "invalid_grant" | "invalid_token" => return CallError::InvalidGrant(text()),
                 "invalid_client"
                 | "unauthorized_client"
                 | "invalid_request"
@@ -753,7 +777,10 @@ pub fn classify(status: u16, body: Option<&serde_json::Value>) -> CallError {
         }
         if let Some(message) = body.get("message").and_then(Value::as_str) {
             let m = message.to_ascii_lowercase();
+            // "Invalid token": Twitch's revocation endpoint for a token it
+            // does not know (dev.twitch.tv/docs/authentication/revoke-tokens).
             if m.contains("invalid refresh token")
+                || m == "invalid token"
                 || m.contains("invalid authorization code")
                 || m.contains("invalid code")
             {

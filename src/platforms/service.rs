@@ -22,7 +22,9 @@ use uuid::Uuid;
 use super::{
     AccountStatus, Platform, PlatformAccount, PlatformError,
     provider::{CallError, Grant, Provider},
-    store::{LinkOutcome, LinkState, PlatformStore, SealedTokens, StoredAccount},
+    store::{
+        LinkOutcome, LinkState, PendingRevocation, PlatformStore, SealedTokens, StoredAccount,
+    },
     vault::Vault,
     webhooks,
 };
@@ -130,6 +132,47 @@ pub enum WebhookError {
     #[error("temporarily unavailable")]
     Unavailable,
 }
+
+/// Counts of one round of deleted users' grant revocations.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GrantRevocationReport {
+    /// The platform revoked the grant.
+    pub revoked: u32,
+    /// The platform answered that the grant was already dead.
+    pub already_dead: u32,
+    /// The platform has no revocation endpoint (SOOP).
+    pub unsupported: u32,
+    /// No answer this time (down, 5xx, 429, a refusal of our client, a
+    /// platform turned off here, tokens that do not open): tried again
+    /// later, the row kept.
+    pub retrying: u32,
+}
+
+/// How a deleted user's grant ended at its platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantRevocation {
+    Revoked,
+    AlreadyDead,
+    Unsupported,
+}
+
+impl GrantRevocation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Revoked => "revoked",
+            Self::AlreadyDead => "already_dead",
+            Self::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// The first retry of a grant revocation without an answer comes this long
+/// after it; each next one twice as long, up to [`GRANT_REVOCATION_MAX_WAIT`].
+pub const GRANT_REVOCATION_BACKOFF: Duration = Duration::from_secs(30);
+pub const GRANT_REVOCATION_MAX_WAIT: Duration = Duration::from_secs(3600);
+/// How long a replica holds a claimed grant revocation (its calls are
+/// bounded well within this by `http_timeout_ms` and `retry_attempts`).
+const GRANT_REVOCATION_CLAIM: Duration = Duration::from_secs(300);
 
 /// Counts of one keep-alive round.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -957,6 +1000,148 @@ impl PlatformService {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "platform keep-alive round failed"),
             }
+            match self.revoke_deleted_grants(OffsetDateTime::now_utc()).await {
+                Ok(report) if report != GrantRevocationReport::default() => {
+                    tracing::info!(?report, "deleted users' grants revoked at the platforms")
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "revoking deleted users' grants failed"),
+            }
+        }
+    }
+
+    /// Revokes at their platforms the grants of deleted users that are due
+    /// at `now` (a bounded batch, claimed so that replicas share the work):
+    /// each one the platform answers for — revoked, already dead, or no
+    /// revocation endpoint — leaves the queue with its
+    /// `platform_disconnected` event in one transaction; one without an
+    /// answer is tried again after a doubling wait (a 429's own wait, shared
+    /// with every replica through `platform_cooldowns`). Nothing is dropped
+    /// without an answer.
+    pub async fn revoke_deleted_grants(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<GrantRevocationReport, PlatformError> {
+        let mut report = GrantRevocationReport::default();
+        let claimed = self
+            .store
+            .claim_grant_revocations(
+                now,
+                now + GRANT_REVOCATION_CLAIM,
+                self.config.keepalive_batch,
+            )
+            .await?;
+        for pending in claimed {
+            match self.revoke_grant(&pending, now).await {
+                Ok(outcome) => {
+                    let event = OutboxEvent::platform_grant_revoked(
+                        pending.user_id,
+                        pending.platform,
+                        &pending.platform_user_id,
+                        &pending.scopes,
+                        outcome.as_str(),
+                        &RequestContext::default(),
+                    );
+                    self.store.finish_grant_revocation(&pending, &event).await?;
+                    metrics::counter!("platform_grant_revocations_total", "platform" => pending.platform.as_str(), "outcome" => outcome.as_str()).increment(1);
+                    match outcome {
+                        GrantRevocation::Revoked => report.revoked += 1,
+                        GrantRevocation::AlreadyDead => report.already_dead += 1,
+                        GrantRevocation::Unsupported => report.unsupported += 1,
+                    }
+                }
+                Err(next) => {
+                    self.store.retry_grant_revocation(&pending, next).await?;
+                    metrics::counter!("platform_grant_revocations_total", "platform" => pending.platform.as_str(), "outcome" => "retrying").increment(1);
+                    report.retrying += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// One attempt at revoking `pending`'s grant: how it ended, or when to
+    /// try again.
+    async fn revoke_grant(
+        &self,
+        pending: &PendingRevocation,
+        now: OffsetDateTime,
+    ) -> Result<GrantRevocation, OffsetDateTime> {
+        let platform = pending.platform;
+        let wait = GRANT_REVOCATION_BACKOFF
+            .saturating_mul(1 << pending.attempts.clamp(0, 16))
+            .min(GRANT_REVOCATION_MAX_WAIT);
+        let later = now + wait;
+        let Ok(provider) = self.provider(platform) else {
+            tracing::warn!(%platform, "a deleted user's grant waits: the platform is not configured here");
+            return Err(later);
+        };
+        match self.store.platform_cooldown(platform.as_str()).await {
+            Ok(Some(until)) if until > now => return Err(until),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%platform, %error, "platform cooldown unreadable; the grant revocation waits");
+                return Err(later);
+            }
+        }
+        let (mut access, mut refresh) = match open_sealed(
+            &self.vault.load(),
+            pending.user_id,
+            platform,
+            &pending.tokens,
+        ) {
+            Ok(tokens) => tokens,
+            Err(error) => {
+                tracing::error!(%platform, %error, "a deleted user's tokens do not open (vault key missing?); the grant revocation waits");
+                return Err(later);
+            }
+        };
+        // A platform that revokes by access token (Twitch) does not know an
+        // expired one, while the refresh token lives on: refresh first, and
+        // revoke the new access token.
+        let expired = pending.tokens.expires_at.is_some_and(|at| at <= now);
+        if expired && refresh.is_some() && provider.revokes_by_access_token() {
+            match provider.refresh(refresh.as_ref(), &access).await {
+                Ok(grant) => {
+                    access = grant.access_token;
+                    refresh = grant.refresh_token.or(refresh);
+                }
+                Err(CallError::InvalidGrant(_)) => return Ok(GrantRevocation::AlreadyDead),
+                Err(error) => return Err(self.retry_after_failure(platform, error, later).await),
+            }
+        }
+        match provider.revoke(&access, refresh.as_ref()).await {
+            Ok(true) => Ok(GrantRevocation::Revoked),
+            Ok(false) => Ok(GrantRevocation::Unsupported),
+            Err(CallError::InvalidGrant(_)) => Ok(GrantRevocation::AlreadyDead),
+            Err(error) => Err(self.retry_after_failure(platform, error, later).await),
+        }
+    }
+
+    /// When to try a platform call again after `error`: when a 429 said
+    /// (stored for every replica), else `later`.
+    async fn retry_after_failure(
+        &self,
+        platform: Platform,
+        error: CallError,
+        later: OffsetDateTime,
+    ) -> OffsetDateTime {
+        match error {
+            CallError::RateLimited { retry_after } => {
+                let until = OffsetDateTime::now_utc() + retry_after;
+                if let Err(error) = self
+                    .store
+                    .set_platform_cooldown(platform.as_str(), until)
+                    .await
+                {
+                    tracing::warn!(%platform, %error, "could not record the platform's 429");
+                }
+                until
+            }
+            error => {
+                tracing::warn!(%platform, %error, "revoking a deleted user's grant got no answer; trying again later");
+                later
+            }
         }
     }
 
@@ -1020,24 +1205,29 @@ fn open_tokens(
     vault: &Vault,
     stored: &StoredAccount,
 ) -> Result<(SecretString, Option<SecretString>), super::vault::VaultError> {
-    let user = stored.account.user_id;
-    let platform = stored.account.platform;
+    open_sealed(
+        vault,
+        stored.account.user_id,
+        stored.account.platform,
+        &stored.tokens,
+    )
+}
+
+fn open_sealed(
+    vault: &Vault,
+    user: Uuid,
+    platform: Platform,
+    tokens: &SealedTokens,
+) -> Result<(SecretString, Option<SecretString>), super::vault::VaultError> {
     let access = vault.open(
-        &stored.tokens.key_id,
-        &stored.tokens.access,
+        &tokens.key_id,
+        &tokens.access,
         &token_aad(user, platform, "access"),
     )?;
-    let refresh = stored
-        .tokens
+    let refresh = tokens
         .refresh
         .as_ref()
-        .map(|r| {
-            vault.open(
-                &stored.tokens.key_id,
-                r,
-                &token_aad(user, platform, "refresh"),
-            )
-        })
+        .map(|r| vault.open(&tokens.key_id, r, &token_aad(user, platform, "refresh")))
         .transpose()?;
     Ok((access, refresh))
 }

@@ -43,6 +43,21 @@ pub struct StoredAccount {
     pub user_active: bool,
 }
 
+/// A deleted user's grant waiting to be revoked at its platform (its
+/// linked account is gone; the sealed tokens wait here).
+#[derive(Debug, Clone)]
+pub struct PendingRevocation {
+    pub user_id: Uuid,
+    pub platform: Platform,
+    /// When the user was deleted; with the two above, the row's key.
+    pub queued_at: OffsetDateTime,
+    pub platform_user_id: String,
+    pub scopes: Vec<String>,
+    pub tokens: SealedTokens,
+    /// Attempts that did not get an answer from the platform so far.
+    pub attempts: i32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkOutcome {
     Linked,
@@ -195,6 +210,32 @@ pub trait PlatformStore: Send + Sync + 'static {
     ) -> Result<Option<OffsetDateTime>, BackendError>;
 
     /// Deletes expired link states and webhook ids older than `before`.
+    /// Claims up to `limit` grant revocations due at `now`, moving each
+    /// one's next attempt to `until` so that no other replica takes it
+    /// meanwhile.
+    async fn claim_grant_revocations(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+        limit: i64,
+    ) -> Result<Vec<PendingRevocation>, BackendError>;
+
+    /// The platform answered: the row goes and `event` is written, in one
+    /// transaction. `false` when the row was already gone.
+    async fn finish_grant_revocation(
+        &self,
+        pending: &PendingRevocation,
+        event: &OutboxEvent,
+    ) -> Result<bool, BackendError>;
+
+    /// No answer this time: one more attempt counted, the next at
+    /// `next_attempt_at`.
+    async fn retry_grant_revocation(
+        &self,
+        pending: &PendingRevocation,
+        next_attempt_at: OffsetDateTime,
+    ) -> Result<(), BackendError>;
+
     async fn purge_platform_state(
         &self,
         now: OffsetDateTime,

@@ -13,7 +13,7 @@ macro_rules! account_columns {
 /// validation-claim statement (PostgreSQL skips rows another replica is
 /// claiming).
 macro_rules! platform_store {
-    ($db:ty, claim = $claim:expr) => {
+    ($db:ty, claim = $claim:expr, claim_revocations = $claim_revocations:expr) => {
         const _: () = {
             use async_trait::async_trait;
             use sqlx::types::Json;
@@ -25,7 +25,7 @@ macro_rules! platform_store {
                 events::OutboxEvent,
                 platforms::{
                     AccountStatus, Platform, PlatformAccount,
-                    store::{LinkOutcome, LinkState, PlatformStore, SealedTokens, StoredAccount},
+                    store::{LinkOutcome, LinkState, PendingRevocation, PlatformStore, SealedTokens, StoredAccount},
                     vault::Sealed,
                 },
                 storage::sql::{SqlStore, db_error, insert_event},
@@ -497,6 +497,90 @@ macro_rules! platform_store {
                     .await
                 }
 
+                async fn claim_grant_revocations(
+                    &self,
+                    now: OffsetDateTime,
+                    until: OffsetDateTime,
+                    limit: i64,
+                ) -> Result<Vec<PendingRevocation>, BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "claim_grant_revocations");
+                    tracing::Instrument::instrument(async move {
+                        use sqlx::Row as _;
+                        let rows = sqlx::query($claim_revocations)
+                            .bind(now)
+                            .bind(until)
+                            .bind(limit)
+                            .fetch_all(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        rows.iter()
+                            .map(|row| {
+                                let platform: String = row.try_get(1).map_err(db_error)?;
+                                Ok(PendingRevocation {
+                                    user_id: row.try_get(0).map_err(db_error)?,
+                                    platform: Platform::parse(&platform).ok_or_else(|| {
+                                        BackendError::failed("database", "unknown platform in platform_grant_revocations")
+                                    })?,
+                                    queued_at: row.try_get(2).map_err(db_error)?,
+                                    platform_user_id: row.try_get(3).map_err(db_error)?,
+                                    scopes: row.try_get::<Json<Vec<String>>, _>(4).map_err(db_error)?.0,
+                                    tokens: SealedTokens {
+                                        key_id: row.try_get(5).map_err(db_error)?,
+                                        access: row.try_get(6).map_err(db_error)?,
+                                        refresh: row.try_get(7).map_err(db_error)?,
+                                        expires_at: row.try_get(8).map_err(db_error)?,
+                                    },
+                                    attempts: row.try_get(9).map_err(db_error)?,
+                                })
+                            })
+                            .collect()
+                    }, span)
+                    .await
+                }
+
+                async fn finish_grant_revocation(&self, pending: &PendingRevocation, event: &OutboxEvent) -> Result<bool, BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "finish_grant_revocation");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let deleted = sqlx::query(
+                            "DELETE FROM platform_grant_revocations WHERE user_id = $1 AND platform = $2 AND queued_at = $3",
+                        )
+                        .bind(pending.user_id)
+                        .bind(pending.platform.as_str())
+                        .bind(pending.queued_at)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected();
+                        if deleted == 0 {
+                            return Ok(false);
+                        }
+                        insert_event!(tx, event);
+                        self.commit_events(tx).await?;
+                        Ok(true)
+                    }, span)
+                    .await
+                }
+
+                async fn retry_grant_revocation(&self, pending: &PendingRevocation, next_attempt_at: OffsetDateTime) -> Result<(), BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "retry_grant_revocation");
+                    tracing::Instrument::instrument(async move {
+                        sqlx::query(
+                            "UPDATE platform_grant_revocations SET attempts = attempts + 1, next_attempt_at = $4 \
+                             WHERE user_id = $1 AND platform = $2 AND queued_at = $3",
+                        )
+                        .bind(pending.user_id)
+                        .bind(pending.platform.as_str())
+                        .bind(pending.queued_at)
+                        .bind(next_attempt_at)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_error)?;
+                        Ok(())
+                    }, span)
+                    .await
+                }
+
                 async fn purge_platform_state(&self, now: OffsetDateTime, before: OffsetDateTime) -> Result<(), BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "purge_platform_state");
                     tracing::Instrument::instrument(async move {
@@ -540,5 +624,41 @@ const CLAIM_SQLITE: &str = concat!(
     account_columns!()
 );
 
-platform_store!(sqlx::Postgres, claim = CLAIM_POSTGRES);
-platform_store!(sqlx::Sqlite, claim = CLAIM_SQLITE);
+/// The columns of a claimed grant revocation, in `claim_grant_revocations`'
+/// order.
+macro_rules! revocation_columns {
+    () => {
+        "user_id, platform, queued_at, platform_user_id, scopes, key_id, access_token, refresh_token, \
+         token_expires_at, attempts"
+    };
+}
+
+/// Claims due grant revocations (moves their next attempt to `$2`);
+/// `SKIP LOCKED` passes over rows another replica is claiming.
+const CLAIM_REVOCATIONS_POSTGRES: &str = concat!(
+    "UPDATE platform_grant_revocations SET next_attempt_at = $2 \
+     WHERE (user_id, platform, queued_at) IN (SELECT user_id, platform, queued_at FROM platform_grant_revocations \
+        WHERE next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+     AND next_attempt_at <= $1 RETURNING ",
+    revocation_columns!()
+);
+
+/// SQLite has one writer at a time: the statement is atomic as it is.
+const CLAIM_REVOCATIONS_SQLITE: &str = concat!(
+    "UPDATE platform_grant_revocations SET next_attempt_at = $2 \
+     WHERE (user_id, platform, queued_at) IN (SELECT user_id, platform, queued_at FROM platform_grant_revocations \
+        WHERE next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $3) \
+     RETURNING ",
+    revocation_columns!()
+);
+
+platform_store!(
+    sqlx::Postgres,
+    claim = CLAIM_POSTGRES,
+    claim_revocations = CLAIM_REVOCATIONS_POSTGRES
+);
+platform_store!(
+    sqlx::Sqlite,
+    claim = CLAIM_SQLITE,
+    claim_revocations = CLAIM_REVOCATIONS_SQLITE
+);

@@ -352,8 +352,21 @@ macro_rules! sql_store {
                         let Some(row) = row else { return Ok(None) };
                         revoke_all_sessions!(tx, id, now, status.as_str());
                         if status == UserStatus::Deleted {
-                            // A deleted user's platform tokens go with the
-                            // account, in the same transaction.
+                            // A deleted user's linked accounts leave with
+                            // the account, in the same transaction; their
+                            // grants wait in platform_grant_revocations
+                            // until each platform has revoked them.
+                            sqlx::query(
+                                "INSERT INTO platform_grant_revocations (user_id, platform, queued_at, platform_user_id, scopes, \
+                                    key_id, access_token, refresh_token, token_expires_at, attempts, next_attempt_at) \
+                                 SELECT user_id, platform, $2, platform_user_id, scopes, key_id, access_token, refresh_token, \
+                                    token_expires_at, 0, $2 FROM platform_accounts WHERE user_id = $1",
+                            )
+                            .bind(id)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
                             sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1")
                                 .bind(id)
                                 .execute(&mut *tx)

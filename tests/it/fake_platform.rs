@@ -238,6 +238,11 @@ impl FakePlatform {
         inner.counters.refreshes + inner.counters.extensions
     }
 
+    /// Refresh tokens the platform would still honour.
+    pub fn live_refresh_tokens(&self) -> usize {
+        self.inner.lock().unwrap().refresh.len()
+    }
+
     pub fn issued_tokens(&self) -> Vec<String> {
         self.inner.lock().unwrap().issued.clone()
     }
@@ -438,25 +443,24 @@ async fn token_post(
     token(fake, q).await
 }
 
-async fn token(fake: FakePlatform, q: HashMap<String, String>) -> Response {
-    let latency = fake.inner.lock().unwrap().latency;
-    tokio::time::sleep(latency).await;
-    let mut inner = fake.inner.lock().unwrap();
-    inner.token_requests += 1;
+/// A 503 while `fail_next` lasts, a 429 while rate limited (token and
+/// revocation endpoints alike).
+fn busy(inner: &mut Inner) -> Option<Response> {
     if inner.fail_next > 0 {
         inner.fail_next -= 1;
-        return (StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response();
+        return Some((StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response());
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    if let Some(reset) = inner.rate_limited_until.filter(|reset| *reset > now) {
-        // https://dev.twitch.tv/docs/api/guide/#twitch-rate-limits: 429
-        // with Ratelimit-Limit, Ratelimit-Remaining and Ratelimit-Reset (the
-        // Unix time the bucket refills); the body in Twitch's error
-        // envelope. The page shows no Retry-After.
-        return (
+    let reset = inner.rate_limited_until.filter(|reset| *reset > now)?;
+    // https://dev.twitch.tv/docs/api/guide/#twitch-rate-limits: 429
+    // with Ratelimit-Limit, Ratelimit-Remaining and Ratelimit-Reset (the
+    // Unix time the bucket refills); the body in Twitch's error
+    // envelope. The page shows no Retry-After.
+    Some(
+        (
             StatusCode::TOO_MANY_REQUESTS,
             [
                 ("ratelimit-limit", "800".to_owned()),
@@ -465,7 +469,17 @@ async fn token(fake: FakePlatform, q: HashMap<String, String>) -> Response {
             ],
             axum::Json(json!({"error": "Too Many Requests", "status": 429, "message": ""})),
         )
-            .into_response();
+            .into_response(),
+    )
+}
+
+async fn token(fake: FakePlatform, q: HashMap<String, String>) -> Response {
+    let latency = fake.inner.lock().unwrap().latency;
+    tokio::time::sleep(latency).await;
+    let mut inner = fake.inner.lock().unwrap();
+    inner.token_requests += 1;
+    if let Some(busy) = busy(&mut inner) {
+        return busy;
     }
     let platform = inner.platform;
     if q.get("client_id") != Some(&inner.client_id)
@@ -648,21 +662,49 @@ async fn revoke(
     Form(q): Form<HashMap<String, String>>,
 ) -> Response {
     let mut inner = fake.inner.lock().unwrap();
+    if let Some(busy) = busy(&mut inner) {
+        return busy;
+    }
     let token = q.get("token").cloned().unwrap_or_default();
+    // https://dev.twitch.tv/docs/authentication/revoke-tokens: 404
+    // `{"status": 404, "message": "client does not exist"}` for a client id
+    // that is not valid.
     if inner.platform == Platform::Twitch && q.get("client_id") != Some(&inner.client_id) {
         return (
-            StatusCode::BAD_REQUEST,
-            axum::Json(json!({"status": 400, "message": "invalid client"})),
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"status": 404, "message": "client does not exist"})),
         )
             .into_response();
     }
-    let known = inner.access.contains_key(&token) || inner.refresh.contains_key(&token);
+    // An expired access token is as unknown as a revoked one.
+    let known = inner
+        .access
+        .get(&token)
+        .is_some_and(|a| a.expires > Instant::now())
+        || inner.refresh.contains_key(&token);
     if !known {
-        return (
-            StatusCode::BAD_REQUEST,
-            axum::Json(json!({"status": 400, "message": "Invalid token"})),
-        )
-            .into_response();
+        return match inner.platform {
+            // https://dev.twitch.tv/docs/authentication/revoke-tokens: 400
+            // `{"status": 400, "message": "Invalid token"}` when the client
+            // id is valid but the access token is not.
+            Platform::Twitch => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"status": 400, "message": "Invalid token"})),
+            )
+                .into_response(),
+            // https://developers.google.com/identity/protocols/oauth2/web-server#tokenrevoke
+            // says only "an HTTP status code 400 is returned along with an
+            // error code" and shows no body; this is the body Google's
+            // endpoint sends (RFC 7009 §2.2.1 / RFC 6750 `invalid_token`).
+            // The classifier's table also runs a 400 without a body.
+            _ => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(
+                    json!({"error": "invalid_token", "error_description": "Token expired or revoked"}),
+                ),
+            )
+                .into_response(),
+        };
     }
     inner.counters.revocations += 1;
     drop(inner);

@@ -1229,6 +1229,152 @@ async fn a_deleted_users_platform_tokens_are_deleted_with_the_account() {
     assert_eq!(list(&mut app, &keep).await.len(), 1);
 }
 
+/// Deleting a user revokes each of its grants at the platform, and writes
+/// `platform_disconnected` once per platform when the platform has
+/// answered: Twitch with an expired access token (refreshed first, then
+/// revoked: its refresh token dies too), Facebook already revoked by the
+/// user (answered as dead), SOOP without a revocation endpoint, and YouTube
+/// down (5xx) until the next round after its backoff. Rounds are run at
+/// chosen times: no test waits.
+async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(backend: Backend) {
+    use auth_service::{
+        accounts::model::UserStatus, events::OutboxEvent,
+        platforms::service::GRANT_REVOCATION_BACKOFF,
+    };
+    let fakes = fakes(&Platform::ALL).await;
+    let mut app = app_with(backend, &fakes, |c| c.platforms.retry_attempts = 2).await;
+    let token = user(&mut app, "vera").await;
+    let vera = user_id_of(&mut app, &token).await;
+    fakes[&Platform::Twitch].set_access_ttl(Duration::from_secs(1));
+    for fake in fakes.values() {
+        link(&mut app, &token, fake).await;
+    }
+    let live_before: BTreeMap<Platform, Vec<String>> = fakes
+        .iter()
+        .map(|(p, f)| {
+            (
+                *p,
+                f.issued_tokens()
+                    .into_iter()
+                    .filter(|t| f.is_live(t))
+                    .collect(),
+            )
+        })
+        .collect();
+    fakes[&Platform::Facebook].revoke_everything();
+    fakes[&Platform::Youtube].fail_next(100);
+    let twitch_refreshes = fakes[&Platform::Twitch].refreshes();
+
+    // As the lifecycle consumer applies a user_deleted event.
+    let id = uuid::Uuid::parse_str(&vera).unwrap();
+    let event = OutboxEvent::lifecycle(id, true, "user-profile", &Default::default());
+    app.database
+        .users
+        .set_status(id, UserStatus::Deleted, &event)
+        .await
+        .unwrap()
+        .unwrap();
+    let disconnected = |events: &[auth_service::events::StoredEvent]| -> Vec<(String, String)> {
+        events
+            .iter()
+            .filter(|e| e.event_type == "platform_disconnected")
+            .map(|e| {
+                assert_eq!(e.data["reason"], "user_deleted");
+                (
+                    e.data["platform"].as_str().unwrap().to_owned(),
+                    e.data["revocation"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert!(
+        disconnected(&app.events().await).is_empty(),
+        "nothing before the platforms answer"
+    );
+
+    // First round, after Twitch's access token expired.
+    let t0 = time::OffsetDateTime::now_utc() + Duration::from_secs(2);
+    let report = app.platforms.revoke_deleted_grants(t0).await.unwrap();
+    assert_eq!(
+        (
+            report.revoked,
+            report.already_dead,
+            report.unsupported,
+            report.retrying
+        ),
+        (1, 1, 1, 1),
+        "{report:?}"
+    );
+    let twitch = &fakes[&Platform::Twitch];
+    assert_eq!(
+        twitch.refreshes(),
+        twitch_refreshes + 1,
+        "refreshed to revoke"
+    );
+    assert_eq!(
+        twitch.live_refresh_tokens(),
+        0,
+        "Twitch's refresh token is dead"
+    );
+    assert!(twitch.issued_tokens().iter().all(|t| !twitch.is_live(t)));
+    let mut seen = disconnected(&app.events().await);
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("facebook".to_owned(), "already_dead".to_owned()),
+            ("soop".to_owned(), "unsupported".to_owned()),
+            ("twitch".to_owned(), "revoked".to_owned()),
+        ]
+    );
+    let youtube = &fakes[&Platform::Youtube];
+    assert!(
+        live_before[&Platform::Youtube]
+            .iter()
+            .all(|t| youtube.is_live(t)),
+        "YouTube was down: its grant lives on, and waits"
+    );
+
+    // Before its backoff nothing is tried again; after it, YouTube answers.
+    let report = app.platforms.revoke_deleted_grants(t0).await.unwrap();
+    assert_eq!(report, Default::default());
+    youtube.fail_next(0);
+    let later = t0 + GRANT_REVOCATION_BACKOFF + Duration::from_secs(1);
+    let report = app.platforms.revoke_deleted_grants(later).await.unwrap();
+    assert_eq!((report.revoked, report.retrying), (1, 0), "{report:?}");
+    assert!(
+        live_before[&Platform::Youtube]
+            .iter()
+            .all(|t| !youtube.is_live(t))
+    );
+    assert_eq!(youtube.live_refresh_tokens(), 0);
+
+    // Each platform once, and nothing left to do.
+    let all = disconnected(&app.events().await);
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert!(all.contains(&("youtube".to_owned(), "revoked".to_owned())));
+    let far = later + Duration::from_secs(86_400);
+    assert_eq!(
+        app.platforms.revoke_deleted_grants(far).await.unwrap(),
+        Default::default()
+    );
+    let service = app.with_role("ingest", "service").await.access_token;
+    let gone = access_token(&mut app, &service, &vera, Platform::Twitch)
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_users_grants_are_revoked_at_each_platform_embedded() {
+    a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_users_grants_are_revoked_at_each_platform_production() {
+    a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(Backend::Production).await;
+}
+
 /// `GetPlatformAccessToken` reporting `rejected` as refused by the platform.
 async fn report_rejected(
     client: &mut auth_service::grpc::pb::auth_service_client::AuthServiceClient<
