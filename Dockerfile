@@ -16,6 +16,12 @@ COPY src src
 COPY bench/loadgen.rs bench/loadgen.rs
 RUN cargo build --release --locked --bin auth-service
 
+# The binary's debug info (line tables), split out of it by the release
+# profile: `docker build --target debuginfo -o debuginfo .` writes
+# auth-service.dwp, to keep with the release for symbolizing its backtraces.
+FROM scratch AS debuginfo
+COPY --from=build /src/target/release/auth-service.dwp /auth-service.dwp
+
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/auth-service /usr/local/bin/auth-service
 USER 65532:65532

