@@ -703,7 +703,13 @@ fn grant(
             let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
             Err(classify(status.load(Ordering::Relaxed), json.as_ref()))
         }
-        Err(RequestTokenError::Other(e)) => Err(CallError::Transient(e)),
+        // oauth2 answers a non-200 without a body with `Other` before any
+        // parsing: a 4xx without a body is still a refusal, not a reason to
+        // call again.
+        Err(RequestTokenError::Other(e)) => match status.load(Ordering::Relaxed) {
+            s @ 400..=499 => Err(classify(s, None)),
+            _ => Err(CallError::Transient(e)),
+        },
     }
 }
 
@@ -730,6 +736,10 @@ async fn checked(response: reqwest::Response) -> Result<Vec<u8>, CallError> {
         s => Err(CallError::Refused(format!("HTTP {s}"))),
     }
 }
+
+/// How long a Graph API throttle (codes 4, 17, 32, 613) keeps us away: the
+/// API names no reset, and its limits are counted over an hour's window.
+pub const GRAPH_THROTTLE_WAIT: Duration = Duration::from_secs(300);
 
 /// What a token endpoint's failure means, from its HTTP status and its body
 /// in any of the platforms' documented shapes:
@@ -801,11 +811,19 @@ pub fn classify(status: u16, body: Option<&serde_json::Value>) -> CallError {
             if message.contains("client secret") || message.contains("redirect_uri") {
                 return CallError::Refused(text());
             }
+            // developers.facebook.com/docs/graph-api/guides/error-handling:
+            // 102 (API session) and 190 are a dead session; 4, 17, 32 and 613
+            // are rate limits (the Graph API answers them in the body, never
+            // with a 429): not called again for a while; 1, 2, 341 and 368
+            // are temporary.
             return match (code, subcode) {
-                (Some(190), _) | (Some(100), Some(36007 | 36009)) => {
+                (Some(190), _) | (Some(102), _) | (Some(100), Some(36007 | 36009)) => {
                     CallError::InvalidGrant(text())
                 }
-                (Some(1 | 2 | 4 | 17 | 32 | 613), _) => CallError::Transient(text()),
+                (Some(4 | 17 | 32 | 613), _) => CallError::RateLimited {
+                    retry_after: GRAPH_THROTTLE_WAIT,
+                },
+                (Some(1 | 2 | 341 | 368), _) => CallError::Transient(text()),
                 _ => CallError::Refused(text()),
             };
         }
@@ -918,6 +936,8 @@ mod tests {
             Dead,
             Refused,
             Transient,
+            /// Rate limited: the platform is left alone for a while.
+            Later,
         }
         let cases: Vec<(&str, u16, Option<serde_json::Value>, Is)> = vec![
             // dev.twitch.tv/docs/authentication/refresh-tokens ("if the
@@ -1049,8 +1069,59 @@ mod tests {
                 Some(
                     json!({"error": {"message": "(#4) Application request limit reached", "type": "OAuthException", "code": 4}}),
                 ),
+                Is::Later,
+            ),
+            (
+                "facebook user request limit",
+                400,
+                Some(
+                    json!({"error": {"message": "(#17) User request limit reached", "type": "OAuthException", "code": 17}}),
+                ),
+                Is::Later,
+            ),
+            (
+                "facebook api session",
+                400,
+                Some(
+                    json!({"error": {"message": "API Session", "type": "OAuthException", "code": 102}}),
+                ),
+                Is::Dead,
+            ),
+            (
+                "facebook application limit reached (temporary)",
+                400,
+                Some(
+                    json!({"error": {"message": "Application limit reached", "type": "OAuthException", "code": 341}}),
+                ),
                 Is::Transient,
             ),
+            // The revocation endpoints' answers (`revoke` reads them with
+            // this classifier; 401 counts as dead there). Twitch:
+            // dev.twitch.tv/docs/authentication/revoke-tokens.
+            (
+                "twitch revoke: unknown token (documented)",
+                400,
+                Some(json!({"status": 400, "message": "Invalid token"})),
+                Is::Dead,
+            ),
+            (
+                "twitch revoke: bad client id (documented)",
+                404,
+                Some(json!({"status": 404, "message": "client does not exist"})),
+                Is::Refused,
+            ),
+            // Google (…/oauth2/web-server#tokenrevoke) shows no body for its
+            // 400: the body its endpoint sends, and none at all (a refusal:
+            // tried again later, never taken as revoked).
+            (
+                "google revoke: unknown token",
+                400,
+                Some(
+                    json!({"error": "invalid_token", "error_description": "Token expired or revoked"}),
+                ),
+                Is::Dead,
+            ),
+            ("google revoke: 400 without a body", 400, None, Is::Refused),
             // SOOP documents no error body: RFC 6749 shapes and none at all.
             (
                 "soop invalid_grant",
@@ -1073,7 +1144,8 @@ mod tests {
             let got = match classify(status, body.as_ref()) {
                 CallError::InvalidGrant(_) => Is::Dead,
                 CallError::Refused(_) => Is::Refused,
-                CallError::Transient(_) | CallError::RateLimited { .. } => Is::Transient,
+                CallError::Transient(_) => Is::Transient,
+                CallError::RateLimited { .. } => Is::Later,
             };
             assert_eq!(got, want, "{name}");
         }

@@ -343,6 +343,20 @@ impl PlatformService {
         if !violations.is_empty() {
             return Err(PlatformError::Invalid(violations));
         }
+        // A platform cooling down after a 429 is not called, for a link as
+        // for a refresh; the state is kept for the retry.
+        let now = OffsetDateTime::now_utc();
+        if let Some(until) = self
+            .store
+            .platform_cooldown(platform.as_str())
+            .await?
+            .filter(|until| *until > now)
+        {
+            return Err(PlatformError::Unavailable {
+                platform,
+                retry_after: (until - now).try_into().unwrap_or(Duration::from_secs(1)),
+            });
+        }
         let outcome = |o: &'static str| {
             metrics::counter!("platform_links_total", "platform" => platform.as_str(), "outcome" => o)
                 .increment(1);
@@ -386,17 +400,17 @@ impl PlatformService {
             )?),
             None => None,
         };
-        let grant = provider
-            .exchange_code(code, verifier.as_ref())
-            .await
-            .map_err(|e| {
+        let grant = match provider.exchange_code(code, verifier.as_ref()).await {
+            Ok(grant) => grant,
+            Err(e) => {
                 outcome("refused");
-                link_error(platform, e)
-            })?;
-        let identity = provider
-            .identity(&grant.access_token)
-            .await
-            .map_err(|e| link_error(platform, e))?;
+                return Err(self.link_error(platform, e).await);
+            }
+        };
+        let identity = match provider.identity(&grant.access_token).await {
+            Ok(identity) => identity,
+            Err(e) => return Err(self.link_error(platform, e).await),
+        };
         let now = crate::now_micros();
         let account = PlatformAccount {
             user_id: caller.user_id,
@@ -1084,7 +1098,7 @@ impl PlatformService {
                 return Err(later);
             }
         }
-        let (mut access, mut refresh) = match open_sealed(
+        let (access, refresh) = match open_sealed(
             &self.vault.load(),
             pending.user_id,
             platform,
@@ -1096,26 +1110,48 @@ impl PlatformService {
                 return Err(later);
             }
         };
-        // A platform that revokes by access token (Twitch) does not know an
-        // expired one, while the refresh token lives on: refresh first, and
-        // revoke the new access token.
-        let expired = pending.tokens.expires_at.is_some_and(|at| at <= now);
-        if expired && refresh.is_some() && provider.revokes_by_access_token() {
-            match provider.refresh(refresh.as_ref(), &access).await {
-                Ok(grant) => {
-                    access = grant.access_token;
-                    refresh = grant.refresh_token.or(refresh);
-                }
-                Err(CallError::InvalidGrant(_)) => return Ok(GrantRevocation::AlreadyDead),
-                Err(error) => return Err(self.retry_after_failure(platform, error, later).await),
-            }
-        }
         match provider.revoke(&access, refresh.as_ref()).await {
             Ok(true) => Ok(GrantRevocation::Revoked),
             Ok(false) => Ok(GrantRevocation::Unsupported),
+            // A platform that revokes by access token (Twitch) no longer
+            // knows an expired one while the refresh token lives on — and
+            // Twitch's refresh answer documents no `expires_in`, so the
+            // expiry is not always known: refresh, and revoke the new one.
+            Err(CallError::InvalidGrant(_))
+                if refresh.is_some() && provider.revokes_by_access_token() =>
+            {
+                let grant = match provider.refresh(refresh.as_ref(), &access).await {
+                    Ok(grant) => grant,
+                    Err(CallError::InvalidGrant(_)) => return Ok(GrantRevocation::AlreadyDead),
+                    Err(error) => {
+                        return Err(self.retry_after_failure(platform, error, later).await);
+                    }
+                };
+                let refresh = grant.refresh_token.or(refresh);
+                match provider.revoke(&grant.access_token, refresh.as_ref()).await {
+                    Ok(true) => Ok(GrantRevocation::Revoked),
+                    Ok(false) => Ok(GrantRevocation::Unsupported),
+                    Err(CallError::InvalidGrant(_)) => Ok(GrantRevocation::AlreadyDead),
+                    Err(error) => Err(self.retry_after_failure(platform, error, later).await),
+                }
+            }
             Err(CallError::InvalidGrant(_)) => Ok(GrantRevocation::AlreadyDead),
             Err(error) => Err(self.retry_after_failure(platform, error, later).await),
         }
+    }
+
+    /// A platform failure during linking: nothing is stored, and a 429
+    /// starts the platform's cooldown for every replica.
+    async fn link_error(&self, platform: Platform, error: CallError) -> PlatformError {
+        if let CallError::RateLimited { retry_after } = &error
+            && let Err(e) = self
+                .store
+                .set_platform_cooldown(platform.as_str(), OffsetDateTime::now_utc() + *retry_after)
+                .await
+        {
+            tracing::warn!(%platform, error = %e, "could not record the platform's 429");
+        }
+        link_error(platform, error)
     }
 
     /// When to try a platform call again after `error`: when a 429 said

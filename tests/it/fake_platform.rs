@@ -238,6 +238,13 @@ impl FakePlatform {
         inner.counters.refreshes + inner.counters.extensions
     }
 
+    /// Every access token issued so far expires now (refresh tokens live on).
+    pub fn expire_access_tokens(&self) {
+        for access in self.inner.lock().unwrap().access.values_mut() {
+            access.expires = Instant::now();
+        }
+    }
+
     /// Refresh tokens the platform would still honour.
     pub fn live_refresh_tokens(&self) -> usize {
         self.inner.lock().unwrap().refresh.len()

@@ -1231,8 +1231,9 @@ async fn a_deleted_users_platform_tokens_are_deleted_with_the_account() {
 
 /// Deleting a user revokes each of its grants at the platform, and writes
 /// `platform_disconnected` once per platform when the platform has
-/// answered: Twitch with an expired access token (refreshed first, then
-/// revoked: its refresh token dies too), Facebook already revoked by the
+/// answered: Twitch with an expired access token (which Twitch no longer
+/// knows: refreshed, then the new one revoked, so the refresh token dies
+/// too), Facebook already revoked by the
 /// user (answered as dead), SOOP without a revocation endpoint, and YouTube
 /// down (5xx) until the next round after its backoff. Rounds are run at
 /// chosen times: no test waits.
@@ -1245,7 +1246,6 @@ async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(ba
     let mut app = app_with(backend, &fakes, |c| c.platforms.retry_attempts = 2).await;
     let token = user(&mut app, "vera").await;
     let vera = user_id_of(&mut app, &token).await;
-    fakes[&Platform::Twitch].set_access_ttl(Duration::from_secs(1));
     for fake in fakes.values() {
         link(&mut app, &token, fake).await;
     }
@@ -1261,6 +1261,7 @@ async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(ba
             )
         })
         .collect();
+    fakes[&Platform::Twitch].expire_access_tokens();
     fakes[&Platform::Facebook].revoke_everything();
     fakes[&Platform::Youtube].fail_next(100);
     let twitch_refreshes = fakes[&Platform::Twitch].refreshes();
@@ -1292,8 +1293,8 @@ async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(ba
         "nothing before the platforms answer"
     );
 
-    // First round, after Twitch's access token expired.
-    let t0 = time::OffsetDateTime::now_utc() + Duration::from_secs(2);
+    // First round: Twitch's access token has expired.
+    let t0 = time::OffsetDateTime::now_utc();
     let report = app.platforms.revoke_deleted_grants(t0).await.unwrap();
     assert_eq!(
         (
@@ -1501,6 +1502,12 @@ async fn a_platforms_rate_limit_is_honoured_by_every_replica_until_its_reset() {
         .unwrap_err();
     assert_eq!(other.code(), tonic::Code::Unavailable);
     assert_eq!(twitch.token_requests(), before + 1);
+    // Nor does a link, on either replica.
+    let rory = user(&mut replica, "rory").await;
+    let linking = attempt_link(&mut replica, &rory, twitch).await.unwrap_err();
+    assert_eq!(linking.code(), tonic::Code::Unavailable, "{linking:?}");
+    assert!(linking.metadata().get("retry-after").is_some());
+    assert_eq!(twitch.token_requests(), before + 1);
     // The keep-alive round leaves the cooling platform alone too.
     let validations = twitch.counters().4;
     let report = app.platforms.keepalive().await.unwrap();
@@ -1526,4 +1533,18 @@ async fn a_platforms_rate_limit_is_honoured_by_every_replica_until_its_reset() {
             Err(s) => panic!("{s:?}"),
         }
     }
+    // A 429 met by a link's code exchange starts the cooldown as well: the
+    // next link, on the other replica, does not call the platform.
+    twitch.rate_limit_for(Duration::from_secs(2));
+    let before = twitch.token_requests();
+    let met = attempt_link(&mut app, &rory, twitch).await.unwrap_err();
+    assert_eq!(met.code(), tonic::Code::Unavailable, "{met:?}");
+    assert_eq!(twitch.token_requests(), before + 1);
+    let next = attempt_link(&mut replica, &rory, twitch).await.unwrap_err();
+    assert_eq!(next.code(), tonic::Code::Unavailable, "{next:?}");
+    assert_eq!(
+        twitch.token_requests(),
+        before + 1,
+        "not called while cooling down"
+    );
 }
