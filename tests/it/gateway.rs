@@ -294,6 +294,69 @@ async fn admin_routes_are_403_for_non_admins() {
     assert_eq!(anonymous.status, 401);
 }
 
+/// The gateway keeps a login bucket per client network (/24): a burst of
+/// logins from one network is cut at the edge — Envoy's own 429 with
+/// `retry-after`, nothing sent on to auth-service — while every login that
+/// passes is answered by auth-service, and someone from another network
+/// logs in meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_burst_from_one_network_is_cut_at_the_edge_and_other_networks_log_in() {
+    let stack = Stack::start(|_| {}).await;
+    stack.user("nell").await;
+    let (gateway, body) = (
+        stack.gateway.addr,
+        serde_json::json!({ "login": "nobody-here", "password": "a wrong guess" }).to_string(),
+    );
+    let burst: Vec<_> = (0..120u8)
+        .map(|i| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let source = std::net::Ipv4Addr::new(127, 61, 0, 1 + i);
+                crate::support::http_from(
+                    Some(source),
+                    gateway,
+                    "POST",
+                    "/v1/auth/login",
+                    &[],
+                    Some(&body),
+                )
+                .await
+            })
+        })
+        .collect();
+    let (mut at_edge, mut answered) = (0, 0);
+    for task in burst {
+        let r = task.await.unwrap();
+        if r.status == 429 && r.body == "local_rate_limited" {
+            // Envoy's local reply: no call behind it.
+            assert_eq!(r.header("retry-after"), Some("1"), "{r:?}");
+            at_edge += 1;
+        } else {
+            // auth-service's answer, transcoded: a google.rpc.Status body.
+            assert!(
+                [401, 429, 503].contains(&r.status) && r.json()["code"].is_number(),
+                "every other answer is auth-service's: {r:?}"
+            );
+            answered += 1;
+        }
+    }
+    assert!(
+        at_edge > 0,
+        "the burst was cut at the edge ({answered} answered)"
+    );
+    assert!(answered >= 40, "a network's burst of 40 passes: {answered}");
+    let elsewhere = crate::support::http_from(
+        Some(std::net::Ipv4Addr::new(127, 62, 0, 1)),
+        gateway,
+        "POST",
+        "/v1/auth/login",
+        &[],
+        Some(&serde_json::json!({ "login": "nell", "password": PASSWORD }).to_string()),
+    )
+    .await;
+    assert_eq!(elsewhere.status, 200, "{elsewhere:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_limit_the_gateway_answers_429_with_retry_after() {
     let stack = Stack::start(|c| {

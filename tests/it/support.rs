@@ -945,7 +945,27 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> HttpResponse {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    http_from(None, addr, method, path, headers, body).await
+}
+
+/// As [`http`], from the loopback address `source` (any 127.x address is a
+/// distinct client to the server).
+pub async fn http_from(
+    source: Option<std::net::Ipv4Addr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> HttpResponse {
+    let mut stream = match source {
+        None => TcpStream::connect(addr).await.expect("connect"),
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip.into(), 0)).unwrap();
+            socket.connect(addr).await.expect("connect")
+        }
+    };
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n");
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
