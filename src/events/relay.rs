@@ -30,7 +30,15 @@ pub struct Relay {
     producer: FutureProducer,
     brokers: String,
     config: KafkaConfig,
+    /// When the outbox was last counted (`outbox_depth`), in milliseconds
+    /// since `started`.
+    counted_at_ms: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
 }
+
+/// An idle relay counts the outbox (`outbox_depth`) at most this often; a
+/// round that leased rows counts it every time.
+const IDLE_COUNT_EVERY: Duration = Duration::from_secs(10);
 
 /// Consecutive rounds that delivered nothing before the producer is
 /// replaced.
@@ -97,6 +105,8 @@ impl Relay {
             producer,
             brokers,
             config,
+            counted_at_ms: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -226,6 +236,22 @@ impl Relay {
         }
     }
 
+    /// Sets `outbox_depth`: after a round's batch is marked published, or
+    /// when idle at most every [`IDLE_COUNT_EVERY`] (counting is a scan of the pending
+    /// rows; an idle relay polls every `relay_idle_ms`).
+    async fn count_depth(&self, busy: bool) {
+        use std::sync::atomic::Ordering;
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.counted_at_ms.load(Ordering::Relaxed);
+        if !busy && last != 0 && now.saturating_sub(last) < IDLE_COUNT_EVERY.as_millis() as u64 {
+            return;
+        }
+        self.counted_at_ms.store(now.max(1), Ordering::Relaxed);
+        if let Ok(depth) = self.store.unpublished_count().await {
+            metrics::gauge!("outbox_depth").set(depth as f64);
+        }
+    }
+
     /// One batch; returns how many rows it leased.
     pub async fn round(&self) -> Result<usize, RoundError> {
         let store = |e: crate::error::BackendError| RoundError::Store(e.to_string());
@@ -236,10 +262,8 @@ impl Relay {
             .lease(self.config.relay_batch, now, lease_until)
             .await
             .map_err(store)?;
-        if let Ok(depth) = self.store.unpublished_count().await {
-            metrics::gauge!("outbox_depth").set(depth as f64);
-        }
         if batch.is_empty() {
+            self.count_depth(false).await;
             return Ok(0);
         }
         // An event without a wire form is not sent (an empty payload marked
@@ -309,6 +333,7 @@ impl Relay {
             .await
             .map_err(store)?;
         metrics::counter!("outbox_published_total").increment(published.len() as u64);
+        self.count_depth(true).await;
         // A broker that lost its topics answers "unknown topic", or lets the
         // messages time out (librdkafka waits for the topic to appear): with
         // creation on, any undelivered row makes sure the topics exist

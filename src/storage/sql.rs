@@ -222,12 +222,22 @@ macro_rules! sql_store {
                 }
 
                 /// Runs `sql` (`$1` = id, `$2` = `at`) for each of `ids` in one transaction.
-                async fn update_each(&self, sql: &'static str, ids: &[Uuid], at: OffsetDateTime) -> Result<(), BackendError> {
-                    let mut tx = self.pool.begin().await.map_err(db_error)?;
-                    for id in ids {
-                        sqlx::query(sql).bind(id).bind(at).execute(&mut *tx).await.map_err(db_error)?;
+                /// `UPDATE outbox SET <set> = $1 … WHERE id IN (ids) <and>`, one
+                /// statement for the whole batch (a relay batch is at most
+                /// `relay_batch` rows, well inside both drivers' bind limits).
+                async fn update_batch(&self, set: &'static str, and: &'static str, ids: &[Uuid], at: OffsetDateTime) -> Result<(), BackendError> {
+                    if ids.is_empty() {
+                        return Ok(());
                     }
-                    tx.commit().await.map_err(db_error)
+                    let mut query = sqlx::QueryBuilder::<$db>::new("UPDATE outbox SET ");
+                    query.push(set).push_bind(at).push(" WHERE id IN (");
+                    let mut list = query.separated(", ");
+                    for id in ids {
+                        list.push_bind(*id);
+                    }
+                    query.push(")").push(and);
+                    query.build().execute(&self.pool).await.map_err(db_error)?;
+                    Ok(())
                 }
             }
 
@@ -660,7 +670,7 @@ macro_rules! sql_store {
                 async fn mark_published(&self, ids: &[Uuid], at: OffsetDateTime) -> Result<(), BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "mark_published");
                     tracing::Instrument::instrument(async move {
-                        self.update_each("UPDATE outbox SET published_at = $2, lease_until = NULL WHERE id = $1", ids, at).await
+                        self.update_batch("lease_until = NULL, published_at = ", "", ids, at).await
                     }, span)
                     .await
                 }
@@ -668,7 +678,7 @@ macro_rules! sql_store {
                 async fn retry_later(&self, ids: &[Uuid], retry_at: OffsetDateTime) -> Result<(), BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "retry_later");
                     tracing::Instrument::instrument(async move {
-                        self.update_each("UPDATE outbox SET lease_until = $2 WHERE id = $1 AND published_at IS NULL", ids, retry_at).await
+                        self.update_batch("lease_until = ", " AND published_at IS NULL", ids, retry_at).await
                     }, span)
                     .await
                 }
