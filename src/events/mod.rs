@@ -248,35 +248,36 @@ impl OutboxEvent {
         )
     }
 
-    /// `revoked_at_platform`: whether the platform confirmed the revocation
-    /// (false when it failed or the platform has no revocation endpoint).
+    /// The user disconnected the account and the platform answered the
+    /// revocation at once: `revocation` as in [`Self::platform_grant_revoked`];
+    /// `revoked_at_platform` is whether it revoked the grant.
     pub fn platform_disconnected(
         account: &PlatformAccount,
-        revoked_at_platform: bool,
+        revocation: &str,
         ctx: &RequestContext,
     ) -> Self {
-        Self::new(
-            EventType::PlatformDisconnected,
-            Some(account.user_id),
-            json!({
-                "platform": account.platform.as_str(),
-                "platform_user_id": account.platform_user_id,
-                "scopes": account.scopes,
-                "revoked_at_platform": revoked_at_platform,
-            }),
+        Self::platform_grant_revoked(
+            account.user_id,
+            account.platform,
+            &account.platform_user_id,
+            &account.scopes,
+            revocation,
+            "disconnected",
             ctx,
         )
     }
 
-    /// A deleted user's linked account, disconnected once its platform
-    /// answered the revocation of its grant: `revocation` is `revoked`,
-    /// `already_dead` or `unsupported` (no revocation endpoint).
+    /// A linked account gone, once its platform answered the revocation of
+    /// its grant: `revocation` is `revoked`, `already_dead` or `unsupported`
+    /// (no revocation endpoint); `reason` is `user_deleted` or
+    /// `disconnected`.
     pub fn platform_grant_revoked(
         user_id: Uuid,
         platform: Platform,
         platform_user_id: &str,
         scopes: &[String],
         revocation: &str,
+        reason: &str,
         ctx: &RequestContext,
     ) -> Self {
         Self::new(
@@ -288,7 +289,7 @@ impl OutboxEvent {
                 "scopes": scopes,
                 "revoked_at_platform": revocation == "revoked",
                 "revocation": revocation,
-                "reason": "user_deleted",
+                "reason": reason,
             }),
             ctx,
         )

@@ -464,43 +464,46 @@ impl PlatformService {
         Ok(self.store.accounts_of(caller.user_id).await?)
     }
 
-    /// Revokes the grant at the platform (best effort; the result is in the
-    /// event), deletes the account and its tokens, writes
-    /// `platform_disconnected`. Returns whether the platform confirmed.
+    /// Revokes the grant at the platform and deletes the account. When the
+    /// platform answers at once (revoked, already dead, or no revocation
+    /// endpoint), the account goes with its `platform_disconnected` event;
+    /// when it does not (down, 5xx, 429), the account goes at once and its
+    /// grant waits in `platform_grant_revocations`, revoked by the
+    /// keep-alive task like a deleted user's, which writes the event when
+    /// the platform answers. Returns whether the platform revoked it now.
     pub async fn disconnect(
         &self,
         caller: &Principal,
         platform: Platform,
         ctx: &RequestContext,
     ) -> Result<bool, PlatformError> {
-        let provider = self.provider(platform)?;
+        self.provider(platform)?;
         let stored = self
             .store
             .find_account(caller.user_id, platform)
             .await?
             .ok_or(PlatformError::NotLinked(platform))?;
-        let revoked = match self.open(&stored) {
-            Ok((access, refresh)) => match provider.revoke(&access, refresh.as_ref()).await {
-                Ok(confirmed) => confirmed,
-                Err(error) => {
-                    tracing::warn!(%platform, %error, "revoking at the platform failed; deleting the tokens anyway");
-                    false
-                }
-            },
-            Err(error) => {
-                tracing::warn!(%platform, %error, "stored tokens do not open; deleting them");
-                false
+        let now = OffsetDateTime::now_utc();
+        let pending = PendingRevocation::of(&stored, now, "disconnected");
+        let gone = match self.revoke_grant(&pending, now).await {
+            Ok(outcome) => {
+                let event =
+                    OutboxEvent::platform_disconnected(&stored.account, outcome.as_str(), ctx);
+                metrics::counter!("platform_grant_revocations_total", "platform" => platform.as_str(), "outcome" => outcome.as_str()).increment(1);
+                self.store
+                    .delete_account(caller.user_id, platform, &event)
+                    .await?
+                    .then_some(outcome == GrantRevocation::Revoked)
+            }
+            Err(next) => {
+                metrics::counter!("platform_grant_revocations_total", "platform" => platform.as_str(), "outcome" => "retrying").increment(1);
+                self.store
+                    .queue_grant_revocation(&pending, next)
+                    .await?
+                    .then_some(false)
             }
         };
-        let event = OutboxEvent::platform_disconnected(&stored.account, revoked, ctx);
-        if !self
-            .store
-            .delete_account(caller.user_id, platform, &event)
-            .await?
-        {
-            return Err(PlatformError::NotLinked(platform));
-        }
-        Ok(revoked)
+        gone.ok_or(PlatformError::NotLinked(platform))
     }
 
     /// A valid access token of `user_id`'s account on `platform`, refreshed
@@ -1014,7 +1017,7 @@ impl PlatformService {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "platform keep-alive round failed"),
             }
-            match self.revoke_deleted_grants(OffsetDateTime::now_utc()).await {
+            match self.revoke_pending_grants(OffsetDateTime::now_utc()).await {
                 Ok(report) if report != GrantRevocationReport::default() => {
                     tracing::info!(?report, "deleted users' grants revoked at the platforms")
                 }
@@ -1024,7 +1027,8 @@ impl PlatformService {
         }
     }
 
-    /// Revokes at their platforms the grants of deleted users that are due
+    /// Revokes at their platforms the queued grants (deleted users', and
+    /// disconnects the platform did not answer at once) that are due
     /// at `now` (a bounded batch, claimed so that replicas share the work):
     /// each one the platform answers for — revoked, already dead, or no
     /// revocation endpoint — leaves the queue with its
@@ -1032,7 +1036,7 @@ impl PlatformService {
     /// answer is tried again after a doubling wait (a 429's own wait, shared
     /// with every replica through `platform_cooldowns`). Nothing is dropped
     /// without an answer.
-    pub async fn revoke_deleted_grants(
+    pub async fn revoke_pending_grants(
         &self,
         now: OffsetDateTime,
     ) -> Result<GrantRevocationReport, PlatformError> {
@@ -1054,6 +1058,7 @@ impl PlatformService {
                         &pending.platform_user_id,
                         &pending.scopes,
                         outcome.as_str(),
+                        &pending.reason,
                         &RequestContext::default(),
                     );
                     self.store.finish_grant_revocation(&pending, &event).await?;

@@ -56,6 +56,25 @@ pub struct PendingRevocation {
     pub tokens: SealedTokens,
     /// Attempts that did not get an answer from the platform so far.
     pub attempts: i32,
+    /// `user_deleted`, or `disconnected` (the user's own disconnect, which
+    /// the platform did not answer at once).
+    pub reason: String,
+}
+
+impl PendingRevocation {
+    /// `stored`'s grant, to be revoked for `reason`.
+    pub fn of(stored: &StoredAccount, queued_at: OffsetDateTime, reason: &str) -> Self {
+        Self {
+            user_id: stored.account.user_id,
+            platform: stored.account.platform,
+            queued_at,
+            platform_user_id: stored.account.platform_user_id.clone(),
+            scopes: stored.account.scopes.clone(),
+            tokens: stored.tokens.clone(),
+            attempts: 0,
+            reason: reason.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +229,15 @@ pub trait PlatformStore: Send + Sync + 'static {
     ) -> Result<Option<OffsetDateTime>, BackendError>;
 
     /// Deletes expired link states and webhook ids older than `before`.
+    /// Deletes `pending`'s account and queues its grant for revocation
+    /// (first attempt at `next_attempt_at`), in one transaction; false when
+    /// there was no account.
+    async fn queue_grant_revocation(
+        &self,
+        pending: &PendingRevocation,
+        next_attempt_at: OffsetDateTime,
+    ) -> Result<bool, BackendError>;
+
     /// Claims up to `limit` grant revocations due at `now`, moving each
     /// one's next attempt to `until` so that no other replica takes it
     /// meanwhile.

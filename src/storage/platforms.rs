@@ -531,9 +531,44 @@ macro_rules! platform_store {
                                         expires_at: row.try_get(8).map_err(db_error)?,
                                     },
                                     attempts: row.try_get(9).map_err(db_error)?,
+                                    reason: row.try_get(10).map_err(db_error)?,
                                 })
                             })
                             .collect()
+                    }, span)
+                    .await
+                }
+
+                async fn queue_grant_revocation(&self, pending: &PendingRevocation, next_attempt_at: OffsetDateTime) -> Result<bool, BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "queue_grant_revocation");
+                    tracing::Instrument::instrument(async move {
+                        let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        let queued = sqlx::query(
+                            "INSERT INTO platform_grant_revocations (user_id, platform, queued_at, platform_user_id, scopes, \
+                                key_id, access_token, refresh_token, token_expires_at, attempts, next_attempt_at, reason) \
+                             SELECT user_id, platform, $3, platform_user_id, scopes, key_id, access_token, refresh_token, \
+                                token_expires_at, 1, $4, $5 FROM platform_accounts WHERE user_id = $1 AND platform = $2",
+                        )
+                        .bind(pending.user_id)
+                        .bind(pending.platform.as_str())
+                        .bind(pending.queued_at)
+                        .bind(next_attempt_at)
+                        .bind(&pending.reason)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?
+                        .rows_affected();
+                        if queued == 0 {
+                            return Ok(false);
+                        }
+                        sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2")
+                            .bind(pending.user_id)
+                            .bind(pending.platform.as_str())
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        tx.commit().await.map_err(db_error)?;
+                        Ok(true)
                     }, span)
                     .await
                 }
@@ -629,7 +664,7 @@ const CLAIM_SQLITE: &str = concat!(
 macro_rules! revocation_columns {
     () => {
         "user_id, platform, queued_at, platform_user_id, scopes, key_id, access_token, refresh_token, \
-         token_expires_at, attempts"
+         token_expires_at, attempts, reason"
     };
 }
 

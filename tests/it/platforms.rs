@@ -1295,7 +1295,7 @@ async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(ba
 
     // First round: Twitch's access token has expired.
     let t0 = time::OffsetDateTime::now_utc();
-    let report = app.platforms.revoke_deleted_grants(t0).await.unwrap();
+    let report = app.platforms.revoke_pending_grants(t0).await.unwrap();
     assert_eq!(
         (
             report.revoked,
@@ -1337,11 +1337,11 @@ async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(ba
     );
 
     // Before its backoff nothing is tried again; after it, YouTube answers.
-    let report = app.platforms.revoke_deleted_grants(t0).await.unwrap();
+    let report = app.platforms.revoke_pending_grants(t0).await.unwrap();
     assert_eq!(report, Default::default());
     youtube.fail_next(0);
     let later = t0 + GRANT_REVOCATION_BACKOFF + Duration::from_secs(1);
-    let report = app.platforms.revoke_deleted_grants(later).await.unwrap();
+    let report = app.platforms.revoke_pending_grants(later).await.unwrap();
     assert_eq!((report.revoked, report.retrying), (1, 0), "{report:?}");
     assert!(
         live_before[&Platform::Youtube]
@@ -1356,7 +1356,7 @@ async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(ba
     assert!(all.contains(&("youtube".to_owned(), "revoked".to_owned())));
     let far = later + Duration::from_secs(86_400);
     assert_eq!(
-        app.platforms.revoke_deleted_grants(far).await.unwrap(),
+        app.platforms.revoke_pending_grants(far).await.unwrap(),
         Default::default()
     );
     let service = app.with_role("ingest", "service").await.access_token;
@@ -1364,6 +1364,78 @@ async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(ba
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+}
+
+/// A disconnect the platform does not answer (down) still disconnects at
+/// once, and the grant is revoked later by the keep-alive task, which
+/// writes `platform_disconnected` (reason `disconnected`) when the platform
+/// answers — before, the grant stayed alive at the platform for good.
+async fn a_disconnect_the_platform_does_not_answer_is_revoked_later(backend: Backend) {
+    use auth_service::platforms::service::GRANT_REVOCATION_BACKOFF;
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(backend, &fakes, |c| c.platforms.retry_attempts = 2).await;
+    let token = user(&mut app, "wes").await;
+    link(&mut app, &token, twitch).await;
+    let live: Vec<String> = twitch
+        .issued_tokens()
+        .into_iter()
+        .filter(|t| twitch.is_live(t))
+        .collect();
+    twitch.fail_next(100);
+    let answer = app
+        .client
+        .disconnect_platform_account(bearer(
+            pb::DisconnectPlatformAccountRequest {
+                platform: pb_platform(Platform::Twitch),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answer.revoked_at_platform);
+    assert!(
+        list(&mut app, &token).await.is_empty(),
+        "disconnected at once"
+    );
+    assert!(
+        live.iter().all(|t| twitch.is_live(t)),
+        "the platform was down"
+    );
+    let disconnected = |events: Vec<auth_service::events::StoredEvent>| -> Vec<serde_json::Value> {
+        events
+            .into_iter()
+            .filter(|e| e.event_type == "platform_disconnected")
+            .map(|e| e.data)
+            .collect()
+    };
+    assert!(
+        disconnected(app.events().await).is_empty(),
+        "not before the platform answers"
+    );
+    twitch.fail_next(0);
+    let later = time::OffsetDateTime::now_utc() + GRANT_REVOCATION_BACKOFF + Duration::from_secs(1);
+    let report = app.platforms.revoke_pending_grants(later).await.unwrap();
+    assert_eq!(report.revoked, 1, "{report:?}");
+    assert!(
+        live.iter().all(|t| !twitch.is_live(t)),
+        "revoked once it answered"
+    );
+    let events = disconnected(app.events().await);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], "disconnected");
+    assert_eq!(events[0]["revocation"], "revoked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_the_platform_does_not_answer_is_revoked_later_embedded() {
+    a_disconnect_the_platform_does_not_answer_is_revoked_later(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_the_platform_does_not_answer_is_revoked_later_production() {
+    a_disconnect_the_platform_does_not_answer_is_revoked_later(Backend::Production).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
