@@ -484,6 +484,13 @@ impl Provider {
                     .form(&[("client_id", self.client_id.as_str())]),
             };
             let body = checked(request.header_traced().send().await.map_err(transport)?).await?;
+            if self.platform == Platform::Youtube && youtube_has_no_channel(&body) {
+                // channels.list?mine=true answers "zero or more" channels:
+                // a Google account without one has nothing to link.
+                return Err(CallError::Refused(
+                    "the Google account has no YouTube channel".into(),
+                ));
+            }
             parse_identity(self.platform, &body)
                 .ok_or_else(|| CallError::Transient("unreadable identity response".into()))
         })
@@ -567,11 +574,7 @@ impl Provider {
                 });
             }
             let body = response.bytes().await.map_err(transport)?;
-            let body = serde_json::from_slice::<serde_json::Value>(&body).ok();
-            Err(match (status, classify(status, body.as_ref())) {
-                (401, CallError::Refused(why)) => CallError::InvalidGrant(why),
-                (_, classified) => classified,
-            })
+            Err(api_error(status, &body))
         })
         .await
     }
@@ -717,8 +720,8 @@ fn transport(error: reqwest::Error) -> CallError {
     CallError::Transient(HttpFailure::transport(error).to_string())
 }
 
-/// The body of a 2xx answer; 5xx is transient, 401 a dead token, other 4xx
-/// a refusal.
+/// The body of a 2xx answer of an API endpoint (identity, revocation);
+/// otherwise what the failure means ([`api_error`]).
 async fn checked(response: reqwest::Response) -> Result<Vec<u8>, CallError> {
     let status = response.status().as_u16();
     if status == 429 {
@@ -729,11 +732,39 @@ async fn checked(response: reqwest::Response) -> Result<Vec<u8>, CallError> {
     let body = response.bytes().await.map_err(transport)?;
     match status {
         200..=299 => Ok(body.to_vec()),
-        401 => Err(CallError::InvalidGrant(
-            "the platform refused the token".into(),
-        )),
-        s if s >= 500 => Err(CallError::Transient(format!("HTTP {s}"))),
-        s => Err(CallError::Refused(format!("HTTP {s}"))),
+        s => Err(api_error(s, &body)),
+    }
+}
+
+/// How long a Google API quota error keeps us away: `quotaExceeded` and
+/// `dailyLimitExceeded` reset at midnight Pacific time, so an hour at most
+/// is wasted; `rateLimitExceeded` and `userRateLimitExceeded` are
+/// per-minute limits.
+pub const GOOGLE_QUOTA_WAIT: Duration = Duration::from_secs(3600);
+pub const GOOGLE_RATE_WAIT: Duration = Duration::from_secs(60);
+
+/// What a non-2xx answer of an API endpoint means: 401 a dead token, 5xx
+/// transient; a Google API quota or rate error (a 403 with
+/// `error.errors[].reason`, developers.google.com/youtube/v3/docs/errors) a
+/// rate limit; otherwise the body read by [`classify`] (a Graph API
+/// throttle code is a rate limit, code 190 a dead token) or, without one, a
+/// refusal.
+pub fn api_error(status: u16, body: &[u8]) -> CallError {
+    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let reason = json
+        .as_ref()
+        .and_then(|v| v.pointer("/error/errors/0/reason"))
+        .and_then(serde_json::Value::as_str);
+    match (status, reason) {
+        (401, _) => CallError::InvalidGrant("the platform refused the token".into()),
+        (s, _) if s >= 500 => CallError::Transient(format!("HTTP {s}")),
+        (_, Some("quotaExceeded" | "dailyLimitExceeded")) => CallError::RateLimited {
+            retry_after: GOOGLE_QUOTA_WAIT,
+        },
+        (_, Some("rateLimitExceeded" | "userRateLimitExceeded")) => CallError::RateLimited {
+            retry_after: GOOGLE_RATE_WAIT,
+        },
+        (s, _) => classify(s, json.as_ref()),
     }
 }
 
@@ -850,6 +881,17 @@ fn message_of(v: &serde_json::Value) -> String {
 }
 
 /// The identity in each platform's response shape.
+/// A well-formed channels.list answer with no channel (`items` empty or
+/// absent, as the API omits empty lists).
+fn youtube_has_no_channel(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| {
+        v.get("kind").is_some()
+            && v.get("items")
+                .and_then(serde_json::Value::as_array)
+                .is_none_or(Vec::is_empty)
+    })
+}
+
 pub fn parse_identity(platform: Platform, body: &[u8]) -> Option<Identity> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let text = |v: &serde_json::Value, p: &str| v.pointer(p)?.as_str().map(str::to_owned);
@@ -928,6 +970,42 @@ mod tests {
 
     /// Every documented error answer of every platform's token endpoint,
     /// through the one classifier: what it means, not which parser read it.
+    #[test]
+    fn api_errors_are_read_by_their_meaning() {
+        let later = |e: CallError| match e {
+            CallError::RateLimited { retry_after } => Some(retry_after),
+            _ => None,
+        };
+        // developers.google.com/youtube/v3/docs/errors: quota and rate
+        // errors are 403 with the reason in error.errors[0].reason.
+        let quota = br#"{"error":{"code":403,"message":"The request cannot be completed because you have exceeded your quota.","errors":[{"message":"...","domain":"youtube.quota","reason":"quotaExceeded"}]}}"#;
+        assert_eq!(later(api_error(403, quota)), Some(GOOGLE_QUOTA_WAIT));
+        let rate = br#"{"error":{"code":403,"message":"Rate Limit Exceeded","errors":[{"domain":"usageLimits","reason":"rateLimitExceeded"}]}}"#;
+        assert_eq!(later(api_error(403, rate)), Some(GOOGLE_RATE_WAIT));
+        let forbidden = br#"{"error":{"code":403,"message":"Insufficient Permission","errors":[{"domain":"global","reason":"insufficientPermissions"}]}}"#;
+        assert!(matches!(api_error(403, forbidden), CallError::Refused(_)));
+        // Graph API: a throttle in the body, a dead token by code 190.
+        let throttled = br#"{"error":{"message":"(#4) Application request limit reached","type":"OAuthException","code":4}}"#;
+        assert_eq!(later(api_error(400, throttled)), Some(GRAPH_THROTTLE_WAIT));
+        let dead = br#"{"error":{"message":"Error validating access token: Session has expired","type":"OAuthException","code":190,"error_subcode":463}}"#;
+        assert!(matches!(api_error(400, dead), CallError::InvalidGrant(_)));
+        assert!(matches!(api_error(401, b""), CallError::InvalidGrant(_)));
+        assert!(matches!(api_error(503, b"busy"), CallError::Transient(_)));
+        assert!(matches!(api_error(400, b""), CallError::Refused(_)));
+        assert!(matches!(api_error(404, b"not json"), CallError::Refused(_)));
+        // channels.list with no channel, in both documented forms.
+        assert!(youtube_has_no_channel(
+            br#"{"kind":"youtube#channelListResponse","items":[]}"#
+        ));
+        assert!(youtube_has_no_channel(
+            br#"{"kind":"youtube#channelListResponse","pageInfo":{"totalResults":0}}"#
+        ));
+        assert!(!youtube_has_no_channel(
+            br#"{"kind":"youtube#channelListResponse","items":[{"id":"UCx"}]}"#
+        ));
+        assert!(!youtube_has_no_channel(b"garbled"));
+    }
+
     #[test]
     fn every_documented_token_error_is_classified_by_its_meaning() {
         use serde_json::json;

@@ -462,6 +462,23 @@ fn busy(inner: &mut Inner) -> Option<Response> {
         .unwrap()
         .as_secs();
     let reset = inner.rate_limited_until.filter(|reset| *reset > now)?;
+    if inner.platform == Platform::Facebook {
+        // https://developers.facebook.com/docs/graph-api/overview/rate-limiting
+        // and …/guides/error-handling: the Graph API throttles with an
+        // error in the body (code 4, "Application request limit reached"),
+        // not with a 429, and names no reset.
+        return Some(
+            (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {
+                    "message": "(#4) Application request limit reached",
+                    "type": "OAuthException", "is_transient": true, "code": 4,
+                    "fbtrace_id": "Fake0trace0id"
+                }})),
+            )
+                .into_response(),
+        );
+    }
     // https://dev.twitch.tv/docs/api/guide/#twitch-rate-limits: 429
     // with Ratelimit-Limit, Ratelimit-Remaining and Ratelimit-Reset (the
     // Unix time the bucket refills); the body in Twitch's error

@@ -1164,6 +1164,36 @@ async fn keepalive_extends_facebook_and_validates_twitch() {
     );
 }
 
+/// The Graph API throttles in the body (code 4), not with a 429: the
+/// keep-alive round that meets it starts Facebook's cooldown, the next round
+/// leaves Facebook alone, and the account stays active (a throttle is not a
+/// dead grant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_api_throttle_starts_facebooks_cooldown() {
+    let fakes = fakes(&[Platform::Facebook]).await;
+    let facebook = &fakes[&Platform::Facebook];
+    let mut app = app_with(Backend::Embedded, &fakes, |_| {}).await;
+    let token = user(&mut app, "lou").await;
+    link(&mut app, &token, facebook).await;
+    facebook.rate_limit_for(Duration::from_secs(60));
+    let first = app.platforms.keepalive().await.unwrap();
+    assert_eq!(first.extended, 0, "{first:?}");
+    let calls = facebook.token_requests();
+    let second = app.platforms.keepalive().await.unwrap();
+    assert_eq!(second.rate_limited, 1, "{second:?}");
+    assert_eq!(
+        facebook.token_requests(),
+        calls,
+        "not called while cooling down"
+    );
+    let statuses: Vec<i32> = list(&mut app, &token)
+        .await
+        .iter()
+        .map(|a| a.status)
+        .collect();
+    assert_eq!(statuses, vec![pb::PlatformAccountStatus::Active as i32]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_vault_key_seals_after_reseal_and_old_rows_stay_readable() {
     let fakes = fakes(&[Platform::Twitch]).await;
