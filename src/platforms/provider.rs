@@ -738,8 +738,8 @@ async fn checked(response: reqwest::Response) -> Result<Vec<u8>, CallError> {
 
 /// How long a Google API quota error keeps us away: `quotaExceeded` and
 /// `dailyLimitExceeded` reset at midnight Pacific time, so an hour at most
-/// is wasted; `rateLimitExceeded` and `userRateLimitExceeded` are
-/// per-minute limits.
+/// is wasted; `rateLimitExceeded` is a per-minute limit (and
+/// `userRateLimitExceeded` one user's, not the platform's).
 pub const GOOGLE_QUOTA_WAIT: Duration = Duration::from_secs(3600);
 pub const GOOGLE_RATE_WAIT: Duration = Duration::from_secs(60);
 
@@ -761,14 +761,18 @@ pub fn api_error(status: u16, body: &[u8]) -> CallError {
         (_, Some("quotaExceeded" | "dailyLimitExceeded")) => CallError::RateLimited {
             retry_after: GOOGLE_QUOTA_WAIT,
         },
-        (_, Some("rateLimitExceeded" | "userRateLimitExceeded")) => CallError::RateLimited {
+        (_, Some("rateLimitExceeded")) => CallError::RateLimited {
             retry_after: GOOGLE_RATE_WAIT,
         },
+        // One user's limit: that call later, not the platform for everyone.
+        (_, Some("userRateLimitExceeded")) => {
+            CallError::Transient("the user's rate limit at the platform".into())
+        }
         (s, _) => classify(s, json.as_ref()),
     }
 }
 
-/// How long a Graph API throttle (codes 4, 17, 32, 613) keeps us away: the
+/// How long a Graph API throttle (codes 4, 32, 613) keeps us away: the
 /// API names no reset, and its limits are counted over an hour's window.
 pub const GRAPH_THROTTLE_WAIT: Duration = Duration::from_secs(300);
 
@@ -786,8 +790,9 @@ pub const GRAPH_THROTTLE_WAIT: Duration = Duration::from_secs(300);
 ///   `{"error": {"code": 190, …}}` (an invalid or expired token, whatever
 ///   its subcode) and code 100 with subcode 36007/36009 (a code expired or
 ///   already used) are dead grants; a message about the client secret or
-///   the redirect URI is a refusal; codes 4, 17, 32 and 613 (rate limits)
-///   and 1, 2 (temporary) are transient; anything else is a refusal;
+///   the redirect URI is a refusal; codes 4, 32 and 613 (the app's rate
+///   limits) wait; 17 (one user's limit), 1, 2, 341 and 368 (temporary)
+///   are transient; anything else is a refusal;
 /// * without a readable body: 429 and 5xx are transient, other 4xx a
 ///   refusal (never a dead grant on a guess: that would unlink accounts on
 ///   a platform's misconfiguration), anything else transient.
@@ -843,18 +848,20 @@ pub fn classify(status: u16, body: Option<&serde_json::Value>) -> CallError {
                 return CallError::Refused(text());
             }
             // developers.facebook.com/docs/graph-api/guides/error-handling:
-            // 102 (API session) and 190 are a dead session; 4, 17, 32 and 613
-            // are rate limits (the Graph API answers them in the body, never
-            // with a 429): not called again for a while; 1, 2, 341 and 368
-            // are temporary.
+            // 102 (API session) and 190 are a dead session; 4, 32 and 613
+            // are the app's (or page's) rate limits (the Graph API answers
+            // them in the body, never with a 429): the platform is not called
+            // again for a while; 17 is one user's limit and 1, 2, 341 and 368
+            // are temporary: that call is retried later, the platform is not
+            // cooled down for everyone.
             return match (code, subcode) {
                 (Some(190), _) | (Some(102), _) | (Some(100), Some(36007 | 36009)) => {
                     CallError::InvalidGrant(text())
                 }
-                (Some(4 | 17 | 32 | 613), _) => CallError::RateLimited {
+                (Some(4 | 32 | 613), _) => CallError::RateLimited {
                     retry_after: GRAPH_THROTTLE_WAIT,
                 },
-                (Some(1 | 2 | 341 | 368), _) => CallError::Transient(text()),
+                (Some(1 | 2 | 17 | 341 | 368), _) => CallError::Transient(text()),
                 _ => CallError::Refused(text()),
             };
         }
@@ -1150,12 +1157,12 @@ mod tests {
                 Is::Later,
             ),
             (
-                "facebook user request limit",
+                "facebook user request limit (one user's)",
                 400,
                 Some(
                     json!({"error": {"message": "(#17) User request limit reached", "type": "OAuthException", "code": 17}}),
                 ),
-                Is::Later,
+                Is::Transient,
             ),
             (
                 "facebook api session",

@@ -170,9 +170,12 @@ impl GrantRevocation {
 /// after it; each next one twice as long, up to [`GRANT_REVOCATION_MAX_WAIT`].
 pub const GRANT_REVOCATION_BACKOFF: Duration = Duration::from_secs(30);
 pub const GRANT_REVOCATION_MAX_WAIT: Duration = Duration::from_secs(3600);
-/// How long a replica holds a claimed grant revocation (its calls are
-/// bounded well within this by `http_timeout_ms` and `retry_attempts`).
+/// How long a replica holds a claimed grant revocation, and how many it
+/// claims at once: a batch's calls (each bounded by `http_timeout_ms` and
+/// `retry_attempts`, at most a refresh and two revocations) end well within
+/// the claim.
 const GRANT_REVOCATION_CLAIM: Duration = Duration::from_secs(300);
+const GRANT_REVOCATION_BATCH: i64 = 10;
 
 /// Counts of one keep-alive round.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -491,14 +494,19 @@ impl PlatformService {
                     OutboxEvent::platform_disconnected(&stored.account, outcome.as_str(), ctx);
                 metrics::counter!("platform_grant_revocations_total", "platform" => platform.as_str(), "outcome" => outcome.as_str()).increment(1);
                 self.store
-                    .delete_account(caller.user_id, platform, &event)
+                    .delete_account(
+                        caller.user_id,
+                        platform,
+                        stored.account.connected_at,
+                        &event,
+                    )
                     .await?
                     .then_some(outcome == GrantRevocation::Revoked)
             }
             Err(next) => {
                 metrics::counter!("platform_grant_revocations_total", "platform" => platform.as_str(), "outcome" => "retrying").increment(1);
                 self.store
-                    .queue_grant_revocation(&pending, next)
+                    .queue_grant_revocation(&pending, stored.account.connected_at, next)
                     .await?
                     .then_some(false)
             }
@@ -1046,7 +1054,7 @@ impl PlatformService {
             .claim_grant_revocations(
                 now,
                 now + GRANT_REVOCATION_CLAIM,
-                self.config.keepalive_batch,
+                self.config.keepalive_batch.min(GRANT_REVOCATION_BATCH),
             )
             .await?;
         for pending in claimed {
@@ -1090,7 +1098,8 @@ impl PlatformService {
         let wait = GRANT_REVOCATION_BACKOFF
             .saturating_mul(1 << pending.attempts.clamp(0, 16))
             .min(GRANT_REVOCATION_MAX_WAIT);
-        let later = now + wait;
+        // From when this attempt ends, not when the batch began.
+        let later = now.max(OffsetDateTime::now_utc()) + wait;
         let Ok(provider) = self.provider(platform) else {
             tracing::warn!(%platform, "a deleted user's grant waits: the platform is not configured here");
             return Err(later);

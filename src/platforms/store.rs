@@ -124,11 +124,13 @@ pub trait PlatformStore: Send + Sync + 'static {
         platform_user_id: &str,
     ) -> Result<Option<StoredAccount>, BackendError>;
 
-    /// Deletes the account and writes `event`; false when there was none.
+    /// Deletes the account linked at `connected_at` and writes `event`;
+    /// false when there is none (gone, or linked again since).
     async fn delete_account(
         &self,
         user_id: Uuid,
         platform: Platform,
+        connected_at: OffsetDateTime,
         event: &OutboxEvent,
     ) -> Result<bool, BackendError>;
 
@@ -229,12 +231,14 @@ pub trait PlatformStore: Send + Sync + 'static {
     ) -> Result<Option<OffsetDateTime>, BackendError>;
 
     /// Deletes expired link states and webhook ids older than `before`.
-    /// Deletes `pending`'s account and queues its grant for revocation
-    /// (first attempt at `next_attempt_at`), in one transaction; false when
-    /// there was no account.
+    /// Deletes the account linked at `connected_at` and queues its grant
+    /// for revocation as `pending` (first attempt at `next_attempt_at`), in
+    /// one transaction; false when there is no such account (gone, or linked
+    /// again since). Of two at once, one queues.
     async fn queue_grant_revocation(
         &self,
         pending: &PendingRevocation,
+        connected_at: OffsetDateTime,
         next_attempt_at: OffsetDateTime,
     ) -> Result<bool, BackendError>;
 

@@ -13,7 +13,7 @@ macro_rules! account_columns {
 /// validation-claim statement (PostgreSQL skips rows another replica is
 /// claiming).
 macro_rules! platform_store {
-    ($db:ty, claim = $claim:expr, claim_revocations = $claim_revocations:expr) => {
+    ($db:ty, claim = $claim:expr, claim_revocations = $claim_revocations:expr, cooldown_upsert = $cooldown_upsert:expr) => {
         const _: () = {
             use async_trait::async_trait;
             use sqlx::types::Json;
@@ -244,13 +244,14 @@ macro_rules! platform_store {
                     .await
                 }
 
-                async fn delete_account(&self, user_id: Uuid, platform: Platform, event: &OutboxEvent) -> Result<bool, BackendError> {
+                async fn delete_account(&self, user_id: Uuid, platform: Platform, connected_at: OffsetDateTime, event: &OutboxEvent) -> Result<bool, BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "delete_account");
                     tracing::Instrument::instrument(async move {
                         let mut tx = self.pool.begin().await.map_err(db_error)?;
-                        let deleted = sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2")
+                        let deleted = sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2 AND connected_at = $3")
                             .bind(user_id)
                             .bind(platform.as_str())
+                            .bind(connected_at)
                             .execute(&mut *tx)
                             .await
                             .map_err(db_error)?
@@ -456,8 +457,7 @@ macro_rules! platform_store {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "set_platform_cooldown");
                     tracing::Instrument::instrument(async move {
                         sqlx::query(
-                            "INSERT INTO platform_cooldowns (platform, until) VALUES ($1, $2) \
-                             ON CONFLICT (platform) DO UPDATE SET until = excluded.until",
+                            $cooldown_upsert,
                         )
                         .bind(platform)
                         .bind(until)
@@ -539,34 +539,43 @@ macro_rules! platform_store {
                     .await
                 }
 
-                async fn queue_grant_revocation(&self, pending: &PendingRevocation, next_attempt_at: OffsetDateTime) -> Result<bool, BackendError> {
+                async fn queue_grant_revocation(&self, pending: &PendingRevocation, connected_at: OffsetDateTime, next_attempt_at: OffsetDateTime) -> Result<bool, BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "queue_grant_revocation");
                     tracing::Instrument::instrument(async move {
+                        use sqlx::Row as _;
                         let mut tx = self.pool.begin().await.map_err(db_error)?;
-                        let queued = sqlx::query(
+                        // The DELETE takes the row: of two at once, the
+                        // second finds nothing and queues nothing.
+                        let row = sqlx::query(
+                            "DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2 AND connected_at = $3 \
+                             RETURNING platform_user_id, scopes, key_id, access_token, refresh_token, token_expires_at",
+                        )
+                        .bind(pending.user_id)
+                        .bind(pending.platform.as_str())
+                        .bind(connected_at)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                        let Some(row) = row else { return Ok(false) };
+                        sqlx::query(
                             "INSERT INTO platform_grant_revocations (user_id, platform, queued_at, platform_user_id, scopes, \
                                 key_id, access_token, refresh_token, token_expires_at, attempts, next_attempt_at, reason) \
-                             SELECT user_id, platform, $3, platform_user_id, scopes, key_id, access_token, refresh_token, \
-                                token_expires_at, 1, $4, $5 FROM platform_accounts WHERE user_id = $1 AND platform = $2",
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11)",
                         )
                         .bind(pending.user_id)
                         .bind(pending.platform.as_str())
                         .bind(pending.queued_at)
+                        .bind(row.try_get::<String, _>(0).map_err(db_error)?)
+                        .bind(row.try_get::<Json<Vec<String>>, _>(1).map_err(db_error)?)
+                        .bind(row.try_get::<String, _>(2).map_err(db_error)?)
+                        .bind(row.try_get::<Vec<u8>, _>(3).map_err(db_error)?)
+                        .bind(row.try_get::<Option<Vec<u8>>, _>(4).map_err(db_error)?)
+                        .bind(row.try_get::<Option<OffsetDateTime>, _>(5).map_err(db_error)?)
                         .bind(next_attempt_at)
                         .bind(&pending.reason)
                         .execute(&mut *tx)
                         .await
-                        .map_err(db_error)?
-                        .rows_affected();
-                        if queued == 0 {
-                            return Ok(false);
-                        }
-                        sqlx::query("DELETE FROM platform_accounts WHERE user_id = $1 AND platform = $2")
-                            .bind(pending.user_id)
-                            .bind(pending.platform.as_str())
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(db_error)?;
+                        .map_err(db_error)?;
                         tx.commit().await.map_err(db_error)?;
                         Ok(true)
                     }, span)
@@ -687,13 +696,23 @@ const CLAIM_REVOCATIONS_SQLITE: &str = concat!(
     revocation_columns!()
 );
 
+/// A cooldown only ever grows: a shorter wait met by another replica does
+/// not shorten a longer one already stored.
+const COOLDOWN_UPSERT_POSTGRES: &str = "INSERT INTO platform_cooldowns (platform, until) VALUES ($1, $2) \
+     ON CONFLICT (platform) DO UPDATE SET until = GREATEST(platform_cooldowns.until, excluded.until)";
+/// SQLite's `max()` of two timestamps in one text format orders them.
+const COOLDOWN_UPSERT_SQLITE: &str = "INSERT INTO platform_cooldowns (platform, until) VALUES ($1, $2) \
+     ON CONFLICT (platform) DO UPDATE SET until = max(platform_cooldowns.until, excluded.until)";
+
 platform_store!(
     sqlx::Postgres,
     claim = CLAIM_POSTGRES,
-    claim_revocations = CLAIM_REVOCATIONS_POSTGRES
+    claim_revocations = CLAIM_REVOCATIONS_POSTGRES,
+    cooldown_upsert = COOLDOWN_UPSERT_POSTGRES
 );
 platform_store!(
     sqlx::Sqlite,
     claim = CLAIM_SQLITE,
-    claim_revocations = CLAIM_REVOCATIONS_SQLITE
+    claim_revocations = CLAIM_REVOCATIONS_SQLITE,
+    cooldown_upsert = COOLDOWN_UPSERT_SQLITE
 );
