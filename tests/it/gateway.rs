@@ -349,10 +349,10 @@ async fn a_login_burst_from_one_network_is_cut_at_the_edge_and_other_networks_lo
         answered >= 100,
         "a network's burst of 100 passes: {answered}"
     );
-    // One address past its own bucket (10), by REST with a trailing slash
+    // One address past its own bucket (20), by REST with a trailing slash
     // and by gRPC's own path alike: cut at the edge too.
     let mut cut = 0;
-    for i in 0..30 {
+    for i in 0..60 {
         let path = if i % 2 == 0 {
             "/v1/auth/login/"
         } else {
