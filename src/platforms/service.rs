@@ -487,8 +487,8 @@ impl PlatformService {
             .await?
             .ok_or(PlatformError::NotLinked(platform))?;
         let now = OffsetDateTime::now_utc();
-        let pending = PendingRevocation::of(&stored, now, "disconnected");
-        let gone = match self.revoke_grant(&pending, now).await {
+        let mut pending = PendingRevocation::of(&stored, now, "disconnected");
+        let gone = match self.revoke_grant(&mut pending, now).await {
             Ok(outcome) => {
                 let event =
                     OutboxEvent::platform_disconnected(&stored.account, outcome.as_str(), ctx);
@@ -1057,8 +1057,8 @@ impl PlatformService {
                 self.config.keepalive_batch.min(GRANT_REVOCATION_BATCH),
             )
             .await?;
-        for pending in claimed {
-            match self.revoke_grant(&pending, now).await {
+        for mut pending in claimed {
+            match self.revoke_grant(&mut pending, now).await {
                 Ok(outcome) => {
                     let event = OutboxEvent::platform_grant_revoked(
                         pending.user_id,
@@ -1091,7 +1091,7 @@ impl PlatformService {
     /// try again.
     async fn revoke_grant(
         &self,
-        pending: &PendingRevocation,
+        pending: &mut PendingRevocation,
         now: OffsetDateTime,
     ) -> Result<GrantRevocation, OffsetDateTime> {
         let platform = pending.platform;
@@ -1142,6 +1142,16 @@ impl PlatformService {
                     }
                 };
                 let refresh = grant.refresh_token.or(refresh);
+                // Twitch rotates the refresh token: a retry needs the new ones.
+                pending.tokens = seal_tokens(
+                    &self.vault.load(),
+                    pending.user_id,
+                    platform,
+                    &grant.access_token,
+                    refresh.as_ref(),
+                    grant.expires_in.map(|ttl| crate::now_micros() + ttl),
+                );
+                pending.refreshed = true;
                 match provider.revoke(&grant.access_token, refresh.as_ref()).await {
                     Ok(true) => Ok(GrantRevocation::Revoked),
                     Ok(false) => Ok(GrantRevocation::Unsupported),

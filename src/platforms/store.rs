@@ -59,6 +59,10 @@ pub struct PendingRevocation {
     /// `user_deleted`, or `disconnected` (the user's own disconnect, which
     /// the platform did not answer at once).
     pub reason: String,
+    /// `tokens` were refreshed during this attempt (Twitch rotates its
+    /// refresh token: the old ones no longer work), and are what a retry
+    /// must use.
+    pub refreshed: bool,
 }
 
 impl PendingRevocation {
@@ -73,6 +77,7 @@ impl PendingRevocation {
             tokens: stored.tokens.clone(),
             attempts: 0,
             reason: reason.to_owned(),
+            refreshed: false,
         }
     }
 }
@@ -232,8 +237,9 @@ pub trait PlatformStore: Send + Sync + 'static {
 
     /// Deletes expired link states and webhook ids older than `before`.
     /// Deletes the account linked at `connected_at` and queues its grant
-    /// for revocation as `pending` (first attempt at `next_attempt_at`), in
-    /// one transaction; false when there is no such account (gone, or linked
+    /// for revocation as `pending` (first attempt at `next_attempt_at`; the
+    /// account's tokens, or `pending`'s when it was refreshed), in one
+    /// transaction; false when there is no such account (gone, or linked
     /// again since). Of two at once, one queues.
     async fn queue_grant_revocation(
         &self,
@@ -261,7 +267,7 @@ pub trait PlatformStore: Send + Sync + 'static {
     ) -> Result<bool, BackendError>;
 
     /// No answer this time: one more attempt counted, the next at
-    /// `next_attempt_at`.
+    /// `next_attempt_at`; with `pending.refreshed`, its new tokens kept.
     async fn retry_grant_revocation(
         &self,
         pending: &PendingRevocation,

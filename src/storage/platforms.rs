@@ -532,6 +532,7 @@ macro_rules! platform_store {
                                     },
                                     attempts: row.try_get(9).map_err(db_error)?,
                                     reason: row.try_get(10).map_err(db_error)?,
+                                    refreshed: false,
                                 })
                             })
                             .collect()
@@ -557,6 +558,17 @@ macro_rules! platform_store {
                         .await
                         .map_err(db_error)?;
                         let Some(row) = row else { return Ok(false) };
+                        let (key_id, access, refresh, expires_at) = if pending.refreshed {
+                            let t = &pending.tokens;
+                            (t.key_id.clone(), t.access.clone(), t.refresh.clone(), t.expires_at)
+                        } else {
+                            (
+                                row.try_get::<String, _>(2).map_err(db_error)?,
+                                row.try_get::<Vec<u8>, _>(3).map_err(db_error)?,
+                                row.try_get::<Option<Vec<u8>>, _>(4).map_err(db_error)?,
+                                row.try_get::<Option<OffsetDateTime>, _>(5).map_err(db_error)?,
+                            )
+                        };
                         sqlx::query(
                             "INSERT INTO platform_grant_revocations (user_id, platform, queued_at, platform_user_id, scopes, \
                                 key_id, access_token, refresh_token, token_expires_at, attempts, next_attempt_at, reason) \
@@ -567,10 +579,10 @@ macro_rules! platform_store {
                         .bind(pending.queued_at)
                         .bind(row.try_get::<String, _>(0).map_err(db_error)?)
                         .bind(row.try_get::<Json<Vec<String>>, _>(1).map_err(db_error)?)
-                        .bind(row.try_get::<String, _>(2).map_err(db_error)?)
-                        .bind(row.try_get::<Vec<u8>, _>(3).map_err(db_error)?)
-                        .bind(row.try_get::<Option<Vec<u8>>, _>(4).map_err(db_error)?)
-                        .bind(row.try_get::<Option<OffsetDateTime>, _>(5).map_err(db_error)?)
+                        .bind(key_id)
+                        .bind(access)
+                        .bind(refresh)
+                        .bind(expires_at)
                         .bind(next_attempt_at)
                         .bind(&pending.reason)
                         .execute(&mut *tx)
@@ -609,14 +621,20 @@ macro_rules! platform_store {
                 async fn retry_grant_revocation(&self, pending: &PendingRevocation, next_attempt_at: OffsetDateTime) -> Result<(), BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "retry_grant_revocation");
                     tracing::Instrument::instrument(async move {
+                        let t = &pending.tokens;
                         sqlx::query(
-                            "UPDATE platform_grant_revocations SET attempts = attempts + 1, next_attempt_at = $4 \
+                            "UPDATE platform_grant_revocations SET attempts = attempts + 1, next_attempt_at = $4, \
+                                key_id = $5, access_token = $6, refresh_token = $7, token_expires_at = $8 \
                              WHERE user_id = $1 AND platform = $2 AND queued_at = $3",
                         )
                         .bind(pending.user_id)
                         .bind(pending.platform.as_str())
                         .bind(pending.queued_at)
                         .bind(next_attempt_at)
+                        .bind(&t.key_id)
+                        .bind(&t.access)
+                        .bind(&t.refresh)
+                        .bind(t.expires_at)
                         .execute(&self.pool)
                         .await
                         .map_err(db_error)?;

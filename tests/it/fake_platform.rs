@@ -74,6 +74,8 @@ struct Inner {
     access_ttl: Duration,
     /// Answer this many token calls with 503 first.
     fail_next: u32,
+    /// The revocation call this many calls from now answers 503 (0: none).
+    revocation_failure_in: u32,
     /// Answer token calls with 429 until then (Unix seconds).
     rate_limited_until: Option<u64>,
     /// Every call to the token endpoint, answered or not.
@@ -119,6 +121,7 @@ impl FakePlatform {
             refresh: HashMap::new(),
             access_ttl: Duration::from_secs(4 * 3600),
             fail_next: 0,
+            revocation_failure_in: 0,
             rate_limited_until: None,
             token_requests: 0,
             latency: Duration::ZERO,
@@ -190,6 +193,11 @@ impl FakePlatform {
 
     pub fn set_access_ttl(&self, ttl: Duration) {
         self.inner.lock().unwrap().access_ttl = ttl;
+    }
+
+    /// The `n`th revocation call from now (1: the next) answers 503.
+    pub fn fail_nth_revocation(&self, n: u32) {
+        self.inner.lock().unwrap().revocation_failure_in = n;
     }
 
     pub fn fail_next(&self, calls: u32) {
@@ -688,6 +696,12 @@ async fn revoke(
     let mut inner = fake.inner.lock().unwrap();
     if let Some(busy) = busy(&mut inner) {
         return busy;
+    }
+    if inner.revocation_failure_in > 0 {
+        inner.revocation_failure_in -= 1;
+        if inner.revocation_failure_in == 0 {
+            return (StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response();
+        }
     }
     let token = q.get("token").cloned().unwrap_or_default();
     // https://dev.twitch.tv/docs/authentication/revoke-tokens: 404

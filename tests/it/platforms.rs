@@ -1468,6 +1468,57 @@ async fn a_disconnect_the_platform_does_not_answer_is_revoked_later_production()
     a_disconnect_the_platform_does_not_answer_is_revoked_later(Backend::Production).await;
 }
 
+/// Revoking a deleted user's Twitch grant whose access token expired
+/// refreshes it (Twitch rotates the refresh token) and then meets a 5xx:
+/// the retry uses the refreshed tokens and revokes the grant — with the
+/// old ones it would find both dead and write the live grant off as
+/// `already_dead`.
+async fn a_refresh_made_while_revoking_is_kept_for_the_retry(backend: Backend) {
+    use auth_service::{
+        accounts::model::UserStatus, events::OutboxEvent,
+        platforms::service::GRANT_REVOCATION_BACKOFF,
+    };
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(backend, &fakes, |c| c.platforms.retry_attempts = 1).await;
+    let token = user(&mut app, "xan").await;
+    let xan = user_id_of(&mut app, &token).await;
+    link(&mut app, &token, twitch).await;
+    twitch.expire_access_tokens();
+    // The first revocation (the expired token) is answered "Invalid token";
+    // the second (the refreshed one) meets a 503.
+    twitch.fail_nth_revocation(2);
+    let refreshes = twitch.refreshes();
+    let id = uuid::Uuid::parse_str(&xan).unwrap();
+    let event = OutboxEvent::lifecycle(id, true, "user-profile", &Default::default());
+    app.database
+        .users
+        .set_status(id, UserStatus::Deleted, &event)
+        .await
+        .unwrap()
+        .unwrap();
+    let t0 = time::OffsetDateTime::now_utc();
+    let first = app.platforms.revoke_pending_grants(t0).await.unwrap();
+    assert_eq!(first.retrying, 1, "{first:?}");
+    assert_eq!(twitch.refreshes(), refreshes + 1);
+    assert_eq!(twitch.live_refresh_tokens(), 1, "the refreshed grant lives");
+    let later = t0 + GRANT_REVOCATION_BACKOFF + Duration::from_secs(1);
+    let second = app.platforms.revoke_pending_grants(later).await.unwrap();
+    assert_eq!((second.revoked, second.already_dead), (1, 0), "{second:?}");
+    assert_eq!(twitch.live_refresh_tokens(), 0, "revoked, not written off");
+    assert!(twitch.issued_tokens().iter().all(|t| !twitch.is_live(t)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_made_while_revoking_is_kept_for_the_retry_embedded() {
+    a_refresh_made_while_revoking_is_kept_for_the_retry(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_made_while_revoking_is_kept_for_the_retry_production() {
+    a_refresh_made_while_revoking_is_kept_for_the_retry(Backend::Production).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_users_grants_are_revoked_at_each_platform_embedded() {
     a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(Backend::Embedded).await;
