@@ -1228,9 +1228,22 @@ async fn a_new_vault_key_seals_after_reseal_and_old_rows_stay_readable() {
     assert_eq!(read.access_token, before.access_token);
 }
 
+/// Deletes the user as the lifecycle consumer applies a `user_deleted`
+/// event (the store's own transaction: status, sessions, platform grants).
+async fn delete_user(app: &TestApp, user_id: &str) {
+    use auth_service::{accounts::model::UserStatus, events::OutboxEvent};
+    let id = uuid::Uuid::parse_str(user_id).unwrap();
+    let event = OutboxEvent::lifecycle(id, true, "user-profile", &Default::default());
+    app.database
+        .users
+        .set_status(id, UserStatus::Deleted, &event)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_users_platform_tokens_are_deleted_with_the_account() {
-    use auth_service::{accounts::model::UserStatus, events::OutboxEvent};
     let fakes = fakes(&[Platform::Twitch, Platform::Youtube]).await;
     let mut app = app_with(Backend::Production, &fakes, |_| {}).await;
     let token = user(&mut app, "olga").await;
@@ -1241,15 +1254,7 @@ async fn a_deleted_users_platform_tokens_are_deleted_with_the_account() {
         link(&mut app, &token, fake).await;
     }
     link(&mut app, &keep, &fakes[&Platform::Twitch]).await;
-    // As the lifecycle consumer applies a user_deleted event.
-    let id = uuid::Uuid::parse_str(&olga).unwrap();
-    let event = OutboxEvent::lifecycle(id, true, "user-profile", &Default::default());
-    app.database
-        .users
-        .set_status(id, UserStatus::Deleted, &event)
-        .await
-        .unwrap()
-        .unwrap();
+    delete_user(&app, &olga).await;
     let service = app.with_role("ingest", "service").await.access_token;
     let gone = access_token(&mut app, &service, &olga, Platform::Twitch)
         .await
@@ -1268,10 +1273,7 @@ async fn a_deleted_users_platform_tokens_are_deleted_with_the_account() {
 /// down (5xx) until the next round after its backoff. Rounds are run at
 /// chosen times: no test waits.
 async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(backend: Backend) {
-    use auth_service::{
-        accounts::model::UserStatus, events::OutboxEvent,
-        platforms::service::GRANT_REVOCATION_BACKOFF,
-    };
+    use auth_service::platforms::service::GRANT_REVOCATION_BACKOFF;
     let fakes = fakes(&Platform::ALL).await;
     let mut app = app_with(backend, &fakes, |c| c.platforms.retry_attempts = 2).await;
     let token = user(&mut app, "vera").await;
@@ -1296,15 +1298,7 @@ async fn a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(ba
     fakes[&Platform::Youtube].fail_next(100);
     let twitch_refreshes = fakes[&Platform::Twitch].refreshes();
 
-    // As the lifecycle consumer applies a user_deleted event.
-    let id = uuid::Uuid::parse_str(&vera).unwrap();
-    let event = OutboxEvent::lifecycle(id, true, "user-profile", &Default::default());
-    app.database
-        .users
-        .set_status(id, UserStatus::Deleted, &event)
-        .await
-        .unwrap()
-        .unwrap();
+    delete_user(&app, &vera).await;
     let disconnected = |events: &[auth_service::events::StoredEvent]| -> Vec<(String, String)> {
         events
             .iter()
@@ -1474,10 +1468,7 @@ async fn a_disconnect_the_platform_does_not_answer_is_revoked_later_production()
 /// old ones it would find both dead and write the live grant off as
 /// `already_dead`.
 async fn a_refresh_made_while_revoking_is_kept_for_the_retry(backend: Backend) {
-    use auth_service::{
-        accounts::model::UserStatus, events::OutboxEvent,
-        platforms::service::GRANT_REVOCATION_BACKOFF,
-    };
+    use auth_service::platforms::service::GRANT_REVOCATION_BACKOFF;
     let fakes = fakes(&[Platform::Twitch]).await;
     let twitch = &fakes[&Platform::Twitch];
     let mut app = app_with(backend, &fakes, |c| c.platforms.retry_attempts = 1).await;
@@ -1489,14 +1480,7 @@ async fn a_refresh_made_while_revoking_is_kept_for_the_retry(backend: Backend) {
     // the second (the refreshed one) meets a 503.
     twitch.fail_nth_revocation(2);
     let refreshes = twitch.refreshes();
-    let id = uuid::Uuid::parse_str(&xan).unwrap();
-    let event = OutboxEvent::lifecycle(id, true, "user-profile", &Default::default());
-    app.database
-        .users
-        .set_status(id, UserStatus::Deleted, &event)
-        .await
-        .unwrap()
-        .unwrap();
+    delete_user(&app, &xan).await;
     let t0 = time::OffsetDateTime::now_utc();
     let first = app.platforms.revoke_pending_grants(t0).await.unwrap();
     assert_eq!(first.retrying, 1, "{first:?}");
