@@ -56,6 +56,17 @@ impl Platform {
         }
     }
 
+    /// Whether revoking one grant at the platform ends every grant the user
+    /// gave this app: Google's revocation ends the user's whole
+    /// authorization of the client (developers.google.com/identity/
+    /// protocols/oauth2/web-server#tokenrevoke), Facebook's
+    /// `DELETE /{user-id}/permissions` removes the app's login for the user
+    /// (developers.facebook.com/docs/facebook-login/guides/permissions/
+    /// request-revoke). Twitch and SOOP revoke the token presented.
+    pub fn revocation_ends_every_grant(self) -> bool {
+        matches!(self, Self::Youtube | Self::Facebook)
+    }
+
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.as_str() == name)
     }

@@ -441,7 +441,14 @@ impl PlatformService {
         let event = OutboxEvent::platform_connected(&account, ctx);
         match self
             .store
-            .link_account(&account, &tokens, version, &event)
+            .link_account(
+                &account,
+                &tokens,
+                version,
+                &event,
+                platform.revocation_ends_every_grant(),
+                ctx,
+            )
             .await?
         {
             LinkOutcome::Linked => {

@@ -6,7 +6,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{AccountStatus, Platform, PlatformAccount, vault::Sealed};
-use crate::{error::BackendError, events::OutboxEvent};
+use crate::{
+    error::BackendError,
+    events::{OutboxEvent, RequestContext},
+};
 
 /// A started link, kept under the SHA-256 of its `state` until used once.
 #[derive(Debug, Clone)]
@@ -57,7 +60,9 @@ pub struct PendingRevocation {
     /// Attempts that did not get an answer from the platform so far.
     pub attempts: i32,
     /// `user_deleted`, or `disconnected` (the user's own disconnect, which
-    /// the platform did not answer at once).
+    /// the platform did not answer at once), or `relinked` (the platform
+    /// account was linked again meanwhile and the grant's end announced
+    /// then; only the old tokens' revocation is left).
     pub reason: String,
     /// `tokens` were refreshed during this attempt (Twitch rotates its
     /// refresh token: the old ones no longer work), and are what a retry
@@ -107,12 +112,25 @@ pub trait PlatformStore: Send + Sync + 'static {
     /// Stores the account (replacing the user's previous account on this
     /// platform) and `event`, in one transaction — unless the platform
     /// account is linked to another user.
+    ///
+    /// A revocation still queued for this platform account (the user
+    /// disconnected it, or a deleted user had it) is settled in the same
+    /// transaction, its `platform_disconnected` written before `event` so
+    /// consumers see the old link end before the new one starts:
+    /// - `ends_every_grant` (Google, Facebook: revoking one grant ends all
+    ///   the user gave the app, the one being linked too): the row goes,
+    ///   `revocation: superseded`;
+    /// - otherwise (Twitch, SOOP revoke the token presented): the row stays
+    ///   to revoke the old tokens, marked `relinked` so that finishing it
+    ///   writes no second event; `revocation: queued`.
     async fn link_account(
         &self,
         account: &PlatformAccount,
         tokens: &SealedTokens,
         version: i64,
         event: &OutboxEvent,
+        ends_every_grant: bool,
+        ctx: &RequestContext,
     ) -> Result<LinkOutcome, BackendError>;
 
     async fn accounts_of(&self, user_id: Uuid) -> Result<Vec<PlatformAccount>, BackendError>;
@@ -259,7 +277,8 @@ pub trait PlatformStore: Send + Sync + 'static {
     ) -> Result<Vec<PendingRevocation>, BackendError>;
 
     /// The platform answered: the row goes and `event` is written, in one
-    /// transaction. `false` when the row was already gone.
+    /// transaction (no event when a re-link already wrote the grant's end:
+    /// reason `relinked`). `false` when the row was already gone.
     async fn finish_grant_revocation(
         &self,
         pending: &PendingRevocation,

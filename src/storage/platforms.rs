@@ -22,7 +22,7 @@ macro_rules! platform_store {
 
             use $crate::{
                 error::BackendError,
-                events::OutboxEvent,
+                events::{OutboxEvent, RequestContext},
                 platforms::{
                     AccountStatus, Platform, PlatformAccount,
                     store::{LinkOutcome, LinkState, PendingRevocation, PlatformStore, SealedTokens, StoredAccount},
@@ -134,6 +134,8 @@ macro_rules! platform_store {
                     tokens: &SealedTokens,
                     version: i64,
                     event: &OutboxEvent,
+                    ends_every_grant: bool,
+                    ctx: &RequestContext,
                 ) -> Result<LinkOutcome, BackendError> {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "link_account");
                     tracing::Instrument::instrument(async move {
@@ -186,6 +188,74 @@ macro_rules! platform_store {
                             }
                             return Err(db_error(error));
                         }
+                        // A claimed row may be at the platform right now:
+                        // its revocation can still land after this consent
+                        // (README, "Platform accounts").
+                        let settle = if ends_every_grant {
+                            "DELETE FROM platform_grant_revocations WHERE platform = $1 AND platform_user_id = $2 \
+                             RETURNING user_id, scopes, reason, queued_at"
+                        } else {
+                            "SELECT user_id, scopes, reason, queued_at FROM platform_grant_revocations \
+                             WHERE platform = $1 AND platform_user_id = $2 AND reason <> 'relinked'"
+                        };
+                        let queued = sqlx::query(settle)
+                            .bind(account.platform.as_str())
+                            .bind(&account.platform_user_id)
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                        let mut queued = queued
+                            .iter()
+                            .map(|row| -> Result<_, BackendError> {
+                                Ok((
+                                    row.try_get::<OffsetDateTime, _>(3).map_err(db_error)?,
+                                    row.try_get::<Uuid, _>(0).map_err(db_error)?,
+                                    row.try_get::<Json<Vec<String>>, _>(1).map_err(db_error)?.0,
+                                    row.try_get::<String, _>(2).map_err(db_error)?,
+                                ))
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        queued.sort_by_key(|row| row.0);
+                        let mut settled = false;
+                        for (queued_at, user_id, scopes, reason) in queued {
+                            if !ends_every_grant {
+                                // Announced once, whoever marks it first.
+                                let marked = sqlx::query(
+                                    "UPDATE platform_grant_revocations SET reason = 'relinked' \
+                                     WHERE user_id = $1 AND platform = $2 AND queued_at = $3 AND reason <> 'relinked'",
+                                )
+                                .bind(user_id)
+                                .bind(account.platform.as_str())
+                                .bind(queued_at)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_error)?
+                                .rows_affected();
+                                if marked == 0 {
+                                    continue;
+                                }
+                            }
+                            let ended = OutboxEvent::platform_grant_revoked(
+                                user_id,
+                                account.platform,
+                                &account.platform_user_id,
+                                &scopes,
+                                if ends_every_grant { "superseded" } else { "queued" },
+                                &reason,
+                                ctx,
+                            );
+                            insert_event!(tx, &ended);
+                            settled = true;
+                        }
+                        // The outbox is ordered by event id (UUIDv7): the
+                        // link's event, built before, is written after.
+                        let later;
+                        let event = if settled {
+                            later = OutboxEvent { id: Uuid::now_v7(), ..event.clone() };
+                            &later
+                        } else {
+                            event
+                        };
                         insert_event!(tx, event);
                         self.commit_events(tx).await?;
                         Ok(LinkOutcome::Linked)
@@ -598,20 +668,27 @@ macro_rules! platform_store {
                     let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "finish_grant_revocation");
                     tracing::Instrument::instrument(async move {
                         let mut tx = self.pool.begin().await.map_err(db_error)?;
+                        use sqlx::Row as _;
                         let deleted = sqlx::query(
-                            "DELETE FROM platform_grant_revocations WHERE user_id = $1 AND platform = $2 AND queued_at = $3",
+                            "DELETE FROM platform_grant_revocations WHERE user_id = $1 AND platform = $2 AND queued_at = $3 \
+                             RETURNING reason",
                         )
                         .bind(pending.user_id)
                         .bind(pending.platform.as_str())
                         .bind(pending.queued_at)
-                        .execute(&mut *tx)
+                        .fetch_optional(&mut *tx)
                         .await
-                        .map_err(db_error)?
-                        .rows_affected();
-                        if deleted == 0 {
+                        .map_err(db_error)?;
+                        let Some(deleted) = deleted else {
                             return Ok(false);
+                        };
+                        // A re-link announced this grant's end already (the
+                        // row read now, not at the claim: the link may have
+                        // come while the platform was being called).
+                        let reason: String = deleted.try_get(0).map_err(db_error)?;
+                        if reason != "relinked" {
+                            insert_event!(tx, event);
                         }
-                        insert_event!(tx, event);
                         self.commit_events(tx).await?;
                         Ok(true)
                     }, span)

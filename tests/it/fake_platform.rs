@@ -51,6 +51,8 @@ struct Code {
 struct Access {
     user: FakeUser,
     expires: Instant,
+    /// The authorization (consent) it belongs to; refreshes stay in it.
+    grant: u64,
 }
 
 #[derive(Default)]
@@ -70,7 +72,8 @@ struct Inner {
     deny: bool,
     codes: HashMap<String, Code>,
     access: HashMap<String, Access>,
-    refresh: HashMap<String, FakeUser>,
+    refresh: HashMap<String, (FakeUser, u64)>,
+    next_grant: u64,
     access_ttl: Duration,
     /// Answer this many token calls with 503 first.
     fail_next: u32,
@@ -119,6 +122,7 @@ impl FakePlatform {
             codes: HashMap::new(),
             access: HashMap::new(),
             refresh: HashMap::new(),
+            next_grant: 0,
             access_ttl: Duration::from_secs(4 * 3600),
             fail_next: 0,
             revocation_failure_in: 0,
@@ -295,19 +299,25 @@ impl FakePlatform {
     }
 }
 
-fn token_for(inner: &mut Inner, user: FakeUser, with_refresh: bool) -> (String, Option<String>) {
+fn token_for(
+    inner: &mut Inner,
+    user: FakeUser,
+    grant: u64,
+    with_refresh: bool,
+) -> (String, Option<String>) {
     let access = random("at-");
     inner.access.insert(
         access.clone(),
         Access {
             user: user.clone(),
             expires: Instant::now() + inner.access_ttl,
+            grant,
         },
     );
     inner.issued.push(access.clone());
     let refresh = with_refresh.then(|| {
         let r = random("rt-");
-        inner.refresh.insert(r.clone(), user);
+        inner.refresh.insert(r.clone(), (user, grant));
         inner.issued.push(r.clone());
         r
     });
@@ -537,14 +547,14 @@ async fn token(fake: FakePlatform, q: HashMap<String, String>) -> Response {
                 );
             }
             inner.counters.extensions += 1;
-            let (token, _) = token_for(&mut inner, access.user, false);
+            let (token, _) = token_for(&mut inner, access.user, access.grant, false);
             let ttl = inner.access_ttl.as_secs();
             axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": ttl}))
                 .into_response()
         }
         Some("refresh_token") if platform != Platform::Facebook => {
             let presented = q.get("refresh_token").cloned().unwrap_or_default();
-            let Some(user) = inner.refresh.get(&presented).cloned() else {
+            let Some((user, grant)) = inner.refresh.get(&presented).cloned() else {
                 return grant_error(platform, "Invalid refresh token");
             };
             inner.counters.refreshes += 1;
@@ -553,7 +563,7 @@ async fn token(fake: FakePlatform, q: HashMap<String, String>) -> Response {
             if rotate {
                 inner.refresh.remove(&presented);
             }
-            let (access, refresh) = token_for(&mut inner, user, rotate);
+            let (access, refresh) = token_for(&mut inner, user, grant, rotate);
             let ttl = inner.access_ttl.as_secs();
             axum::Json(match platform {
                 Platform::Twitch => json!({"access_token": access, "refresh_token": refresh, "expires_in": ttl, "scope": ["user:read:email"], "token_type": "bearer"}),
@@ -585,7 +595,9 @@ async fn token(fake: FakePlatform, q: HashMap<String, String>) -> Response {
             }
             inner.counters.code_exchanges += 1;
             let with_refresh = platform != Platform::Facebook;
-            let (access, refresh) = token_for(&mut inner, grant.user, with_refresh);
+            inner.next_grant += 1;
+            let id = inner.next_grant;
+            let (access, refresh) = token_for(&mut inner, grant.user, id, with_refresh);
             let ttl = match platform {
                 // A short-lived token, to be exchanged.
                 Platform::Facebook => 3600,
@@ -669,6 +681,18 @@ async fn facebook_me(State(fake): State<FakePlatform>, headers: HeaderMap) -> Re
 }
 
 async fn facebook_revoke(State(fake): State<FakePlatform>, headers: HeaderMap) -> Response {
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        if let Some(busy) = busy(&mut inner) {
+            return busy;
+        }
+        if inner.revocation_failure_in > 0 {
+            inner.revocation_failure_in -= 1;
+            if inner.revocation_failure_in == 0 {
+                return (StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response();
+            }
+        }
+    }
     match bearer_user(&fake, &headers, "Bearer ") {
         Some(_) => {
             fake.inner.lock().unwrap().counters.revocations += 1;
@@ -745,8 +769,27 @@ async fn revoke(
         };
     }
     inner.counters.revocations += 1;
-    drop(inner);
-    fake.revoke_everything();
+    match inner.platform {
+        // Twitch revokes the token presented
+        // (dev.twitch.tv/docs/authentication/revoke-tokens), and with it
+        // the authorization it came from: other links' grants live on.
+        Platform::Twitch | Platform::Soop => {
+            let grant = inner
+                .access
+                .get(&token)
+                .map(|a| a.grant)
+                .or_else(|| inner.refresh.get(&token).map(|r| r.1));
+            inner.access.retain(|_, a| Some(a.grant) != grant);
+            inner.refresh.retain(|_, r| Some(r.1) != grant);
+        }
+        // Google ends the user's whole authorization of the client, every
+        // grant of it (developers.google.com/identity/protocols/oauth2/
+        // web-server#tokenrevoke: "revoke access given to an application").
+        _ => {
+            drop(inner);
+            fake.revoke_everything();
+        }
+    }
     StatusCode::OK.into_response()
 }
 

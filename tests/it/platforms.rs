@@ -1503,6 +1503,115 @@ async fn a_refresh_made_while_revoking_is_kept_for_the_retry_production() {
     a_refresh_made_while_revoking_is_kept_for_the_retry(Backend::Production).await;
 }
 
+/// The user disconnects while the platform does not answer (the grant
+/// waits in the queue), then links the same platform account again before
+/// the queue is worked. Revoking the old grant must not end the new one:
+/// Facebook's and Google's revocation end every grant the user gave the
+/// app, so the link settles the queued row (`superseded`); Twitch revokes
+/// the token presented, so the old tokens are still revoked. Either way
+/// the old link's `platform_disconnected` comes before the new
+/// `platform_connected`, once.
+async fn a_relink_while_the_old_grant_waits_keeps_the_new_grant(backend: Backend) {
+    use auth_service::platforms::service::GRANT_REVOCATION_BACKOFF;
+    let fakes = fakes(&[Platform::Twitch, Platform::Facebook]).await;
+    let mut app = app_with(backend, &fakes, |c| c.platforms.retry_attempts = 1).await;
+    let token = user(&mut app, "yul").await;
+    for p in [Platform::Twitch, Platform::Facebook] {
+        let fake = &fakes[&p];
+        link(&mut app, &token, fake).await;
+        let old: Vec<String> = fake
+            .issued_tokens()
+            .into_iter()
+            .filter(|t| fake.is_live(t))
+            .collect();
+        fake.fail_nth_revocation(1);
+        let answer = app
+            .client
+            .disconnect_platform_account(bearer(
+                pb::DisconnectPlatformAccountRequest {
+                    platform: pb_platform(p),
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!answer.revoked_at_platform, "{p}: queued");
+        link(&mut app, &token, fake).await;
+        let new: Vec<String> = fake
+            .issued_tokens()
+            .into_iter()
+            .filter(|t| fake.is_live(t) && !old.contains(t))
+            .collect();
+        assert!(!new.is_empty(), "{p}");
+        let later =
+            time::OffsetDateTime::now_utc() + GRANT_REVOCATION_BACKOFF + Duration::from_secs(1);
+        let report = app.platforms.revoke_pending_grants(later).await.unwrap();
+        assert!(
+            new.iter().all(|t| fake.is_live(t)),
+            "{p}: the new link's grant lives ({report:?})"
+        );
+        match p {
+            Platform::Twitch => {
+                assert_eq!(report.revoked, 1, "{p}: {report:?}");
+                assert!(
+                    old.iter().all(|t| !fake.is_live(t)),
+                    "{p}: old tokens revoked"
+                );
+            }
+            _ => assert_eq!(
+                (report.revoked, report.retrying),
+                (0, 0),
+                "{p}: nothing left to revoke: {report:?}"
+            ),
+        }
+        let linked = list(&mut app, &token).await;
+        assert_eq!(
+            linked
+                .iter()
+                .filter(|a| a.platform == pb_platform(p))
+                .count(),
+            1,
+            "{p}: still linked"
+        );
+        let events: Vec<(String, serde_json::Value)> = app
+            .events()
+            .await
+            .into_iter()
+            .filter(|e| e.data["platform"] == p.as_str())
+            .map(|e| (e.event_type, e.data))
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "platform_connected",
+                "platform_disconnected",
+                "platform_connected"
+            ],
+            "{p}: {events:?}"
+        );
+        let ended = &events[1].1;
+        assert_eq!(ended["reason"], "disconnected", "{p}");
+        let expected = if p == Platform::Twitch {
+            "queued"
+        } else {
+            "superseded"
+        };
+        assert_eq!(ended["revocation"], expected, "{p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relink_while_the_old_grant_waits_keeps_the_new_grant_embedded() {
+    a_relink_while_the_old_grant_waits_keeps_the_new_grant(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relink_while_the_old_grant_waits_keeps_the_new_grant_production() {
+    a_relink_while_the_old_grant_waits_keeps_the_new_grant(Backend::Production).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_users_grants_are_revoked_at_each_platform_embedded() {
     a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(Backend::Embedded).await;
