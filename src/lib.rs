@@ -31,7 +31,8 @@
 //!     wire envelope, the Kafka relay and the lifecycle consumer.
 //! * Adapters at the edge: [`grpc`] (AuthService, error mapping to gRPC
 //!   status, and `grpc::stack`: the one layer stack every gRPC listener
-//!   serves behind, where call metadata is read), [`envoy`] (ext_authz Check), [`http`] (admin port and
+//!   serves behind, where call metadata is read), [`envoy`] (ext_authz Check), [`edge`] (the deny
+//!   map Envoys enforce themselves in edge mode, served over ECDS), [`http`] (admin port and
 //!   webhooks) and [`tls`] (rustls on the gRPC listeners, certificate
 //!   reload, peer identities).
 //! * [`storage`] — backends behind the store roles: SQL (PostgreSQL and
@@ -44,6 +45,7 @@
 pub mod accounts;
 pub mod authz;
 pub mod config;
+pub mod edge;
 pub mod envoy;
 pub mod error;
 pub mod events;

@@ -12,6 +12,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_server::ExtensionConfigDiscoveryServiceServer;
 
 use crate::{
     accounts::{
@@ -430,6 +431,23 @@ impl Application {
                 || !self.config.tls.xfcc_from.is_empty(),
             xfcc_from: self.config.tls.xfcc_from.clone(),
         };
+        // Edge mode: the deny map for Envoys that enforce revocation
+        // themselves, built from the revocation log (src/edge).
+        let plane = crate::edge::ControlPlane::new(std::time::Duration::from_secs(
+            self.config.tokens.access_ttl_secs,
+        ));
+        tokio::spawn(
+            plane
+                .clone()
+                .run(self.services.revocation_feed.clone(), stop.clone()),
+        );
+        let identities_required = peers.gateway_only_forwarding;
+        let ecds = || {
+            ExtensionConfigDiscoveryServiceServer::new(crate::edge::ecds::Ecds::new(
+                plane.clone(),
+                identities_required,
+            ))
+        };
         let ext_authz = || {
             AuthorizationServer::new(ExtAuthz::new(
                 self.services.authorizer.clone(),
@@ -458,7 +476,7 @@ impl Application {
         }
         let check = match self.check_listener {
             Some(listener) => {
-                let router = server().add_service(ext_authz());
+                let router = server().add_service(ext_authz()).add_service(ecds());
                 Some(tokio::spawn(serve(
                     router,
                     listener,
@@ -495,7 +513,8 @@ impl Application {
             .add_service(
                 AuthServiceServer::new(api).max_decoding_message_size(limits.max_api_message_bytes),
             )
-            .add_service(ext_authz());
+            .add_service(ext_authz())
+            .add_service(ecds());
         let grpc = serve(grpc, self.grpc_listener, self.tls.as_ref(), stop.clone());
 
         let admin_state = AdminState {

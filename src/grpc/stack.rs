@@ -229,6 +229,7 @@ impl Method {
 
 const AUTH_SERVICE: &str = "immersiverse.auth.v1.AuthService";
 const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+const ECDS_SERVICE: &str = "envoy.service.extension.v3.ExtensionConfigDiscoveryService";
 
 /// The gRPC methods this process serves, by path, from the descriptor sets
 /// it registers: metric labels come only from this set (a client cannot
@@ -257,6 +258,17 @@ static KNOWN_METHODS: LazyLock<HashMap<String, Method>> = LazyLock::new(|| {
                 }
             }
         }
+    }
+    // Edge mode's ECDS (its descriptors are not registered for reflection).
+    for method in [
+        "StreamExtensionConfigs",
+        "DeltaExtensionConfigs",
+        "FetchExtensionConfigs",
+    ] {
+        known.insert(
+            format!("/{ECDS_SERVICE}/{method}"),
+            Method::new(ECDS_SERVICE, method),
+        );
     }
     known.insert(
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned(),

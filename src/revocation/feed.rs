@@ -44,6 +44,9 @@ pub trait RevocationLog: Send + Sync + 'static {
     async fn head(&self) -> Result<i64, BackendError>;
     /// The number of the oldest row kept (`None`: the log is empty).
     async fn oldest(&self) -> Result<Option<i64>, BackendError>;
+    /// The number of the first row that occurred at or after `at` (`None`:
+    /// none did).
+    async fn first_since(&self, at: OffsetDateTime) -> Result<Option<i64>, BackendError>;
     /// Signalled after commits that may have written rows.
     fn written(&self) -> Arc<Notify>;
     /// Deletes rows older than `before`; how many.
@@ -150,6 +153,18 @@ impl RevocationFeed {
                 }
             }
         }
+    }
+
+    /// Where to replay from to see every row that occurred at or after
+    /// `since` (a cursor for [`Self::watch`]), and the log's head now: the
+    /// replay has caught up once it has passed the head.
+    pub async fn cursor_since(&self, since: OffsetDateTime) -> Result<(i64, i64), BackendError> {
+        let head = self.log.head().await?;
+        let cursor = match self.log.first_since(since).await? {
+            Some(first) => (first - 1).min(head),
+            None => head,
+        };
+        Ok((cursor, head))
     }
 
     /// The rows the poller reads from now on (for this process's own

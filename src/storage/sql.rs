@@ -760,6 +760,19 @@ macro_rules! sql_store {
                     .await
                 }
 
+                async fn first_since(&self, at: OffsetDateTime) -> Result<Option<i64>, BackendError> {
+                    let span = $crate::storage::db_span(<$db as sqlx::Database>::NAME, "first_since");
+                    tracing::Instrument::instrument(async move {
+                        let row = sqlx::query("SELECT MIN(seq) FROM revocation_log WHERE occurred_at >= $1")
+                            .bind(at)
+                            .fetch_one(&self.pool)
+                            .await
+                            .map_err(db_error)?;
+                        row.try_get::<Option<i64>, _>(0).map_err(db_error)
+                    }, span)
+                    .await
+                }
+
                 fn written(&self) -> std::sync::Arc<tokio::sync::Notify> {
                     self.listening.call_once(|| $listen(self));
                     self.log_written.clone()

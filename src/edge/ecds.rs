@@ -1,0 +1,200 @@
+//! `envoy.service.extension.v3.ExtensionConfigDiscoveryService`: serves
+//! the deny map ([`super::ControlPlane`]) to Envoys as the configuration of
+//! their revocation RBAC filter (state of the world over a stream; the
+//! delta variant is not offered, and Envoy falls back to nothing: the
+//! shipped configs ask for the state-of-the-world stream).
+//!
+//! Per stream: nothing is sent until the first map is complete (Envoy's
+//! listener keeps warming: fail closed); then every new version once. An
+//! ACK is counted; a NACK (Envoy refused the configuration) is logged with
+//! Envoy's reason and counted, and that version is not sent again to that
+//! stream — the next version is.
+
+use std::{pin::Pin, sync::Arc};
+
+use envoy_types::pb::envoy::service::{
+    discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    },
+    extension::v3::extension_config_discovery_service_server::ExtensionConfigDiscoveryService,
+};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ControlPlane, RESOURCE_NAME, Snapshot};
+use crate::grpc::{Call, GATEWAY_ROLE, SIDECAR_ROLE};
+
+/// What ECDS resources are (`DiscoveryRequest.type_url`).
+pub const TYPE_URL: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+
+pub struct Ecds {
+    plane: Arc<ControlPlane>,
+    /// With client certificates on, only a peer holding the `gateway` or
+    /// `sidecar` role is served (README, "Edge mode").
+    identities_required: bool,
+}
+
+impl Ecds {
+    pub fn new(plane: Arc<ControlPlane>, identities_required: bool) -> Self {
+        Self {
+            plane,
+            identities_required,
+        }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let call = Call::required(request.extensions())?;
+        if !self.identities_required {
+            return Ok(());
+        }
+        match &call.peer {
+            Some(peer) if peer.has_role(GATEWAY_ROLE) || peer.has_role(SIDECAR_ROLE) => Ok(()),
+            Some(peer) => {
+                metrics::counter!("edge_ecds_refused_total").increment(1);
+                tracing::warn!(identity = %peer.identity, "ECDS refused: the peer holds neither the gateway nor the sidecar role");
+                Err(Status::permission_denied(
+                    "the deny map is served to gateways and sidecars only",
+                ))
+            }
+            None => Err(Status::unauthenticated("a client certificate is required")),
+        }
+    }
+}
+
+fn response(snapshot: &Snapshot, names: &[String], nonce: u64) -> DiscoveryResponse {
+    // An empty list asks for everything there is (xDS wildcard).
+    let wanted = names.is_empty() || names.iter().any(|n| n == RESOURCE_NAME);
+    DiscoveryResponse {
+        version_info: snapshot.version.to_string(),
+        resources: if wanted {
+            vec![snapshot.resource.clone()]
+        } else {
+            Vec::new()
+        },
+        type_url: TYPE_URL.to_owned(),
+        nonce: nonce.to_string(),
+        ..Default::default()
+    }
+}
+
+fn check_type(request: &DiscoveryRequest) -> Result<(), Status> {
+    if !request.type_url.is_empty() && request.type_url != TYPE_URL {
+        return Err(Status::invalid_argument(format!(
+            "type_url: only {TYPE_URL} is served here"
+        )));
+    }
+    Ok(())
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExtensionConfigDiscoveryService for Ecds {
+    type StreamExtensionConfigsStream = ResponseStream;
+    type DeltaExtensionConfigsStream = DeltaStream;
+
+    async fn stream_extension_configs(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
+        self.authorize(&request)?;
+        let mut inbound = request.into_inner();
+        let mut snapshots = self.plane.subscribe();
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let streams = metrics::gauge!("edge_ecds_streams");
+            streams.increment(1.0);
+            let mut node = String::new();
+            let mut names: Option<Vec<String>> = None;
+            // The version last sent, and the nonce it went with.
+            let mut sent: Option<i64> = None;
+            let mut nonce = 0u64;
+            loop {
+                let mut resend = false;
+                tokio::select! {
+                    () = tx.closed() => break,
+                    request = inbound.message() => match request {
+                        Ok(Some(request)) => {
+                            if let Err(status) = check_type(&request) {
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
+                            if let Some(n) = request.node.as_ref().filter(|n| !n.id.is_empty()) {
+                                node.clone_from(&n.id);
+                            }
+                            if let Some(error) = &request.error_detail {
+                                metrics::counter!("edge_ecds_nacks_total").increment(1);
+                                tracing::error!(node = %node, version = %request.version_info, nonce = %request.response_nonce, reason = %error.message, "ECDS: Envoy refused the deny map (NACK); it keeps its previous one");
+                            } else if !request.response_nonce.is_empty() {
+                                metrics::counter!("edge_ecds_acks_total").increment(1);
+                                tracing::debug!(node = %node, version = %request.version_info, "ECDS: applied");
+                            }
+                            if names.as_ref() != Some(&request.resource_names) {
+                                names = Some(request.resource_names);
+                                resend = true;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(node = %node, %status, "ECDS stream ended");
+                            break;
+                        }
+                    },
+                    changed = snapshots.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                    }
+                }
+                let Some(names) = &names else { continue };
+                let Some(snapshot) = snapshots.borrow_and_update().clone() else {
+                    continue;
+                };
+                if resend || sent.is_none_or(|v| v < snapshot.version) {
+                    nonce += 1;
+                    sent = Some(snapshot.version);
+                    metrics::counter!("edge_ecds_pushes_total").increment(1);
+                    if tx
+                        .send(Ok(response(&snapshot, names, nonce)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+            streams.decrement(1.0);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_extension_configs(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
+        Err(Status::unimplemented(
+            "ECDS is served as state of the world (StreamExtensionConfigs)",
+        ))
+    }
+
+    async fn fetch_extension_configs(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        check_type(&request)?;
+        let snapshot = self
+            .plane
+            .current()
+            .ok_or_else(|| Status::unavailable("the deny map is not built yet"))?;
+        Ok(Response::new(response(
+            &snapshot,
+            &request.resource_names,
+            0,
+        )))
+    }
+}
