@@ -341,7 +341,7 @@ pub fn jti_prefixes(lo: u64, hi: u64) -> Vec<String> {
         let mut k = 0;
         while k < TS_DIGITS {
             let size = 16u64.pow(k + 1);
-            if x % size != 0 || x + (size - 1) > hi {
+            if !x.is_multiple_of(size) || x + (size - 1) > hi {
                 break;
             }
             k += 1;
