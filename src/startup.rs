@@ -446,6 +446,7 @@ impl Application {
             ExtensionConfigDiscoveryServiceServer::new(crate::edge::ecds::Ecds::new(
                 plane.clone(),
                 identities_required,
+                stop.clone(),
             ))
         };
         let ext_authz = || {

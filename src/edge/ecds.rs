@@ -21,6 +21,7 @@ use envoy_types::pb::envoy::service::{
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ControlPlane, RESOURCE_NAME, Snapshot};
@@ -31,15 +32,23 @@ pub const TYPE_URL: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtens
 
 pub struct Ecds {
     plane: Arc<ControlPlane>,
+    /// Shutdown: open streams end so the server can drain (Envoy keeps
+    /// its map and reconnects elsewhere).
+    stop: CancellationToken,
     /// With client certificates on, only a peer holding the `gateway` or
     /// `sidecar` role is served (README, "Edge mode").
     identities_required: bool,
 }
 
 impl Ecds {
-    pub fn new(plane: Arc<ControlPlane>, identities_required: bool) -> Self {
+    pub fn new(
+        plane: Arc<ControlPlane>,
+        identities_required: bool,
+        stop: CancellationToken,
+    ) -> Self {
         Self {
             plane,
+            stop,
             identities_required,
         }
     }
@@ -104,6 +113,7 @@ impl ExtensionConfigDiscoveryService for Ecds {
         let mut inbound = request.into_inner();
         let mut snapshots = self.plane.subscribe();
         let (tx, rx) = mpsc::channel(2);
+        let stop = self.stop.clone();
         tokio::spawn(async move {
             let streams = metrics::gauge!("edge_ecds_streams");
             streams.increment(1.0);
@@ -116,6 +126,7 @@ impl ExtensionConfigDiscoveryService for Ecds {
                 let mut resend = false;
                 tokio::select! {
                     () = tx.closed() => break,
+                    () = stop.cancelled() => break,
                     request = inbound.message() => match request {
                         Ok(Some(request)) => {
                             if let Err(status) = check_type(&request) {

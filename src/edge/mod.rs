@@ -8,10 +8,11 @@
 //! revoked ones by hash lookups:
 //!
 //! 1. a token without `sid` or `jti` (none this service issues) — refused;
-//! 2. `x-auth-sid` in the revoked sessions (Logout, RevokeToken, a refresh
-//!    family ended) — refused;
-//! 3. `x-auth-sub` in the users revoked as a whole (suspension, deletion,
-//!    password or role change, RevokeUserSessions), then `x-auth-jti` by
+//! 2. `x-session-id` (`sid`) in the revoked sessions (Logout, RevokeToken,
+//!    a refresh family ended) — refused;
+//! 3. `x-user-id` (`sub`) in the users revoked as a whole (suspension,
+//!    deletion, password or role change, RevokeUserSessions), then
+//!    `x-token-id` (`jti`) by
 //!    prefix: a jti is a UUIDv7 whose first 48 bits are its issue time in
 //!    milliseconds, so "issued before the revocation" is a set of hex
 //!    prefixes (a longest-prefix trie in Envoy), the same rule and
@@ -65,10 +66,11 @@ use crate::revocation::feed::{FeedError, LoggedRevocation, RevocationFeed};
 /// (`config_discovery` in `envoy/edge.yaml`).
 pub const RESOURCE_NAME: &str = "immersiverse.auth.revocations";
 /// The request headers `jwt_authn` writes the verified claims into
-/// (`claim_to_headers`); the edge strips client-sent ones first.
-pub const SID_HEADER: &str = "x-auth-sid";
-pub const SUB_HEADER: &str = "x-auth-sub";
-pub const JTI_HEADER: &str = "x-auth-jti";
+/// (`claim_to_headers`), named as ext_authz names them for the upstream;
+/// the edge strips client-sent ones first.
+pub const SID_HEADER: &str = "x-session-id";
+pub const SUB_HEADER: &str = "x-user-id";
+pub const JTI_HEADER: &str = "x-token-id";
 /// Envoy's `jwt_authn` accepts tokens up to this long past `exp` by
 /// default (`clock_skew_seconds`); revocations are kept that much longer.
 const EDGE_CLOCK_SKEW: Duration = Duration::from_secs(60);
@@ -230,7 +232,9 @@ impl DenyList {
             rules_stat_prefix: "revocation_".to_owned(),
             ..Default::default()
         };
-        let resource = TypedExtensionConfig {
+        // The resource is Envoy's own TypedExtensionConfig (the matcher's
+        // inputs and actions above are xds.core's).
+        let resource = envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
             name: RESOURCE_NAME.to_owned(),
             typed_config: Some(any(&rbac)),
         };
@@ -625,9 +629,12 @@ mod tests {
         let snapshot = list.snapshot();
         assert_eq!(
             snapshot.resource.type_url,
-            "type.googleapis.com/xds.core.v3.TypedExtensionConfig"
+            "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
         );
-        let resource = TypedExtensionConfig::decode(snapshot.resource.value.as_slice()).unwrap();
+        let resource = envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(
+            snapshot.resource.value.as_slice(),
+        )
+        .unwrap();
         assert_eq!(resource.name, RESOURCE_NAME);
         let config = resource.typed_config.unwrap();
         assert_eq!(

@@ -7,6 +7,7 @@ mod accounts;
 mod adversarial;
 mod adversarial_low;
 mod authz;
+mod edge;
 mod events_worker;
 mod fake_platform;
 mod fuzz;

@@ -779,6 +779,8 @@ impl Drop for Cutter {
 pub struct Envoy {
     child: std::process::Child,
     pub addr: SocketAddr,
+    /// The admin interface (stats, /ready).
+    pub admin: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -786,6 +788,17 @@ impl Envoy {
     /// `replacements` are exact strings of the shipped file and their test
     /// values; each must occur in the file, so file and test stay in step.
     pub async fn start(
+        config: &str,
+        listener_default: u16,
+        replacements: &[(&str, String)],
+    ) -> Self {
+        let envoy = Self::start_unready(config, listener_default, replacements);
+        envoy.wait_ready().await;
+        envoy
+    }
+
+    /// As [`Self::start`], without waiting for Envoy to be ready.
+    pub fn start_unready(
         config: &str,
         listener_default: u16,
         replacements: &[(&str, String)],
@@ -804,11 +817,8 @@ impl Envoy {
             format!("port_value: {listener_default}"),
             format!("port_value: {port}"),
         ));
-        let admin_default = if config == "gateway.yaml" {
-            9901
-        } else {
-            15000
-        };
+        let gateway = config == "gateway.yaml" || config == "edge.yaml";
+        let admin_default = if gateway { 9901 } else { 15000 };
         all.push((
             format!("port_value: {admin_default}"),
             format!("port_value: {admin}"),
@@ -819,8 +829,10 @@ impl Envoy {
             "address: auth-service,".into(),
             "address: 127.0.0.1,".into(),
         ));
-        if config == "gateway.yaml" {
+        if gateway {
             all.push(("address: api-backend,".into(), "address: 127.0.0.1,".into()));
+        }
+        if config == "gateway.yaml" {
             // Traces go nowhere unless a test points them at its receiver.
             all.push((
                 "address: otel-collector.observability.svc.cluster.local,".into(),
@@ -834,12 +846,18 @@ impl Envoy {
             );
             yaml = yaml.replace(from.as_str(), to);
         }
-        Self::run(&yaml, port, admin).await
+        Self::spawn(&yaml, port, admin)
     }
 
     /// Runs Envoy on a configuration of the test's own, whose listener is on
     /// `port` and admin interface on `admin`.
     pub async fn run(yaml: &str, port: u16, admin: u16) -> Self {
+        let envoy = Self::spawn(yaml, port, admin);
+        envoy.wait_ready().await;
+        envoy
+    }
+
+    fn spawn(yaml: &str, port: u16, admin: u16) -> Self {
         let bin = std::env::var("ENVOY_BIN")
             .expect("ENVOY_BIN is not set: run the suite with scripts/test, which installs Envoy");
         let dir = tempfile::tempdir().unwrap();
@@ -861,26 +879,44 @@ impl Envoy {
             .stderr(log)
             .spawn()
             .expect("start envoy");
-        let mut envoy = Self {
+        Self {
             child,
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
             _dir: dir,
-        };
-        let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+        }
+    }
+
+    /// Waits (up to 30 s) until Envoy answers /ready with 200.
+    pub async fn wait_ready(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = envoy.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(envoy._dir.path().join("envoy.log"))
-                    .unwrap_or_default();
-                panic!("envoy exited ({status}): {log}");
-            }
-            if TcpStream::connect(admin).await.is_ok() && http_get(admin, "/ready").await.0 == 200 {
-                break;
-            }
+        while !self.ready().await {
             assert!(std::time::Instant::now() < deadline, "envoy not ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        envoy
+    }
+
+    /// Whether Envoy is up and initialised (its admin /ready is 200);
+    /// panics with its log if it exited.
+    pub async fn ready(&self) -> bool {
+        let exited = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .map(|stat| stat.split(' ').nth(2) == Some("Z"))
+            .unwrap_or(true);
+        if exited {
+            let log =
+                std::fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default();
+            panic!("envoy exited: {log}");
+        }
+        TcpStream::connect(self.admin).await.is_ok()
+            && http_get(self.admin, "/ready").await.0 == 200
+    }
+
+    /// One counter or gauge of Envoy's stats (`None`: no such stat).
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let (_, body) = http_get(self.admin, &format!("/stats?filter=^{name}$")).await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
     }
 }
 

@@ -1,0 +1,388 @@
+//! Edge mode (envoy/edge.yaml, src/edge) against a real Envoy 1.40: /api/*
+//! authorized inside Envoy — jwt_authn, the deny map auth-service pushes
+//! over ECDS, a bucket per user — with no call to auth-service per request.
+
+use std::{net::SocketAddr, time::Duration};
+
+use auth_service::{config::Config, grpc::pb};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+use crate::support::{
+    Backend, Envoy, HttpResponse, PASSWORD, TestApp, echo_backend, envoy_tls, http, mesh_tls,
+};
+
+fn edge_replacements(
+    app: &TestApp,
+    backend: SocketAddr,
+    descriptor: &tempfile::NamedTempFile,
+) -> Vec<(&'static str, String)> {
+    [
+        (
+            "port_value: 50051",
+            format!("port_value: {}", app.grpc_addr.port()),
+        ),
+        (
+            "port_value: 8081",
+            format!("port_value: {}", app.http_addr.port()),
+        ),
+        (
+            "port_value: 9000",
+            format!("port_value: {}", backend.port()),
+        ),
+        (
+            "/etc/envoy/descriptor/auth_descriptor.pb",
+            descriptor.path().display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .chain(envoy_tls())
+    .collect()
+}
+
+/// Envoy's stats of the revocation filter's ECDS subscription.
+const ECDS_STATS: &str = "extension_config_discovery.http_filter.immersiverse.auth.revocations";
+
+fn descriptor() -> tempfile::NamedTempFile {
+    let descriptor = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(descriptor.path(), pb::FILE_DESCRIPTOR_SET).unwrap();
+    descriptor
+}
+
+struct Edge {
+    app: TestApp,
+    envoy: Envoy,
+    _descriptor: tempfile::NamedTempFile,
+}
+
+impl Edge {
+    async fn start(backend_kind: Backend, adjust: impl FnOnce(&mut Config)) -> Self {
+        let app = TestApp::spawn_with(backend_kind, |c| {
+            mesh_tls(c);
+            adjust(c);
+        })
+        .await;
+        let backend = echo_backend().await;
+        let descriptor = descriptor();
+        let envoy = Envoy::start(
+            "edge.yaml",
+            8080,
+            &edge_replacements(&app, backend, &descriptor),
+        )
+        .await;
+        Self {
+            app,
+            envoy,
+            _descriptor: descriptor,
+        }
+    }
+
+    async fn post(&self, path: &str, body: serde_json::Value, token: Option<&str>) -> HttpResponse {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        http(
+            self.envoy.addr,
+            "POST",
+            path,
+            &headers,
+            Some(&body.to_string()),
+        )
+        .await
+    }
+
+    async fn api(&self, token: &str, extra: &[(&str, &str)]) -> HttpResponse {
+        api(&self.envoy, token, extra).await
+    }
+
+    /// Signs up (once) and logs in through the edge; the login body.
+    async fn login(&self, name: &str, sign_up: bool) -> serde_json::Value {
+        if sign_up {
+            let r = self
+                .post("/v1/users", serde_json::json!({ "email": format!("{name}@example.com"), "username": name, "password": PASSWORD }), None)
+                .await;
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        let r = self
+            .post(
+                "/v1/auth/login",
+                serde_json::json!({ "login": name, "password": PASSWORD }),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()
+    }
+}
+
+async fn api(envoy: &Envoy, token: &str, extra: &[(&str, &str)]) -> HttpResponse {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![("authorization", auth.as_str())];
+    headers.extend_from_slice(extra);
+    http(envoy.addr, "GET", "/api/videos", &headers, None).await
+}
+
+fn token(login: &serde_json::Value) -> String {
+    login["access_token"].as_str().unwrap().to_owned()
+}
+
+fn claims(token: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+/// Polls `/api/videos` with `token` until Envoy answers `status` (a bound
+/// for a failing test, not a timing assertion).
+async fn until_status(envoy: &Envoy, token: &str, status: u16) -> HttpResponse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = api(envoy, token, &[]).await;
+        if r.status == status {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {} instead of {status}: {r:?}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A token signed with the server's own key, with `claims` as given.
+fn forged(app: &TestApp, claims: &serde_json::Value) -> String {
+    let dir = app.config.keys_dir();
+    let pem = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pem"))
+        .unwrap();
+    let kid = pem.file_stem().unwrap().to_string_lossy().into_owned();
+    let key = EncodingKey::from_ed_pem(&std::fs::read(pem).unwrap()).unwrap();
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid);
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+/// The hot path passes Envoy alone: a valid token reaches the upstream with
+/// the identity it proves (never a client's), ext_authz is not asked, and
+/// what auth-service revokes is refused at the edge — a logout (its
+/// session), a password change (every earlier token of the user, while the
+/// login after it passes), a token without `sid` or `jti`. A user past
+/// the per-user bucket gets 429 while another user goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_authorizes_api_calls_itself_and_refuses_what_auth_service_revoked() {
+    let edge = Edge::start(Backend::Production, |_| {}).await;
+    let none = http(edge.envoy.addr, "GET", "/api/videos", &[], None).await;
+    assert_eq!(none.status, 401, "{none:?}");
+    assert_eq!(edge.api("garbage", &[]).await.status, 401);
+
+    let alice = edge.login("alice", true).await;
+    let alice_token = token(&alice);
+    let alice_claims = claims(&alice_token);
+    let checks_before = edge.envoy.stat("http.edge.ext_authz.ok").await;
+    // Identity headers a client sends never pass, with dashes or
+    // underscores.
+    let ok = edge
+        .api(
+            &alice_token,
+            &[
+                ("x-user-id", "spoofed-admin"),
+                ("x-user-roles", "admin"),
+                ("x-session-id", "forged"),
+                ("x-token-id", "forged"),
+            ],
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let seen = ok.json();
+    assert_eq!(seen["x-user-id"], serde_json::json!([alice_claims["sub"]]));
+    assert_eq!(
+        seen["x-session-id"],
+        serde_json::json!([alice_claims["sid"]])
+    );
+    assert_eq!(
+        seen["x-user-roles"],
+        serde_json::json!([]),
+        "never the client's"
+    );
+    let underscore = edge
+        .api(&alice_token, &[("x_user_id", "spoofed-admin")])
+        .await;
+    assert_eq!(underscore.status, 400, "{underscore:?}");
+    for _ in 0..20 {
+        assert_eq!(edge.api(&alice_token, &[]).await.status, 200);
+    }
+    assert_eq!(
+        edge.envoy.stat("http.edge.ext_authz.ok").await,
+        checks_before,
+        "no Check for /api/*"
+    );
+
+    // A logout: its session is refused at the edge.
+    let out = edge
+        .post("/v1/auth/logout", serde_json::json!({}), Some(&alice_token))
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let refused = until_status(&edge.envoy, &alice_token, 403).await;
+    assert!(refused.body.contains("RBAC"), "{refused:?}");
+
+    // A password change: both earlier sessions end, the next login passes.
+    let bob1 = token(&edge.login("bob", true).await);
+    let bob2 = token(&edge.login("bob", false).await);
+    assert_eq!(edge.api(&bob2, &[]).await.status, 200);
+    let changed = edge
+        .post(
+            "/v1/me/password",
+            serde_json::json!({ "current_password": PASSWORD, "new_password": "another long passphrase 2" }),
+            Some(&bob1),
+        )
+        .await;
+    assert_eq!(changed.status, 200, "{changed:?}");
+    until_status(&edge.envoy, &bob1, 403).await;
+    until_status(&edge.envoy, &bob2, 403).await;
+    let r = edge
+        .post(
+            "/v1/auth/login",
+            serde_json::json!({ "login": "bob", "password": "another long passphrase 2" }),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let bob3 = token(&r.json());
+    assert_eq!(
+        edge.api(&bob3, &[]).await.status,
+        200,
+        "issued after the change"
+    );
+
+    // Tokens this service never issues: without sid, without jti.
+    let mut no_sid = claims(&bob3);
+    no_sid.as_object_mut().unwrap().remove("sid");
+    let r = edge.api(&forged(&edge.app, &no_sid), &[]).await;
+    assert_eq!(r.status, 403, "no sid: {r:?}");
+    let mut no_jti = claims(&bob3);
+    no_jti.as_object_mut().unwrap().remove("jti");
+    let r = edge.api(&forged(&edge.app, &no_jti), &[]).await;
+    assert_eq!(r.status, 403, "no jti: {r:?}");
+    let genuine_shape = claims(&bob3);
+    let r = edge.api(&forged(&edge.app, &genuine_shape), &[]).await;
+    assert_eq!(r.status, 200, "the forging itself is sound: {r:?}");
+
+    // Per-user bucket (100, refilled at 50/s): bob is cut, carol is not.
+    let carol = token(&edge.login("carol", true).await);
+    let mut limited = None;
+    for _ in 0..400 {
+        let r = edge.api(&bob3, &[]).await;
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let limited = limited.expect("bob's bucket ran dry");
+    assert_eq!(limited.header("retry-after"), Some("1"));
+    assert_eq!(
+        edge.api(&carol, &[]).await.status,
+        200,
+        "carol's own bucket"
+    );
+}
+
+/// Fail closed and keep the last map: an Envoy started while auth-service
+/// is down accepts no connection (its listener warms until the first map);
+/// once auth-service is up it serves. When auth-service goes away again,
+/// Envoy keeps the map it had (a revoked token stays refused, a valid one
+/// passes: the JWKS is cached) and says so in its stats; a revocation made
+/// while Envoy was cut off reaches it once it reconnects to the restarted
+/// auth-service, whose map is rebuilt from the database's log (embedded
+/// default: SQLite, no Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_without_its_control_plane_fails_closed_then_keeps_its_last_map() {
+    let app = TestApp::spawn_with(Backend::Embedded, mesh_tls).await;
+    let (grpc, http_addr) = (app.grpc_addr, app.http_addr);
+    let backend = echo_backend().await;
+    let descriptor = descriptor();
+    let replacements = edge_replacements(&app, backend, &descriptor);
+    let (mut config, dir) = app.stop().await;
+    config.grpc_addr = grpc;
+    config.http_addr = http_addr;
+
+    let envoy = Envoy::start_unready("edge.yaml", 8080, &replacements);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!envoy.ready().await, "no map yet: not ready");
+    assert!(
+        tokio::net::TcpStream::connect(envoy.addr).await.is_err(),
+        "the listener accepts nothing before the first map"
+    );
+
+    let mut app = TestApp::start(Backend::Embedded, config, dir).await;
+    envoy.wait_ready().await;
+    app.sign_up("dana").await;
+    let login = |app: &mut TestApp| {
+        let mut client = app.client.clone();
+        async move {
+            client
+                .login(pb::LoginRequest {
+                    login: "dana".into(),
+                    password: PASSWORD.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .access_token
+        }
+    };
+    let (t1, t2, t3) = (
+        login(&mut app).await,
+        login(&mut app).await,
+        login(&mut app).await,
+    );
+    assert_eq!(api(&envoy, &t1, &[]).await.status, 200);
+    let logout = |app: &mut TestApp, token: String| {
+        let mut client = app.client.clone();
+        async move {
+            client
+                .logout(crate::support::bearer(pb::LogoutRequest::default(), &token))
+                .await
+                .unwrap();
+        }
+    };
+    logout(&mut app, t1.clone()).await;
+    until_status(&envoy, &t1, 403).await;
+
+    // auth-service goes away: the last map holds.
+    let (config, dir) = app.stop().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while envoy
+        .stat(&format!("{ECDS_STATS}.control_plane.connected_state"))
+        .await
+        != Some(0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Envoy still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(api(&envoy, &t1, &[]).await.status, 403, "still revoked");
+    assert_eq!(api(&envoy, &t2, &[]).await.status, 200, "still valid");
+
+    // Back, from its database alone: the old revocation is still in the map
+    // it serves, and one made now reaches the Envoy.
+    let mut app = TestApp::start(Backend::Embedded, config, dir).await;
+    logout(&mut app, t2.clone()).await;
+    until_status(&envoy, &t2, 403).await;
+    assert_eq!(api(&envoy, &t1, &[]).await.status, 403);
+    assert_eq!(api(&envoy, &t3, &[]).await.status, 200);
+    assert!(
+        envoy
+            .stat(
+                "extension_config_discovery.http_filter.immersiverse.auth.revocations.config_reload"
+            )
+            .await
+            .unwrap_or(0)
+            >= 2
+    );
+}
