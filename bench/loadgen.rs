@@ -1124,6 +1124,7 @@ async fn main() {
         "check" => check_load(&arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap()).await,
         "propagate" => propagate(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         "ratelimit" => ratelimit_error(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
+        "edge-propagate" => edge_propagate(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         "signup" => {
             let addr = arg(1);
             let concurrency: usize = arg(2).parse().unwrap();
@@ -1303,6 +1304,96 @@ async fn propagate(a: &str, b: &str, rounds: usize) {
         percentile(&delays, 50.0).as_secs_f64() * 1e3,
         percentile(&delays, 99.0).as_secs_f64() * 1e3,
         delays.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
+
+/// Edge mode: for `rounds` sessions, the time from Logout's answer to the
+/// first request each Envoy (`envoys`: comma-separated host:port of edge
+/// gateways) refuses with 403, polling all of them at once over kept-alive
+/// connections. Each token is first seen valid by every Envoy (its JWT
+/// cache holds it).
+async fn edge_propagate(grpc: &str, envoys: &str, rounds: usize) {
+    let mut a = client(grpc).await;
+    ensure_user(&mut a, "benchedge").await;
+    let envoys: Vec<String> = envoys.split(',').map(str::to_owned).collect();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(4)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut per_envoy: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); envoys.len()];
+    for _ in 0..rounds {
+        let pair = a
+            .login(pb::LoginRequest {
+                login: "benchedge".into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let auth = format!("Bearer {}", pair.access_token);
+        for envoy in &envoys {
+            let r = http
+                .get(format!("http://{envoy}/api/x"))
+                .header("authorization", &auth)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{envoy} refused a valid token");
+        }
+        let mut logout = tonic::Request::new(pb::LogoutRequest {
+            refresh_token: pair.refresh_token.clone(),
+        });
+        logout
+            .metadata_mut()
+            .insert("authorization", auth.parse().unwrap());
+        a.logout(logout).await.unwrap();
+        let answered = Instant::now();
+        let waits = futures::future::join_all(envoys.iter().map(|envoy| {
+            let (http, auth) = (http.clone(), auth.clone());
+            async move {
+                loop {
+                    let r = http
+                        .get(format!("http://{envoy}/api/x"))
+                        .header("authorization", &auth)
+                        .send()
+                        .await
+                        .unwrap();
+                    if r.status() == 403 {
+                        return answered.elapsed();
+                    }
+                    assert!(
+                        answered.elapsed() < Duration::from_secs(10),
+                        "the revocation never reached {envoy}"
+                    );
+                }
+            }
+        }))
+        .await;
+        for (i, wait) in waits.into_iter().enumerate() {
+            per_envoy[i].push(wait);
+        }
+    }
+    let mut all = Vec::new();
+    for (i, delays) in per_envoy.iter_mut().enumerate() {
+        delays.sort();
+        println!(
+            "edge propagation to envoy {} over {rounds} revocations (Logout's answer to its first 403): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            i + 1,
+            percentile(delays, 50.0).as_secs_f64() * 1e3,
+            percentile(delays, 99.0).as_secs_f64() * 1e3,
+            delays.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        );
+        all.extend_from_slice(delays);
+    }
+    all.sort();
+    println!(
+        "edge propagation, all {} envoy-revocations: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        all.len(),
+        percentile(&all, 50.0).as_secs_f64() * 1e3,
+        percentile(&all, 99.0).as_secs_f64() * 1e3,
+        all.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
 }
 

@@ -1,6 +1,6 @@
 //! `envoy.service.extension.v3.ExtensionConfigDiscoveryService`: serves
-//! the deny map ([`super::ControlPlane`]) to Envoys as the configuration of
-//! their revocation RBAC filter (state of the world over a stream; the
+//! the deny maps ([`super::ControlPlane`]: base and recent) to Envoys as the
+//! configurations of their two revocation RBAC filters (state of the world over a stream; the
 //! delta variant is not offered, and Envoy falls back to nothing: the
 //! shipped configs ask for the state-of-the-world stream).
 //!
@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ControlPlane, RESOURCE_NAME, Snapshot};
+use super::{ControlPlane, Maps, Snapshot};
 use crate::grpc::{Call, GATEWAY_ROLE, SIDECAR_ROLE};
 
 /// What ECDS resources are (`DiscoveryRequest.type_url`).
@@ -72,20 +72,27 @@ impl Ecds {
     }
 }
 
-fn response(snapshot: &Snapshot, names: &[String], nonce: u64) -> DiscoveryResponse {
-    // An empty list asks for everything there is (xDS wildcard).
-    let wanted = names.is_empty() || names.iter().any(|n| n == RESOURCE_NAME);
-    DiscoveryResponse {
-        version_info: snapshot.version.to_string(),
-        resources: if wanted {
-            vec![snapshot.resource.clone()]
-        } else {
-            Vec::new()
-        },
+/// The requested maps (an empty list asks for all there are: xDS
+/// wildcard), and their versions, in order.
+fn response(maps: &Maps, names: &[String], nonce: u64) -> (DiscoveryResponse, Vec<i64>) {
+    let wanted: Vec<&Arc<Snapshot>> = if names.is_empty() {
+        vec![&maps.base, &maps.recent]
+    } else {
+        names.iter().filter_map(|n| maps.named(n)).collect()
+    };
+    let versions: Vec<i64> = wanted.iter().map(|s| s.version).collect();
+    let response = DiscoveryResponse {
+        version_info: versions
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join("."),
+        resources: wanted.iter().map(|s| s.resource.clone()).collect(),
         type_url: TYPE_URL.to_owned(),
         nonce: nonce.to_string(),
         ..Default::default()
-    }
+    };
+    (response, versions)
 }
 
 fn check_type(request: &DiscoveryRequest) -> Result<(), Status> {
@@ -119,8 +126,8 @@ impl ExtensionConfigDiscoveryService for Ecds {
             streams.increment(1.0);
             let mut node = String::new();
             let mut names: Option<Vec<String>> = None;
-            // The version last sent, and the nonce it went with.
-            let mut sent: Option<i64> = None;
+            // The versions last sent.
+            let mut sent: Option<Vec<i64>> = None;
             let mut nonce = 0u64;
             loop {
                 let mut resend = false;
@@ -161,18 +168,23 @@ impl ExtensionConfigDiscoveryService for Ecds {
                     }
                 }
                 let Some(names) = &names else { continue };
-                let Some(snapshot) = snapshots.borrow_and_update().clone() else {
+                let Some(maps) = snapshots.borrow_and_update().clone() else {
                     continue;
                 };
-                if resend || sent.is_none_or(|v| v < snapshot.version) {
+                let versions: Vec<i64> = if names.is_empty() {
+                    vec![maps.base.version, maps.recent.version]
+                } else {
+                    names
+                        .iter()
+                        .filter_map(|n| maps.named(n).map(|s| s.version))
+                        .collect()
+                };
+                if resend || sent.as_ref() != Some(&versions) {
                     nonce += 1;
-                    sent = Some(snapshot.version);
+                    let (response, versions) = response(&maps, names, nonce);
+                    sent = Some(versions);
                     metrics::counter!("edge_ecds_pushes_total").increment(1);
-                    if tx
-                        .send(Ok(response(&snapshot, names, nonce)))
-                        .await
-                        .is_err()
-                    {
+                    if tx.send(Ok(response)).await.is_err() {
                         break;
                     }
                 }
@@ -198,14 +210,10 @@ impl ExtensionConfigDiscoveryService for Ecds {
         self.authorize(&request)?;
         let request = request.into_inner();
         check_type(&request)?;
-        let snapshot = self
+        let maps = self
             .plane
             .current()
             .ok_or_else(|| Status::unavailable("the deny map is not built yet"))?;
-        Ok(Response::new(response(
-            &snapshot,
-            &request.resource_names,
-            0,
-        )))
+        Ok(Response::new(response(&maps, &request.resource_names, 0).0))
     }
 }

@@ -40,7 +40,7 @@ use envoy_types::pb::{
     google::protobuf::Any,
     xds::core::v3::TypedExtensionConfig,
     xds::r#type::matcher::v3::{
-        Matcher, RegexMatcher, StringMatcher,
+        Matcher, StringMatcher,
         matcher::{
             MatcherList, MatcherTree, MatcherType, OnMatch,
             matcher_list::{
@@ -50,7 +50,6 @@ use envoy_types::pb::{
             matcher_tree::{MatchMap, TreeType},
             on_match,
         },
-        regex_matcher::{EngineType, GoogleRe2},
         string_matcher::MatchPattern,
     },
 };
@@ -65,6 +64,8 @@ use crate::revocation::feed::{FeedError, LoggedRevocation, RevocationFeed};
 /// The ECDS resource name of the revocation filter's configuration
 /// (`config_discovery` in `envoy/edge.yaml`).
 pub const RESOURCE_NAME: &str = "immersiverse.auth.revocations";
+/// The ECDS resource name of the recent map's filter ([`DenyList`]).
+pub const RECENT_NAME: &str = "immersiverse.auth.revocations.recent";
 /// The request headers `jwt_authn` writes the verified claims into
 /// (`claim_to_headers`), named as ext_authz names them for the upstream;
 /// the edge strips client-sent ones first.
@@ -78,28 +79,78 @@ const EDGE_CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// revocation storm becomes a few pushes, not one per row.
 pub const COALESCE: Duration = Duration::from_millis(5);
 
+/// How the log is cut into the large, rarely pushed base map and the small
+/// recent one: a cut falls between two consecutive rows (in log order) of
+/// different 30-second periods of their time.
+pub const BASE_PERIOD: Duration = Duration::from_secs(30);
+
 /// The revocations that can still matter: those of the last access-token
-/// lifetime (plus Envoy's clock skew), in log order.
+/// lifetime (plus Envoy's clock skew), in log order, split in two maps so
+/// that a revocation pushes a small map and the large one moves rarely:
+///
+/// * **base** ([`RESOURCE_NAME`]): the rows up to the latest cut, with the
+///   guard; pushed once per cut (at most every [`BASE_PERIOD`]);
+/// * **recent** ([`RECENT_NAME`]): every row after the *previous* cut;
+///   pushed at each revocation.
+///
+/// The recent map overlaps the base by one period, so an Envoy holds every
+/// revocation whether its base map is the latest or the one before (its two
+/// streams may reach different replicas, or apply out of order), and the
+/// cuts are a function of the log alone: each replica that replayed the
+/// window finds the same cuts and serves the same maps under the same
+/// versions.
 #[derive(Debug)]
 pub struct DenyList {
     window: Duration,
     rows: VecDeque<Arc<LoggedRevocation>>,
     /// The log's sequence number of the last row applied.
     seq: i64,
+    /// The period of the last row applied.
+    last_period: Option<i64>,
+    /// The newest row time so far.
+    newest: Option<OffsetDateTime>,
+    /// The latest cut (base holds the rows up to it) and the newest row
+    /// time up to it; `None` before the first cut: the base is empty.
+    base: Option<(i64, OffsetDateTime)>,
+    /// The cut before it: recent holds the rows after it.
+    previous_base: Option<i64>,
 }
 
-/// One version of the map as Envoy receives it.
+/// One version of one map as Envoy receives it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     /// The log's sequence number the map is complete up to.
     pub version: i64,
-    /// The `TypedExtensionConfig` resource (name [`RESOURCE_NAME`], an RBAC
-    /// filter configuration), encoded once and shared by every stream.
+    /// The `TypedExtensionConfig` resource (an RBAC filter configuration),
+    /// encoded once and shared by every stream.
     pub resource: Any,
     pub sessions: usize,
     pub users: usize,
     /// Map entries in all (sessions, users and their jti prefixes).
     pub entries: usize,
+}
+
+/// The two maps of one moment.
+#[derive(Debug, Clone)]
+pub struct Maps {
+    pub base: Arc<Snapshot>,
+    pub recent: Arc<Snapshot>,
+}
+
+impl Maps {
+    /// The map a resource name asks for.
+    pub fn named(&self, name: &str) -> Option<&Arc<Snapshot>> {
+        match name {
+            RESOURCE_NAME => Some(&self.base),
+            RECENT_NAME => Some(&self.recent),
+            _ => None,
+        }
+    }
+}
+
+fn period_of(at: OffsetDateTime) -> i64 {
+    at.unix_timestamp()
+        .div_euclid(i64::try_from(BASE_PERIOD.as_secs()).unwrap_or(30))
 }
 
 impl DenyList {
@@ -109,6 +160,10 @@ impl DenyList {
             window: access_ttl + EDGE_CLOCK_SKEW,
             rows: VecDeque::new(),
             seq,
+            last_period: None,
+            newest: None,
+            base: None,
+            previous_base: None,
         }
     }
 
@@ -116,32 +171,53 @@ impl DenyList {
         self.seq
     }
 
-    /// Applies a row of the log (rows at or below the last one are skipped),
-    /// then forgets the rows older than the window before the newest row's
-    /// time — the newest *row's*, not the clock's, so that a version's
+    /// The latest cut (the base map's version).
+    pub fn base_seq(&self) -> i64 {
+        self.base.map_or(0, |(seq, _)| seq)
+    }
+
+    /// Applies a row of the log (rows at or below the last one are skipped):
+    /// a row of a later period than the one before it cuts the log there.
+    /// Rows older than the window before the newest row's time are
+    /// forgotten — the newest *row's*, not the clock's, so that a version's
     /// content depends on the log alone.
     pub fn apply(&mut self, row: Arc<LoggedRevocation>) {
         if row.seq <= self.seq {
             return;
         }
+        let period = period_of(row.occurred_at);
+        if let (Some(last), Some(newest)) = (self.last_period, self.newest)
+            && period > last
+        {
+            self.previous_base = self.base.map(|(seq, _)| seq);
+            self.base = Some((self.seq, newest));
+        }
+        self.last_period = Some(period);
         self.seq = row.seq;
+        self.newest = Some(
+            self.newest
+                .map_or(row.occurred_at, |n| n.max(row.occurred_at)),
+        );
         self.rows.push_back(row);
-        let newest = self
-            .rows
-            .iter()
-            .map(|r| r.occurred_at)
-            .max()
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        let horizon = newest - self.window;
-        self.rows.retain(|r| r.occurred_at >= horizon);
+        // Kept while the base or the recent map may hold them.
+        let horizon = self
+            .base
+            .map_or(self.newest, |(_, at)| Some(at))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+            - self.window;
+        while self.rows.front().is_some_and(|r| r.occurred_at < horizon) {
+            self.rows.pop_front();
+        }
     }
 
-    /// What the rows revoke: sessions, and users as a whole (the latest
+    /// What `rows` revoke: sessions, and users as a whole (the latest
     /// epoch, in milliseconds, of each).
-    fn revoked(&self) -> (BTreeSet<Uuid>, BTreeMap<Uuid, i64>) {
+    fn revoked<'a>(
+        rows: impl Iterator<Item = &'a Arc<LoggedRevocation>>,
+    ) -> (BTreeSet<Uuid>, BTreeMap<Uuid, i64>) {
         let mut sessions = BTreeSet::new();
         let mut users = BTreeMap::new();
-        for row in &self.rows {
+        for row in rows {
             let Some(user_id) = row.user_id else { continue };
             if row.event_type == "token_revoked" {
                 if let Some(session) = row
@@ -164,9 +240,60 @@ impl DenyList {
         (sessions, users)
     }
 
-    /// The map as an RBAC filter configuration for Envoy.
-    pub fn snapshot(&self) -> Snapshot {
-        let (sessions, users) = self.revoked();
+    /// Everything revoked in the window, in one set (tests, and the union
+    /// the two maps must hold).
+    pub fn all_revoked(&self) -> (BTreeSet<Uuid>, BTreeMap<Uuid, i64>) {
+        let horizon = self.newest.unwrap_or(OffsetDateTime::UNIX_EPOCH) - self.window;
+        Self::revoked(self.rows.iter().filter(|r| r.occurred_at >= horizon))
+    }
+
+    /// What the base map holds: the rows up to the latest cut.
+    pub fn base_revoked(&self) -> (BTreeSet<Uuid>, BTreeMap<Uuid, i64>) {
+        match self.base {
+            Some((cut, at)) => {
+                let horizon = at - self.window;
+                Self::revoked(
+                    self.rows
+                        .iter()
+                        .filter(|r| r.seq <= cut && r.occurred_at >= horizon),
+                )
+            }
+            None => Default::default(),
+        }
+    }
+
+    /// What the recent map holds: the rows after the previous cut.
+    pub fn recent_revoked(&self) -> (BTreeSet<Uuid>, BTreeMap<Uuid, i64>) {
+        let from = self.previous_base.unwrap_or(i64::MIN);
+        let horizon = self.newest.unwrap_or(OffsetDateTime::UNIX_EPOCH) - self.window;
+        Self::revoked(
+            self.rows
+                .iter()
+                .filter(|r| r.seq > from && r.occurred_at >= horizon),
+        )
+    }
+
+    /// The base map, with the guard.
+    pub fn base_snapshot(&self) -> Snapshot {
+        let (sessions, users) = self.base_revoked();
+        self.map(RESOURCE_NAME, self.base_seq(), &sessions, &users, true)
+    }
+
+    /// The recent map.
+    pub fn recent_snapshot(&self) -> Snapshot {
+        let (sessions, users) = self.recent_revoked();
+        self.map(RECENT_NAME, self.seq, &sessions, &users, false)
+    }
+
+    /// One map as an RBAC filter configuration named `name`.
+    fn map(
+        &self,
+        name: &str,
+        version: i64,
+        sessions: &BTreeSet<Uuid>,
+        users: &BTreeMap<Uuid, i64>,
+        guard: bool,
+    ) -> Snapshot {
         let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
         let mut entries = sessions.len();
         let users_tree: BTreeMap<String, OnMatch> = users
@@ -214,32 +341,52 @@ impl DenyList {
                 after_sessions,
             ))
         };
-        let matcher = Matcher {
-            matcher_type: Some(MatcherType::MatcherList(MatcherList {
-                matchers: vec![FieldMatcher {
-                    predicate: Some(Predicate {
-                        match_type: Some(MatchType::OrMatcher(PredicateList {
-                            predicate: vec![absent(SID_HEADER), absent(JTI_HEADER)],
-                        })),
-                    }),
-                    on_match: Some(deny("no-session")),
-                }],
-            })),
-            on_no_match: Some(Box::new(after_guard)),
+        let matcher = if guard {
+            Matcher {
+                matcher_type: Some(MatcherType::MatcherList(MatcherList {
+                    matchers: vec![FieldMatcher {
+                        predicate: Some(Predicate {
+                            match_type: Some(MatchType::OrMatcher(PredicateList {
+                                predicate: vec![absent(SID_HEADER), absent(JTI_HEADER)],
+                            })),
+                        }),
+                        on_match: Some(deny("no-session")),
+                    }],
+                })),
+                on_no_match: Some(Box::new(after_guard)),
+            }
+        } else {
+            match after_guard.on_match {
+                Some(on_match::OnMatch::Matcher(matcher)) => *matcher,
+                // Nothing recent: a matcher of its default answer alone
+                // (Envoy refuses an empty map).
+                other => Matcher {
+                    matcher_type: None,
+                    on_no_match: Some(Box::new(OnMatch {
+                        on_match: other,
+                        keep_matching: false,
+                    })),
+                },
+            }
         };
         let rbac = Rbac {
             matcher: Some(matcher),
-            rules_stat_prefix: "revocation_".to_owned(),
+            rules_stat_prefix: if guard {
+                "revocation_"
+            } else {
+                "revocation_recent_"
+            }
+            .to_owned(),
             ..Default::default()
         };
         // The resource is Envoy's own TypedExtensionConfig (the matcher's
         // inputs and actions above are xds.core's).
         let resource = envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
-            name: RESOURCE_NAME.to_owned(),
+            name: name.to_owned(),
             typed_config: Some(any(&rbac)),
         };
         Snapshot {
-            version: self.seq,
+            version,
             resource: any(&resource),
             sessions: sessions.len(),
             users: users.len(),
@@ -309,16 +456,15 @@ fn tree(
     }
 }
 
-/// Matches a request without `header` (or with it empty).
+/// Matches a request without `header`, or whose value is no UUID.
 fn absent(header: &str) -> Predicate {
     let present = Predicate {
         match_type: Some(MatchType::SinglePredicate(SinglePredicate {
             input: Some(header_input(header)),
             matcher: Some(single_predicate::Matcher::ValueMatch(StringMatcher {
-                match_pattern: Some(MatchPattern::SafeRegex(RegexMatcher {
-                    regex: ".+".to_owned(),
-                    engine_type: Some(EngineType::GoogleRe2(GoogleRe2 {})),
-                })),
+                // Every id this service issues is a hyphenated UUID; a
+                // substring test costs less per request than a regex.
+                match_pattern: Some(MatchPattern::Contains("-".to_owned())),
                 ignore_case: false,
             })),
         })),
@@ -369,7 +515,7 @@ pub fn jti_prefixes(lo: u64, hi: u64) -> Vec<String> {
 /// to the ECDS streams.
 pub struct ControlPlane {
     access_ttl: Duration,
-    current: watch::Sender<Option<Arc<Snapshot>>>,
+    current: watch::Sender<Option<Maps>>,
 }
 
 impl ControlPlane {
@@ -381,27 +527,38 @@ impl ControlPlane {
         })
     }
 
-    /// The latest map; `None` until the first is complete (an Envoy asking
-    /// before then waits: its listener stays warming, fail closed).
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+    /// The latest maps; `None` until the first are complete (an Envoy
+    /// asking before then waits: its listener stays warming, fail closed).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Maps>> {
         self.current.subscribe()
     }
 
-    pub fn current(&self) -> Option<Arc<Snapshot>> {
+    pub fn current(&self) -> Option<Maps> {
         self.current.borrow().clone()
     }
 
     fn publish(&self, list: &DenyList) {
-        let snapshot = list.snapshot();
-        metrics::gauge!("edge_deny_map_version").set(snapshot.version as f64);
-        metrics::gauge!("edge_deny_map_entries").set(snapshot.entries as f64);
-        metrics::gauge!("edge_deny_map_bytes").set(snapshot.resource.value.len() as f64);
+        let base = match self.current.borrow().as_ref() {
+            Some(maps) if maps.base.version == list.base_seq() => maps.base.clone(),
+            _ => {
+                let base = Arc::new(list.base_snapshot());
+                metrics::gauge!("edge_deny_map_entries", "map" => "base").set(base.entries as f64);
+                metrics::gauge!("edge_deny_map_bytes", "map" => "base")
+                    .set(base.resource.value.len() as f64);
+                base
+            }
+        };
+        let recent = Arc::new(list.recent_snapshot());
+        metrics::gauge!("edge_deny_map_version").set(recent.version as f64);
+        metrics::gauge!("edge_deny_map_entries", "map" => "recent").set(recent.entries as f64);
+        metrics::gauge!("edge_deny_map_bytes", "map" => "recent")
+            .set(recent.resource.value.len() as f64);
         self.current.send_if_modified(|current| {
             let newer = current
                 .as_ref()
-                .is_none_or(|c| c.version < snapshot.version);
+                .is_none_or(|c| c.recent.version < recent.version || c.base.version < base.version);
             if newer {
-                *current = Some(Arc::new(snapshot));
+                *current = Some(Maps { base, recent });
             }
             newer
         });
@@ -417,7 +574,10 @@ impl ControlPlane {
         let mut list: Option<DenyList> = None;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let since = OffsetDateTime::now_utc() - self.access_ttl - EDGE_CLOCK_SKEW;
+            // Two periods more than the window: the cuts before the latest
+            // are found again as every replica found them.
+            let since =
+                OffsetDateTime::now_utc() - self.access_ttl - EDGE_CLOCK_SKEW - 2 * BASE_PERIOD;
             let (cursor, head) = match &list {
                 Some(list) => (list.seq(), list.seq()),
                 None => match feed.cursor_since(since).await {
@@ -565,9 +725,9 @@ mod tests {
         })
     }
 
-    /// The map holds the window before its newest row, whatever the clock
-    /// says, and the version is the last row's number: two replicas that
-    /// applied the same rows serve the same bytes under the same version.
+    /// The maps hold the window before the newest row, whatever the clock
+    /// says, and their versions are log numbers: two replicas that applied
+    /// the same rows serve the same maps under the same versions.
     #[test]
     fn a_version_is_a_function_of_the_log() {
         let ttl = Duration::from_secs(900);
@@ -600,63 +760,161 @@ mod tests {
         for r in [&rows[0], &rows[1], &rows[1], &rows[2], &rows[0]] {
             b.apply(r.clone());
         }
-        // (Same content; the encoded bytes may differ in map order.)
-        assert_eq!(a.revoked(), b.revoked());
-        let (sa, sb) = (a.snapshot(), b.snapshot());
-        assert_eq!(
-            (sa.version, sa.sessions, sa.users, sa.entries),
-            (sb.version, sb.sessions, sb.users, sb.entries)
-        );
-        assert_eq!(sa.version, 3);
+        assert_eq!(a.all_revoked(), b.all_revoked());
+        assert_eq!(a.base_revoked(), b.base_revoked());
+        assert_eq!(a.recent_revoked(), b.recent_revoked());
+        assert_eq!((a.seq(), a.base_seq()), (b.seq(), b.base_seq()));
+        assert_eq!(a.recent_snapshot().version, 3);
         // Rows 1 and 2 are more than 960 s before row 3: gone.
-        assert_eq!((sa.sessions, sa.users), (1, 0));
+        let (sessions, users) = a.all_revoked();
+        assert_eq!((sessions.len(), users.len()), (1, 0));
         let mut c = DenyList::new(ttl, 0);
         c.apply(rows[0].clone());
         c.apply(rows[1].clone());
-        let sc = c.snapshot();
-        assert_eq!((sc.version, sc.sessions, sc.users), (2, 1, 1));
-        assert!(sc.entries > 2, "bob's jti prefixes: {}", sc.entries);
+        let recent = c.recent_snapshot();
+        assert_eq!((recent.version, recent.sessions, recent.users), (2, 1, 1));
+        assert!(recent.entries > 2, "bob's jti prefixes: {}", recent.entries);
     }
 
-    /// The served configuration decodes as Envoy's RBAC filter with the
-    /// guard first and the session map below it.
+    /// Failure class: two streams of one Envoy applied out of order, or
+    /// served by two replicas a cut apart. Over a log of many periods, the
+    /// recent map together with the latest base *or the one before* holds
+    /// every revocation of the window; the recent map stays at about two
+    /// periods of rows; and a replica that joined late (replaying from the
+    /// window's start) finds the same cuts and maps.
     #[test]
-    fn the_resource_is_an_rbac_filter_named_for_ecds() {
+    fn the_base_and_recent_maps_cover_the_window_whichever_base_an_envoy_holds() {
+        let ttl = Duration::from_secs(900);
+        let t0 = OffsetDateTime::from_unix_timestamp(1_765_000_007).unwrap();
+        let users: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        let mut early = DenyList::new(ttl, 0);
+        let mut late: Option<DenyList> = None;
+        let mut previous_base = early.base_revoked();
+        let mut rows = Vec::new();
+        for i in 0..3000i64 {
+            // One row every 0.9 s (about 33 per period); a few user-wide.
+            let at = t0 + Duration::from_millis(900 * i as u64);
+            let kind = if i % 97 == 0 {
+                "password_changed"
+            } else {
+                "token_revoked"
+            };
+            let r = row(i + 1, kind, users[i as usize % 5], at, Some(Uuid::now_v7()));
+            rows.push(r.clone());
+            let base_before = early.base_seq();
+            let base_revoked_before = early.base_revoked();
+            early.apply(r.clone());
+            if early.base_seq() != base_before {
+                previous_base = base_revoked_before;
+            }
+            if i % 5 != 0 && i != 2999 {
+                if let Some(joined) = late.as_mut() {
+                    joined.apply(r);
+                }
+                continue;
+            }
+            let (all_sessions, all_users) = early.all_revoked();
+            let (recent_sessions, recent_users) = early.recent_revoked();
+            for (base_sessions, base_users) in [early.base_revoked(), previous_base.clone()] {
+                let sessions: BTreeSet<Uuid> =
+                    base_sessions.union(&recent_sessions).copied().collect();
+                assert!(all_sessions.is_subset(&sessions), "row {i}");
+                for (user, epoch) in &all_users {
+                    let held = base_users.get(user).max(recent_users.get(user));
+                    assert_eq!(held, Some(epoch), "row {i}: user epoch");
+                }
+            }
+            assert!(
+                recent_sessions.len() <= 80,
+                "row {i}: recent {}",
+                recent_sessions.len()
+            );
+            // A replica starting at row 2000 replays the window from there.
+            if i == 2000 {
+                let start = early.seq() - 1100;
+                let mut joined = DenyList::new(ttl, start);
+                for r in &rows[usize::try_from(start).unwrap()..] {
+                    joined.apply(r.clone());
+                }
+                late = Some(joined);
+            } else if let Some(joined) = late.as_mut() {
+                joined.apply(r);
+            }
+        }
+        let late = late.unwrap();
+        assert_eq!(
+            (late.seq(), late.base_seq()),
+            (early.seq(), early.base_seq())
+        );
+        assert_eq!(late.base_revoked(), early.base_revoked());
+        assert_eq!(late.recent_revoked(), early.recent_revoked());
+    }
+
+    /// The served configurations decode as Envoy's RBAC filter: the base
+    /// with the guard first and the session map below it, the recent map
+    /// without the guard, and an empty recent map as its default answer
+    /// alone (Envoy refuses an empty map).
+    #[test]
+    fn the_resources_are_rbac_filters_named_for_ecds() {
         let mut list = DenyList::new(Duration::from_secs(900), 0);
-        let at = OffsetDateTime::now_utc();
-        let session = Uuid::now_v7();
-        list.apply(row(7, "token_revoked", Uuid::now_v7(), at, Some(session)));
-        let snapshot = list.snapshot();
-        assert_eq!(
-            snapshot.resource.type_url,
-            "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
-        );
-        let resource = envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(
-            snapshot.resource.value.as_slice(),
-        )
-        .unwrap();
-        assert_eq!(resource.name, RESOURCE_NAME);
-        let config = resource.typed_config.unwrap();
-        assert_eq!(
-            config.type_url,
-            "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
-        );
-        let rbac = Rbac::decode(config.value.as_slice()).unwrap();
-        let matcher = rbac.matcher.unwrap();
-        let Some(MatcherType::MatcherList(guard)) = matcher.matcher_type else {
+        let at = OffsetDateTime::from_unix_timestamp(1_765_000_000).unwrap();
+        let (early, late) = (Uuid::now_v7(), Uuid::now_v7());
+        list.apply(row(7, "token_revoked", Uuid::now_v7(), at, Some(early)));
+        list.apply(row(
+            8,
+            "token_revoked",
+            Uuid::now_v7(),
+            at + BASE_PERIOD,
+            Some(late),
+        ));
+        assert_eq!(list.base_seq(), 7);
+        let decode = |snapshot: &Snapshot, name: &str| {
+            assert_eq!(
+                snapshot.resource.type_url,
+                "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+            );
+            let resource = envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(
+                snapshot.resource.value.as_slice(),
+            )
+            .unwrap();
+            assert_eq!(resource.name, name);
+            let config = resource.typed_config.unwrap();
+            assert_eq!(
+                config.type_url,
+                "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+            );
+            Rbac::decode(config.value.as_slice())
+                .unwrap()
+                .matcher
+                .unwrap()
+        };
+        let sessions_of = |matcher: Matcher| -> Vec<String> {
+            let Some(MatcherType::MatcherTree(tree)) = matcher.matcher_type else {
+                panic!("a tree")
+            };
+            let Some(TreeType::ExactMatchMap(map)) = tree.tree_type else {
+                panic!("exact")
+            };
+            map.map.into_keys().collect()
+        };
+        let base = decode(&list.base_snapshot(), RESOURCE_NAME);
+        let Some(MatcherType::MatcherList(guard)) = base.matcher_type else {
             panic!("guard first")
         };
         assert_eq!(guard.matchers.len(), 1);
-        let Some(on_match::OnMatch::Matcher(sessions)) = matcher.on_no_match.unwrap().on_match
-        else {
+        let Some(on_match::OnMatch::Matcher(sessions)) = base.on_no_match.unwrap().on_match else {
             panic!("the session map next")
         };
-        let Some(MatcherType::MatcherTree(tree)) = sessions.matcher_type else {
-            panic!("a tree")
-        };
-        let Some(TreeType::ExactMatchMap(map)) = tree.tree_type else {
-            panic!("exact")
-        };
-        assert!(map.map.contains_key(&session.to_string()));
+        assert_eq!(sessions_of(*sessions), [early.to_string()]);
+        let recent = decode(&list.recent_snapshot(), RECENT_NAME);
+        let mut held = sessions_of(recent);
+        held.sort();
+        let mut both = vec![early.to_string(), late.to_string()];
+        both.sort();
+        assert_eq!(held, both, "the recent map overlaps the base by a period");
+        let empty = DenyList::new(Duration::from_secs(900), 0);
+        let nothing = decode(&empty.recent_snapshot(), RECENT_NAME);
+        assert!(nothing.matcher_type.is_none());
+        assert!(nothing.on_no_match.is_some());
     }
 }

@@ -43,6 +43,18 @@ fn edge_replacements(
 /// Envoy's stats of the revocation filter's ECDS subscription.
 const ECDS_STATS: &str = "extension_config_discovery.http_filter.immersiverse.auth.revocations";
 
+/// Maps Envoy applied, both filters together.
+async fn reloads(envoy: &Envoy) -> u64 {
+    let mut n = 0;
+    for map in ["", ".recent"] {
+        n += envoy
+            .stat(&format!("{ECDS_STATS}{map}.config_reload"))
+            .await
+            .unwrap_or(0);
+    }
+    n
+}
+
 fn descriptor() -> tempfile::NamedTempFile {
     let descriptor = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(descriptor.path(), pb::FILE_DESCRIPTOR_SET).unwrap();
@@ -376,13 +388,58 @@ async fn an_edge_without_its_control_plane_fails_closed_then_keeps_its_last_map(
     until_status(&envoy, &t2, 403).await;
     assert_eq!(api(&envoy, &t1, &[]).await.status, 403);
     assert_eq!(api(&envoy, &t3, &[]).await.status, 200);
-    assert!(
-        envoy
-            .stat(
-                "extension_config_discovery.http_filter.immersiverse.auth.revocations.config_reload"
-            )
+    assert!(reloads(&envoy).await >= 3, "maps applied after the restart");
+}
+
+/// A revocation storm: 10,000 sessions revoked within one second, in ten
+/// commits (written as the service writes them: log rows, then the commit
+/// notification). Both real sessions among them — one in the first commit,
+/// one in the last — are refused at the edge, and Envoy receives a few
+/// coalesced maps, not one per revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_revocations_reaches_the_edge_as_a_few_updates() {
+    let edge = Edge::start(Backend::Production, |_| {}).await;
+    let first = token(&edge.login("erin", true).await);
+    let last = token(&edge.login("finn", true).await);
+    assert_eq!(edge.api(&first, &[]).await.status, 200);
+    assert_eq!(edge.api(&last, &[]).await.status, 200);
+    let before = reloads(&edge.envoy).await;
+    let pool = sqlx::PgPool::connect(edge.app.config.database_url.as_deref().unwrap())
+        .await
+        .unwrap();
+    let (first_sid, last_sid) = (claims(&first)["sid"].clone(), claims(&last)["sid"].clone());
+    for batch in 0..10 {
+        let real = match batch {
+            0 => first_sid.as_str().unwrap().to_owned(),
+            9 => last_sid.as_str().unwrap().to_owned(),
+            _ => uuid::Uuid::now_v7().to_string(),
+        };
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(
+            "WITH s AS (UPDATE revocation_seq SET n = n + 1000 WHERE id = 1 RETURNING n) \
+             INSERT INTO revocation_log (seq, event_id, event_type, user_id, occurred_at, payload) \
+             SELECT (SELECT n FROM s) - 1000 + g, gen_random_uuid(), 'token_revoked', gen_random_uuid(), now(), \
+                    jsonb_build_object('session_id', CASE WHEN g = 500 THEN $1 ELSE gen_random_uuid()::text END) \
+             FROM generate_series(1, 1000) g",
+        )
+        .bind(&real)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query("SELECT pg_notify('auth_outbox', '')")
+            .execute(&mut *tx)
             .await
-            .unwrap_or(0)
-            >= 2
+            .unwrap();
+        tx.commit().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until_status(&edge.envoy, &first, 403).await;
+    until_status(&edge.envoy, &last, 403).await;
+    let updates = reloads(&edge.envoy).await - before;
+    assert!(
+        (1..=50).contains(&updates),
+        "{updates} updates for 10,000 revocations in 10 commits"
     );
+    let unrelated = token(&edge.login("gus", true).await);
+    assert_eq!(edge.api(&unrelated, &[]).await.status, 200);
 }

@@ -936,6 +936,12 @@ fn the_envoy_config_maps_are_the_shipped_files() {
             "envoy-gateway",
         ),
         (
+            "k8s/overlays/edge",
+            "envoy-edge-config",
+            "edge.yaml",
+            "envoy-gateway",
+        ),
+        (
             "k8s/examples/sidecar",
             "envoy-sidecar-config",
             "sidecar.yaml",

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Writes a benchmark variant of the shipped envoy/edge.yaml, changed only as
+the README's local run changes it (loopback addresses, plaintext to
+auth-service) plus what the benchmark needs: its ports, /api/* answered 200
+by Envoy's router (as in bench/envoy/noauth.yaml: the same "upstream" for
+every variant), and the per-user bucket either off (`edge`) or large enough
+never to refuse the benchmark's one user (`edge_limits`: its cost, not its
+refusals).
+
+Usage: edge_variant.py OUT PORT ADMIN GRPC_PORT HTTP_PORT DESCRIPTOR {edge|edge_limits}
+"""
+import re
+import sys
+
+out, port, admin, grpc, http, descriptor, mode = sys.argv[1:8]
+s = open("envoy/edge.yaml").read()
+
+
+def sub(old, new, count=1):
+    global s
+    assert s.count(old) >= count, old
+    s = s.replace(old, new)
+
+
+sub("port_value: 8080", f"port_value: {port}")
+sub("port_value: 9901", f"port_value: {admin}")
+sub("port_value: 50051", f"port_value: {grpc}")
+sub("port_value: 8081", f"port_value: {http}")
+sub("/etc/envoy/descriptor/auth_descriptor.pb", descriptor)
+sub("address: 0.0.0.0", "address: 127.0.0.1")
+sub("address: auth-service,", "address: 127.0.0.1,")
+sub("address: api-backend,", "address: 127.0.0.1,")
+s = re.sub(r"\n    # mTLS to auth-service.*?(?=\n    load_assignment:)", "", s, flags=re.S)
+sub('''              - match: { prefix: "/api/" }
+                route: { cluster: backend, timeout: 15s }''', '''              - match: { prefix: "/api/" }
+                direct_response: { status: 200, body: { inline_string: "ok" } }''')
+bucket = "token_bucket: { max_tokens: 100, tokens_per_fill: 50, fill_interval: 1s }"
+if mode == "edge_limits":
+    sub(bucket, "token_bucket: { max_tokens: 1000000000, tokens_per_fill: 1000000000, fill_interval: 1s }")
+elif mode == "edge":
+    # Drop the /api/ route's local_ratelimit config: the filter passes.
+    s, n = re.subn(r"\n                  # One bucket per user.*?retry-after, value: \"1\" \}\n",
+                   "\n", s, count=1, flags=re.S)
+    assert n == 1
+else:
+    sys.exit(f"unknown mode {mode}")
+open(out, "w").write(s)
