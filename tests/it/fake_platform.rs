@@ -346,6 +346,14 @@ fn grant_error(platform: Platform, message: &str) -> Response {
         Platform::Facebook => {
             json!({"error": {"message": message, "type": "OAuthException", "code": 100}})
         }
+        // https://developers.google.com/identity/protocols/oauth2/web-server
+        // ("redirect_uri_mismatch": the redirect URI does not match one
+        // authorized for the client); a spent or bad code or refresh token is
+        // RFC 6749's `invalid_grant`.
+        Platform::Youtube if message.contains("redirect_uri") => json!({
+            "error": "redirect_uri_mismatch",
+            "error_description": "Bad Request"
+        }),
         Platform::Youtube | Platform::Soop => {
             json!({"error": "invalid_grant", "error_description": message})
         }
