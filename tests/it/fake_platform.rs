@@ -574,7 +574,12 @@ async fn token(fake: FakePlatform, q: HashMap<String, String>) -> Response {
             let (access, refresh) = token_for(&mut inner, user, grant, rotate);
             let ttl = inner.access_ttl.as_secs();
             axum::Json(match platform {
-                Platform::Twitch => json!({"access_token": access, "refresh_token": refresh, "expires_in": ttl, "scope": ["user:read:email"], "token_type": "bearer"}),
+                // https://dev.twitch.tv/docs/authentication/refresh-tokens/:
+                // the documented answer to a refresh carries no `expires_in`
+                // (the code exchange's does): the service cannot know when
+                // the new token dies, and learns it from validation and from
+                // callers reporting a rejected token.
+                Platform::Twitch => json!({"access_token": access, "refresh_token": refresh, "scope": ["user:read:email"], "token_type": "bearer"}),
                 Platform::Youtube => json!({"access_token": access, "expires_in": ttl, "scope": "https://www.googleapis.com/auth/youtube.readonly", "token_type": "Bearer"}),
                 _ => json!({"access_token": access, "refresh_token": refresh, "expires_in": ttl}),
             })

@@ -605,14 +605,22 @@ async fn tokens_are_sealed_at_rest_and_refreshed_on_demand(backend: Backend) {
     assert_ne!(got.access_token, first);
     assert!(twitch.is_live(&got.access_token));
     assert_eq!(twitch.refreshes(), 1);
+    // Twitch's refresh answer names no lifetime: the new token has none
+    // stored, and is not refreshed ahead of time.
+    assert_eq!(got.expires_at, None, "{got:?}");
     // Twitch rotated the refresh token and invalidated the old one: a
-    // second refresh works only if the rotated one was stored.
+    // second refresh (a caller reports the token rejected) works only if
+    // the rotated one was stored.
     twitch.set_access_ttl(Duration::from_secs(4 * 3600));
     youtube.set_access_ttl(Duration::from_secs(4 * 3600));
-    let got = access_token(&mut app, &service, &dan, Platform::Twitch)
+    let refreshed = report_rejected(&mut app.client, &service, &dan, &got.access_token)
         .await
         .unwrap();
     assert_eq!(twitch.refreshes(), 2);
+    let got = access_token(&mut app, &service, &dan, Platform::Twitch)
+        .await
+        .unwrap();
+    assert_eq!(got.access_token, refreshed);
     // Fresh now: answered without calling the platform.
     let again = access_token(&mut app, &service, &dan, Platform::Twitch)
         .await
@@ -870,14 +878,16 @@ async fn a_platform_that_fails_transiently_is_retried_then_answered_unavailable(
 
     // One 503, then success: retried within the call.
     twitch.fail_next(1);
-    access_token(&mut app, &service, &hal, Platform::Twitch)
+    let first = access_token(&mut app, &service, &hal, Platform::Twitch)
         .await
         .unwrap();
     assert_eq!(twitch.refreshes(), 1);
-    // Down for longer than the attempts: Unavailable with retry-after, the
-    // lease released, the account still active.
+    // Down for longer than the attempts (a caller reports the token
+    // rejected: Twitch's refresh named no lifetime, so nothing else makes
+    // the service refresh now): Unavailable with retry-after, the lease
+    // released, the account still active.
     twitch.fail_next(3);
-    let down = access_token(&mut app, &service, &hal, Platform::Twitch)
+    let down = report_rejected(&mut app.client, &service, &hal, &first.access_token)
         .await
         .unwrap_err();
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
@@ -886,10 +896,11 @@ async fn a_platform_that_fails_transiently_is_retried_then_answered_unavailable(
         list(&mut app, &token).await[0].status,
         pb::PlatformAccountStatus::Active as i32
     );
-    let back = access_token(&mut app, &service, &hal, Platform::Twitch)
+    let back = report_rejected(&mut app.client, &service, &hal, &first.access_token)
         .await
         .unwrap();
-    assert!(twitch.is_live(&back.access_token));
+    assert!(twitch.is_live(&back));
+    assert_eq!(twitch.refreshes(), 2);
 
     // A platform that does not answer in time (connection refused here):
     // Unavailable, not an internal error.
