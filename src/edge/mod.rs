@@ -7,7 +7,8 @@
 //! whose configuration this module serves over ECDS ([`ecds`]) refuses the
 //! revoked ones by hash lookups:
 //!
-//! 1. a token without `sid` or `jti` (none this service issues) — refused;
+//! 1. a token without `sid` or `jti` (none this service issues), or a
+//!    request with more than one value in an identity header — refused;
 //! 2. `x-session-id` (`sid`) in the revoked sessions (Logout, RevokeToken,
 //!    a refresh family ended) — refused;
 //! 3. `x-user-id` (`sub`) in the users revoked as a whole (suspension,
@@ -347,7 +348,16 @@ impl DenyList {
                     matchers: vec![FieldMatcher {
                         predicate: Some(Predicate {
                             match_type: Some(MatchType::OrMatcher(PredicateList {
-                                predicate: vec![absent(SID_HEADER), absent(JTI_HEADER)],
+                                predicate: vec![
+                                    absent(SID_HEADER),
+                                    absent(JTI_HEADER),
+                                    // Two values joined into one header (two
+                                    // tokens verified for one request) match
+                                    // no entry: refused, never looked up.
+                                    several(SID_HEADER),
+                                    several(JTI_HEADER),
+                                    several(SUB_HEADER),
+                                ],
                             })),
                         }),
                         on_match: Some(deny("no-session")),
@@ -471,6 +481,20 @@ fn absent(header: &str) -> Predicate {
     };
     Predicate {
         match_type: Some(MatchType::NotMatcher(Box::new(present))),
+    }
+}
+
+/// Matches a request whose `header` holds more than one value (Envoy joins
+/// repeated headers with commas).
+fn several(header: &str) -> Predicate {
+    Predicate {
+        match_type: Some(MatchType::SinglePredicate(SinglePredicate {
+            input: Some(header_input(header)),
+            matcher: Some(single_predicate::Matcher::ValueMatch(StringMatcher {
+                match_pattern: Some(MatchPattern::Contains(",".to_owned())),
+                ignore_case: false,
+            })),
+        })),
     }
 }
 

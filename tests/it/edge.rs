@@ -232,12 +232,53 @@ async fn the_edge_authorizes_api_calls_itself_and_refuses_what_auth_service_revo
     );
 
     // A logout: its session is refused at the edge.
+    let revoked_token = alice_token.clone();
     let out = edge
         .post("/v1/auth/logout", serde_json::json!({}), Some(&alice_token))
         .await;
     assert_eq!(out.status, 200, "{out:?}");
     let refused = until_status(&edge.envoy, &alice_token, 403).await;
     assert!(refused.body.contains("RBAC"), "{refused:?}");
+    // Input from the wrong place: the revoked token also in the query (two
+    // tokens verified would join their claims in one header and match no
+    // entry), or only there: never accepted.
+    let auth = format!("Bearer {revoked_token}");
+    let both = http(
+        edge.envoy.addr,
+        "GET",
+        &format!("/api/videos?access_token={revoked_token}"),
+        &[("authorization", auth.as_str())],
+        None,
+    )
+    .await;
+    assert!(matches!(both.status, 401 | 403), "{both:?}");
+    let other = token(&edge.login("olga", true).await);
+    let mixed = http(
+        edge.envoy.addr,
+        "GET",
+        &format!("/api/videos?access_token={revoked_token}"),
+        &[("authorization", &format!("Bearer {other}"))],
+        None,
+    )
+    .await;
+    assert_eq!(mixed.status, 200, "the header's token alone: {mixed:?}");
+    assert_eq!(
+        mixed.json()["x-user-id"],
+        serde_json::json!([claims(&other)["sub"]]),
+        "one identity, the header's"
+    );
+    let query_only = http(
+        edge.envoy.addr,
+        "GET",
+        &format!(
+            "/api/videos?access_token={}",
+            token(&edge.login("olga", false).await)
+        ),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(query_only.status, 401, "{query_only:?}");
 
     // A password change: both earlier sessions end, the next login passes.
     let bob1 = token(&edge.login("bob", true).await);
