@@ -146,6 +146,11 @@ pub struct GrantRevocationReport {
     /// platform turned off here, tokens that do not open): tried again
     /// later, the row kept.
     pub retrying: u32,
+    /// Of those, rows without an answer for [`GRANT_REVOCATION_OVERDUE`]
+    /// attempts or more: each logged at warn level and counted in
+    /// `platform_grant_revocations_overdue_total`, for an operator to look
+    /// at (a platform gone for hours, credentials revoked, a vault key lost).
+    pub overdue: u32,
 }
 
 /// How a deleted user's grant ended at its platform.
@@ -170,6 +175,9 @@ impl GrantRevocation {
 /// after it; each next one twice as long, up to [`GRANT_REVOCATION_MAX_WAIT`].
 pub const GRANT_REVOCATION_BACKOFF: Duration = Duration::from_secs(30);
 pub const GRANT_REVOCATION_MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Attempts without an answer after which a queued revocation is reported
+/// as overdue (about 6 hours of waits: 30 s doubling, then hourly).
+pub const GRANT_REVOCATION_OVERDUE: i32 = 12;
 /// How long a replica holds a claimed grant revocation, and how many it
 /// claims at once: a batch's calls (each bounded by `http_timeout_ms` and
 /// `retry_attempts`, at most a refresh and two revocations) end well within
@@ -1088,6 +1096,19 @@ impl PlatformService {
                     self.store.retry_grant_revocation(&pending, next).await?;
                     metrics::counter!("platform_grant_revocations_total", "platform" => pending.platform.as_str(), "outcome" => "retrying").increment(1);
                     report.retrying += 1;
+                    // Still retried (nothing is dropped without an answer),
+                    // but no longer quietly.
+                    if pending.attempts + 1 >= GRANT_REVOCATION_OVERDUE {
+                        report.overdue += 1;
+                        metrics::counter!("platform_grant_revocations_overdue_total", "platform" => pending.platform.as_str()).increment(1);
+                        tracing::warn!(
+                            platform = %pending.platform,
+                            attempts = pending.attempts + 1,
+                            queued_at = %pending.queued_at,
+                            reason = %pending.reason,
+                            "a grant still waits for its revocation at the platform"
+                        );
+                    }
                 }
             }
         }

@@ -1623,6 +1623,38 @@ async fn a_relink_while_the_old_grant_waits_keeps_the_new_grant_production() {
     a_relink_while_the_old_grant_waits_keeps_the_new_grant(Backend::Production).await;
 }
 
+/// A backend that stays down: a queued revocation the platform never
+/// answers is kept and tried again at every due round — and once it has
+/// gone unanswered for `GRANT_REVOCATION_OVERDUE` attempts it is reported
+/// as overdue (a warning and a counter), round after round, until the
+/// platform answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_the_platform_never_answers_becomes_overdue_not_dropped() {
+    use auth_service::platforms::service::{GRANT_REVOCATION_MAX_WAIT, GRANT_REVOCATION_OVERDUE};
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Embedded, &fakes, |c| {
+        c.platforms.retry_attempts = 1
+    })
+    .await;
+    let token = user(&mut app, "zed").await;
+    let zed = user_id_of(&mut app, &token).await;
+    link(&mut app, &token, twitch).await;
+    twitch.fail_next(10_000);
+    delete_user(&app, &zed).await;
+    let mut at = time::OffsetDateTime::now_utc();
+    for attempt in 1..=GRANT_REVOCATION_OVERDUE + 1 {
+        let report = app.platforms.revoke_pending_grants(at).await.unwrap();
+        assert_eq!(report.retrying, 1, "attempt {attempt}: {report:?}");
+        let overdue = u32::from(attempt >= GRANT_REVOCATION_OVERDUE);
+        assert_eq!(report.overdue, overdue, "attempt {attempt}: {report:?}");
+        at += GRANT_REVOCATION_MAX_WAIT + Duration::from_secs(1);
+    }
+    twitch.fail_next(0);
+    let report = app.platforms.revoke_pending_grants(at).await.unwrap();
+    assert_eq!((report.revoked, report.overdue), (1, 0), "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_users_grants_are_revoked_at_each_platform_embedded() {
     a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(Backend::Embedded).await;
