@@ -433,9 +433,10 @@ impl Application {
         };
         // Edge mode: the deny map for Envoys that enforce revocation
         // themselves, built from the revocation log (src/edge).
-        let plane = crate::edge::ControlPlane::new(std::time::Duration::from_secs(
-            self.config.tokens.access_ttl_secs,
-        ));
+        let plane = crate::edge::ControlPlane::new(
+            std::time::Duration::from_secs(self.config.tokens.access_ttl_secs),
+            self.services.authorizer.policy(),
+        );
         tokio::spawn(
             plane
                 .clone()

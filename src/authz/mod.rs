@@ -87,6 +87,11 @@ pub struct Authorizer {
 }
 
 impl Authorizer {
+    /// The route policy Checks are decided by (edge mode carries it too).
+    pub fn policy(&self) -> &RoutePolicy {
+        &self.policy
+    }
+
     pub fn new(
         config: &AuthzConfig,
         tokens: Arc<TokenService>,

@@ -115,6 +115,49 @@ pub struct Route {
     pub services: Vec<String>,
 }
 
+impl Route {
+    /// The methods the rule names (upper case; empty: any). `HEAD` is
+    /// decided as `GET`.
+    pub fn methods(&self) -> &[String] {
+        &self.methods
+    }
+
+    /// An RE2 regular expression for Envoy's `:path` (query included) that
+    /// matches the canonical paths this rule matches, as the policy does
+    /// (empty segments dropped, a trailing `/`). Literal segments are
+    /// matched as written; callers decide on case and on percent-encoding.
+    pub fn path_regex(&self) -> String {
+        let mut re = String::from("^");
+        for segment in &self.pattern {
+            match segment {
+                Segment::Literal(literal) => {
+                    re.push_str("/+");
+                    for c in literal.chars() {
+                        if "\\.+*?()|[]{}^$".contains(c) {
+                            re.push('\\');
+                        }
+                        re.push(c);
+                    }
+                }
+                Segment::One => re.push_str("/+[^/?]+"),
+                Segment::Rest => re.push_str("(/[^?]*)?"),
+            }
+        }
+        re.push_str("/*([?].*)?$");
+        re
+    }
+
+    /// Whether the rule can match some path that starts with the segment
+    /// `first` (such as `api`).
+    pub fn may_match_under(&self, first: &str) -> bool {
+        match self.pattern.first() {
+            None => false,
+            Some(Segment::Literal(literal)) => literal.eq_ignore_ascii_case(first),
+            Some(Segment::One | Segment::Rest) => true,
+        }
+    }
+}
+
 /// Compiled rules.
 #[derive(Debug, Clone)]
 pub struct RoutePolicy {
@@ -205,6 +248,11 @@ impl RoutePolicy {
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { routes })
+    }
+
+    /// The rules, in the order they are tried.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// The rule for a request as received: `method` and `target` (Envoy's

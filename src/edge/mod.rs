@@ -29,6 +29,7 @@
 //! replica serves the same map under the same version.
 
 pub mod ecds;
+pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -277,13 +278,26 @@ impl DenyList {
     /// The base map, with the guard.
     pub fn base_snapshot(&self) -> Snapshot {
         let (sessions, users) = self.base_revoked();
-        self.map(RESOURCE_NAME, self.base_seq(), &sessions, &users, true)
+        self.map(
+            RESOURCE_NAME,
+            self.base_seq(),
+            &sessions,
+            &users,
+            true,
+            None,
+        )
     }
 
     /// The recent map.
     pub fn recent_snapshot(&self) -> Snapshot {
+        self.recent_snapshot_behind(None)
+    }
+
+    /// The recent map behind the route policy's share for the edge's paths
+    /// ([`policy::EdgePolicy`]).
+    pub fn recent_snapshot_behind(&self, policy: Option<&policy::EdgePolicy>) -> Snapshot {
         let (sessions, users) = self.recent_revoked();
-        self.map(RECENT_NAME, self.seq, &sessions, &users, false)
+        self.map(RECENT_NAME, self.seq, &sessions, &users, false, policy)
     }
 
     /// One map as an RBAC filter configuration named `name`.
@@ -294,6 +308,7 @@ impl DenyList {
         sessions: &BTreeSet<Uuid>,
         users: &BTreeMap<Uuid, i64>,
         guard: bool,
+        policy: Option<&policy::EdgePolicy>,
     ) -> Snapshot {
         let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
         let mut entries = sessions.len();
@@ -379,6 +394,10 @@ impl DenyList {
                 },
             }
         };
+        let matcher = match policy {
+            Some(policy) => policy.wrap(matcher),
+            None => matcher,
+        };
         let rbac = Rbac {
             matcher: Some(matcher),
             rules_stat_prefix: if guard {
@@ -425,7 +444,7 @@ fn action(name: &str, action: RbacAction) -> OnMatch {
     }
 }
 
-fn deny(name: &str) -> OnMatch {
+pub(crate) fn deny(name: &str) -> OnMatch {
     action(name, RbacAction::Deny)
 }
 
@@ -433,14 +452,14 @@ fn allow() -> OnMatch {
     action("not-revoked", RbacAction::Allow)
 }
 
-fn nested(matcher: Matcher) -> OnMatch {
+pub(crate) fn nested(matcher: Matcher) -> OnMatch {
     OnMatch {
         on_match: Some(on_match::OnMatch::Matcher(Box::new(matcher))),
         keep_matching: false,
     }
 }
 
-fn header_input(header: &str) -> TypedExtensionConfig {
+pub(crate) fn header_input(header: &str) -> TypedExtensionConfig {
     TypedExtensionConfig {
         name: header.to_owned(),
         typed_config: Some(any(&HttpRequestHeaderMatchInput {
@@ -539,14 +558,18 @@ pub fn jti_prefixes(lo: u64, hi: u64) -> Vec<String> {
 /// to the ECDS streams.
 pub struct ControlPlane {
     access_ttl: Duration,
+    /// The route policy's share for the edge's paths, carried in front of
+    /// the recent map.
+    policy: Option<policy::EdgePolicy>,
     current: watch::Sender<Option<Maps>>,
 }
 
 impl ControlPlane {
-    pub fn new(access_ttl: Duration) -> Arc<Self> {
+    pub fn new(access_ttl: Duration, policy: &crate::authz::policy::RoutePolicy) -> Arc<Self> {
         let (current, _) = watch::channel(None);
         Arc::new(Self {
             access_ttl,
+            policy: policy::EdgePolicy::from(policy),
             current,
         })
     }
@@ -572,7 +595,7 @@ impl ControlPlane {
                 base
             }
         };
-        let recent = Arc::new(list.recent_snapshot());
+        let recent = Arc::new(list.recent_snapshot_behind(self.policy.as_ref()));
         metrics::gauge!("edge_deny_map_version").set(recent.version as f64);
         metrics::gauge!("edge_deny_map_entries", "map" => "recent").set(recent.entries as f64);
         metrics::gauge!("edge_deny_map_bytes", "map" => "recent")

@@ -484,3 +484,112 @@ async fn a_storm_of_revocations_reaches_the_edge_as_a_few_updates() {
     let unrelated = token(&edge.login("gus", true).await);
     assert_eq!(edge.api(&unrelated, &[]).await.status, 200);
 }
+
+/// One policy source: `authz.routes` decides ext_authz's Checks and is
+/// pushed to the edge with the deny maps. On one request table — paths
+/// under `/api/` with a rule needing a role, one for a method, a public
+/// one, case and percent-encoded variants, dot segments — sent with no
+/// token, a user's, an admin's and a revoked one, to the ext_authz gateway
+/// and to the edge on the same auth-service: the edge never lets through
+/// what ext_authz refuses, and where they differ the edge is the stricter
+/// for a reason the README names (a role or a public path it leaves to
+/// ext_authz, an encoded path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_never_allows_what_ext_authz_refuses_on_one_request_table() {
+    use auth_service::authz::policy::{AccessKind, RouteRule, default_rules};
+    let rule = |methods: &[&str], path: &str, access, roles: &[&str]| RouteRule {
+        methods: methods.iter().map(|m| (*m).to_owned()).collect(),
+        path: path.into(),
+        access,
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        rate_class: "default".into(),
+        services: Vec::new(),
+    };
+    let mut edge = Edge::start(Backend::Production, |c| {
+        let mut routes = vec![
+            rule(&[], "/api/reports/**", AccessKind::Roles, &["admin"]),
+            rule(&["DELETE"], "/api/videos/*", AccessKind::Roles, &["admin"]),
+            rule(&["GET"], "/api/public/**", AccessKind::Public, &[]),
+        ];
+        routes.extend(default_rules());
+        c.authz.routes = routes;
+    })
+    .await;
+    let backend = echo_backend().await;
+    let (gateway, _descriptor) = crate::gateway::gateway_for(&edge.app, backend).await;
+    let user = token(&edge.login("uma", true).await);
+    let admin = edge.app.admin().await.access_token;
+    let revoked = token(&edge.login("uma", false).await);
+    let out = edge
+        .post("/v1/auth/logout", serde_json::json!({}), Some(&revoked))
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    until_status(&edge.envoy, &revoked, 403).await;
+
+    let paths = [
+        "/api/videos",
+        "/api/videos/7",
+        "/api/reports/q",
+        "/api/reports",
+        "/api/Reports/q",
+        "/api/%72eports/q",
+        "/api/public/../reports/q",
+        "/api/public/x",
+        "/api/public/x?y=%20",
+        "/api/other",
+    ];
+    let tokens = [
+        ("none", None),
+        ("user", Some(user.as_str())),
+        ("admin", Some(admin.as_str())),
+        ("revoked", Some(revoked.as_str())),
+    ];
+    let mut stricter = Vec::new();
+    for method in ["GET", "DELETE", "POST"] {
+        for path in paths {
+            for (who, token) in tokens {
+                let auth = token.map(|t| format!("Bearer {t}"));
+                let headers: Vec<(&str, &str)> =
+                    auth.iter().map(|a| ("authorization", a.as_str())).collect();
+                let body = (method == "POST").then_some("{}");
+                let at_gateway = http(gateway.addr, method, path, &headers, body).await;
+                let at_edge = http(edge.envoy.addr, method, path, &headers, body).await;
+                let (g, e) = (at_gateway.status == 200, at_edge.status == 200);
+                assert!(
+                    !e || g,
+                    "{method} {path} as {who}: the edge allowed what ext_authz refused ({at_gateway:?} / {at_edge:?})"
+                );
+                if g && !e {
+                    stricter.push(format!("{method} {path} as {who}: {}", at_edge.status));
+                }
+            }
+        }
+    }
+    // Agreement where it matters most.
+    for (method, path, who, expected) in [
+        ("GET", "/api/videos", "user", 200),
+        ("GET", "/api/reports/q", "user", 403),
+        ("DELETE", "/api/videos/7", "user", 403),
+        ("GET", "/api/videos", "revoked", 403),
+        ("GET", "/api/videos", "none", 401),
+    ] {
+        let token = tokens.iter().find(|t| t.0 == who).unwrap().1;
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let r = http(edge.envoy.addr, method, path, &headers, None).await;
+        assert_eq!(r.status, expected, "{method} {path} as {who}: {r:?}");
+    }
+    // Stricter only where an admin's role, a public path or an encoded
+    // path is left to ext_authz.
+    for case in &stricter {
+        assert!(
+            case.contains("as admin") || case.contains("/api/public") || case.contains('%'),
+            "unexpectedly stricter: {case} (all: {stricter:#?})"
+        );
+    }
+    assert!(
+        !stricter.is_empty(),
+        "the table has cases only ext_authz decides"
+    );
+}

@@ -986,6 +986,22 @@ pub async fn http(
 
 /// As [`http`], from the loopback address `source` (any 127.x address is a
 /// distinct client to the server).
+/// Whether `raw` holds a whole HTTP/1.1 response by its own framing.
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let body = &raw[end + 4..];
+    if head.contains("transfer-encoding: chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| body.len() >= len)
+}
+
 pub async fn http_from(
     source: Option<std::net::Ipv4Addr>,
     addr: SocketAddr,
@@ -1015,8 +1031,21 @@ pub async fn http_from(
         request.push_str("content-length: 0\r\n\r\n");
     }
     stream.write_all(request.as_bytes()).await.unwrap();
+    // Read until the response is complete by its own framing (a server may
+    // hold the connection open a while before closing it, as Envoy does
+    // after a local reply), else to the end.
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if response_complete(&raw) {
+            break;
+        }
+    }
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = raw.split_once("\r\n\r\n").expect("a complete response");
     let mut lines = head.split("\r\n");
