@@ -81,6 +81,10 @@ struct Inner {
     revocation_failure_in: u32,
     /// Answer token calls with 429 until then (Unix seconds).
     rate_limited_until: Option<u64>,
+    /// The API endpoints (validate, identity): answer this many calls with
+    /// 503 first, and with 429 until then (Unix seconds).
+    api_fail_next: u32,
+    api_rate_limited_until: Option<u64>,
     /// Every call to the token endpoint, answered or not.
     token_requests: u32,
     latency: Duration,
@@ -125,6 +129,8 @@ impl FakePlatform {
             next_grant: 0,
             access_ttl: Duration::from_secs(4 * 3600),
             fail_next: 0,
+            api_fail_next: 0,
+            api_rate_limited_until: None,
             revocation_failure_in: 0,
             rate_limited_until: None,
             token_requests: 0,
@@ -218,6 +224,22 @@ impl FakePlatform {
     }
 
     /// Calls to the token endpoint so far.
+    /// The API endpoints (validate, identity) answer the next `calls` with
+    /// 503.
+    pub fn fail_api_next(&self, calls: u32) {
+        self.inner.lock().unwrap().api_fail_next = calls;
+    }
+
+    /// The API endpoints answer 429 (the platform's documented shape) for
+    /// `window`.
+    pub fn rate_limit_api_for(&self, window: Duration) {
+        let until = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            + window;
+        self.inner.lock().unwrap().api_rate_limited_until = Some(until.as_secs());
+    }
+
     pub fn token_requests(&self) -> u32 {
         self.inner.lock().unwrap().token_requests
     }
@@ -478,17 +500,38 @@ async fn token_post(
 
 /// A 503 while `fail_next` lasts, a 429 while rate limited (token and
 /// revocation endpoints alike).
+/// [`busy`] for the API endpoints (validate, identity), with their own
+/// knobs.
+fn api_busy(inner: &mut Inner) -> Option<Response> {
+    let platform = inner.platform;
+    busy_by(
+        platform,
+        &mut inner.api_fail_next,
+        inner.api_rate_limited_until,
+    )
+}
+
+/// The token endpoint's 503s and 429s.
 fn busy(inner: &mut Inner) -> Option<Response> {
-    if inner.fail_next > 0 {
-        inner.fail_next -= 1;
+    let platform = inner.platform;
+    busy_by(platform, &mut inner.fail_next, inner.rate_limited_until)
+}
+
+fn busy_by(
+    platform: Platform,
+    fail_next: &mut u32,
+    rate_limited_until: Option<u64>,
+) -> Option<Response> {
+    if *fail_next > 0 {
+        *fail_next -= 1;
         return Some((StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response());
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let reset = inner.rate_limited_until.filter(|reset| *reset > now)?;
-    if inner.platform == Platform::Facebook {
+    let reset = rate_limited_until.filter(|reset| *reset > now)?;
+    if platform == Platform::Facebook {
         // https://developers.facebook.com/docs/graph-api/overview/rate-limiting
         // and …/guides/error-handling: the Graph API throttles with an
         // error in the body (code 4, "Application request limit reached"),
@@ -654,6 +697,9 @@ fn unauthorized(platform: Platform) -> Response {
 }
 
 async fn twitch_users(State(fake): State<FakePlatform>, headers: HeaderMap) -> Response {
+    if let Some(busy) = api_busy(&mut fake.inner.lock().unwrap()) {
+        return busy;
+    }
     let client_ok = headers
         .get("client-id")
         .and_then(|v| v.to_str().ok())
@@ -807,7 +853,13 @@ async fn revoke(
 }
 
 async fn validate(State(fake): State<FakePlatform>, headers: HeaderMap) -> Response {
-    fake.inner.lock().unwrap().counters.validations += 1;
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        inner.counters.validations += 1;
+        if let Some(busy) = api_busy(&mut inner) {
+            return busy;
+        }
+    }
     match bearer_user(&fake, &headers, "OAuth ") {
         Some(user) => {
             let client_id = fake.inner.lock().unwrap().client_id.clone();

@@ -1655,6 +1655,75 @@ async fn a_revocation_the_platform_never_answers_becomes_overdue_not_dropped() {
     assert_eq!((report.revoked, report.overdue), (1, 0), "{report:?}");
 }
 
+/// Twitch's API endpoints answering as its documentation says they may:
+/// validation met by a 429 (`Ratelimit-Reset`) starts the platform's
+/// cooldown, shared with callers — a reported rejected token is then
+/// answered Unavailable with `retry-after`, without calling Twitch; the
+/// identity call (`/helix/users`) answering 503 while linking leaves nothing
+/// linked and answers Unavailable; the same link goes through once Twitch
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twitchs_api_rate_limits_and_5xx_are_honoured_like_its_token_endpoints() {
+    let fakes = fakes(&[Platform::Twitch]).await;
+    let twitch = &fakes[&Platform::Twitch];
+    let mut app = app_with(Backend::Embedded, &fakes, |c| {
+        c.platforms.validate_interval_secs = 0;
+        c.platforms.retry_attempts = 2;
+    })
+    .await;
+    let token = user(&mut app, "tia").await;
+    let tia = user_id_of(&mut app, &token).await;
+    let service = app.with_role("overlay", "service").await.access_token;
+    let linked = access_token_after_link(&mut app, &token, twitch, &service, &tia).await;
+
+    twitch.rate_limit_api_for(Duration::from_secs(3));
+    let report = app.platforms.keepalive().await.unwrap();
+    assert_eq!(report.failed, 1, "{report:?}");
+    let before = twitch.token_requests();
+    let cooling = report_rejected(&mut app.client, &service, &tia, &linked)
+        .await
+        .unwrap_err();
+    assert_eq!(cooling.code(), Code::Unavailable, "{cooling:?}");
+    assert!(cooling.metadata().get("retry-after").is_some());
+    assert_eq!(twitch.token_requests(), before, "not called while cooling");
+
+    let other = user(&mut app, "ugo").await;
+    twitch.log_in_as("2002", "other");
+    twitch.fail_api_next(10);
+    let down = attempt_link(&mut app, &other, twitch).await.unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    assert!(list(&mut app, &other).await.is_empty(), "nothing linked");
+    twitch.fail_api_next(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match attempt_link(&mut app, &other, twitch).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::Unavailable => {
+                assert!(std::time::Instant::now() < deadline, "never linked: {s:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    assert_eq!(list(&mut app, &other).await.len(), 1);
+}
+
+/// Links `fake` for the user behind `token` and reads its access token as
+/// `service`.
+async fn access_token_after_link(
+    app: &mut TestApp,
+    token: &str,
+    fake: &FakePlatform,
+    service: &str,
+    user_id: &str,
+) -> String {
+    link(app, token, fake).await;
+    access_token(app, service, user_id, fake.platform)
+        .await
+        .unwrap()
+        .access_token
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_users_grants_are_revoked_at_each_platform_embedded() {
     a_deleted_users_grants_are_revoked_at_each_platform_until_it_answers(Backend::Embedded).await;
