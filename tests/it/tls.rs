@@ -279,7 +279,7 @@ async fn bad_tls_files_stop_start_up_naming_the_key() {
     let other = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     type Breakage<'a> = Box<dyn Fn(&mut Config) + 'a>;
-    let cases: Vec<(Breakage, &str)> = vec![
+    let cases: Vec<(Breakage<'_>, &str)> = vec![
         (
             Box::new(|c: &mut Config| c.tls.cert = Some("/nonexistent/tls.crt".into())),
             "tls.cert",
