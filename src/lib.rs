@@ -12,7 +12,7 @@
 //!
 //! * [`config`] — typed configuration: defaults, TOML file, `AUTH_*` env.
 //! * [`startup`] — builds backends and services, binds listeners, serves
-//!   until shutdown; [`telemetry`] sets up logs and metrics.
+//!   until shutdown, its background tasks supervised by [`background`]; [`telemetry`] sets up logs and metrics.
 //! * Contexts (domain code, no transport types):
 //!   * [`accounts`] — value types, argon2 hashing pool, the account store
 //!     role, sign-up/login/password/admin use cases;
@@ -44,6 +44,7 @@
 
 pub mod accounts;
 pub mod authz;
+pub mod background;
 pub mod config;
 pub mod edge;
 pub mod envoy;

@@ -19,6 +19,7 @@ use crate::{
         password::PasswordHasher, service::AccountService, service_accounts::ServiceAccounts,
     },
     authz::Authorizer,
+    background::Background,
     config::{ClientAuth, Config, EventsWorker},
     envoy::ExtAuthz,
     events::worker::{self, WorkerCommand},
@@ -361,7 +362,8 @@ impl Application {
         // The first answer is known before the port serves: a probe never
         // sees the service unregistered (NOT_FOUND) during start-up.
         let mut reporter = report(reporter).await;
-        tokio::spawn({
+        let mut background = Background::default();
+        background.spawn("health_reports", {
             let stop = stop.clone();
             let draining = draining.clone();
             async move {
@@ -376,7 +378,7 @@ impl Application {
                 }
             }
         });
-        self.spawn_key_watchers(&stop);
+        self.spawn_key_watchers(&mut background, &stop);
 
         let events = match (&self.config.kafka_brokers, self.config.kafka.worker) {
             (None, _) | (Some(_), EventsWorker::External) => None,
@@ -406,17 +408,27 @@ impl Application {
             }
         };
 
-        tokio::spawn(self.services.platforms.clone().run_keepalive(stop.clone()));
+        background.spawn(
+            "platform_keepalive",
+            self.services.platforms.clone().run_keepalive(stop.clone()),
+        );
         // Subscribed before the poller starts, so no row it reads is missed.
-        tokio::spawn(crate::revocation::feed::apply_log(
-            self.services.revocation_feed.subscribe(),
-            self.services.tokens.revocations().clone(),
-            stop.clone(),
-        ));
-        tokio::spawn(self.services.revocation_feed.clone().run(stop.clone()));
+        background.spawn(
+            "revocation_log_apply",
+            crate::revocation::feed::apply_log(
+                self.services.revocation_feed.subscribe(),
+                self.services.tokens.revocations().clone(),
+                stop.clone(),
+            ),
+        );
+        background.spawn(
+            "revocation_feed",
+            self.services.revocation_feed.clone().run(stop.clone()),
+        );
 
         if let Some(redis) = self.services.redis.clone() {
-            tokio::spawn(
+            background.spawn(
+                "redis_revocations",
                 redis.follow_revocations(self.services.tokens.revocations().clone(), stop.clone()),
             );
         }
@@ -437,7 +449,8 @@ impl Application {
             std::time::Duration::from_secs(self.config.tokens.access_ttl_secs),
             self.services.authorizer.policy(),
         );
-        tokio::spawn(
+        background.spawn(
+            "edge_control_plane",
             plane
                 .clone()
                 .run(self.services.revocation_feed.clone(), stop.clone()),
@@ -474,8 +487,9 @@ impl Application {
                 .layer(stack::stack(calls.clone()))
         };
         if let Some(tls) = &self.tls {
-            tokio::spawn(tls.clone().watch(stop.clone()));
+            background.spawn("tls_reload", tls.clone().watch(stop.clone()));
         }
+        let background = tokio::spawn(background.supervise(stop.clone(), BACKGROUND_GRACE));
         let check = match self.check_listener {
             Some(listener) => {
                 let router = server().add_service(ext_authz()).add_service(ecds());
@@ -564,6 +578,10 @@ impl Application {
         if let Some(events) = events {
             let _ = tokio::time::timeout(Duration::from_secs(10), events).await;
         }
+        let ended = background.await.context("background supervisor panicked")?;
+        if !ended.panicked.is_empty() || !ended.aborted.is_empty() {
+            tracing::warn!(panicked = ?ended.panicked, aborted = ?ended.aborted, "background tasks did not all end cleanly");
+        }
         Ok(())
     }
 }
@@ -571,46 +589,56 @@ impl Application {
 impl Application {
     /// Polls the signing-key and vault-key directories (a Kubernetes Secret
     /// updated in place has no SIGHUP): see [`crate::reload`].
-    fn spawn_key_watchers(&self, stop: &CancellationToken) {
+    fn spawn_key_watchers(&self, background: &mut Background, stop: &CancellationToken) {
         let tokens_every = self.config.tokens.reload_interval_secs;
         if tokens_every > 0 {
             let tokens = self.services.tokens.clone();
-            tokio::spawn(reload::watch_key_dir(
-                "signing",
-                self.config.keys_dir(),
-                "pem",
-                Duration::from_secs(tokens_every),
-                tokens.next_key_activation(),
-                move || {
-                    let kid = tokens.reload_keys()?;
-                    tracing::info!(kid, "signing key in use");
-                    Ok(tokens.next_key_activation())
-                },
-                stop.clone(),
-            ));
+            background.spawn(
+                "signing_key_reload",
+                reload::watch_key_dir(
+                    "signing",
+                    self.config.keys_dir(),
+                    "pem",
+                    Duration::from_secs(tokens_every),
+                    tokens.next_key_activation(),
+                    move || {
+                        let kid = tokens.reload_keys()?;
+                        tracing::info!(kid, "signing key in use");
+                        Ok(tokens.next_key_activation())
+                    },
+                    stop.clone(),
+                ),
+            );
         }
         let vault_every = self.config.platforms.reload_interval_secs;
         if vault_every > 0 {
             let platforms = self.services.platforms.clone();
             let dir = self.config.platform_keys_dir();
             let current = self.config.platforms.current_key_id.clone();
-            tokio::spawn(reload::watch_key_dir(
-                "platform_vault",
-                dir.clone(),
-                "key",
-                Duration::from_secs(vault_every),
-                platforms.next_vault_activation(),
-                move || {
-                    let vault = Vault::load(&dir, current.as_deref(), false)?;
-                    tracing::info!(key = vault.current_key_id(), "platform-token key sealing");
-                    platforms.replace_vault(vault);
-                    Ok(platforms.next_vault_activation())
-                },
-                stop.clone(),
-            ));
+            background.spawn(
+                "vault_key_reload",
+                reload::watch_key_dir(
+                    "platform_vault",
+                    dir.clone(),
+                    "key",
+                    Duration::from_secs(vault_every),
+                    platforms.next_vault_activation(),
+                    move || {
+                        let vault = Vault::load(&dir, current.as_deref(), false)?;
+                        tracing::info!(key = vault.current_key_id(), "platform-token key sealing");
+                        platforms.replace_vault(vault);
+                        Ok(platforms.next_vault_activation())
+                    },
+                    stop.clone(),
+                ),
+            );
         }
     }
 }
+
+/// How long the background tasks get to end after the stop, once the
+/// listeners have drained.
+const BACKGROUND_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves `router` on `listener` until `stop`: over TLS when configured
 /// (certificates reloaded by [`tls::Reloadable::watch`]), else plaintext.
