@@ -49,7 +49,13 @@ fn default_class() -> String {
 }
 
 impl RouteRule {
-    fn new(methods: &[&str], path: &str, access: AccessKind, roles: &[&str], class: &str) -> Self {
+    pub fn new(
+        methods: &[&str],
+        path: &str,
+        access: AccessKind,
+        roles: &[&str],
+        class: &str,
+    ) -> Self {
         Self {
             methods: methods.iter().map(|m| (*m).to_owned()).collect(),
             path: path.into(),

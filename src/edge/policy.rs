@@ -175,14 +175,7 @@ mod tests {
     use crate::authz::policy::{AccessKind, RouteRule, default_rules};
 
     fn rule(methods: &[&str], path: &str, access: AccessKind, roles: &[&str]) -> RouteRule {
-        RouteRule {
-            methods: methods.iter().map(|m| (*m).to_owned()).collect(),
-            path: path.into(),
-            access,
-            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-            rate_class: "default".into(),
-            services: Vec::new(),
-        }
+        RouteRule::new(methods, path, access, roles, "default")
     }
 
     #[test]

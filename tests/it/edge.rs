@@ -2,45 +2,17 @@
 //! authorized inside Envoy — jwt_authn, the deny map auth-service pushes
 //! over ECDS, a bucket per user — with no call to auth-service per request.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use auth_service::{config::Config, grpc::pb};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 
 use crate::support::{
-    Backend, Envoy, HttpResponse, PASSWORD, TestApp, echo_backend, envoy_tls, http, mesh_tls,
+    Backend, Envoy, HttpResponse, PASSWORD, TestApp, echo_backend, http, mesh_tls,
 };
 
-fn edge_replacements(
-    app: &TestApp,
-    backend: SocketAddr,
-    descriptor: &tempfile::NamedTempFile,
-) -> Vec<(&'static str, String)> {
-    [
-        (
-            "port_value: 50051",
-            format!("port_value: {}", app.grpc_addr.port()),
-        ),
-        (
-            "port_value: 8081",
-            format!("port_value: {}", app.http_addr.port()),
-        ),
-        (
-            "port_value: 9000",
-            format!("port_value: {}", backend.port()),
-        ),
-        (
-            "/etc/envoy/descriptor/auth_descriptor.pb",
-            descriptor.path().display().to_string(),
-        ),
-    ]
-    .into_iter()
-    .chain(envoy_tls())
-    .collect()
-}
-
-/// Envoy's stats of the revocation filter's ECDS subscription.
+/// Envoy's stats of the base map's ECDS subscription.
 const ECDS_STATS: &str = "extension_config_discovery.http_filter.immersiverse.auth.revocations";
 
 /// Maps Envoy applied, both filters together.
@@ -53,12 +25,6 @@ async fn reloads(envoy: &Envoy) -> u64 {
             .unwrap_or(0);
     }
     n
-}
-
-fn descriptor() -> tempfile::NamedTempFile {
-    let descriptor = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(descriptor.path(), pb::FILE_DESCRIPTOR_SET).unwrap();
-    descriptor
 }
 
 struct Edge {
@@ -75,11 +41,11 @@ impl Edge {
         })
         .await;
         let backend = echo_backend().await;
-        let descriptor = descriptor();
+        let descriptor = crate::gateway::descriptor_file();
         let envoy = Envoy::start(
             "edge.yaml",
             8080,
-            &edge_replacements(&app, backend, &descriptor),
+            &crate::gateway::gateway_replacements(&app, backend, &descriptor),
         )
         .await;
         Self {
@@ -161,19 +127,12 @@ async fn until_status(envoy: &Envoy, token: &str, status: u16) -> HttpResponse {
     }
 }
 
-/// A token signed with the server's own key, with `claims` as given.
+/// A token signed with the server's own key (its kid in the header), with
+/// `claims` as given.
 fn forged(app: &TestApp, claims: &serde_json::Value) -> String {
-    let dir = app.config.keys_dir();
-    let pem = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "pem"))
-        .unwrap();
-    let kid = pem.file_stem().unwrap().to_string_lossy().into_owned();
-    let key = EncodingKey::from_ed_pem(&std::fs::read(pem).unwrap()).unwrap();
     let mut header = Header::new(Algorithm::EdDSA);
-    header.kid = Some(kid);
-    jsonwebtoken::encode(&header, claims, &key).unwrap()
+    header.kid = Some(crate::support::server_key_id(app));
+    crate::support::sign_with_server_key(app, header, claims)
 }
 
 /// The hot path passes Envoy alone: a valid token reaches the upstream with
@@ -355,8 +314,8 @@ async fn an_edge_without_its_control_plane_fails_closed_then_keeps_its_last_map(
     let app = TestApp::spawn_with(Backend::Embedded, mesh_tls).await;
     let (grpc, http_addr) = (app.grpc_addr, app.http_addr);
     let backend = echo_backend().await;
-    let descriptor = descriptor();
-    let replacements = edge_replacements(&app, backend, &descriptor);
+    let descriptor = crate::gateway::descriptor_file();
+    let replacements = crate::gateway::gateway_replacements(&app, backend, &descriptor);
     let (mut config, dir) = app.stop().await;
     config.grpc_addr = grpc;
     config.http_addr = http_addr;
@@ -497,13 +456,8 @@ async fn a_storm_of_revocations_reaches_the_edge_as_a_few_updates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_never_allows_what_ext_authz_refuses_on_one_request_table() {
     use auth_service::authz::policy::{AccessKind, RouteRule, default_rules};
-    let rule = |methods: &[&str], path: &str, access, roles: &[&str]| RouteRule {
-        methods: methods.iter().map(|m| (*m).to_owned()).collect(),
-        path: path.into(),
-        access,
-        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-        rate_class: "default".into(),
-        services: Vec::new(),
+    let rule = |methods: &[&str], path: &str, access, roles: &[&str]| {
+        RouteRule::new(methods, path, access, roles, "default")
     };
     let mut edge = Edge::start(Backend::Production, |c| {
         let mut routes = vec![

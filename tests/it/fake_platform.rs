@@ -739,18 +739,24 @@ async fn facebook_me(State(fake): State<FakePlatform>, headers: HeaderMap) -> Re
     }
 }
 
+/// A revocation endpoint's 503s and 429s: the token endpoint's knobs, and
+/// the one revocation call chosen to fail.
+fn revocation_busy(inner: &mut Inner) -> Option<Response> {
+    if let Some(busy) = busy(inner) {
+        return Some(busy);
+    }
+    if inner.revocation_failure_in > 0 {
+        inner.revocation_failure_in -= 1;
+        if inner.revocation_failure_in == 0 {
+            return Some((StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response());
+        }
+    }
+    None
+}
+
 async fn facebook_revoke(State(fake): State<FakePlatform>, headers: HeaderMap) -> Response {
-    {
-        let mut inner = fake.inner.lock().unwrap();
-        if let Some(busy) = busy(&mut inner) {
-            return busy;
-        }
-        if inner.revocation_failure_in > 0 {
-            inner.revocation_failure_in -= 1;
-            if inner.revocation_failure_in == 0 {
-                return (StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response();
-            }
-        }
+    if let Some(busy) = revocation_busy(&mut fake.inner.lock().unwrap()) {
+        return busy;
     }
     match bearer_user(&fake, &headers, "Bearer ") {
         Some(_) => {
@@ -777,14 +783,8 @@ async fn revoke(
     Form(q): Form<HashMap<String, String>>,
 ) -> Response {
     let mut inner = fake.inner.lock().unwrap();
-    if let Some(busy) = busy(&mut inner) {
+    if let Some(busy) = revocation_busy(&mut inner) {
         return busy;
-    }
-    if inner.revocation_failure_in > 0 {
-        inner.revocation_failure_in -= 1;
-        if inner.revocation_failure_in == 0 {
-            return (StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded").into_response();
-        }
     }
     let token = q.get("token").cloned().unwrap_or_default();
     // https://dev.twitch.tv/docs/authentication/revoke-tokens: 404

@@ -19,35 +19,51 @@ struct Stack {
 }
 
 pub async fn gateway_for(app: &TestApp, backend: SocketAddr) -> (Envoy, tempfile::NamedTempFile) {
-    let descriptor = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(descriptor.path(), pb::FILE_DESCRIPTOR_SET).unwrap();
+    let descriptor = descriptor_file();
     let gateway = Envoy::start(
         "gateway.yaml",
         8080,
-        &[
-            (
-                "port_value: 50051",
-                format!("port_value: {}", app.grpc_addr.port()),
-            ),
-            (
-                "port_value: 8081",
-                format!("port_value: {}", app.http_addr.port()),
-            ),
-            (
-                "port_value: 9000",
-                format!("port_value: {}", backend.port()),
-            ),
-            (
-                "/etc/envoy/descriptor/auth_descriptor.pb",
-                descriptor.path().display().to_string(),
-            ),
-        ]
-        .into_iter()
-        .chain(envoy_tls())
-        .collect::<Vec<_>>(),
+        &gateway_replacements(app, backend, &descriptor),
     )
     .await;
     (gateway, descriptor)
+}
+
+/// The API's descriptor set in a file, for the transcoder.
+pub fn descriptor_file() -> tempfile::NamedTempFile {
+    let descriptor = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(descriptor.path(), pb::FILE_DESCRIPTOR_SET).unwrap();
+    descriptor
+}
+
+/// What points a shipped gateway config (`gateway.yaml`, `edge.yaml`) at
+/// `app`, `backend` and `descriptor`, over the mesh PKI.
+pub fn gateway_replacements(
+    app: &TestApp,
+    backend: SocketAddr,
+    descriptor: &tempfile::NamedTempFile,
+) -> Vec<(&'static str, String)> {
+    [
+        (
+            "port_value: 50051",
+            format!("port_value: {}", app.grpc_addr.port()),
+        ),
+        (
+            "port_value: 8081",
+            format!("port_value: {}", app.http_addr.port()),
+        ),
+        (
+            "port_value: 9000",
+            format!("port_value: {}", backend.port()),
+        ),
+        (
+            "/etc/envoy/descriptor/auth_descriptor.pb",
+            descriptor.path().display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .chain(envoy_tls())
+    .collect()
 }
 
 impl Stack {

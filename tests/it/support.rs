@@ -1626,3 +1626,33 @@ impl Drop for RedisSentinel {
         let _ = self.sentinel.wait();
     }
 }
+
+/// The server's signing key file (PEM) in `app`'s keys directory.
+fn server_key_path(app: &TestApp) -> std::path::PathBuf {
+    std::fs::read_dir(app.config.keys_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pem"))
+        .unwrap()
+}
+
+/// The kid of the server's signing key (its file name).
+pub fn server_key_id(app: &TestApp) -> String {
+    server_key_path(app)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Signs `claims` with the server's real signing key, as the server would:
+/// only the claims (and `header`) differ from a genuine token.
+pub fn sign_with_server_key(
+    app: &TestApp,
+    header: jsonwebtoken::Header,
+    claims: &impl serde::Serialize,
+) -> String {
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(server_key_path(app)).unwrap())
+        .unwrap();
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}

@@ -7,7 +7,7 @@ use tonic::Code;
 
 use crate::{
     on_both_backends,
-    support::{TestApp, bearer},
+    support::{TestApp, bearer, sign_with_server_key},
 };
 
 /// The claims of a token the server issued (read without verification).
@@ -23,19 +23,6 @@ fn header_of(token: &str) -> serde_json::Value {
             .unwrap(),
     )
     .unwrap()
-}
-
-/// Signs `claims` with the server's real signing key, as the server would:
-/// only the claims differ from a genuine token.
-fn sign_with_server_key(app: &TestApp, header: Header, claims: &Claims) -> String {
-    let dir = app.config.keys_dir();
-    let pem = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "pem"))
-        .unwrap();
-    let key = EncodingKey::from_ed_pem(&std::fs::read(pem).unwrap()).unwrap();
-    jsonwebtoken::encode(&header, claims, &key).unwrap()
 }
 
 async fn refused(app: &mut TestApp, token: &str) {
