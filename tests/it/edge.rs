@@ -547,3 +547,164 @@ async fn the_edge_never_allows_what_ext_authz_refuses_on_one_request_table() {
         "the table has cases only ext_authz decides"
     );
 }
+
+/// The maps an auth-service replica serves over ECDS, as decoded RBAC
+/// configurations by resource name, and the response's version.
+async fn fetch_maps(
+    grpc: std::net::SocketAddr,
+) -> (
+    String,
+    std::collections::BTreeMap<
+        String,
+        envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac,
+    >,
+) {
+    use envoy_types::pb::envoy::{
+        config::core::v3::TypedExtensionConfig,
+        extensions::filters::http::rbac::v3::Rbac,
+        service::{
+            discovery::v3::DiscoveryRequest,
+            extension::v3::extension_config_discovery_service_client::ExtensionConfigDiscoveryServiceClient,
+        },
+    };
+    use prost::Message;
+    let mut client = ExtensionConfigDiscoveryServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let response = client
+        .fetch_extension_configs(DiscoveryRequest {
+            type_url: auth_service::edge::ecds::TYPE_URL.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let maps = response
+        .resources
+        .iter()
+        .map(|any| {
+            let resource = TypedExtensionConfig::decode(any.value.as_slice()).unwrap();
+            let rbac = Rbac::decode(resource.typed_config.unwrap().value.as_slice()).unwrap();
+            (resource.name, rbac)
+        })
+        .collect();
+    (response.version_info, maps)
+}
+
+/// Two replicas of auth-service on one database: revocations made on
+/// either reach both replicas' maps, and once both have read the log to
+/// the same point they serve the same maps under the same versions — so
+/// an Envoy whose streams reach different replicas gets one answer. A
+/// replica restarted from the database alone serves them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_serve_the_same_maps_under_the_same_versions() {
+    let mut a = TestApp::spawn(Backend::Production).await;
+    let mut b = a.replica().await;
+    a.sign_up("vic").await;
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(a.login("vic", PASSWORD).await.unwrap().access_token);
+    }
+    let logout = |client: &mut auth_service::grpc::pb::auth_service_client::AuthServiceClient<
+        tonic::transport::Channel,
+    >,
+                  token: &str| {
+        let mut client = client.clone();
+        let request = crate::support::bearer(pb::LogoutRequest::default(), token);
+        async move { client.logout(request).await.unwrap() }
+    };
+    logout(&mut a.client, &sessions[0]).await;
+    logout(&mut b.client, &sessions[1]).await;
+    b.sign_up("wes").await;
+    let wes = b.login("wes", PASSWORD).await.unwrap().access_token;
+    b.client
+        .change_password(crate::support::bearer(
+            pb::ChangePasswordRequest {
+                current_password: PASSWORD.into(),
+                new_password: "a different passphrase 9".into(),
+            },
+            &wes,
+        ))
+        .await
+        .unwrap();
+    let last_sid = claims(&sessions[1])["sid"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (version, maps) = loop {
+        let (va, ma) = fetch_maps_when_ready(a.grpc_addr).await;
+        let (vb, mb) = fetch_maps_when_ready(b.grpc_addr).await;
+        let holds_last = format!("{:?}", ma).contains(&last_sid);
+        if va == vb && holds_last {
+            assert_eq!(ma, mb, "same version {va}, same maps");
+            break (va, ma);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replicas never agreed: {va} / {vb}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(maps.len(), 2, "base and recent");
+    let text = format!("{maps:?}");
+    for session in &sessions[..2] {
+        assert!(text.contains(claims(session)["sid"].as_str().unwrap()));
+    }
+    assert!(
+        !text.contains(claims(&sessions[2])["sid"].as_str().unwrap()),
+        "a live session is not in the maps"
+    );
+    assert!(
+        text.contains(claims(&wes)["sub"].as_str().unwrap()),
+        "the user revoked as a whole"
+    );
+
+    // A replica restarted from the database alone serves the same again.
+    let (config, dir) = b.stop().await;
+    let b = TestApp::start(Backend::Production, config, dir).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (vb, mb) = fetch_maps_when_ready(b.grpc_addr).await;
+        if vb == version {
+            assert_eq!(mb, maps, "rebuilt from the log");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restarted replica at {vb}, not {version}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`fetch_maps`] once the replica has built its first maps.
+async fn fetch_maps_when_ready(
+    grpc: std::net::SocketAddr,
+) -> (
+    String,
+    std::collections::BTreeMap<
+        String,
+        envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac,
+    >,
+) {
+    use envoy_types::pb::envoy::service::{
+        discovery::v3::DiscoveryRequest,
+        extension::v3::extension_config_discovery_service_client::ExtensionConfigDiscoveryServiceClient,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut client = ExtensionConfigDiscoveryServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let ready = client
+            .fetch_extension_configs(DiscoveryRequest {
+                type_url: auth_service::edge::ecds::TYPE_URL.into(),
+                ..Default::default()
+            })
+            .await
+            .is_ok();
+        if ready {
+            return fetch_maps(grpc).await;
+        }
+        assert!(std::time::Instant::now() < deadline, "no maps built");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
