@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ControlPlane, Maps, Snapshot};
+use super::{ControlPlane, Snapshot};
 use crate::grpc::{Call, GATEWAY_ROLE, SIDECAR_ROLE};
 
 /// What ECDS resources are (`DiscoveryRequest.type_url`).
@@ -72,27 +72,19 @@ impl Ecds {
     }
 }
 
-/// The requested maps (an empty list asks for all there are: xDS
-/// wildcard), and their versions, in order.
-fn response(maps: &Maps, names: &[String], nonce: u64) -> (DiscoveryResponse, Vec<i64>) {
-    let wanted: Vec<&Arc<Snapshot>> = if names.is_empty() {
-        vec![&maps.base, &maps.recent]
-    } else {
-        names.iter().filter_map(|n| maps.named(n)).collect()
-    };
-    let versions: Vec<i64> = wanted.iter().map(|s| s.version).collect();
-    let response = DiscoveryResponse {
-        version_info: versions
+/// The answer carrying `wanted` (their versions joined as the response's).
+fn response(wanted: &[&Arc<Snapshot>], nonce: u64) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version_info: wanted
             .iter()
-            .map(i64::to_string)
+            .map(|s| s.version.to_string())
             .collect::<Vec<_>>()
             .join("."),
         resources: wanted.iter().map(|s| s.resource.clone()).collect(),
         type_url: TYPE_URL.to_owned(),
         nonce: nonce.to_string(),
         ..Default::default()
-    };
-    (response, versions)
+    }
 }
 
 fn check_type(request: &DiscoveryRequest) -> Result<(), Status> {
@@ -171,17 +163,11 @@ impl ExtensionConfigDiscoveryService for Ecds {
                 let Some(maps) = snapshots.borrow_and_update().clone() else {
                     continue;
                 };
-                let versions: Vec<i64> = if names.is_empty() {
-                    vec![maps.base.version, maps.recent.version]
-                } else {
-                    names
-                        .iter()
-                        .filter_map(|n| maps.named(n).map(|s| s.version))
-                        .collect()
-                };
+                let wanted = maps.wanted(names);
+                let versions: Vec<i64> = wanted.iter().map(|s| s.version).collect();
                 if resend || sent.as_ref() != Some(&versions) {
                     nonce += 1;
-                    let (response, versions) = response(&maps, names, nonce);
+                    let response = response(&wanted, nonce);
                     sent = Some(versions);
                     metrics::counter!("edge_ecds_pushes_total").increment(1);
                     if tx.send(Ok(response)).await.is_err() {
@@ -214,6 +200,9 @@ impl ExtensionConfigDiscoveryService for Ecds {
             .plane
             .current()
             .ok_or_else(|| Status::unavailable("the deny map is not built yet"))?;
-        Ok(Response::new(response(&maps, &request.resource_names, 0).0))
+        Ok(Response::new(response(
+            &maps.wanted(&request.resource_names),
+            0,
+        )))
     }
 }

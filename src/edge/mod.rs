@@ -140,13 +140,20 @@ pub struct Maps {
 }
 
 impl Maps {
-    /// The map a resource name asks for.
-    pub fn named(&self, name: &str) -> Option<&Arc<Snapshot>> {
-        match name {
-            RESOURCE_NAME => Some(&self.base),
-            RECENT_NAME => Some(&self.recent),
-            _ => None,
+    /// The maps a discovery request names, in its order (unknown names
+    /// skipped); none named asks for all there are (xDS wildcard).
+    pub fn wanted(&self, names: &[String]) -> Vec<&Arc<Snapshot>> {
+        if names.is_empty() {
+            return vec![&self.base, &self.recent];
         }
+        names
+            .iter()
+            .filter_map(|name| match name.as_str() {
+                RESOURCE_NAME => Some(&self.base),
+                RECENT_NAME => Some(&self.recent),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -662,23 +669,14 @@ impl ControlPlane {
                     () = stop.cancelled() => return,
                     row = rows.recv() => row,
                 };
-                match row {
-                    Some(Ok(row)) => list.apply(row),
-                    Some(Err(error)) => break error.to_string(),
-                    None => break "the feed closed".to_owned(),
-                }
+                let mut failed = take(list, row);
                 // Coalesce: whatever arrives within the window joins this
                 // version.
                 let until = tokio::time::Instant::now() + COALESCE;
-                let mut failed = None;
-                loop {
+                while failed.is_none() {
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => break,
-                        row = rows.recv() => match row {
-                            Some(Ok(row)) => list.apply(row),
-                            Some(Err(error)) => { failed = Some(error.to_string()); break }
-                            None => { failed = Some("the feed closed".to_owned()); break }
-                        },
+                        row = rows.recv() => failed = take(list, row),
                     }
                 }
                 if list.seq() >= head {
@@ -695,6 +693,21 @@ impl ControlPlane {
                 return;
             }
         }
+    }
+}
+
+/// Applies what the feed yielded; why it ended, when it did.
+fn take(
+    list: &mut DenyList,
+    row: Option<Result<Arc<LoggedRevocation>, FeedError>>,
+) -> Option<String> {
+    match row {
+        Some(Ok(row)) => {
+            list.apply(row);
+            None
+        }
+        Some(Err(error)) => Some(error.to_string()),
+        None => Some("the feed closed".to_owned()),
     }
 }
 

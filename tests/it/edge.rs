@@ -56,17 +56,7 @@ impl Edge {
     }
 
     async fn post(&self, path: &str, body: serde_json::Value, token: Option<&str>) -> HttpResponse {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("authorization", a.as_str())).collect();
-        http(
-            self.envoy.addr,
-            "POST",
-            path,
-            &headers,
-            Some(&body.to_string()),
-        )
-        .await
+        crate::gateway::post_json(self.envoy.addr, path, body, token).await
     }
 
     async fn api(&self, token: &str, extra: &[(&str, &str)]) -> HttpResponse {
@@ -75,21 +65,7 @@ impl Edge {
 
     /// Signs up (once) and logs in through the edge; the login body.
     async fn login(&self, name: &str, sign_up: bool) -> serde_json::Value {
-        if sign_up {
-            let r = self
-                .post("/v1/users", serde_json::json!({ "email": format!("{name}@example.com"), "username": name, "password": PASSWORD }), None)
-                .await;
-            assert_eq!(r.status, 200, "{r:?}");
-        }
-        let r = self
-            .post(
-                "/v1/auth/login",
-                serde_json::json!({ "login": name, "password": PASSWORD }),
-                None,
-            )
-            .await;
-        assert_eq!(r.status, 200, "{r:?}");
-        r.json()
+        crate::gateway::rest_login(self.envoy.addr, name, sign_up).await
     }
 }
 
@@ -548,17 +524,19 @@ async fn the_edge_never_allows_what_ext_authz_refuses_on_one_request_table() {
     );
 }
 
-/// The maps an auth-service replica serves over ECDS, as decoded RBAC
-/// configurations by resource name, and the response's version.
-async fn fetch_maps(
-    grpc: std::net::SocketAddr,
-) -> (
+/// The maps a replica serves over ECDS: the response's version, and the
+/// decoded RBAC configurations by resource name.
+type ServedMaps = (
     String,
     std::collections::BTreeMap<
         String,
         envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac,
     >,
-) {
+);
+
+/// [`ServedMaps`] from the replica at `grpc` (FetchExtensionConfigs), once
+/// it has built its first maps (Unavailable until then).
+async fn fetch_maps_when_ready(grpc: std::net::SocketAddr) -> ServedMaps {
     use envoy_types::pb::envoy::{
         config::core::v3::TypedExtensionConfig,
         extensions::filters::http::rbac::v3::Rbac,
@@ -571,14 +549,24 @@ async fn fetch_maps(
     let mut client = ExtensionConfigDiscoveryServiceClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
-    let response = client
-        .fetch_extension_configs(DiscoveryRequest {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let response = loop {
+        let request = DiscoveryRequest {
             type_url: auth_service::edge::ecds::TYPE_URL.into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        };
+        match client.fetch_extension_configs(request).await {
+            Ok(response) => break response.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no maps built: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
     let maps = response
         .resources
         .iter()
@@ -675,36 +663,87 @@ async fn two_replicas_serve_the_same_maps_under_the_same_versions() {
     }
 }
 
-/// [`fetch_maps`] once the replica has built its first maps.
-async fn fetch_maps_when_ready(
-    grpc: std::net::SocketAddr,
-) -> (
-    String,
-    std::collections::BTreeMap<
-        String,
-        envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac,
-    >,
-) {
+/// Input from the wrong party and malformed input, at the ECDS endpoint
+/// itself (over mTLS, as deployed): a peer whose identity holds neither
+/// the `gateway` nor the `sidecar` role is refused (PermissionDenied) and
+/// learns nothing of the maps; the gateway's identity is served; a request
+/// for another resource type is InvalidArgument; the delta protocol,
+/// which is not offered, is Unimplemented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deny_maps_are_served_only_to_gateways_and_only_as_ecds() {
     use envoy_types::pb::envoy::service::{
-        discovery::v3::DiscoveryRequest,
+        discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest},
         extension::v3::extension_config_discovery_service_client::ExtensionConfigDiscoveryServiceClient,
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut client = ExtensionConfigDiscoveryServiceClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
-        let ready = client
-            .fetch_extension_configs(DiscoveryRequest {
-                type_url: auth_service::edge::ecds::TYPE_URL.into(),
-                ..Default::default()
-            })
-            .await
-            .is_ok();
-        if ready {
-            return fetch_maps(grpc).await;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let app = TestApp::spawn_with(Backend::Embedded, mesh_tls).await;
+    let pki = crate::support::mesh_pki();
+    let client = |name: &str| {
+        let read = |f: String| std::fs::read(pki.path(&f)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.crt".into())))
+            .identity(Identity::from_pem(
+                read(format!("{name}.crt")),
+                read(format!("{name}.key")),
+            ))
+            .domain_name("localhost");
+        let url = format!("https://127.0.0.1:{}", app.grpc_addr.port());
+        async move {
+            let channel = Channel::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            ExtensionConfigDiscoveryServiceClient::new(channel)
         }
-        assert!(std::time::Instant::now() < deadline, "no maps built");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    let request = || DiscoveryRequest {
+        type_url: auth_service::edge::ecds::TYPE_URL.into(),
+        ..Default::default()
+    };
+
+    let mut stranger = client("client").await;
+    let refused = stranger
+        .fetch_extension_configs(request())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = stranger
+        .stream_extension_configs(futures::stream::iter([request()]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    let mut gateway = client("envoy").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let served = loop {
+        match gateway.fetch_extension_configs(request()).await {
+            Ok(response) => break response.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                assert!(std::time::Instant::now() < deadline, "{s:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    };
+    assert_eq!(served.resources.len(), 2, "base and recent");
+    let wrong_type = gateway
+        .fetch_extension_configs(DiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        wrong_type.code(),
+        tonic::Code::InvalidArgument,
+        "{wrong_type:?}"
+    );
+    let delta = gateway
+        .delta_extension_configs(futures::stream::iter([DeltaDiscoveryRequest::default()]))
+        .await
+        .unwrap_err();
+    assert_eq!(delta.code(), tonic::Code::Unimplemented, "{delta:?}");
 }

@@ -88,17 +88,7 @@ impl Stack {
         body: serde_json::Value,
         token: Option<&str>,
     ) -> crate::support::HttpResponse {
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("authorization", a.as_str())).collect();
-        http(
-            self.gateway.addr,
-            "POST",
-            path,
-            &headers,
-            Some(&body.to_string()),
-        )
-        .await
+        post_json(self.gateway.addr, path, body, token).await
     }
 
     async fn get(&self, path: &str, headers: &[(&str, &str)]) -> crate::support::HttpResponse {
@@ -107,20 +97,38 @@ impl Stack {
 
     /// Signs up and logs in through the gateway; returns the login body.
     async fn user(&self, name: &str) -> serde_json::Value {
-        let r = self
-            .post("/v1/users", serde_json::json!({ "email": format!("{name}@example.com"), "username": name, "password": PASSWORD }), None)
-            .await;
-        assert_eq!(r.status, 200, "{r:?}");
-        let r = self
-            .post(
-                "/v1/auth/login",
-                serde_json::json!({ "login": name, "password": PASSWORD }),
-                None,
-            )
-            .await;
-        assert_eq!(r.status, 200, "{r:?}");
-        r.json()
+        rest_login(self.gateway.addr, name, true).await
     }
+}
+
+/// POSTs `body` as JSON to a gateway, with `token` as bearer if any.
+pub async fn post_json(
+    gateway: SocketAddr,
+    path: &str,
+    body: serde_json::Value,
+    token: Option<&str>,
+) -> crate::support::HttpResponse {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    http(gateway, "POST", path, &headers, Some(&body.to_string())).await
+}
+
+/// Signs `name` up (when `sign_up`) and logs in through a gateway's REST
+/// API; the login body.
+pub async fn rest_login(gateway: SocketAddr, name: &str, sign_up: bool) -> serde_json::Value {
+    if sign_up {
+        let r = post_json(gateway, "/v1/users", serde_json::json!({ "email": format!("{name}@example.com"), "username": name, "password": PASSWORD }), None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let r = post_json(
+        gateway,
+        "/v1/auth/login",
+        serde_json::json!({ "login": name, "password": PASSWORD }),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
 }
 
 fn token(login: &serde_json::Value) -> &str {

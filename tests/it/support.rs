@@ -984,8 +984,6 @@ pub async fn http(
     http_from(None, addr, method, path, headers, body).await
 }
 
-/// As [`http`], from the loopback address `source` (any 127.x address is a
-/// distinct client to the server).
 /// Whether `raw` holds a whole HTTP/1.1 response by its own framing.
 fn response_complete(raw: &[u8]) -> bool {
     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
@@ -1002,6 +1000,8 @@ fn response_complete(raw: &[u8]) -> bool {
         .is_some_and(|len| body.len() >= len)
 }
 
+/// As [`http`], from the loopback address `source` (any 127.x address is a
+/// distinct client to the server).
 pub async fn http_from(
     source: Option<std::net::Ipv4Addr>,
     addr: SocketAddr,
