@@ -615,13 +615,21 @@ async fn two_replicas_serve_the_same_maps_under_the_same_versions() {
         ))
         .await
         .unwrap();
-    let last_sid = claims(&sessions[1])["sid"].as_str().unwrap().to_owned();
+    // Wait until replica a's maps hold every revocation made above — the
+    // password change is written last, but the three writes reach the
+    // feed in any order relative to a fetch — and both replicas agree.
+    let expected: Vec<String> = [&sessions[0], &sessions[1]]
+        .iter()
+        .map(|t| claims(t)["sid"].as_str().unwrap().to_owned())
+        .chain([claims(&wes)["sub"].as_str().unwrap().to_owned()])
+        .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let (version, maps) = loop {
         let (va, ma) = fetch_maps_when_ready(a.grpc_addr).await;
         let (vb, mb) = fetch_maps_when_ready(b.grpc_addr).await;
-        let holds_last = format!("{:?}", ma).contains(&last_sid);
-        if va == vb && holds_last {
+        let text = format!("{ma:?}");
+        let holds_all = expected.iter().all(|id| text.contains(id.as_str()));
+        if va == vb && holds_all {
             assert_eq!(ma, mb, "same version {va}, same maps");
             break (va, ma);
         }
