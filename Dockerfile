@@ -9,7 +9,8 @@ FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 # rdkafka builds librdkafka and OpenSSL from source (make, perl, gcc are in
 # the rust image); protobuf is compiled by protox (pure Rust, no protoc).
-COPY Cargo.toml Cargo.lock build.rs ./
+COPY Cargo.toml Cargo.lock ./
+COPY crates crates
 COPY proto proto
 COPY migrations migrations
 COPY src src

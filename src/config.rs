@@ -11,10 +11,23 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    authz::policy::{RoutePolicy, RouteRule, default_rules},
-    events::envelope::EventFormat,
-    ratelimit::quota::Limit,
+// Each component owns its section; this file assembles them into the one
+// configuration, loads it (file, `AUTH_*`, `*_FILE`) and validates it.
+pub use auth_api::config::{
+    AccessLog, ClientAuth, LimitsConfig, RpcConfig, ServiceIdentity, TlsConfig,
+};
+use auth_domain::authz::policy::RoutePolicy;
+pub use auth_domain::{
+    accounts::config::PasswordConfig,
+    authz::config::{AuthzConfig, RateClass},
+    platforms::config::{PlatformsConfig, ProviderConfig},
+    ratelimit::config::LockoutConfig,
+    revocation::config::RevocationConfig,
+    tokens::config::TokenConfig,
+};
+pub use auth_kafka::config::{EventsWorker, KafkaConfig};
+pub use auth_storage::config::{
+    DatabaseConfig, FastStateConfig, Migrations, RedisMode, RedisTlsConfig,
 };
 
 const FILE_SUFFIX: &str = "_file";
@@ -148,13 +161,6 @@ pub struct Config {
     pub services: BTreeMap<String, ServiceIdentity>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Migrations {
-    Apply,
-    Wait,
-}
-
 /// OpenTelemetry traces over OTLP (gRPC).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,562 +178,14 @@ pub struct OtelConfig {
     pub max_queue_size: usize,
 }
 
-/// TLS to Redis: the CA that issued its certificate (default: the system's
-/// roots), and a client certificate when Redis requires one
-/// (`tls-auth-clients yes`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisTlsConfig {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-/// TLS on the gRPC listeners (AuthService and ext_authz).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM certificate chain; with `key`, the gRPC listeners serve TLS.
-    pub cert: Option<PathBuf>,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: Option<PathBuf>,
-    /// PEM bundle of the CAs that issue client certificates.
-    pub client_ca: Option<PathBuf>,
-    pub client_auth: ClientAuth,
-    /// How often the files are checked for changes (rotation by
-    /// cert-manager or a mesh); new handshakes use new files.
-    pub reload_interval_secs: u64,
-    /// Behind a mesh sidecar that terminates mTLS (Istio): the addresses
-    /// that sidecar connects from (Istio: `127.0.0.6`). A call from one of
-    /// them is the caller named by the `x-forwarded-client-cert` the
-    /// sidecar set (its SPIFFE URI, else its DNS name), with that
-    /// identity's `services` roles; from any other address the header is
-    /// ignored. Empty (the default): never read.
-    #[serde(default)]
-    pub xfcc_from: Vec<std::net::IpAddr>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
-    /// No client certificate is asked for.
-    None,
-    /// A certificate is verified when presented; callers without one are
-    /// anonymous peers.
-    Optional,
-    /// Every caller presents a certificate from `client_ca` (mTLS).
-    Required,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceIdentity {
-    pub roles: Vec<String>,
-}
-
-/// Streaming-platform linking (`platforms.<name>.*` with `<name>` one of
-/// `twitch`, `youtube`, `facebook`, `soop`; env
-/// `AUTH_PLATFORMS__TWITCH__CLIENT_ID` and so on).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlatformsConfig {
-    pub twitch: ProviderConfig,
-    pub youtube: ProviderConfig,
-    pub facebook: ProviderConfig,
-    pub soop: ProviderConfig,
-    /// GetPlatformAccessToken refreshes first when the access token expires
-    /// within this many seconds.
-    pub refresh_skew_secs: u64,
-    /// How long a link state (StartPlatformLink → Connect) is valid.
-    pub state_ttl_secs: u64,
-    /// Bound on every call to a platform, in milliseconds.
-    pub http_timeout_ms: u64,
-    /// Attempts at a platform call that failed transiently (5xx, timeout,
-    /// connection) before answering Unavailable; backoff doubles from 100 ms.
-    pub retry_attempts: u32,
-    /// How long one replica holds an account's refresh lease; others wait
-    /// for its result meanwhile.
-    pub refresh_lease_ms: u64,
-    /// The token vault's key ring (`<id>.key` files); default
-    /// `<data_dir>/platform-keys`.
-    pub keys_dir: Option<PathBuf>,
-    /// The key that seals; default: the greatest key id in the ring.
-    pub current_key_id: Option<String>,
-    /// Generate the first vault key when the ring is empty (the embedded
-    /// default). Production mounts its keys and turns this off.
-    pub generate_key_if_missing: bool,
-    /// How often `keys_dir` is re-read: a key added or removed there (a
-    /// Secret updated in place) is used without a restart; 0: only at start.
-    pub reload_interval_secs: u64,
-    /// Background keep-alive period (Facebook re-exchange, Twitch hourly
-    /// validation); 0 turns the task off.
-    pub keepalive_interval_secs: u64,
-    /// Facebook long-lived tokens expiring within this many seconds are
-    /// re-exchanged by the keep-alive task.
-    pub extend_ahead_secs: u64,
-    /// Twitch requires validating tokens in use hourly.
-    pub validate_interval_secs: u64,
-    /// Accounts handled per keep-alive round (spreads the load: no stampede).
-    pub keepalive_batch: i64,
-    /// Webhook messages older than this are refused (Twitch: 10 minutes).
-    pub webhook_max_age_secs: u64,
-}
-
-/// One platform's OAuth client and endpoints. Without `client_id` the
-/// platform is disabled.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderConfig {
-    pub client_id: Option<String>,
-    /// Redacted in Debug output, never serialized back out.
-    #[serde(default, skip_serializing)]
-    pub client_secret: Option<secrecy::SecretString>,
-    /// Where the platform sends the user back (registered at the platform).
-    pub redirect_uri: Option<String>,
-    pub scopes: Vec<String>,
-    pub auth_url: String,
-    pub token_url: String,
-    /// Base of the identity API (Helix, YouTube Data, Graph, SOOP openapi).
-    pub api_url: String,
-    pub revoke_url: Option<String>,
-    /// Twitch only: the token validation endpoint.
-    pub validate_url: Option<String>,
-    /// Twitch only: the EventSub webhook secret (HMAC key). Facebook's
-    /// deauthorize callback is signed with `client_secret`.
-    #[serde(default, skip_serializing)]
-    pub webhook_secret: Option<secrecy::SecretString>,
-}
-
-impl ProviderConfig {
-    /// The real platform's endpoints and a minimal scope set.
-    pub fn defaults(platform: crate::platforms::Platform) -> Self {
-        use crate::platforms::Platform::*;
-        let (auth, token, api, revoke, validate, scopes): (
-            _,
-            _,
-            _,
-            Option<&str>,
-            Option<&str>,
-            &[&str],
-        ) = match platform {
-            Twitch => (
-                "https://id.twitch.tv/oauth2/authorize",
-                "https://id.twitch.tv/oauth2/token",
-                "https://api.twitch.tv/helix",
-                Some("https://id.twitch.tv/oauth2/revoke"),
-                Some("https://id.twitch.tv/oauth2/validate"),
-                &["user:read:email"],
-            ),
-            Youtube => (
-                "https://accounts.google.com/o/oauth2/v2/auth",
-                "https://oauth2.googleapis.com/token",
-                "https://www.googleapis.com",
-                Some("https://oauth2.googleapis.com/revoke"),
-                None,
-                &["https://www.googleapis.com/auth/youtube.readonly"],
-            ),
-            Facebook => (
-                "https://www.facebook.com/v19.0/dialog/oauth",
-                "https://graph.facebook.com/v19.0/oauth/access_token",
-                "https://graph.facebook.com/v19.0",
-                Some("https://graph.facebook.com/v19.0/me/permissions"),
-                None,
-                &["public_profile"],
-            ),
-            Soop => (
-                "https://openapi.sooplive.co.kr/auth/code",
-                "https://openapi.sooplive.co.kr/auth/token",
-                "https://openapi.sooplive.co.kr",
-                None,
-                None,
-                &[],
-            ),
-        };
-        Self {
-            client_id: None,
-            client_secret: None,
-            redirect_uri: None,
-            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-            auth_url: auth.into(),
-            token_url: token.into(),
-            api_url: api.into(),
-            revoke_url: revoke.map(str::to_owned),
-            validate_url: validate.map(str::to_owned),
-            webhook_secret: None,
-        }
-    }
-}
-
-impl PlatformsConfig {
-    pub fn provider(&self, platform: crate::platforms::Platform) -> &ProviderConfig {
-        use crate::platforms::Platform::*;
-        match platform {
-            Twitch => &self.twitch,
-            Youtube => &self.youtube,
-            Facebook => &self.facebook,
-            Soop => &self.soop,
-        }
-    }
-
-    pub fn provider_mut(&mut self, platform: crate::platforms::Platform) -> &mut ProviderConfig {
-        use crate::platforms::Platform::*;
-        match platform {
-            Twitch => &mut self.twitch,
-            Youtube => &mut self.youtube,
-            Facebook => &mut self.facebook,
-            Soop => &mut self.soop,
-        }
-    }
-}
-
-impl Default for PlatformsConfig {
-    fn default() -> Self {
-        use crate::platforms::Platform;
-        Self {
-            twitch: ProviderConfig::defaults(Platform::Twitch),
-            youtube: ProviderConfig::defaults(Platform::Youtube),
-            facebook: ProviderConfig::defaults(Platform::Facebook),
-            soop: ProviderConfig::defaults(Platform::Soop),
-            refresh_skew_secs: 300,
-            state_ttl_secs: 600,
-            http_timeout_ms: 5000,
-            retry_attempts: 3,
-            refresh_lease_ms: 10_000,
-            keys_dir: None,
-            current_key_id: None,
-            generate_key_if_missing: true,
-            reload_interval_secs: 30,
-            keepalive_interval_secs: 60,
-            extend_ahead_secs: 7 * 24 * 3600,
-            validate_interval_secs: 3600,
-            keepalive_batch: 100,
-            webhook_max_age_secs: 600,
-        }
-    }
-}
-
-/// Bounds on what a caller may send to the gRPC listeners. Larger input is
-/// refused with a clear error before it is buffered or parsed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Largest AuthService request message, in bytes (its requests are a few
-    /// hundred bytes; a password is at most 4 KiB). Larger: OutOfRange.
-    pub max_api_message_bytes: usize,
-    /// Largest ext_authz CheckRequest, in bytes (it carries the HTTP headers
-    /// Envoy forwards; Envoy's own header limit is 60 KiB).
-    pub max_check_message_bytes: usize,
-    /// Largest HTTP/2 header block (gRPC metadata) a caller may send, in
-    /// bytes. The default (64 KiB) is above the HTTP/2 server's own 16 KiB so
-    /// that whatever the gateway admits (32 KiB of client headers, plus what
-    /// Envoy adds) reaches the service; larger is refused before any handler.
-    pub max_header_bytes: u32,
-    /// Every AuthService call ends within this many milliseconds (Unavailable
-    /// otherwise), whatever a backend does — a database that stops answering
-    /// on an open connection included. 0: `database_timeout_ms` +
-    /// `password.max_wait_ms` + 1000, so the more specific answers come first.
-    pub request_timeout_ms: u64,
-}
-
-/// What the gRPC layer stack does around every call (`grpc::stack`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RpcConfig {
-    /// One structured line per call (target `access`): request id, method,
-    /// code, latency, principal and client address, never a secret.
-    pub access_log: AccessLog,
-    /// Calls per session for the AuthService methods named (seed 6.2), e.g.
-    /// `GetPlatformAccessToken = { requests = 60, per_secs = 60, burst = 20 }`:
-    /// counted per session id of the bearer token, shared by every replica
-    /// through the rate-limit store; past it the call is answered
-    /// ResourceExhausted with `retry-after`.
-    pub session_limits: BTreeMap<String, Limit>,
-}
-
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum AccessLog {
-    /// Every call on every listener, ext_authz Checks included.
-    All,
-    /// AuthService calls (not health probes, reflection or Checks, which
-    /// Envoy's own access log records with the decision).
-    #[default]
-    Api,
-    Off,
-}
-
 /// The largest `kafka.relay_batch` (see its validation).
 pub const MAX_RELAY_BATCH: i64 = 10_000;
-
-/// Event publishing and consuming (used when `kafka_brokers` is set).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// Prepended to every topic name, e.g. `prod.`.
-    pub topic_prefix: String,
-    /// Create missing topics at start.
-    pub create_topics: bool,
-    pub topic_partitions: i32,
-    pub topic_replication: i32,
-    pub format: EventFormat,
-    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
-    pub security_protocol: String,
-    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with a SASL protocol).
-    pub sasl_mechanism: Option<String>,
-    pub sasl_username: Option<String>,
-    /// Redacted in Debug output, never serialized back out.
-    #[serde(default, skip_serializing)]
-    pub sasl_password: Option<secrecy::SecretString>,
-    pub ssl_ca_location: Option<PathBuf>,
-    pub ssl_certificate_location: Option<PathBuf>,
-    pub ssl_key_location: Option<PathBuf>,
-    /// Rows leased per relay round.
-    pub relay_batch: i64,
-    /// Pause when the outbox is empty, in milliseconds.
-    pub relay_idle_ms: u64,
-    /// How long a leased row is reserved for one relay.
-    pub relay_lease_secs: u64,
-    /// Published rows are deleted after this long.
-    pub retention_secs: u64,
-    /// Consume user-lifecycle events (suspended/deleted).
-    pub consumer_enabled: bool,
-    pub consumer_group: String,
-    /// How often the lifecycle consumer refreshes topic metadata
-    /// (librdkafka `topic.metadata.refresh.interval.ms`). Short, so topics
-    /// created after start are noticed within seconds.
-    pub consumer_metadata_refresh_ms: u64,
-    pub user_suspended_topic: String,
-    pub user_deleted_topic: String,
-    pub dlq_topic: String,
-    /// Attempts for a message about an unknown user before it goes to the DLQ.
-    pub max_unknown_user_attempts: u32,
-    /// Where the event side (relay and consumer) runs; see [`EventsWorker`].
-    pub worker: EventsWorker,
-    /// The `events` process serves `/healthz` and `/metrics` here when set.
-    pub worker_http_addr: Option<SocketAddr>,
-}
-
-/// Where the Kafka side runs. The Kafka client is a C library; a crash or a
-/// hang inside it must not take the gRPC API and ext_authz with it, so by
-/// default it runs in a process of its own.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum EventsWorker {
-    /// `serve` starts `auth-service events` as a child process, restarts it
-    /// with backoff when it exits, and stops it when it stops.
-    Supervised,
-    /// `serve` runs no event side: the deployment runs `auth-service events`
-    /// on its own (a Deployment of its own in Kubernetes).
-    External,
-    /// The relay and consumer run inside the serving process. No fault
-    /// isolation: for tests and tools, not for production.
-    InProcess,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        Self {
-            topic_prefix: String::new(),
-            create_topics: true,
-            topic_partitions: 3,
-            topic_replication: 1,
-            format: EventFormat::Json,
-            security_protocol: "plaintext".into(),
-            sasl_mechanism: None,
-            sasl_username: None,
-            sasl_password: None,
-            ssl_ca_location: None,
-            ssl_certificate_location: None,
-            ssl_key_location: None,
-            relay_batch: 256,
-            relay_idle_ms: 100,
-            relay_lease_secs: 30,
-            retention_secs: 7 * 24 * 3600,
-            consumer_enabled: true,
-            consumer_group: "auth-service".into(),
-            consumer_metadata_refresh_ms: 2000,
-            user_suspended_topic: "user.events.user_suspended".into(),
-            user_deleted_topic: "user.events.user_deleted".into(),
-            dlq_topic: "auth.events.dlq".into(),
-            max_unknown_user_attempts: 5,
-            worker: EventsWorker::Supervised,
-            worker_http_addr: None,
-        }
-    }
-}
-
-/// Envoy ext_authz: route policy, rate limits and failure modes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthzConfig {
-    /// Also serve `envoy.service.auth.v3.Authorization` on this listener
-    /// (it is always served on `grpc_addr`).
-    pub check_addr: Option<SocketAddr>,
-    /// Rules in order, first match wins (see `authz::policy`).
-    pub routes: Vec<RouteRule>,
-    /// Rate-limit classes named by the rules.
-    pub rate_limits: BTreeMap<String, RateClass>,
-    /// When the revocation store is unreachable: `false` (default) denies
-    /// with 503 unless this replica's cache still knows the answer.
-    pub revocation_fail_open: bool,
-    /// When the rate-limit store is unreachable: `true` (default) limits per
-    /// replica instead; `false` denies with 503.
-    pub rate_limit_fail_open: bool,
-    /// Keys tracked by the local rate limiter.
-    pub rate_limit_capacity: u64,
-}
-
-/// Limits of one class; a missing limit is not enforced.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RateClass {
-    pub per_user: Option<Limit>,
-    pub per_ip: Option<Limit>,
-}
-
-impl Default for AuthzConfig {
-    fn default() -> Self {
-        let limit = |requests, burst| {
-            Some(Limit {
-                requests,
-                per_secs: 1,
-                burst,
-            })
-        };
-        Self {
-            check_addr: None,
-            routes: default_rules(),
-            rate_limits: BTreeMap::from([
-                (
-                    "default".to_owned(),
-                    RateClass {
-                        per_user: limit(50, 100),
-                        per_ip: limit(100, 200),
-                    },
-                ),
-                (
-                    "public".to_owned(),
-                    RateClass {
-                        per_user: None,
-                        per_ip: limit(20, 40),
-                    },
-                ),
-            ]),
-            revocation_fail_open: false,
-            rate_limit_fail_open: true,
-            rate_limit_capacity: 1_000_000,
-        }
-    }
-}
-
-/// How Redis is reached.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RedisMode {
-    #[default]
-    Standalone,
-    Cluster,
-    Sentinel,
-}
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// argon2id parameters and the password policy.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PasswordConfig {
-    pub memory_kib: u32,
-    pub iterations: u32,
-    pub parallelism: u32,
-    /// Hashes run on at most this many blocking threads at once; 0 means one
-    /// per CPU core.
-    pub max_concurrent_hashes: usize,
-    /// Minimum length in characters.
-    pub min_length: usize,
-    /// Maximum length in characters; anything longer is refused before hashing.
-    pub max_length: usize,
-    /// Hashing jobs waiting at most; 0 means 16 per hashing thread. Beyond
-    /// it a login or sign-up is refused at once (Unavailable, retry-after).
-    pub max_queued: usize,
-    /// Hashing jobs one client address may have waiting.
-    pub max_queued_per_source: usize,
-    /// The longest a job waits to start hashing before it is refused, in
-    /// milliseconds (the caller's own gRPC deadline, when sooner, wins).
-    pub max_wait_ms: u64,
-    /// The hashing threads' nice value (0 to 19; Linux: per thread). Above
-    /// 0, argon2 yields the CPU to the rest of the process (ext_authz Checks,
-    /// refusals of an overloaded queue, the runtime's I/O) whenever both
-    /// want it, and still takes every cycle nothing else needs.
-    pub worker_nice: i32,
-    /// One more hashing thread, at the process's own priority (not
-    /// `worker_nice`), that takes logins presenting a valid device token: a
-    /// known device does not wait for a worker busy with a flood.
-    pub device_lane: bool,
-    /// The lane also takes jobs from quiet client addresses (less than one
-    /// hash recently) while they are a minority of the demand: under a flood
-    /// from a few addresses, someone new is not hashed behind the flood.
-    pub quiet_sources_in_lane: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenConfig {
-    pub issuer: String,
-    pub audience: String,
-    pub access_ttl_secs: u64,
-    /// A refresh token unused for this long expires.
-    pub refresh_idle_ttl_secs: u64,
-    /// A session (refresh-token family) ends this long after login, however used.
-    pub refresh_absolute_ttl_secs: u64,
-    /// Clock-skew allowance for exp/nbf checks.
-    pub leeway_secs: u64,
-    /// Directory of Ed25519 signing keys (PKCS#8 PEM, one per file, file stem
-    /// is the `kid`). Unset: `<data_dir>/keys`.
-    pub keys_dir: Option<PathBuf>,
-    /// Generate a first key when the directory holds none (the embedded
-    /// default); production mounts keys and sets this to false.
-    pub generate_key_if_missing: bool,
-    /// How often `keys_dir` is re-read (besides SIGHUP): a key added or
-    /// removed there (a Secret updated in place) is used without a restart;
-    /// 0: only at start and on SIGHUP.
-    pub reload_interval_secs: u64,
-    /// Memory bound of the verified-token cache, in bytes.
-    pub verified_cache_bytes: u64,
-    /// Lifetime of the device token a login returns.
-    pub device_ttl_secs: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LockoutConfig {
-    /// Failures allowed per (account, client IP) within the window.
-    pub max_failures_per_account_ip: u32,
-    /// Failures allowed per client IP, over all accounts, within the window.
-    pub max_failures_per_ip: u32,
-    /// Failures allowed per account, over all IPs, within the window. Higher
-    /// than the per-pair limit so one IP can never lock an account out from
-    /// elsewhere; it caps distributed guessing.
-    pub max_failures_per_account: u32,
-    pub window_secs: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RevocationConfig {
-    /// How long a replica may answer "not revoked" from its own cache before
-    /// asking the shared store again. Revocations made on this replica are
-    /// visible at once; this bounds how stale another replica's view can be.
-    pub cache_ttl_ms: u64,
-    /// Entries in the revocation cache.
-    pub cache_capacity: u64,
-    /// How long WatchRevocations can resume from: older log rows are
-    /// deleted (hourly), and a cursor before them is refused.
-    pub log_retention_secs: u64,
 }
 
 impl Default for Config {
@@ -753,63 +211,17 @@ impl Default for Config {
             shutdown_delay_ms: 0,
             trusted_proxy_hops: 1,
             log_format: LogFormat::Text,
-            password: PasswordConfig {
-                memory_kib: 19 * 1024,
-                iterations: 2,
-                parallelism: 1,
-                max_concurrent_hashes: 0,
-                min_length: 8,
-                max_length: 128,
-                max_queued: 0,
-                max_queued_per_source: 8,
-                max_wait_ms: 500,
-                worker_nice: 10,
-                device_lane: true,
-                quiet_sources_in_lane: true,
-            },
-            tokens: TokenConfig {
-                issuer: "immersiverse-auth".into(),
-                audience: "immersiverse".into(),
-                access_ttl_secs: 15 * 60,
-                refresh_idle_ttl_secs: 14 * 24 * 3600,
-                refresh_absolute_ttl_secs: 60 * 24 * 3600,
-                leeway_secs: 30,
-                keys_dir: None,
-                generate_key_if_missing: true,
-                reload_interval_secs: 30,
-                verified_cache_bytes: 64 * 1024 * 1024,
-                device_ttl_secs: 90 * 24 * 3600,
-            },
-            lockout: LockoutConfig {
-                max_failures_per_account_ip: 5,
-                max_failures_per_ip: 20,
-                max_failures_per_account: 100,
-                window_secs: 60,
-            },
-            revocation: RevocationConfig {
-                cache_ttl_ms: 1000,
-                cache_capacity: 1_000_000,
-                log_retention_secs: 7 * 24 * 3600,
-            },
+            password: PasswordConfig::default(),
+            tokens: TokenConfig::default(),
+            lockout: LockoutConfig::default(),
+            revocation: RevocationConfig::default(),
             authz: AuthzConfig::default(),
             kafka_brokers: None,
             kafka: KafkaConfig::default(),
-            limits: LimitsConfig {
-                max_api_message_bytes: 64 * 1024,
-                max_check_message_bytes: 256 * 1024,
-                max_header_bytes: 64 * 1024,
-                request_timeout_ms: 0,
-            },
+            limits: LimitsConfig::default(),
             rpc: RpcConfig::default(),
             platforms: PlatformsConfig::default(),
-            tls: TlsConfig {
-                cert: None,
-                key: None,
-                client_ca: None,
-                client_auth: ClientAuth::None,
-                reload_interval_secs: 10,
-                xfcc_from: Vec::new(),
-            },
+            tls: TlsConfig::default(),
             services: BTreeMap::new(),
             otel: OtelConfig {
                 endpoint: None,
@@ -1120,6 +532,33 @@ impl Config {
     }
 
     /// The database URL in force: the configured one, else SQLite in the data dir.
+    /// The database section as the stores take it.
+    pub fn database(&self) -> DatabaseConfig {
+        DatabaseConfig {
+            url: self.effective_database_url(),
+            data_dir: self.data_dir.clone(),
+            max_connections: self.database_max_connections,
+            acquire_timeout: Duration::from_millis(self.database_timeout_ms),
+            migrations: self.database_migrations,
+            migrations_wait: Duration::from_secs(self.database_migrations_wait_secs),
+        }
+    }
+
+    /// Redis (or its in-process stand-in) as the stores take it.
+    pub fn fast_state(&self) -> FastStateConfig {
+        FastStateConfig {
+            redis_url: self.redis_url.clone(),
+            redis_mode: self.redis_mode,
+            redis_sentinel_master: self.redis_sentinel_master.clone(),
+            redis_key_prefix: self.redis_key_prefix.clone(),
+            redis_timeout: self.redis_timeout(),
+            redis_tls: self.redis_tls.clone(),
+            redis_allow_evicting_policy: self.redis_allow_evicting_policy,
+            revocation_capacity: self.revocation.cache_capacity,
+            quota_capacity: self.authz.rate_limit_capacity,
+        }
+    }
+
     pub fn effective_database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),

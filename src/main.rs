@@ -97,7 +97,7 @@ async fn run(command: Command, config_file: Option<PathBuf>, config: Config) -> 
             run_events_worker(config, supervised, shutdown_signal()).await
         }
         Command::Migrate => {
-            let applied = auth_service::storage::migrate(&config).await?;
+            let applied = auth_service::storage::migrate(&config.database()).await?;
             println!("schema migrations applied: {applied:?} (none pending now)");
             Ok(())
         }
@@ -131,7 +131,7 @@ async fn run(command: Command, config_file: Option<PathBuf>, config: Config) -> 
             Ok(())
         }
         Command::ResealPlatformTokens => {
-            let database = open_database(&config).await?;
+            let database = open_database(&config.database()).await?;
             let vault = auth_service::platforms::vault::Vault::load(
                 &config.platform_keys_dir(),
                 config.platforms.current_key_id.as_deref(),
@@ -158,7 +158,7 @@ async fn run(command: Command, config_file: Option<PathBuf>, config: Config) -> 
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let roles = normalise_roles(roles);
-            let database = open_database(&config).await?;
+            let database = open_database(&config.database()).await?;
             let user = database
                 .users
                 .find_credentials(&login)

@@ -61,8 +61,8 @@ pub struct Services {
 
 impl Services {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let database = open_database(config).await?;
-        let fast = open_fast_state(config).await?;
+        let database = open_database(&config.database()).await?;
+        let fast = open_fast_state(&config.fast_state()).await?;
         let revocations = revocations(config, fast.revocations);
         let tokens = Arc::new(
             TokenService::new(
@@ -170,8 +170,8 @@ pub struct WorkerServices {
 
 impl WorkerServices {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let database = open_database(config).await?;
-        let fast = open_fast_state(config).await?;
+        let database = open_database(&config.database()).await?;
+        let fast = open_fast_state(&config.fast_state()).await?;
         let revocations = revocations(config, fast.revocations);
         let tokens = Arc::new(TokenService::without_keys(
             config.tokens.clone(),

@@ -16,7 +16,7 @@ use crate::support::{Backend, config_for};
 async fn database(backend: Backend) -> (Database, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = config_for(backend, dir.path()).await;
-    (open_database(&config).await.unwrap(), dir)
+    (open_database(&config.database()).await.unwrap(), dir)
 }
 
 fn user(name: &str) -> User {

@@ -1,0 +1,59 @@
+//! The `password` section: argon2id parameters and the hashing pool's admission.
+
+use serde::{Deserialize, Serialize};
+
+/// argon2id parameters and the password policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordConfig {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    /// Hashes run on at most this many blocking threads at once; 0 means one
+    /// per CPU core.
+    pub max_concurrent_hashes: usize,
+    /// Minimum length in characters.
+    pub min_length: usize,
+    /// Maximum length in characters; anything longer is refused before hashing.
+    pub max_length: usize,
+    /// Hashing jobs waiting at most; 0 means 16 per hashing thread. Beyond
+    /// it a login or sign-up is refused at once (Unavailable, retry-after).
+    pub max_queued: usize,
+    /// Hashing jobs one client address may have waiting.
+    pub max_queued_per_source: usize,
+    /// The longest a job waits to start hashing before it is refused, in
+    /// milliseconds (the caller's own gRPC deadline, when sooner, wins).
+    pub max_wait_ms: u64,
+    /// The hashing threads' nice value (0 to 19; Linux: per thread). Above
+    /// 0, argon2 yields the CPU to the rest of the process (ext_authz Checks,
+    /// refusals of an overloaded queue, the runtime's I/O) whenever both
+    /// want it, and still takes every cycle nothing else needs.
+    pub worker_nice: i32,
+    /// One more hashing thread, at the process's own priority (not
+    /// `worker_nice`), that takes logins presenting a valid device token: a
+    /// known device does not wait for a worker busy with a flood.
+    pub device_lane: bool,
+    /// The lane also takes jobs from quiet client addresses (less than one
+    /// hash recently) while they are a minority of the demand: under a flood
+    /// from a few addresses, someone new is not hashed behind the flood.
+    pub quiet_sources_in_lane: bool,
+}
+
+impl Default for PasswordConfig {
+    fn default() -> Self {
+        Self {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+            max_concurrent_hashes: 0,
+            min_length: 8,
+            max_length: 128,
+            max_queued: 0,
+            max_queued_per_source: 8,
+            max_wait_ms: 500,
+            worker_nice: 10,
+            device_lane: true,
+            quiet_sources_in_lane: true,
+        }
+    }
+}

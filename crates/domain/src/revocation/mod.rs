@@ -1,0 +1,517 @@
+//! Revocation: of one access token (its `jti`, until it expires), of one
+//! session (its `sid`: logout, refresh-token reuse) and of every session of a
+//! user (a per-user "sessions valid after" epoch: suspend, revoke-all,
+//! password or role change).
+//!
+//! The shared truth lives in a [`RevocationStore`] (Redis in production, in
+//! process for the embedded default). [`Revocations`] puts a moka cache in
+//! front: a revocation is cached until the token it concerns would expire
+//! anyway (revocations are never undone), an "is not revoked" answer for
+//! `revocation.cache_ttl_ms` only. Revocations made through this replica
+//! update its cache at once.
+//!
+//! A lookup's answer may be older than a revocation that reaches the cache
+//! while the lookup is in flight (a slow store). Every cache write is a
+//! per-key compute that never turns "revoked" back into "not revoked" nor
+//! moves an epoch back, and a lookup that started before the cache's
+//! generation last moved (a revocation applied, negative answers forgotten)
+//! caches nothing: its answer serves its own call only.
+
+pub mod config;
+pub mod feed;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use moka::{Expiry, ops::compute::Op, sync::Cache};
+use uuid::Uuid;
+
+use crate::{error::BackendError, unix_now};
+
+/// The keys one access token is checked under.
+#[derive(Debug, Clone, Copy)]
+pub struct RevocationKeys {
+    pub jti: Uuid,
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+}
+
+/// What the store knows about those keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RevocationSnapshot {
+    pub token_revoked: bool,
+    pub session_revoked: bool,
+    /// Tokens of this user issued before this instant (unix ms) are revoked.
+    pub user_epoch_ms: Option<i64>,
+}
+
+/// The shared revocation state. `until` arguments are unix seconds after
+/// which the entry is useless (every token it could concern has expired), so
+/// stores can drop it.
+#[async_trait]
+pub trait RevocationStore: Send + Sync + 'static {
+    /// `user_id` owns the token: stores keep one user's entries together
+    /// (one Redis Cluster slot), so [`lookup`](Self::lookup) is one read.
+    async fn revoke_token(&self, user_id: Uuid, jti: Uuid, until: i64) -> Result<(), BackendError>;
+    async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        until: i64,
+    ) -> Result<(), BackendError>;
+    /// Moves the epoch forward to `epoch_ms`; never moves it back.
+    async fn raise_user_epoch(
+        &self,
+        user_id: Uuid,
+        epoch_ms: i64,
+        until: i64,
+    ) -> Result<(), BackendError>;
+    /// All three answers in one round trip.
+    async fn lookup(&self, keys: &RevocationKeys) -> Result<RevocationSnapshot, BackendError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Token(Uuid),
+    Session(Uuid),
+    User(Uuid),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    Revoked,
+    NotRevoked,
+    Epoch(Option<i64>),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    known: Known,
+    until: Instant,
+}
+
+struct EntryExpiry;
+
+impl Expiry<Key, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &Key, entry: &Entry, now: Instant) -> Option<Duration> {
+        Some(entry.until.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Key,
+        entry: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.until.saturating_duration_since(now))
+    }
+}
+
+/// The token being checked, as revocation sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenFacts {
+    pub keys: RevocationKeys,
+    /// Unix ms the token was issued at.
+    pub issued_at_ms: i64,
+    /// Unix seconds the token expires at.
+    pub expires_at: i64,
+}
+
+/// Cached revocation checks in front of a [`RevocationStore`].
+#[derive(Clone)]
+pub struct Revocations {
+    store: Arc<dyn RevocationStore>,
+    cache: Cache<Key, Entry>,
+    negative_ttl: Duration,
+    /// How long user epochs must be kept: the longest an access token lives.
+    access_ttl_secs: i64,
+    /// Moved before every revocation this cache learns (and before negative
+    /// answers are forgotten): a lookup that began under an older value may
+    /// predate that revocation, so its answer is not cached.
+    generation: Arc<AtomicU64>,
+    /// Session revocations already decided (committed in the database)
+    /// whose store write failed: retried until written or moot.
+    unwritten: Arc<std::sync::Mutex<Unwritten>>,
+}
+
+/// Store writes owed, and whether a task is retrying them.
+#[derive(Default)]
+struct Unwritten {
+    sessions: Vec<(Uuid, Uuid, i64)>,
+    retrying: bool,
+}
+
+/// Longest pause between two attempts at the owed writes.
+const UNWRITTEN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Revocations {
+    pub fn new(
+        store: Arc<dyn RevocationStore>,
+        capacity: u64,
+        negative_ttl: Duration,
+        access_ttl_secs: u64,
+    ) -> Self {
+        Self {
+            store,
+            cache: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(EntryExpiry)
+                // For `forget_negative_answers` (without it moka refuses
+                // the predicate and nothing is forgotten).
+                .support_invalidation_closures()
+                .build(),
+            negative_ttl,
+            access_ttl_secs: i64::try_from(access_ttl_secs).unwrap_or(i64::MAX / 4),
+            generation: Arc::new(AtomicU64::new(0)),
+            unwritten: Arc::default(),
+        }
+    }
+
+    /// Records a revocation this cache learns (made here or announced):
+    /// moves the generation first, so a lookup in flight cannot cache an
+    /// answer older than it.
+    fn remember_revocation(&self, key: Key, known: Known, until_unix: i64) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.remember(key, known, until_unix, None);
+    }
+
+    /// Writes what is known of `key`, serialised per key with every other
+    /// write of it: "revoked" is never replaced by "not revoked", an epoch
+    /// never moves back. `lookup_generation`: the generation a store lookup
+    /// began under; its answer is dropped when the generation has moved.
+    fn remember(&self, key: Key, known: Known, until_unix: i64, lookup_generation: Option<u64>) {
+        let left = Duration::from_secs(u64::try_from(until_unix - unix_now()).unwrap_or(0));
+        let ttl = match known {
+            Known::Revoked => left,
+            Known::NotRevoked | Known::Epoch(_) => self.negative_ttl.min(left),
+        };
+        if ttl.is_zero() {
+            return;
+        }
+        let until = Instant::now() + ttl;
+        self.cache.entry(key).and_compute_with(|existing| {
+            if lookup_generation.is_some_and(|g| g != self.generation.load(Ordering::SeqCst)) {
+                return Op::Nop;
+            }
+            let existing = existing.map(|e| e.into_value());
+            let known = match (existing.map(|e| e.known), known) {
+                (Some(Known::Revoked), Known::Revoked) => {
+                    let kept = existing.map_or(until, |e| e.until);
+                    return Op::Put(Entry {
+                        known,
+                        until: kept.max(until),
+                    });
+                }
+                (Some(Known::Revoked), _) => return Op::Nop,
+                (Some(Known::Epoch(Some(had))), Known::Epoch(new)) => {
+                    Known::Epoch(Some(new.map_or(had, |new| new.max(had))))
+                }
+                (_, known) => known,
+            };
+            Op::Put(Entry { known, until })
+        });
+    }
+
+    /// Whether the token has been revoked by any of the three means.
+    pub async fn is_revoked(&self, token: &TokenFacts) -> Result<bool, BackendError> {
+        let keys = token.keys;
+        let jti_key = Key::Token(keys.jti);
+        let cached = |key: &Key| self.cache.get(key).map(|e| e.known);
+        let (jti, sid, user) = (
+            cached(&jti_key),
+            cached(&Key::Session(keys.session_id)),
+            cached(&Key::User(keys.user_id)),
+        );
+        metrics::counter!("revocation_cache_lookups_total", "result" => if jti.is_some() && sid.is_some() && user.is_some() { "hit" } else { "miss" }).increment(1);
+        if matches!(jti, Some(Known::Revoked)) || matches!(sid, Some(Known::Revoked)) {
+            return Ok(true);
+        }
+        let epoch = match (jti, sid, user) {
+            (Some(_), Some(_), Some(Known::Epoch(epoch))) => epoch,
+            _ => {
+                let generation = Some(self.generation.load(Ordering::SeqCst));
+                let snapshot = self.store.lookup(&keys).await?;
+                let flag = |revoked| {
+                    if revoked {
+                        Known::Revoked
+                    } else {
+                        Known::NotRevoked
+                    }
+                };
+                self.remember(
+                    jti_key,
+                    flag(snapshot.token_revoked),
+                    token.expires_at,
+                    generation,
+                );
+                self.remember(
+                    Key::Session(keys.session_id),
+                    flag(snapshot.session_revoked),
+                    token.expires_at,
+                    generation,
+                );
+                self.remember(
+                    Key::User(keys.user_id),
+                    Known::Epoch(snapshot.user_epoch_ms),
+                    token.expires_at,
+                    generation,
+                );
+                if snapshot.token_revoked || snapshot.session_revoked {
+                    return Ok(true);
+                }
+                snapshot.user_epoch_ms
+            }
+        };
+        Ok(epoch.is_some_and(|epoch| token.issued_at_ms < epoch))
+    }
+
+    /// Revokes one access token of `user_id` until it expires.
+    pub async fn revoke_token(
+        &self,
+        user_id: Uuid,
+        jti: Uuid,
+        expires_at: i64,
+    ) -> Result<(), BackendError> {
+        self.store.revoke_token(user_id, jti, expires_at).await?;
+        self.apply(&Notice::Token {
+            jti,
+            until: expires_at,
+        });
+        Ok(())
+    }
+
+    /// Revokes every access token of one session of `user_id`.
+    pub async fn revoke_session(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+    ) -> Result<(), BackendError> {
+        let until = unix_now() + self.access_ttl_secs + 60;
+        self.store
+            .revoke_session(user_id, session_id, until)
+            .await?;
+        self.apply(&Notice::Session { session_id, until });
+        Ok(())
+    }
+
+    /// Revokes every access token of a session whose end is already
+    /// committed elsewhere (refresh-token reuse revoked the family in the
+    /// database): the caller cannot undo that, so this never fails. This
+    /// replica denies the session's tokens at once; when the store cannot
+    /// be written, the write is retried in the background until it succeeds
+    /// or every token it concerns has expired, and the other replicas learn
+    /// it then. (A process that dies before then loses the retry: the
+    /// family's access tokens live on elsewhere until they expire.)
+    pub async fn revoke_session_or_retry(&self, user_id: Uuid, session_id: Uuid) {
+        let until = unix_now() + self.access_ttl_secs + 60;
+        self.remember_revocation(Key::Session(session_id), Known::Revoked, until);
+        if let Err(error) = self.store.revoke_session(user_id, session_id, until).await {
+            metrics::counter!("revocation_store_write_failures_total").increment(1);
+            tracing::error!(%error, %user_id, %session_id, "session revocation not written to the store; retrying in the background");
+            self.owe_session(user_id, session_id, until);
+        }
+    }
+
+    fn owe_session(&self, user_id: Uuid, session_id: Uuid, until: i64) {
+        let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        owed.sessions.push((user_id, session_id, until));
+        metrics::gauge!("revocation_store_writes_owed").set(owed.sessions.len() as f64);
+        if !owed.retrying {
+            owed.retrying = true;
+            tokio::spawn(self.clone().write_owed());
+        }
+    }
+
+    /// Retries the owed writes with a growing pause until none is left.
+    async fn write_owed(self) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(UNWRITTEN_RETRY_MAX);
+            let owed = std::mem::take(
+                &mut self
+                    .unwritten
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .sessions,
+            );
+            let mut still = Vec::new();
+            for (user_id, session_id, until) in owed {
+                if until <= unix_now() {
+                    continue;
+                }
+                match self.store.revoke_session(user_id, session_id, until).await {
+                    Ok(()) => {
+                        tracing::info!(%user_id, %session_id, "owed session revocation written to the store");
+                    }
+                    Err(_) => still.push((user_id, session_id, until)),
+                }
+            }
+            let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            owed.sessions.extend(still);
+            metrics::gauge!("revocation_store_writes_owed").set(owed.sessions.len() as f64);
+            if owed.sessions.is_empty() {
+                owed.retrying = false;
+                return;
+            }
+        }
+    }
+
+    /// Revokes every access token of the user issued before now.
+    pub async fn revoke_user(&self, user_id: Uuid) -> Result<(), BackendError> {
+        self.revoke_user_at(user_id, unix_now_ms()).await
+    }
+
+    /// Revokes every access token of the user issued before `epoch_ms`
+    /// (never moves the user's epoch back).
+    pub async fn revoke_user_at(&self, user_id: Uuid, epoch_ms: i64) -> Result<(), BackendError> {
+        let until = unix_now() + self.access_ttl_secs + 60;
+        self.store
+            .raise_user_epoch(user_id, epoch_ms, until)
+            .await?;
+        // Our own view may only move forward too (`remember` keeps the
+        // larger epoch).
+        self.remember_revocation(Key::User(user_id), Known::Epoch(Some(epoch_ms)), until);
+        Ok(())
+    }
+}
+
+pub fn unix_now_ms() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
+}
+
+/// A revocation as broadcast to every replica (Redis pub/sub), so each
+/// replica's cache learns it at once instead of after its TTL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Token {
+        jti: Uuid,
+        until: i64,
+    },
+    Session {
+        session_id: Uuid,
+        until: i64,
+    },
+    User {
+        user_id: Uuid,
+        epoch_ms: i64,
+        until: i64,
+    },
+}
+
+impl Notice {
+    pub fn encode(&self) -> String {
+        match self {
+            Self::Token { jti, until } => format!("jti {jti} {until}"),
+            Self::Session { session_id, until } => format!("sid {session_id} {until}"),
+            Self::User {
+                user_id,
+                epoch_ms,
+                until,
+            } => format!("user {user_id} {epoch_ms} {until}"),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let notice = match (parts.next()?, parts.next()?) {
+            ("jti", jti) => Self::Token {
+                jti: jti.parse().ok()?,
+                until: parts.next()?.parse().ok()?,
+            },
+            ("sid", sid) => Self::Session {
+                session_id: sid.parse().ok()?,
+                until: parts.next()?.parse().ok()?,
+            },
+            ("user", user) => Self::User {
+                user_id: user.parse().ok()?,
+                epoch_ms: parts.next()?.parse().ok()?,
+                until: parts.next()?.parse().ok()?,
+            },
+            _ => return None,
+        };
+        parts.next().is_none().then_some(notice)
+    }
+}
+
+impl Revocations {
+    /// Applies a revocation made on another replica to this one's cache.
+    pub fn apply(&self, notice: &Notice) {
+        match notice {
+            Notice::Token { jti, until } => {
+                self.remember_revocation(Key::Token(*jti), Known::Revoked, *until)
+            }
+            Notice::Session { session_id, until } => {
+                self.remember_revocation(Key::Session(*session_id), Known::Revoked, *until)
+            }
+            Notice::User {
+                user_id,
+                epoch_ms,
+                until,
+            } => {
+                self.remember_revocation(Key::User(*user_id), Known::Epoch(Some(*epoch_ms)), *until)
+            }
+        }
+        metrics::counter!("revocation_notices_applied_total").increment(1);
+    }
+
+    /// Forgets every cached "not revoked" answer (after a gap in the notice
+    /// stream, when notices may have been missed).
+    pub fn forget_negative_answers(&self) {
+        // A lookup in flight may have missed the same notices.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        // Revoked entries stay: revocations are never undone.
+        if let Err(error) = self
+            .cache
+            .invalidate_entries_if(|_, entry| !matches!(entry.known, Known::Revoked))
+        {
+            // Not reachable with the cache built in `new`; if it were,
+            // dropping everything is the safe side.
+            tracing::warn!(%error, "forgetting every cached revocation answer");
+            self.cache.invalidate_all();
+        }
+        self.cache.run_pending_tasks();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_and_garbage_is_refused() {
+        let id = Uuid::now_v7();
+        for n in [
+            Notice::Token { jti: id, until: 5 },
+            Notice::Session {
+                session_id: id,
+                until: 6,
+            },
+            Notice::User {
+                user_id: id,
+                epoch_ms: 7,
+                until: 8,
+            },
+        ] {
+            assert_eq!(Notice::parse(&n.encode()), Some(n));
+        }
+        for bad in [
+            "",
+            "jti",
+            "sid nope 1",
+            "user x 1 2",
+            "jti a 1 extra",
+            "other a 1",
+        ] {
+            assert_eq!(Notice::parse(bad), None, "{bad:?}");
+        }
+    }
+}

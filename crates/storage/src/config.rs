@@ -1,0 +1,67 @@
+//! The stores' settings: the database and Redis.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Migrations {
+    Apply,
+    Wait,
+}
+
+/// TLS to Redis: the CA that issued its certificate (default: the system's
+/// roots), and a client certificate when Redis requires one
+/// (`tls-auth-clients yes`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// How Redis is reached.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
+    Sentinel,
+}
+
+/// The database as the stores see it, assembled by the binary from its
+/// `database_*` keys and `data_dir`.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `postgres://…` or `sqlite://…` (the binary fills in the embedded
+    /// default's SQLite file).
+    pub url: String,
+    /// Where the embedded default's SQLite file lives (created if missing).
+    pub data_dir: PathBuf,
+    pub max_connections: u32,
+    /// How long a call waits for a connection.
+    pub acquire_timeout: Duration,
+    pub migrations: Migrations,
+    /// With [`Migrations::Wait`]: how long to wait for the schema.
+    pub migrations_wait: Duration,
+}
+
+/// The fast state (revocations, login counters, request quotas): Redis
+/// when `redis_url` is set, else in process.
+#[derive(Debug, Clone)]
+pub struct FastStateConfig {
+    pub redis_url: Option<String>,
+    pub redis_mode: RedisMode,
+    pub redis_sentinel_master: String,
+    pub redis_key_prefix: String,
+    pub redis_timeout: Duration,
+    pub redis_tls: RedisTlsConfig,
+    pub redis_allow_evicting_policy: bool,
+    /// In process: how many revocations are kept.
+    pub revocation_capacity: u64,
+    /// In process: how many request quotas are kept.
+    pub quota_capacity: u64,
+}
