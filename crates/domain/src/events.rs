@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::{
-    accounts::model::{Role, User},
-    platforms::{AccountStatus, Platform, PlatformAccount},
+    model::account::{Role, User},
+    model::platform::{AccountStatus, Platform, PlatformAccount},
 };
 
 /// The event types and their topic suffixes (`auth.events.<name>`).

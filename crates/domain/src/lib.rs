@@ -31,12 +31,16 @@ pub mod authz;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod model;
 pub mod pause;
 pub mod platforms;
 pub mod ratelimit;
 pub mod revocation;
 pub mod tokens;
 pub mod trace;
+
+#[cfg(test)]
+mod layers;
 
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {

@@ -2,11 +2,14 @@
 //! admin operations on users, and service accounts (client credentials).
 
 pub mod config;
-pub mod model;
 pub mod password;
 pub mod service;
 pub mod service_accounts;
 pub mod store;
+
+/// The account value types ([`crate::model::account`]), under the name the
+/// use cases and adapters have always used.
+pub use crate::model::account as model;
 
 use std::time::Duration;
 

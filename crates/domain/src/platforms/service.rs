@@ -29,9 +29,9 @@ use super::{
     webhooks,
 };
 use crate::{
-    accounts::model::Role,
     error::FieldViolation,
     events::{OutboxEvent, RequestContext},
+    model::account::Role,
     platforms::config::PlatformsConfig,
     tokens::Principal,
 };

@@ -45,7 +45,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use crate::{accounts::model::LoginName, error::BackendError};
+use crate::{error::BackendError, model::account::LoginName};
 pub use config::LockoutConfig;
 
 /// Shared failure counters (Redis in production, in process otherwise).

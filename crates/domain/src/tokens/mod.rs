@@ -33,9 +33,9 @@ use self::{
     store::{NewRefreshToken, NewSession, RotateRequest, Rotation, SessionStore, TokenHash},
 };
 use crate::{
-    accounts::model::{Role, User},
     error::BackendError,
     events::{OutboxEvent, RequestContext},
+    model::account::{Role, User},
     revocation::{RevocationKeys, Revocations, TokenFacts},
     tokens::config::TokenConfig,
 };

@@ -6,9 +6,9 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::{
-    accounts::model::User,
     error::BackendError,
     events::{OutboxEvent, RequestContext},
+    model::account::User,
 };
 
 /// SHA-256 of a refresh token; the token itself is never stored.
