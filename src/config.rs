@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 pub use auth_api::config::{
     AccessLog, ClientAuth, LimitsConfig, RpcConfig, ServiceIdentity, TlsConfig,
 };
-use auth_domain::authz::policy::RoutePolicy;
 pub use auth_domain::{
     accounts::config::PasswordConfig,
     authz::config::{AuthzConfig, RateClass},
@@ -178,8 +177,7 @@ pub struct OtelConfig {
     pub max_queue_size: usize,
 }
 
-/// The largest `kafka.relay_batch` (see its validation).
-pub const MAX_RELAY_BATCH: i64 = 10_000;
+pub use auth_kafka::config::MAX_RELAY_BATCH;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -239,6 +237,29 @@ impl Default for Config {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+impl From<auth_domain::error::ConfigError> for ConfigError {
+    fn from(error: auth_domain::error::ConfigError) -> Self {
+        Self(error.to_string())
+    }
+}
+
+impl OtelConfig {
+    /// Each error names its own key, relative to this section.
+    pub fn validate(&self) -> Result<(), auth_domain::error::ConfigError> {
+        use auth_domain::error::require;
+        require(
+            (0.0..=1.0).contains(&self.sampling_ratio),
+            "sampling_ratio",
+            "must be between 0 and 1",
+        )?;
+        require(
+            self.max_queue_size > 0,
+            "max_queue_size",
+            "must be positive",
+        )
+    }
+}
+
 impl Config {
     /// Defaults, then `file` (if given), then the process environment.
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
@@ -279,255 +300,23 @@ impl Config {
     }
 
     /// Semantic checks that serde cannot express.
+    /// Each component validates its own section; an error names its own
+    /// key, placed under the section here, and the variable that sets it.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
-        if let Some(url) = &self.database_url
-            && !(url.starts_with("postgres://")
-                || url.starts_with("postgresql://")
-                || url.starts_with("sqlite:"))
-        {
-            return fail(
-                "database_url (AUTH_DATABASE_URL)",
-                "must start with postgres:// or sqlite:",
-            );
-        }
-        if let Some(url) = &self.redis_url {
-            let urls: Vec<&str> = match self.redis_mode {
-                RedisMode::Standalone => vec![url.as_str()],
-                RedisMode::Cluster | RedisMode::Sentinel => url.split(',').map(str::trim).collect(),
-            };
-            if urls
-                .iter()
-                .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-            {
-                return fail(
-                    "redis_url (AUTH_REDIS_URL)",
-                    "must start with redis:// or rediss:// (in cluster and sentinel modes: each comma-separated node)",
-                );
-            }
-        }
-        let p = &self.password;
-        if p.memory_kib < 8 * p.parallelism.max(1) || p.iterations == 0 || p.parallelism == 0 {
-            return fail(
-                "password",
-                "argon2 needs iterations >= 1, parallelism >= 1 and memory_kib >= 8 * parallelism",
-            );
-        }
-        if p.min_length == 0 || p.max_length < p.min_length || p.max_length > 1024 {
-            return fail(
-                "password.max_length",
-                "needs 0 < min_length <= max_length <= 1024",
-            );
-        }
-        if p.max_queued_per_source == 0 {
-            return fail("password.max_queued_per_source", "must be positive");
-        }
-        if p.max_wait_ms == 0 {
-            return fail("password.max_wait_ms", "must be positive");
-        }
-        let t = &self.tokens;
-        if t.access_ttl_secs == 0 || t.refresh_idle_ttl_secs == 0 || t.device_ttl_secs == 0 {
-            return fail("tokens.access_ttl_secs", "token lifetimes must be positive");
-        }
-        if t.refresh_absolute_ttl_secs < t.refresh_idle_ttl_secs {
-            return fail(
-                "tokens.refresh_absolute_ttl_secs",
-                "must be at least refresh_idle_ttl_secs",
-            );
-        }
-        if t.issuer.is_empty() || t.audience.is_empty() {
-            return fail("tokens.issuer", "issuer and audience must not be empty");
-        }
-        for platform in crate::platforms::Platform::ALL {
-            let p = self.platforms.provider(platform);
-            let key = |field: &str| format!("platforms.{platform}.{field}");
-            if p.client_id.as_deref().is_some_and(str::is_empty) {
-                return Err(ConfigError(format!(
-                    "{}: must not be empty",
-                    key("client_id")
-                )));
-            }
-            if p.client_id.is_some() {
-                if p.client_secret.is_none() {
-                    return Err(ConfigError(format!(
-                        "{}: required when client_id is set",
-                        key("client_secret")
-                    )));
-                }
-                let urls = [
-                    ("redirect_uri", p.redirect_uri.as_deref()),
-                    ("auth_url", Some(p.auth_url.as_str())),
-                    ("token_url", Some(p.token_url.as_str())),
-                    ("api_url", Some(p.api_url.as_str())),
-                    (
-                        "revoke_url",
-                        p.revoke_url.as_deref().or(Some("http://unset")),
-                    ),
-                    (
-                        "validate_url",
-                        p.validate_url.as_deref().or(Some("http://unset")),
-                    ),
-                ];
-                for (field, value) in urls {
-                    let ok = value
-                        .and_then(|v| url::Url::parse(v).ok())
-                        .is_some_and(|u| matches!(u.scheme(), "http" | "https"));
-                    if !ok {
-                        return Err(ConfigError(format!("{}: needs an http(s) URL", key(field))));
-                    }
-                }
-            }
-        }
-        if !(0.0..=1.0).contains(&self.otel.sampling_ratio) || self.otel.max_queue_size == 0 {
-            return fail(
-                "otel.sampling_ratio",
-                "sampling_ratio is between 0 and 1, max_queue_size positive",
-            );
-        }
-        let rt = &self.redis_tls;
-        if rt.cert.is_some() != rt.key.is_some() {
-            return fail(
-                "redis_tls.cert",
-                "redis_tls.cert and redis_tls.key go together",
-            );
-        }
-        if (rt.ca.is_some() || rt.cert.is_some())
-            && !self
-                .redis_url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("rediss://"))
-        {
-            return fail("redis_tls", "needs a rediss:// redis_url");
-        }
-        let tls = &self.tls;
-        if tls.cert.is_some() != tls.key.is_some() {
-            return fail("tls.cert", "tls.cert and tls.key go together");
-        }
-        if tls.client_auth != ClientAuth::None && (tls.client_ca.is_none() || tls.cert.is_none()) {
-            return fail(
-                "tls.client_auth",
-                "client certificates need tls.client_ca, tls.cert and tls.key",
-            );
-        }
-        if tls.reload_interval_secs == 0 {
-            return fail("tls.reload_interval_secs", "must be positive");
-        }
-        let pl = &self.platforms;
-        if pl.http_timeout_ms == 0 || pl.retry_attempts == 0 || pl.refresh_lease_ms == 0 {
-            return fail(
-                "platforms.http_timeout_ms",
-                "http_timeout_ms, retry_attempts and refresh_lease_ms must be positive",
-            );
-        }
-        if pl.state_ttl_secs == 0 || pl.keepalive_batch <= 0 {
-            return fail(
-                "platforms.state_ttl_secs",
-                "state_ttl_secs and keepalive_batch must be positive",
-            );
-        }
-        let l = &self.lockout;
-        if l.window_secs == 0
-            || l.max_failures_per_account_ip == 0
-            || l.max_failures_per_ip == 0
-            || l.max_failures_per_account == 0
-        {
-            return fail("lockout", "limits and window must be positive");
-        }
-        if self.redis_timeout_ms == 0 {
-            return fail(
-                "redis_timeout_ms (AUTH_REDIS_TIMEOUT_MS)",
-                "must be positive",
-            );
-        }
-        for (name, class) in &self.authz.rate_limits {
-            for (which, limit) in [("per_user", &class.per_user), ("per_ip", &class.per_ip)] {
-                if let Some(limit) = limit {
-                    limit
-                        .validate(&format!("authz.rate_limits.{name}.{which}"))
-                        .map_err(ConfigError)?;
-                }
-            }
-        }
-        for (method, limit) in &self.rpc.session_limits {
-            limit
-                .validate(&format!("rpc.session_limits.{method}"))
-                .map_err(ConfigError)?;
-        }
-        let classes: Vec<&str> = self.authz.rate_limits.keys().map(String::as_str).collect();
-        RoutePolicy::compile(&self.authz.routes, &classes)
-            .map_err(|e| ConfigError(e.to_string()))?;
-        if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
-            .contains(&self.kafka.security_protocol.as_str())
-        {
-            return fail(
-                "kafka.security_protocol",
-                "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
-            );
-        }
-        if self.kafka.security_protocol.starts_with("sasl_") {
-            // Refused at start, not at the first publish.
-            match self.kafka.sasl_mechanism.as_deref() {
-                Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {}
-                _ => {
-                    return fail(
-                        "kafka.sasl_mechanism (AUTH_KAFKA__SASL_MECHANISM)",
-                        "SASL needs PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
-                    );
-                }
-            }
-            if self
-                .kafka
-                .sasl_username
-                .as_deref()
-                .is_none_or(str::is_empty)
-            {
-                return fail(
-                    "kafka.sasl_username (AUTH_KAFKA__SASL_USERNAME)",
-                    "SASL needs a user name",
-                );
-            }
-            if self.kafka.sasl_password.is_none() {
-                return fail(
-                    "kafka.sasl_password (AUTH_KAFKA__SASL_PASSWORD)",
-                    "SASL needs a password",
-                );
-            }
-        }
-        // Each error names its own key. A batch is marked published in one
-        // statement with a bind per row: kept well inside SQLite's 32,766
-        // and PostgreSQL's 65,535 bind parameters.
-        if !(1..=MAX_RELAY_BATCH).contains(&self.kafka.relay_batch) {
-            return fail(
-                "kafka.relay_batch",
-                "must be between 1 and 10000 (rows marked published in one statement)",
-            );
-        }
-        if self.kafka.relay_lease_secs == 0 {
-            return fail("kafka.relay_lease_secs", "must be positive");
-        }
-        if self.kafka.topic_partitions <= 0 {
-            return fail("kafka.topic_partitions", "must be positive");
-        }
-        // The lifecycle consumer in its own process needs no Redis: what it
-        // revokes goes into the database's revocation log, which every
-        // serving process applies to its own revocation state
-        // (revocation::feed::apply_log).
-        if self.database_timeout_ms == 0 {
-            return fail(
-                "database_timeout_ms (AUTH_DATABASE_TIMEOUT_MS)",
-                "must be positive",
-            );
-        }
-        let m = &self.limits;
-        if m.max_api_message_bytes < 8 * 1024
-            || m.max_check_message_bytes < 8 * 1024
-            || m.max_header_bytes < 8 * 1024
-        {
-            return fail("limits", "message and header limits must be at least 8 KiB");
-        }
-        if self.database_max_connections == 0 {
-            return fail("database_max_connections", "must be positive");
-        }
+        self.database().validate()?;
+        self.fast_state().validate()?;
+        self.password.validate().map_err(|e| e.within("password"))?;
+        self.tokens.validate().map_err(|e| e.within("tokens"))?;
+        self.lockout.validate().map_err(|e| e.within("lockout"))?;
+        self.authz.validate().map_err(|e| e.within("authz"))?;
+        self.platforms
+            .validate()
+            .map_err(|e| e.within("platforms"))?;
+        self.kafka.validate().map_err(|e| e.within("kafka"))?;
+        self.limits.validate().map_err(|e| e.within("limits"))?;
+        self.rpc.validate().map_err(|e| e.within("rpc"))?;
+        self.tls.validate().map_err(|e| e.within("tls"))?;
+        self.otel.validate().map_err(|e| e.within("otel"))?;
         Ok(())
     }
 
@@ -679,6 +468,107 @@ mod tests {
         let mut config = Config::default();
         config.kafka.relay_batch = MAX_RELAY_BATCH;
         config.validate().unwrap();
+    }
+
+    /// Every validation error names the key it is about and the variable
+    /// that sets it, not a neighbour or its section.
+    #[test]
+    fn every_invalid_value_is_named_by_its_own_key() {
+        type Adjust = fn(&mut Config);
+        let cases: &[(Adjust, &str)] = &[
+            (
+                |c| c.database_url = Some("mysql://x".into()),
+                "database_url",
+            ),
+            (
+                |c| c.database_max_connections = 0,
+                "database_max_connections",
+            ),
+            (|c| c.database_timeout_ms = 0, "database_timeout_ms"),
+            (|c| c.redis_url = Some("http://x".into()), "redis_url"),
+            (|c| c.redis_timeout_ms = 0, "redis_timeout_ms"),
+            (|c| c.redis_tls.cert = Some("c".into()), "redis_tls.key"),
+            (|c| c.redis_tls.key = Some("k".into()), "redis_tls.cert"),
+            (|c| c.password.iterations = 0, "password.iterations"),
+            (|c| c.password.parallelism = 0, "password.parallelism"),
+            (|c| c.password.memory_kib = 4, "password.memory_kib"),
+            (|c| c.password.min_length = 0, "password.min_length"),
+            (|c| c.password.max_length = 2000, "password.max_length"),
+            (|c| c.password.max_wait_ms = 0, "password.max_wait_ms"),
+            (|c| c.tokens.access_ttl_secs = 0, "tokens.access_ttl_secs"),
+            (
+                |c| c.tokens.refresh_idle_ttl_secs = 0,
+                "tokens.refresh_idle_ttl_secs",
+            ),
+            (|c| c.tokens.device_ttl_secs = 0, "tokens.device_ttl_secs"),
+            (
+                |c| c.tokens.refresh_absolute_ttl_secs = 1,
+                "tokens.refresh_absolute_ttl_secs",
+            ),
+            (|c| c.tokens.audience.clear(), "tokens.audience"),
+            (|c| c.tokens.issuer.clear(), "tokens.issuer"),
+            (|c| c.lockout.window_secs = 0, "lockout.window_secs"),
+            (
+                |c| c.lockout.max_failures_per_ip = 0,
+                "lockout.max_failures_per_ip",
+            ),
+            (
+                |c| {
+                    c.platforms.twitch.client_id = Some("id".into());
+                    c.platforms.twitch.client_secret = Some("s".to_owned().into());
+                    c.platforms.twitch.redirect_uri = Some("ftp://x".into());
+                },
+                "platforms.twitch.redirect_uri",
+            ),
+            (
+                |c| c.platforms.retry_attempts = 0,
+                "platforms.retry_attempts",
+            ),
+            (
+                |c| c.platforms.keepalive_batch = 0,
+                "platforms.keepalive_batch",
+            ),
+            (
+                |c| c.kafka.security_protocol = "tls".into(),
+                "kafka.security_protocol",
+            ),
+            (|c| c.kafka.relay_lease_secs = 0, "kafka.relay_lease_secs"),
+            (|c| c.limits.max_header_bytes = 1, "limits.max_header_bytes"),
+            (
+                |c| c.tls.reload_interval_secs = 0,
+                "tls.reload_interval_secs",
+            ),
+            (|c| c.tls.key = Some("k".into()), "tls.cert"),
+            (|c| c.otel.max_queue_size = 0, "otel.max_queue_size"),
+            (|c| c.otel.sampling_ratio = 2.0, "otel.sampling_ratio"),
+        ];
+        for (adjust, key) in cases {
+            let mut config = Config::default();
+            adjust(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            let env = format!("AUTH_{}", key.replace('.', "__").to_ascii_uppercase());
+            assert!(err.contains(&format!("{key} ({env}): ")), "{key}: {err}");
+        }
+    }
+
+    /// The README's configuration examples are configurations this
+    /// version loads and accepts, so a renamed or moved key breaks here
+    /// first.
+    #[test]
+    fn the_readmes_configuration_examples_load_and_validate() {
+        let readme = include_str!("../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|rest| rest.split("```").next().unwrap_or_default())
+            .collect();
+        assert!(blocks.len() >= 3, "found {} toml blocks", blocks.len());
+        for block in blocks {
+            let config = Config::from_toml(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+            config
+                .validate()
+                .unwrap_or_else(|e| panic!("{e}\n{block}"));
+        }
     }
 
     #[test]

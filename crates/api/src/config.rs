@@ -2,6 +2,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf};
 
+use auth_domain::error::{ConfigError, require};
 use serde::{Deserialize, Serialize};
 
 use auth_domain::ratelimit::quota::Limit;
@@ -119,5 +120,61 @@ impl Default for TlsConfig {
             reload_interval_secs: 10,
             xfcc_from: Vec::new(),
         }
+    }
+}
+
+impl TlsConfig {
+    /// Each error names its own key, relative to this section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(
+            self.cert.is_some() == self.key.is_some(),
+            if self.cert.is_some() { "key" } else { "cert" },
+            "tls.cert and tls.key go together",
+        )?;
+        if self.client_auth != ClientAuth::None {
+            require(
+                self.client_ca.is_some(),
+                "client_ca",
+                "client certificates need a CA",
+            )?;
+            require(
+                self.cert.is_some(),
+                "cert",
+                "client certificates need the server's own cert and key",
+            )?;
+        }
+        require(
+            self.reload_interval_secs > 0,
+            "reload_interval_secs",
+            "must be positive",
+        )
+    }
+}
+
+impl LimitsConfig {
+    /// Each error names its own key, relative to this section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("max_api_message_bytes", self.max_api_message_bytes),
+            ("max_check_message_bytes", self.max_check_message_bytes),
+            ("max_header_bytes", self.max_header_bytes as usize),
+        ] {
+            require(value >= 8 * 1024, key, "must be at least 8 KiB")?;
+        }
+        Ok(())
+    }
+}
+
+impl RpcConfig {
+    /// Each error names its own key, relative to this section
+    /// (`session_limits.<method>.burst`). Whether each method exists is
+    /// checked where the API's method names are known (`grpc::stack`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (method, limit) in &self.session_limits {
+            limit
+                .validate()
+                .map_err(|e| e.within(method).within("session_limits"))?;
+        }
+        Ok(())
     }
 }

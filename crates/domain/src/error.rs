@@ -84,3 +84,54 @@ impl BackendError {
         }
     }
 }
+
+/// A configuration value that cannot be used, named by its own key. A
+/// component's section validates itself with keys relative to the section;
+/// whoever assembles the sections places them with [`ConfigError::within`],
+/// so the key a user reads is the one to change:
+/// `password.memory_kib (AUTH_PASSWORD__MEMORY_KIB): …`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} ({env}): {why}", env = self.env_var())]
+pub struct ConfigError {
+    key: String,
+    why: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, why: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            why: why.into(),
+        }
+    }
+
+    /// The same error, its key placed under `section`.
+    pub fn within(self, section: &str) -> Self {
+        Self {
+            key: format!("{section}.{}", self.key),
+            why: self.why,
+        }
+    }
+
+    /// The dotted key, e.g. `tokens.access_ttl_secs`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The environment variable that sets the key: `AUTH_` and the key,
+    /// upper-cased, sections joined by `__` (map keys and list indexes are
+    /// shown as written).
+    pub fn env_var(&self) -> String {
+        let path = self.key.split('[').next().unwrap_or_default();
+        format!("AUTH_{}", path.replace('.', "__").to_ascii_uppercase())
+    }
+}
+
+/// `Err(ConfigError)` for `key` unless `ok`.
+pub fn require(ok: bool, key: &str, why: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(key, why))
+    }
+}

@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use auth_domain::error::{ConfigError, require};
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::EventFormat;
@@ -100,5 +101,58 @@ impl Default for KafkaConfig {
             worker: EventsWorker::Supervised,
             worker_http_addr: None,
         }
+    }
+}
+
+/// The largest `kafka.relay_batch`: a batch is marked published in one
+/// statement with a bind per row, kept well inside SQLite's 32,766 and
+/// PostgreSQL's 65,535 bind parameters.
+pub const MAX_RELAY_BATCH: i64 = 10_000;
+
+impl KafkaConfig {
+    /// Each error names its own key, relative to this section. SASL is
+    /// refused at start, not at the first publish.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(
+            ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+                .contains(&self.security_protocol.as_str()),
+            "security_protocol",
+            "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
+        )?;
+        if self.security_protocol.starts_with("sasl_") {
+            require(
+                matches!(
+                    self.sasl_mechanism.as_deref(),
+                    Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512")
+                ),
+                "sasl_mechanism",
+                "SASL needs PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+            )?;
+            require(
+                self.sasl_username.as_deref().is_some_and(|u| !u.is_empty()),
+                "sasl_username",
+                "SASL needs a user name",
+            )?;
+            require(
+                self.sasl_password.is_some(),
+                "sasl_password",
+                "SASL needs a password",
+            )?;
+        }
+        require(
+            (1..=MAX_RELAY_BATCH).contains(&self.relay_batch),
+            "relay_batch",
+            "must be between 1 and 10000 (rows marked published in one statement)",
+        )?;
+        require(
+            self.relay_lease_secs > 0,
+            "relay_lease_secs",
+            "must be positive",
+        )?;
+        require(
+            self.topic_partitions > 0,
+            "topic_partitions",
+            "must be positive",
+        )
     }
 }

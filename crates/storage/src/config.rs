@@ -2,6 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use auth_domain::error::{ConfigError, require};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -64,4 +65,69 @@ pub struct FastStateConfig {
     pub revocation_capacity: u64,
     /// In process: how many request quotas are kept.
     pub quota_capacity: u64,
+}
+
+impl DatabaseConfig {
+    /// Each error names the key it comes from (they are top-level keys).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(
+            ["postgres://", "postgresql://", "sqlite:"]
+                .iter()
+                .any(|scheme| self.url.starts_with(scheme)),
+            "database_url",
+            "must start with postgres:// or sqlite:",
+        )?;
+        require(
+            self.max_connections > 0,
+            "database_max_connections",
+            "must be positive",
+        )?;
+        require(
+            !self.acquire_timeout.is_zero(),
+            "database_timeout_ms",
+            "must be positive",
+        )
+    }
+}
+
+impl FastStateConfig {
+    /// Each error names the key it comes from (they are top-level keys).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis_url {
+            let urls: Vec<&str> = match self.redis_mode {
+                RedisMode::Standalone => vec![url.as_str()],
+                RedisMode::Cluster | RedisMode::Sentinel => url.split(',').map(str::trim).collect(),
+            };
+            require(
+                urls.iter()
+                    .all(|u| u.starts_with("redis://") || u.starts_with("rediss://")),
+                "redis_url",
+                "must start with redis:// or rediss:// (in cluster and sentinel modes: each comma-separated node)",
+            )?;
+        }
+        require(
+            !self.redis_timeout.is_zero(),
+            "redis_timeout_ms",
+            "must be positive",
+        )?;
+        let tls = &self.redis_tls;
+        require(
+            tls.cert.is_some() == tls.key.is_some(),
+            if tls.cert.is_some() {
+                "redis_tls.key"
+            } else {
+                "redis_tls.cert"
+            },
+            "redis_tls.cert and redis_tls.key go together",
+        )?;
+        require(
+            !(tls.ca.is_some() || tls.cert.is_some())
+                || self
+                    .redis_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("rediss://")),
+            "redis_url",
+            "redis_tls needs a rediss:// URL",
+        )
+    }
 }

@@ -1,5 +1,7 @@
 //! The `password` section: argon2id parameters and the hashing pool's admission.
 
+use crate::error::{ConfigError, require};
+
 use serde::{Deserialize, Serialize};
 
 /// argon2id parameters and the password policy.
@@ -55,5 +57,34 @@ impl Default for PasswordConfig {
             device_lane: true,
             quiet_sources_in_lane: true,
         }
+    }
+}
+
+impl PasswordConfig {
+    /// Each error names its own key, relative to this section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(self.iterations > 0, "iterations", "argon2 needs at least 1")?;
+        require(
+            self.parallelism > 0,
+            "parallelism",
+            "argon2 needs at least 1",
+        )?;
+        require(
+            self.memory_kib >= 8 * self.parallelism,
+            "memory_kib",
+            "argon2 needs at least 8 KiB per lane (8 * parallelism)",
+        )?;
+        require(self.min_length > 0, "min_length", "must be positive")?;
+        require(
+            (self.min_length..=1024).contains(&self.max_length),
+            "max_length",
+            "must be between min_length and 1024",
+        )?;
+        require(
+            self.max_queued_per_source > 0,
+            "max_queued_per_source",
+            "must be positive",
+        )?;
+        require(self.max_wait_ms > 0, "max_wait_ms", "must be positive")
     }
 }

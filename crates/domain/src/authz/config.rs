@@ -2,10 +2,12 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
+use crate::error::ConfigError;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    authz::policy::{RouteRule, default_rules},
+    authz::policy::{RoutePolicy, RouteRule, default_rules},
     ratelimit::quota::Limit,
 };
 
@@ -70,5 +72,26 @@ impl Default for AuthzConfig {
             rate_limit_fail_open: true,
             rate_limit_capacity: 1_000_000,
         }
+    }
+}
+
+impl AuthzConfig {
+    /// Each error names its own key, relative to this section: a rate
+    /// class's limit (`rate_limits.<class>.per_user.burst`) or the route
+    /// that does not compile (`routes[3]`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, class) in &self.rate_limits {
+            for (which, limit) in [("per_user", &class.per_user), ("per_ip", &class.per_ip)] {
+                if let Some(limit) = limit {
+                    limit
+                        .validate()
+                        .map_err(|e| e.within(which).within(name).within("rate_limits"))?;
+                }
+            }
+        }
+        let classes: Vec<&str> = self.rate_limits.keys().map(String::as_str).collect();
+        RoutePolicy::compile(&self.routes, &classes)
+            .map_err(|e| ConfigError::new(format!("routes[{}]", e.index), e.reason))?;
+        Ok(())
     }
 }

@@ -2,6 +2,11 @@
 
 use std::path::PathBuf;
 
+use crate::{
+    error::{ConfigError, require},
+    model::platform::Platform,
+};
+
 use serde::{Deserialize, Serialize};
 
 /// Streaming-platform linking (`platforms.<name>.*` with `<name>` one of
@@ -182,5 +187,78 @@ impl Default for PlatformsConfig {
             keepalive_batch: 100,
             webhook_max_age_secs: 600,
         }
+    }
+}
+
+impl ProviderConfig {
+    /// Each error names its own key, relative to this platform's section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Some(client_id) = &self.client_id else {
+            return Ok(()); // not configured: off
+        };
+        require(!client_id.is_empty(), "client_id", "must not be empty")?;
+        require(
+            self.client_secret.is_some(),
+            "client_secret",
+            "required when client_id is set",
+        )?;
+        let urls = [
+            ("redirect_uri", self.redirect_uri.as_deref()),
+            ("auth_url", Some(self.auth_url.as_str())),
+            ("token_url", Some(self.token_url.as_str())),
+            ("api_url", Some(self.api_url.as_str())),
+            (
+                "revoke_url",
+                self.revoke_url.as_deref().or(Some("http://unset")),
+            ),
+            (
+                "validate_url",
+                self.validate_url.as_deref().or(Some("http://unset")),
+            ),
+        ];
+        for (field, value) in urls {
+            let http = value
+                .and_then(|v| url::Url::parse(v).ok())
+                .is_some_and(|u| matches!(u.scheme(), "http" | "https"));
+            require(http, field, "needs an http(s) URL")?;
+        }
+        Ok(())
+    }
+}
+
+impl PlatformsConfig {
+    /// Each error names its own key, relative to this section
+    /// (`twitch.client_secret`, `http_timeout_ms`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for platform in Platform::ALL {
+            self.provider(platform)
+                .validate()
+                .map_err(|e| e.within(platform.as_str()))?;
+        }
+        require(
+            self.http_timeout_ms > 0,
+            "http_timeout_ms",
+            "must be positive",
+        )?;
+        require(
+            self.retry_attempts > 0,
+            "retry_attempts",
+            "must be positive",
+        )?;
+        require(
+            self.refresh_lease_ms > 0,
+            "refresh_lease_ms",
+            "must be positive",
+        )?;
+        require(
+            self.state_ttl_secs > 0,
+            "state_ttl_secs",
+            "must be positive",
+        )?;
+        require(
+            self.keepalive_batch > 0,
+            "keepalive_batch",
+            "must be positive",
+        )
     }
 }

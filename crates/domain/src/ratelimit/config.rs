@@ -1,5 +1,7 @@
 //! The `lockout` section: login failure counters.
 
+use crate::error::{ConfigError, require};
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,5 +26,27 @@ impl Default for LockoutConfig {
             max_failures_per_account: 100,
             window_secs: 60,
         }
+    }
+}
+
+impl LockoutConfig {
+    /// Each error names its own key, relative to this section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(self.window_secs > 0, "window_secs", "must be positive")?;
+        require(
+            self.max_failures_per_account_ip > 0,
+            "max_failures_per_account_ip",
+            "must be positive",
+        )?;
+        require(
+            self.max_failures_per_ip > 0,
+            "max_failures_per_ip",
+            "must be positive",
+        )?;
+        require(
+            self.max_failures_per_account > 0,
+            "max_failures_per_account",
+            "must be positive",
+        )
     }
 }

@@ -58,13 +58,12 @@ impl Limit {
         (self.burst / 10).clamp(1, 50)
     }
 
-    pub fn validate(&self, key: &str) -> Result<(), String> {
-        if self.requests == 0 || self.per_secs == 0 || self.burst == 0 {
-            return Err(format!(
-                "{key}: requests, per_secs and burst must be positive"
-            ));
-        }
-        Ok(())
+    /// Each error names its own key, relative to this limit.
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        use crate::error::require;
+        require(self.requests > 0, "requests", "must be positive")?;
+        require(self.per_secs > 0, "per_secs", "must be positive")?;
+        require(self.burst > 0, "burst", "must be positive")
     }
 }
 

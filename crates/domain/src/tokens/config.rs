@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::error::{ConfigError, require};
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,5 +49,33 @@ impl Default for TokenConfig {
             verified_cache_bytes: 64 * 1024 * 1024,
             device_ttl_secs: 90 * 24 * 3600,
         }
+    }
+}
+
+impl TokenConfig {
+    /// Each error names its own key, relative to this section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(
+            self.access_ttl_secs > 0,
+            "access_ttl_secs",
+            "must be positive",
+        )?;
+        require(
+            self.refresh_idle_ttl_secs > 0,
+            "refresh_idle_ttl_secs",
+            "must be positive",
+        )?;
+        require(
+            self.device_ttl_secs > 0,
+            "device_ttl_secs",
+            "must be positive",
+        )?;
+        require(
+            self.refresh_absolute_ttl_secs >= self.refresh_idle_ttl_secs,
+            "refresh_absolute_ttl_secs",
+            "must be at least refresh_idle_ttl_secs",
+        )?;
+        require(!self.issuer.is_empty(), "issuer", "must not be empty")?;
+        require(!self.audience.is_empty(), "audience", "must not be empty")
     }
 }
