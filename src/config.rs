@@ -565,9 +565,7 @@ mod tests {
         assert!(blocks.len() >= 3, "found {} toml blocks", blocks.len());
         for block in blocks {
             let config = Config::from_toml(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
-            config
-                .validate()
-                .unwrap_or_else(|e| panic!("{e}\n{block}"));
+            config.validate().unwrap_or_else(|e| panic!("{e}\n{block}"));
         }
     }
 
