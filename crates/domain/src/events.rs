@@ -4,7 +4,7 @@
 //! to Kafka through the [`RelayStore`] port.
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -91,15 +91,80 @@ pub struct OutboxEvent {
     pub event_type: EventType,
     pub user_id: Option<Uuid>,
     pub occurred_at: OffsetDateTime,
-    pub data: Value,
+    pub data: EventData,
     pub traceparent: Option<String>,
+}
+
+/// What an event says besides its type, user and time: one shape per kind
+/// of event, serialised as the JSON object of the outbox row, the
+/// revocation log and the envelope's `data`. Typed, so no constructor can
+/// misspell or leave out a field of its kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum EventData {
+    UserCreated {
+        email: String,
+        username: String,
+        roles: Vec<String>,
+    },
+    LoginSucceeded {
+        session_id: Uuid,
+        client_ip: Option<String>,
+    },
+    LoginFailed {
+        reason: &'static str,
+        client_ip: Option<String>,
+    },
+    TokenRevoked {
+        session_id: Uuid,
+        reason: &'static str,
+    },
+    ServiceAccount {
+        name: String,
+        roles: Vec<String>,
+        by: Uuid,
+    },
+    /// A user-wide change by an admin (`by`), the user itself (`None`), or
+    /// another service (`source`).
+    UserChanged {
+        by: Option<Uuid>,
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+    },
+    RolesChanged {
+        by: Uuid,
+        roles: Vec<String>,
+    },
+    PasswordChanged {},
+    PlatformConnected {
+        platform: &'static str,
+        platform_user_id: String,
+        login: String,
+        scopes: Vec<String>,
+    },
+    PlatformDisconnected {
+        platform: &'static str,
+        platform_user_id: String,
+        scopes: Vec<String>,
+        revoked_at_platform: bool,
+        revocation: String,
+        reason: String,
+    },
+    PlatformReauthRequired {
+        platform: &'static str,
+        platform_user_id: String,
+        scopes: Vec<String>,
+        status: &'static str,
+        reason: String,
+    },
 }
 
 impl OutboxEvent {
     pub fn new(
         event_type: EventType,
         user_id: Option<Uuid>,
-        data: Value,
+        data: EventData,
         ctx: &RequestContext,
     ) -> Self {
         Self {
@@ -116,7 +181,11 @@ impl OutboxEvent {
         Self::new(
             EventType::UserCreated,
             Some(user.id),
-            json!({ "email": user.email.as_str(), "username": user.username.as_str(), "roles": role_names(&user.roles) }),
+            EventData::UserCreated {
+                email: user.email.as_str().to_owned(),
+                username: user.username.as_str().to_owned(),
+                roles: role_names(&user.roles),
+            },
             ctx,
         )
     }
@@ -125,7 +194,10 @@ impl OutboxEvent {
         Self::new(
             EventType::LoginSucceeded,
             Some(user_id),
-            json!({ "session_id": session_id, "client_ip": ctx.client_ip }),
+            EventData::LoginSucceeded {
+                session_id,
+                client_ip: ctx.client_ip.clone(),
+            },
             ctx,
         )
     }
@@ -136,7 +208,10 @@ impl OutboxEvent {
         Self::new(
             EventType::LoginFailed,
             user_id,
-            json!({ "reason": reason, "client_ip": ctx.client_ip }),
+            EventData::LoginFailed {
+                reason,
+                client_ip: ctx.client_ip.clone(),
+            },
             ctx,
         )
     }
@@ -150,7 +225,7 @@ impl OutboxEvent {
         Self::new(
             EventType::TokenRevoked,
             Some(user_id),
-            json!({ "session_id": session_id, "reason": reason }),
+            EventData::TokenRevoked { session_id, reason },
             ctx,
         )
     }
@@ -169,7 +244,11 @@ impl OutboxEvent {
         Self::new(
             event_type,
             Some(account_id),
-            json!({ "name": name, "roles": roles, "by": by }),
+            EventData::ServiceAccount {
+                name: name.to_owned(),
+                roles: roles.to_vec(),
+                by,
+            },
             ctx,
         )
     }
@@ -178,7 +257,11 @@ impl OutboxEvent {
         Self::new(
             EventType::UserSuspended,
             Some(user_id),
-            json!({ "by": by, "reason": reason }),
+            EventData::UserChanged {
+                by: Some(by),
+                reason: reason.to_owned(),
+                source: None,
+            },
             ctx,
         )
     }
@@ -192,7 +275,11 @@ impl OutboxEvent {
         Self::new(
             EventType::SessionsRevoked,
             Some(user_id),
-            json!({ "by": by, "reason": reason }),
+            EventData::UserChanged {
+                by,
+                reason: reason.to_owned(),
+                source: None,
+            },
             ctx,
         )
     }
@@ -201,7 +288,10 @@ impl OutboxEvent {
         Self::new(
             EventType::RolesChanged,
             Some(user_id),
-            json!({ "by": by, "roles": role_names(roles) }),
+            EventData::RolesChanged {
+                by,
+                roles: role_names(roles),
+            },
             ctx,
         )
     }
@@ -216,13 +306,22 @@ impl OutboxEvent {
         Self::new(
             event_type,
             Some(user_id),
-            json!({ "by": null, "reason": reason, "source": source }),
+            EventData::UserChanged {
+                by: None,
+                reason: reason.to_owned(),
+                source: Some(source.to_owned()),
+            },
             ctx,
         )
     }
 
     pub fn password_changed(user_id: Uuid, ctx: &RequestContext) -> Self {
-        Self::new(EventType::PasswordChanged, Some(user_id), json!({}), ctx)
+        Self::new(
+            EventType::PasswordChanged,
+            Some(user_id),
+            EventData::PasswordChanged {},
+            ctx,
+        )
     }
 
     /// A streaming-platform account was linked (never its tokens).
@@ -230,12 +329,12 @@ impl OutboxEvent {
         Self::new(
             EventType::PlatformConnected,
             Some(account.user_id),
-            json!({
-                "platform": account.platform.as_str(),
-                "platform_user_id": account.platform_user_id,
-                "login": account.login,
-                "scopes": account.scopes,
-            }),
+            EventData::PlatformConnected {
+                platform: account.platform.as_str(),
+                platform_user_id: account.platform_user_id.clone(),
+                login: account.login.clone(),
+                scopes: account.scopes.clone(),
+            },
             ctx,
         )
     }
@@ -275,14 +374,14 @@ impl OutboxEvent {
         Self::new(
             EventType::PlatformDisconnected,
             Some(user_id),
-            json!({
-                "platform": platform.as_str(),
-                "platform_user_id": platform_user_id,
-                "scopes": scopes,
-                "revoked_at_platform": revocation == "revoked",
-                "revocation": revocation,
-                "reason": reason,
-            }),
+            EventData::PlatformDisconnected {
+                platform: platform.as_str(),
+                platform_user_id: platform_user_id.to_owned(),
+                scopes: scopes.to_vec(),
+                revoked_at_platform: revocation == "revoked",
+                revocation: revocation.to_owned(),
+                reason: reason.to_owned(),
+            },
             ctx,
         )
     }
@@ -299,20 +398,20 @@ impl OutboxEvent {
         Self::new(
             EventType::PlatformReauthRequired,
             Some(account.user_id),
-            json!({
-                "platform": account.platform.as_str(),
-                "platform_user_id": account.platform_user_id,
-                "scopes": account.scopes,
-                "status": status.as_str(),
-                "reason": reason,
-            }),
+            EventData::PlatformReauthRequired {
+                platform: account.platform.as_str(),
+                platform_user_id: account.platform_user_id.clone(),
+                scopes: account.scopes.clone(),
+                status: status.as_str(),
+                reason: reason.to_owned(),
+            },
             ctx,
         )
     }
 }
 
-fn role_names(roles: &[Role]) -> Vec<&str> {
-    roles.iter().map(Role::as_str).collect()
+fn role_names(roles: &[Role]) -> Vec<String> {
+    roles.iter().map(|r| r.as_str().to_owned()).collect()
 }
 
 /// An outbox row as read back (by the relay, and by tests).
@@ -370,4 +469,75 @@ pub trait OutboxReader: Send + Sync + 'static {
     /// Unpublished events, oldest first (UUIDv7 ids sort by time).
     async fn unpublished(&self, limit: i64)
     -> Result<Vec<StoredEvent>, crate::error::BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn data(event: OutboxEvent) -> Value {
+        serde_json::to_value(event.data).unwrap()
+    }
+
+    /// The payloads' JSON is the event schema other services read: each
+    /// kind keeps its fields and their names, `null` included.
+    #[test]
+    fn each_payload_has_its_documented_shape() {
+        let (user, session, admin) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let ctx = RequestContext {
+            client_ip: Some("203.0.113.9".into()),
+            ..RequestContext::default()
+        };
+        assert_eq!(
+            data(OutboxEvent::token_revoked(user, session, "logout", &ctx)),
+            json!({ "session_id": session, "reason": "logout" })
+        );
+        assert_eq!(
+            data(OutboxEvent::login_succeeded(user, session, &ctx)),
+            json!({ "session_id": session, "client_ip": "203.0.113.9" })
+        );
+        assert_eq!(
+            data(OutboxEvent::sessions_revoked(user, None, "user", &ctx)),
+            json!({ "by": null, "reason": "user" })
+        );
+        assert_eq!(
+            data(OutboxEvent::user_suspended(user, admin, "abuse", &ctx)),
+            json!({ "by": admin, "reason": "abuse" })
+        );
+        assert_eq!(
+            data(OutboxEvent::lifecycle(user, true, "auth.lifecycle", &ctx)),
+            json!({ "by": null, "reason": "user_deleted", "source": "auth.lifecycle" })
+        );
+        assert_eq!(
+            data(OutboxEvent::roles_changed(
+                user,
+                admin,
+                &[Role::parse("roles", "admin").unwrap()],
+                &ctx
+            )),
+            json!({ "by": admin, "roles": ["admin"] })
+        );
+        assert_eq!(data(OutboxEvent::password_changed(user, &ctx)), json!({}));
+        assert_eq!(
+            data(OutboxEvent::platform_grant_revoked(
+                user,
+                Platform::Twitch,
+                "42",
+                &["user:read:email".to_owned()],
+                "already_dead",
+                "user_deleted",
+                &ctx,
+            )),
+            json!({
+                "platform": "twitch",
+                "platform_user_id": "42",
+                "scopes": ["user:read:email"],
+                "revoked_at_platform": false,
+                "revocation": "already_dead",
+                "reason": "user_deleted",
+            })
+        );
+    }
 }

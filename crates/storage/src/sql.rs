@@ -727,17 +727,16 @@ macro_rules! sql_store {
                         .map_err(db_error)?;
                         rows.iter()
                             .map(|r| {
-                                Ok($crate::revocation::feed::LoggedRevocation {
-                                    seq: r.try_get(0)?,
-                                    event_id: r.try_get(1)?,
-                                    event_type: r.try_get(2)?,
-                                    user_id: r.try_get(3)?,
-                                    occurred_at: r.try_get(4)?,
-                                    data: r.try_get::<Json<serde_json::Value>, _>(5)?.0,
-                                })
+                                $crate::revocation::feed::LoggedRevocation::from_stored(
+                                    r.try_get(0).map_err(db_error)?,
+                                    r.try_get(1).map_err(db_error)?,
+                                    r.try_get(2).map_err(db_error)?,
+                                    r.try_get(3).map_err(db_error)?,
+                                    r.try_get(4).map_err(db_error)?,
+                                    r.try_get::<Json<serde_json::Value>, _>(5).map_err(db_error)?.0,
+                                )
                             })
-                            .collect::<Result<_, sqlx::Error>>()
-                            .map_err(db_error)
+                            .collect()
                     }, span)
                     .await
                 }

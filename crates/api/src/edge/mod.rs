@@ -61,7 +61,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::revocation::feed::{FeedError, LoggedRevocation, RevocationFeed};
+use crate::revocation::feed::{FeedError, LoggedRevocation, RevocationFeed, Revoked};
 
 /// The ECDS resource name of the revocation filter's configuration
 /// (`config_discovery` in `envoy/edge.yaml`).
@@ -227,23 +227,16 @@ impl DenyList {
         let mut sessions = BTreeSet::new();
         let mut users = BTreeMap::new();
         for row in rows {
-            let Some(user_id) = row.user_id else { continue };
-            if row.event_type == "token_revoked" {
-                if let Some(session) = row
-                    .data
-                    .get("session_id")
-                    .and_then(|s| s.as_str())
-                    .and_then(|s| Uuid::parse_str(s).ok())
-                {
+            match row.revoked {
+                Revoked::Session(session) => {
                     sessions.insert(session);
                 }
-            } else {
                 // As `revocation::feed::apply_log`: every other kind ends all
                 // the user's tokens issued before it.
-                let epoch_ms =
-                    i64::try_from(row.occurred_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-                let epoch = users.entry(user_id).or_insert(epoch_ms);
-                *epoch = (*epoch).max(epoch_ms);
+                Revoked::User => {
+                    let epoch = users.entry(row.user_id).or_insert(row.at_ms());
+                    *epoch = (*epoch).max(row.at_ms());
+                }
             }
         }
         (sessions, users)
@@ -776,12 +769,10 @@ mod tests {
             seq,
             event_id: Uuid::now_v7(),
             event_type: kind.to_owned(),
-            user_id: Some(user),
+            user_id: user,
             occurred_at: at,
-            data: match session {
-                Some(s) => serde_json::json!({ "session_id": s.to_string() }),
-                None => serde_json::json!({}),
-            },
+            revoked: session.map_or(Revoked::User, Revoked::Session),
+            reason: None,
         })
     }
 

@@ -25,7 +25,7 @@ use crate::{
     },
     config::ServiceIdentity,
     platforms::{AccountStatus, Platform, PlatformAccount, service::PlatformService},
-    revocation::feed::{self, FeedError, LoggedRevocation, RevocationFeed},
+    revocation::feed::{self, FeedError, LoggedRevocation, RevocationFeed, Revoked},
     tokens::{TokenPair, TokenService},
 };
 
@@ -358,19 +358,15 @@ async fn reply<T>(call: impl Future<Output = Result<T, Status>>) -> Result<Respo
 }
 
 fn revocation_event_pb(row: &LoggedRevocation) -> pb::RevocationEvent {
-    let text = |key: &str| {
-        row.data
-            .get(key)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned()
-    };
     pb::RevocationEvent {
         cursor: row.seq.to_string(),
         kind: row.event_type.clone(),
-        user_id: row.user_id.map(|u| u.to_string()).unwrap_or_default(),
-        session_id: text("session_id"),
-        reason: text("reason"),
+        user_id: row.user_id.to_string(),
+        session_id: match row.revoked {
+            Revoked::Session(session_id) => session_id.to_string(),
+            Revoked::User => String::new(),
+        },
+        reason: row.reason.clone().unwrap_or_default(),
         occurred_at: Some(timestamp(row.occurred_at)),
         event_id: row.event_id.to_string(),
     }

@@ -39,7 +39,7 @@ use crate::{
     events::RequestContext,
     platforms::service::ServiceCaller,
     ratelimit::quota::{Limit, RateDecision, RateLimiter},
-    tokens::{Principal, TokenService},
+    tokens::{Principal, PrincipalKind, TokenService},
     trace::GrpcTraceLayer,
 };
 
@@ -78,6 +78,17 @@ fn not_through_the_stack() {
     tracing::error!(
         "a call reached a handler without passing the layer stack (a listener built without grpc::stack); refused"
     );
+}
+
+/// Who a call acts as ([`Call::caller`]).
+#[derive(Debug)]
+pub enum Caller<'a> {
+    /// A bearer access token: the account it names, or why it was refused.
+    Token(&'a Result<Principal, Status>),
+    /// A verified client certificate's configured identity, without a token.
+    Peer(&'a Peer),
+    /// Neither.
+    Anonymous,
 }
 
 impl Call {
@@ -148,48 +159,56 @@ impl Call {
         }
     }
 
+    /// Who the call acts as: its bearer token when it carries one
+    /// (verified or refused), else its verified client-certificate
+    /// identity, else no one. A gateway forwarding a user's token acts as
+    /// the user.
+    pub fn caller(&self) -> Caller<'_> {
+        match (&self.bearer, &self.peer) {
+            (Some(token), _) => Caller::Token(token),
+            (None, Some(peer)) => Caller::Peer(peer),
+            (None, None) => Caller::Anonymous,
+        }
+    }
+
     /// An admin: a bearer token holding `admin`, or — for an operator tool
     /// without one — a verified client certificate whose configured
     /// identity holds it.
     pub fn admin(&self) -> Result<AdminCaller, Status> {
-        if self.bearer.is_none()
-            && let Some(peer) = &self.peer
-        {
-            return AdminCaller::peer(&peer.identity, &peer.roles).or_status();
+        match self.caller() {
+            Caller::Peer(peer) => AdminCaller::peer(&peer.identity, &peer.roles).or_status(),
+            _ => AdminCaller::check(self.user()?.clone()).or_status(),
         }
-        AdminCaller::check(self.user()?.clone()).or_status()
     }
 
     /// A service: a bearer token of a service account (or a user holding
     /// `service`), or a configured client-certificate identity.
     pub fn service(&self) -> Result<ServiceCaller, Status> {
-        if self.bearer.is_none()
-            && let Some(peer) = &self.peer
-        {
-            return ServiceCaller::peer(&peer.identity, &peer.roles).or_status();
+        match self.caller() {
+            Caller::Peer(peer) => ServiceCaller::peer(&peer.identity, &peer.roles).or_status(),
+            _ => ServiceCaller::check(self.user()?.clone()).or_status(),
         }
-        ServiceCaller::check(self.user()?.clone()).or_status()
     }
 
     /// Whether the caller holds `role`, by bearer token or else by
     /// certificate identity.
     pub fn holds(&self, role: &str) -> Result<bool, Status> {
-        match (&self.bearer, &self.peer) {
-            (None, Some(peer)) => Ok(peer.has_role(role)),
+        match self.caller() {
+            Caller::Peer(peer) => Ok(peer.has_role(role)),
             _ => Ok(self.user()?.has_role(role)),
         }
     }
 
     /// Who the access log names: never a token, only ids.
     fn principal_label(&self) -> String {
-        match (&self.bearer, &self.peer) {
-            (Some(Ok(p)), _) if p.user_id == p.session_id => {
-                format!("service-account:{}", p.user_id)
-            }
-            (Some(Ok(p)), _) => format!("user:{}", p.user_id),
-            (Some(Err(_)), _) => "invalid-token".to_owned(),
-            (None, Some(peer)) => format!("peer:{}", peer.identity),
-            (None, None) => "anonymous".to_owned(),
+        match self.caller() {
+            Caller::Token(Ok(p)) => match p.kind {
+                PrincipalKind::ServiceAccount => format!("service-account:{}", p.user_id),
+                PrincipalKind::User => format!("user:{}", p.user_id),
+            },
+            Caller::Token(Err(_)) => "invalid-token".to_owned(),
+            Caller::Peer(peer) => format!("peer:{}", peer.identity),
+            Caller::Anonymous => "anonymous".to_owned(),
         }
     }
 }

@@ -21,38 +21,50 @@ use crate::{
 };
 
 /// Proof that the caller holds the admin role. Only [`AdminCaller::check`]
-/// makes one, and every admin operation takes one, so code that did not
-/// check cannot call them.
+/// and [`AdminCaller::peer`] make one, and every admin operation takes one,
+/// so code that did not check cannot call them.
 #[derive(Debug, Clone)]
-pub struct AdminCaller(Principal);
+pub enum AdminCaller {
+    /// An access token holding `admin` (a user or a service account).
+    Token(Principal),
+    /// A client-certificate identity configured with `admin` (an operator
+    /// tool): it acts as no account.
+    Operator(String),
+}
 
 impl AdminCaller {
     pub fn check(principal: Principal) -> Result<Self, AccountError> {
         if principal.has_role(Role::ADMIN) {
-            Ok(Self(principal))
+            Ok(Self::Token(principal))
         } else {
             Err(AccountError::Forbidden)
         }
     }
 
-    /// A client-certificate identity configured with the admin role (an
-    /// operator tool). It acts as no user: events record the nil id as `by`.
+    /// A client-certificate identity whose configured roles hold `admin`.
     pub fn peer(identity: &str, roles: &[String]) -> Result<Self, AccountError> {
         if !roles.iter().any(|r| r == Role::ADMIN) {
             return Err(AccountError::Forbidden);
         }
         tracing::info!(identity, "admin call by a service identity");
-        Ok(Self(Principal {
-            user_id: Uuid::nil(),
-            session_id: Uuid::nil(),
-            jti: Uuid::nil(),
-            roles: roles.to_vec(),
-            expires_at: i64::MAX,
-        }))
+        Ok(Self::Operator(identity.to_owned()))
     }
 
-    pub fn user_id(&self) -> Uuid {
-        self.0.user_id
+    /// Who the events record as `by`: the account, or for an operator the
+    /// nil id (the event schema's "no account"; see the README).
+    pub fn by(&self) -> Uuid {
+        match self {
+            Self::Token(principal) => principal.user_id,
+            Self::Operator(_) => Uuid::nil(),
+        }
+    }
+
+    /// Who is asking, for logs: an account id or an identity.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Token(principal) => principal.user_id.to_string(),
+            Self::Operator(identity) => identity.clone(),
+        }
     }
 }
 
@@ -378,7 +390,7 @@ impl AccountService {
         Ok(())
     }
 
-    #[tracing::instrument(skip_all, fields(admin = %admin.user_id()))]
+    #[tracing::instrument(skip_all, fields(admin = %admin.name()))]
     pub async fn suspend(
         &self,
         admin: &AdminCaller,
@@ -394,7 +406,7 @@ impl AccountService {
             )]));
         }
         self.tokens.revocations().revoke_user(user_id).await?;
-        let event = OutboxEvent::user_suspended(user_id, admin.user_id(), reason, ctx);
+        let event = OutboxEvent::user_suspended(user_id, admin.by(), reason, ctx);
         let user = self
             .users
             .set_status(user_id, UserStatus::Suspended, &event)
@@ -405,7 +417,7 @@ impl AccountService {
         Ok(user)
     }
 
-    #[tracing::instrument(skip_all, fields(admin = %admin.user_id()))]
+    #[tracing::instrument(skip_all, fields(admin = %admin.name()))]
     pub async fn revoke_sessions(
         &self,
         admin: &AdminCaller,
@@ -417,11 +429,11 @@ impl AccountService {
             .find_user(user_id)
             .await?
             .ok_or(AccountError::NotFound)?;
-        let event = OutboxEvent::sessions_revoked(user_id, Some(admin.user_id()), "admin", ctx);
+        let event = OutboxEvent::sessions_revoked(user_id, Some(admin.by()), "admin", ctx);
         Ok(self.tokens.end_all_sessions(user_id, &event).await?)
     }
 
-    #[tracing::instrument(skip_all, fields(admin = %admin.user_id()))]
+    #[tracing::instrument(skip_all, fields(admin = %admin.name()))]
     pub async fn set_roles(
         &self,
         admin: &AdminCaller,
@@ -452,7 +464,7 @@ impl AccountService {
         };
         let roles = normalise_roles(parsed);
         self.tokens.revocations().revoke_user(user_id).await?;
-        let event = OutboxEvent::roles_changed(user_id, admin.user_id(), &roles, ctx);
+        let event = OutboxEvent::roles_changed(user_id, admin.by(), &roles, ctx);
         let user = self
             .users
             .set_roles(user_id, &roles, &event)

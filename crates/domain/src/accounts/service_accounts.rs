@@ -119,7 +119,7 @@ fn audit(
         account.id,
         &account.name,
         &account.roles,
-        admin.user_id(),
+        admin.by(),
         ctx,
     )
 }

@@ -30,10 +30,78 @@ pub struct LoggedRevocation {
     /// Position in commit order; the client's resume cursor.
     pub seq: i64,
     pub event_id: Uuid,
+    /// The event's type (`token_revoked`, `user_suspended`, …).
     pub event_type: String,
-    pub user_id: Option<Uuid>,
+    pub user_id: Uuid,
     pub occurred_at: OffsetDateTime,
-    pub data: serde_json::Value,
+    /// What the row revokes.
+    pub revoked: Revoked,
+    /// Why, as the event recorded it (`logout`, `admin`, …), when it did.
+    pub reason: Option<String>,
+}
+
+/// What one row of the log revokes, read once where the row is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// One session of the user (`token_revoked`).
+    Session(Uuid),
+    /// Every token of the user issued before the row (every other kind:
+    /// suspension, deletion, a password or role change, revoke-all, a
+    /// service account's rotation or deletion).
+    User,
+}
+
+/// The part of a revocation event's payload the log reads.
+#[derive(Debug, serde::Deserialize)]
+struct RevocationPayload {
+    session_id: Option<Uuid>,
+    reason: Option<String>,
+}
+
+impl LoggedRevocation {
+    /// A row as stored: its event's type and JSON payload. A row the log
+    /// should never hold (no user, a `token_revoked` without a session, a
+    /// payload of another shape) is an error naming the row, never read as
+    /// "revokes nothing".
+    pub fn from_stored(
+        seq: i64,
+        event_id: Uuid,
+        event_type: String,
+        user_id: Option<Uuid>,
+        occurred_at: OffsetDateTime,
+        payload: serde_json::Value,
+    ) -> Result<Self, BackendError> {
+        let corrupt = |why: &str| {
+            BackendError::failed("database", format!("revocation log row {seq}: {why}"))
+        };
+        let user_id = user_id.ok_or_else(|| corrupt("no user"))?;
+        let payload: RevocationPayload =
+            serde_json::from_value(payload).map_err(|e| corrupt(&e.to_string()))?;
+        let revoked = if event_type == "token_revoked" {
+            Revoked::Session(
+                payload
+                    .session_id
+                    .ok_or_else(|| corrupt("token_revoked without a session_id"))?,
+            )
+        } else {
+            Revoked::User
+        };
+        Ok(Self {
+            seq,
+            event_id,
+            event_type,
+            user_id,
+            occurred_at,
+            revoked,
+            reason: payload.reason,
+        })
+    }
+
+    /// When the row was written, in unix milliseconds: a user-wide row
+    /// revokes the tokens issued before it.
+    pub fn at_ms(&self) -> i64 {
+        i64::try_from(self.occurred_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    }
 }
 
 #[async_trait]
@@ -303,22 +371,11 @@ pub async fn apply_log(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let Some(user_id) = row.user_id else { continue };
-        let applied = match row.event_type.as_str() {
-            "token_revoked" => match row
-                .data
-                .get("session_id")
-                .and_then(|s| s.as_str())
-                .and_then(|s| Uuid::parse_str(s).ok())
-            {
-                Some(session_id) => revocations.revoke_session(user_id, session_id).await,
-                None => continue,
-            },
-            _ => {
-                let epoch_ms = i64::try_from(row.occurred_at.unix_timestamp_nanos() / 1_000_000)
-                    .unwrap_or(i64::MAX);
-                revocations.revoke_user_at(user_id, epoch_ms).await
+        let applied = match row.revoked {
+            Revoked::Session(session_id) => {
+                revocations.revoke_session(row.user_id, session_id).await
             }
+            Revoked::User => revocations.revoke_user_at(row.user_id, row.at_ms()).await,
         };
         if let Err(error) = applied {
             metrics::counter!("revocation_log_apply_failures_total").increment(1);
@@ -332,12 +389,12 @@ pub async fn apply_log(
 /// revokes every token of the user issued before it, except
 /// `token_revoked`, which revokes one session).
 fn ends(row: &LoggedRevocation, token: &TokenFacts) -> bool {
-    let at_ms = i64::try_from(row.occurred_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-    row.user_id == Some(token.keys.user_id)
-        && at_ms >= token.issued_at_ms
-        && (row.event_type != "token_revoked"
-            || row.data.get("session_id").and_then(|s| s.as_str())
-                == Some(token.keys.session_id.to_string().as_str()))
+    row.user_id == token.keys.user_id
+        && row.at_ms() >= token.issued_at_ms
+        && match row.revoked {
+            Revoked::Session(session_id) => session_id == token.keys.session_id,
+            Revoked::User => true,
+        }
 }
 
 /// `rows` for as long as the token that opened the stream is valid. The
@@ -385,4 +442,59 @@ pub fn while_valid(
         let _ = tx.send(end).await;
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn stored(
+        event_type: &str,
+        user: Option<Uuid>,
+        payload: serde_json::Value,
+    ) -> Result<LoggedRevocation, BackendError> {
+        LoggedRevocation::from_stored(
+            7,
+            Uuid::now_v7(),
+            event_type.to_owned(),
+            user,
+            OffsetDateTime::now_utc(),
+            payload,
+        )
+    }
+
+    /// A row is read once, by its meaning: a session, or the user as a
+    /// whole. Malformed input — no user, a `token_revoked` without its
+    /// session, a payload of another shape — is an error naming the row,
+    /// not a row that revokes nothing.
+    #[test]
+    fn log_rows_are_read_by_meaning_and_malformed_ones_are_errors() {
+        let (user, session) = (Uuid::now_v7(), Uuid::now_v7());
+        let row = stored(
+            "token_revoked",
+            Some(user),
+            json!({ "session_id": session, "reason": "logout" }),
+        )
+        .unwrap();
+        assert_eq!(row.revoked, Revoked::Session(session));
+        assert_eq!(row.reason.as_deref(), Some("logout"));
+        let row = stored("password_changed", Some(user), json!({})).unwrap();
+        assert_eq!((row.revoked, row.reason), (Revoked::User, None));
+        for (kind, user, payload) in [
+            ("token_revoked", Some(user), json!({ "reason": "logout" })),
+            (
+                "token_revoked",
+                Some(user),
+                json!({ "session_id": "not-a-uuid" }),
+            ),
+            ("user_suspended", None, json!({ "by": null, "reason": "x" })),
+            ("user_suspended", Some(user), json!(["not", "an", "object"])),
+            ("user_suspended", Some(user), json!({ "reason": 42 })),
+        ] {
+            let error = format!("{:?}", stored(kind, user, payload.clone()).unwrap_err());
+            assert!(error.contains("row 7"), "{kind} {payload}: {error}");
+        }
+    }
 }

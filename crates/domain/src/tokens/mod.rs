@@ -125,9 +125,33 @@ pub struct Verified {
     pub roles: Arc<[String]>,
 }
 
+/// What kind of account a verified access token speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    /// A user, in one of its sessions (`session_id`).
+    User,
+    /// A service account ([`TokenService::issue_service_token`]): `user_id`
+    /// is the account's id and it has no session.
+    ServiceAccount,
+}
+
+impl PrincipalKind {
+    /// The token format's encoding: a service account's token carries its
+    /// id as both `sub` and `sid`, so revoking that id (rotation, deletion)
+    /// revokes every such token. The one place that reads it.
+    fn of(sub: Uuid, sid: Uuid) -> Self {
+        if sub == sid {
+            Self::ServiceAccount
+        } else {
+            Self::User
+        }
+    }
+}
+
 /// A caller proven by a valid, unrevoked access token.
 #[derive(Debug, Clone)]
 pub struct Principal {
+    pub kind: PrincipalKind,
     pub user_id: Uuid,
     pub session_id: Uuid,
     pub jti: Uuid,
@@ -154,6 +178,7 @@ impl Principal {
     /// The caller a verified token names (revocation is the caller's check).
     pub fn from_verified(token: &Verified) -> Self {
         Self {
+            kind: PrincipalKind::of(token.sub, token.sid),
             user_id: token.sub,
             session_id: token.sid,
             jti: token.jti,
@@ -780,5 +805,19 @@ impl TokenService {
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    /// A service account's token names its id as both `sub` and `sid`; a
+    /// user's names a session of its own.
+    #[test]
+    fn the_principal_kind_is_read_from_the_token_format() {
+        let (user, session) = (Uuid::now_v7(), Uuid::now_v7());
+        assert_eq!(PrincipalKind::of(user, session), PrincipalKind::User);
+        assert_eq!(PrincipalKind::of(user, user), PrincipalKind::ServiceAccount);
     }
 }
