@@ -372,6 +372,80 @@ async fn an_edge_without_its_control_plane_fails_closed_then_keeps_its_last_map(
 /// notification). Both real sessions among them — one in the first commit,
 /// one in the last — are refused at the edge, and Envoy receives a few
 /// coalesced maps, not one per revocation.
+/// The database behind the control plane is cut off, then comes back with
+/// its state. While it is down a logout answers Unavailable and the edge
+/// keeps enforcing the last maps; the control plane keeps serving them,
+/// also to an Envoy that subscribes only now (a gateway started during the
+/// outage warms up on them). Once the database is back, a revocation made
+/// then reaches both Envoys.
+///
+/// The logout refused during the outage had already revoked its access
+/// token in the fast state (revocation errs towards revoking): its retry
+/// answers Unauthenticated, while the session, whose revocation never
+/// reached the database, stays out of the edge's maps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_database_is_down_the_edge_keeps_its_maps_and_a_new_envoy_gets_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, cutter) = crate::operations::postgres_behind_a_cutter(dir.path()).await;
+    config.database_timeout_ms = 500;
+    mesh_tls(&mut config);
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    let backend = echo_backend().await;
+    let descriptor = crate::gateway::descriptor_file();
+    let replacements = crate::gateway::gateway_replacements(&app, backend, &descriptor);
+    let first = Envoy::start("edge.yaml", 8080, &replacements).await;
+    app.sign_up("erin").await;
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(app.login("erin", PASSWORD).await.unwrap().access_token);
+    }
+    let logout = |app: &TestApp, token: &str| {
+        let mut client = app.client.clone();
+        let request = crate::support::bearer(pb::LogoutRequest::default(), token);
+        async move { client.logout(request).await }
+    };
+    logout(&app, &tokens[0]).await.unwrap();
+    until_status(&first, &tokens[0], 403).await;
+
+    cutter.cut();
+    let refused = logout(&app, &tokens[1]).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        api(&first, &tokens[0], &[]).await.status,
+        403,
+        "still revoked"
+    );
+    assert_eq!(
+        api(&first, &tokens[1], &[]).await.status,
+        200,
+        "still valid"
+    );
+    // A gateway that starts now becomes ready on the maps the control
+    // plane holds, and enforces them.
+    let second = Envoy::start("edge.yaml", 8080, &replacements).await;
+    assert_eq!(api(&second, &tokens[0], &[]).await.status, 403);
+    assert_eq!(api(&second, &tokens[1], &[]).await.status, 200);
+
+    // Back with its state: the pool reconnects and the feed resumes.
+    let _back = cutter.reopen().await;
+    let again = logout(&app, &tokens[1]).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unauthenticated, "{again:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while let Err(status) = logout(&app, &tokens[2]).await {
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for envoy in [&first, &second] {
+        until_status(envoy, &tokens[2], 403).await;
+        assert_eq!(api(envoy, &tokens[0], &[]).await.status, 403);
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_revocations_reaches_the_edge_as_a_few_updates() {
     let edge = Edge::start(Backend::Production, |_| {}).await;

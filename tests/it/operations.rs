@@ -140,7 +140,7 @@ async fn when_redis_dies_validation_and_login_fail_closed_with_unavailable() {
 
 /// A production configuration whose PostgreSQL is reached through a
 /// [`Cutter`](crate::support::Cutter) the test controls.
-async fn postgres_behind_a_cutter(
+pub(crate) async fn postgres_behind_a_cutter(
     dir: &std::path::Path,
 ) -> (auth_service::config::Config, crate::support::Cutter) {
     let mut config = config_for(Backend::Production, dir).await;

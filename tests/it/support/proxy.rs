@@ -6,13 +6,24 @@ use super::*;
 /// off mid-test (the backend itself is shared and keeps running).
 pub struct Cutter {
     pub addr: SocketAddr,
+    target: SocketAddr,
     stop: CancellationToken,
     silent: CancellationToken,
 }
 
 impl Cutter {
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), target).await
+    }
+
+    /// A cut backend back: forwarding again on the same address (the
+    /// backend kept its state all along).
+    pub async fn reopen(&self) -> Self {
+        Self::start_on(self.addr, self.target).await
+    }
+
+    async fn start_on(listen: SocketAddr, target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let silent = CancellationToken::new();
@@ -48,7 +59,12 @@ impl Cutter {
                 });
             }
         });
-        Self { addr, stop, silent }
+        Self {
+            addr,
+            target,
+            stop,
+            silent,
+        }
     }
 
     /// Keeps every connection open but forwards nothing more, and accepts
