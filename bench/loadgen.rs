@@ -751,6 +751,7 @@ async fn many_tokens(addr: &str, keys_dir: &str, n: usize, one_address: bool) {
                 jti: uuid::Uuid::now_v7(),
                 sid: uuid::Uuid::now_v7(),
                 roles: vec!["user".into()],
+                roles_csv: "user".into(),
             };
             jsonwebtoken::encode(&header, &claims, ring.signing_key().expect("a signing key"))
                 .unwrap()

@@ -150,8 +150,8 @@ async fn the_edge_authorizes_api_calls_itself_and_refuses_what_auth_service_revo
     );
     assert_eq!(
         seen["x-user-roles"],
-        serde_json::json!([]),
-        "never the client's"
+        serde_json::json!(["user"]),
+        "the token's roles as ext_authz sets them, never the client's"
     );
     let underscore = edge
         .api(&alice_token, &[("x_user_id", "spoofed-admin")])

@@ -47,6 +47,7 @@ on_both_backends! {
         assert_eq!(claims.exp - claims.iat, 900);
         assert_eq!(claims.nbf, claims.iat);
         assert_eq!(claims.roles, ["user"]);
+        assert_eq!(claims.roles_csv, "user", "the roles as Envoy copies them");
         assert_eq!(claims.jti.get_version_num(), 7);
         let valid = app.validate(&pair.access_token).await.unwrap();
         assert_eq!(valid.session_id, claims.sid.to_string());

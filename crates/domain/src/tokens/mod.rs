@@ -110,6 +110,22 @@ pub struct Claims {
     pub jti: Uuid,
     pub sid: Uuid,
     pub roles: Vec<String>,
+    /// `roles` joined by commas: the one claim form Envoy's `jwt_authn`
+    /// copies into a header as it is (an array it would copy as base64 of
+    /// its JSON), so in edge mode the upstream gets `x-user-roles` in the
+    /// same form ext_authz sets. Only Envoy reads it; tokens without it
+    /// (issued before it existed) verify as before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub roles_csv: String,
+}
+
+impl Claims {
+    /// `roles` and the same as one comma-separated claim.
+    fn with_roles(mut self, roles: Vec<String>) -> Self {
+        self.roles_csv = roles.join(",");
+        self.roles = roles;
+        self
+    }
 }
 
 /// What is kept of a verified access token: one allocation, no strings of
@@ -429,13 +445,16 @@ impl TokenService {
             // raised after a racing change committed is later than it.
             jti: jti_at(now),
             sid: session_id,
-            roles: user
-                .roles
+            roles: Vec::new(),
+            roles_csv: String::new(),
+        }
+        .with_roles(
+            user.roles
                 .iter()
                 .map(Role::as_str)
                 .map(str::to_owned)
                 .collect(),
-        };
+        );
         Ok((self.sign_claims(&claims)?, ttl))
     }
 
@@ -458,8 +477,10 @@ impl TokenService {
             nbf: iat,
             jti: jti_at(issued_at),
             sid: account_id,
-            roles: roles.to_vec(),
-        };
+            roles: Vec::new(),
+            roles_csv: String::new(),
+        }
+        .with_roles(roles.to_vec());
         Ok((self.sign_claims(&claims)?, ttl))
     }
 
