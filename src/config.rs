@@ -320,7 +320,6 @@ impl Config {
         Ok(())
     }
 
-    /// The database URL in force: the configured one, else SQLite in the data dir.
     /// The database section as the stores take it.
     pub fn database(&self) -> DatabaseConfig {
         DatabaseConfig {
@@ -348,6 +347,7 @@ impl Config {
         }
     }
 
+    /// The database URL in force: the configured one, else SQLite in the data dir.
     pub fn effective_database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),

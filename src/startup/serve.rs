@@ -142,7 +142,7 @@ impl Application {
             xfcc_from: self.config.tls.xfcc_from.clone(),
         };
         // Edge mode: the deny map for Envoys that enforce revocation
-        // themselves, built from the revocation log (src/edge).
+        // themselves, built from the revocation log (crates/api/src/edge).
         let plane = crate::edge::ControlPlane::new(
             std::time::Duration::from_secs(self.config.tokens.access_ttl_secs),
             self.services.authorizer.policy(),

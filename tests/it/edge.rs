@@ -1,4 +1,4 @@
-//! Edge mode (envoy/edge.yaml, src/edge) against a real Envoy 1.40: /api/*
+//! Edge mode (envoy/edge.yaml, crates/api/src/edge) against a real Envoy 1.40: /api/*
 //! authorized inside Envoy — jwt_authn, the deny map auth-service pushes
 //! over ECDS, a bucket per user — with no call to auth-service per request.
 

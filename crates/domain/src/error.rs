@@ -1,6 +1,6 @@
 //! Error pieces shared by every context: field violations for bad input and
 //! the failure of a backend (database, Redis). Each context has its own enum
-//! built from these; `grpc::error` maps them all to `tonic::Status` in one
+//! built from these; `auth_api::grpc::error` maps them all to `tonic::Status` in one
 //! place.
 
 use std::borrow::Cow;
@@ -119,8 +119,10 @@ impl ConfigError {
     }
 
     /// The environment variable that sets the key: `AUTH_` and the key,
-    /// upper-cased, sections joined by `__` (map keys and list indexes are
-    /// shown as written).
+    /// upper-cased, sections joined by `__`, a list index dropped. A key
+    /// under a map entry a user named (`rpc.session_limits.<method>`) is
+    /// shown the same way, though the environment can set it only when
+    /// the entry's name is lower-case (variables are read lower-cased).
     pub fn env_var(&self) -> String {
         let path = self.key.split('[').next().unwrap_or_default();
         format!("AUTH_{}", path.replace('.', "__").to_ascii_uppercase())

@@ -1,6 +1,9 @@
 //! The domain kernel of the ImmersiVerse Auth Service: what the service
-//! decides, with no transport, database or broker in its dependency tree
-//! (`scripts/test` checks that with `cargo tree`).
+//! decides, with no gRPC server, database or broker client in its
+//! dependency tree (`scripts/check-layers` checks that with `cargo tree`);
+//! its one outbound client is the platforms' OAuth calls over HTTP
+//! ([`platforms::provider`]). A unit test (`layers.rs`) keeps its contexts'
+//! imports in layers.
 //!
 //! * [`accounts`] — value types, argon2 hashing pool, the account store
 //!   port, sign-up/login/password/admin use cases;
@@ -39,9 +42,6 @@ pub mod revocation;
 pub mod tokens;
 pub mod trace;
 
-#[cfg(test)]
-mod layers;
-
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -66,3 +66,6 @@ pub fn backoff(attempts: u32) -> std::time::Duration {
     let jitter = f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX) * 0.5;
     base.mul_f64(1.0 + jitter)
 }
+
+#[cfg(test)]
+mod layers;

@@ -727,16 +727,17 @@ macro_rules! sql_store {
                         .map_err(db_error)?;
                         rows.iter()
                             .map(|r| {
-                                $crate::revocation::feed::LoggedRevocation::from_stored(
-                                    r.try_get(0).map_err(db_error)?,
-                                    r.try_get(1).map_err(db_error)?,
-                                    r.try_get(2).map_err(db_error)?,
-                                    r.try_get(3).map_err(db_error)?,
-                                    r.try_get(4).map_err(db_error)?,
-                                    r.try_get::<Json<serde_json::Value>, _>(5).map_err(db_error)?.0,
-                                )
+                                Ok($crate::revocation::feed::LoggedRevocation::from_stored(
+                                    r.try_get(0)?,
+                                    r.try_get(1)?,
+                                    r.try_get(2)?,
+                                    r.try_get(3)?,
+                                    r.try_get(4)?,
+                                    r.try_get::<Json<serde_json::Value>, _>(5)?.0,
+                                ))
                             })
-                            .collect()
+                            .collect::<Result<_, sqlx::Error>>()
+                            .map_err(db_error)
                     }, span)
                     .await
                 }

@@ -228,15 +228,16 @@ impl DenyList {
         let mut users = BTreeMap::new();
         for row in rows {
             match row.revoked {
-                Revoked::Session(session) => {
-                    sessions.insert(session);
+                Revoked::Session { session_id, .. } => {
+                    sessions.insert(session_id);
                 }
                 // As `revocation::feed::apply_log`: every other kind ends all
                 // the user's tokens issued before it.
-                Revoked::User => {
-                    let epoch = users.entry(row.user_id).or_insert(row.at_ms());
+                Revoked::User { user_id } => {
+                    let epoch = users.entry(user_id).or_insert(row.at_ms());
                     *epoch = (*epoch).max(row.at_ms());
                 }
+                Revoked::Nothing => {}
             }
         }
         (sessions, users)
@@ -769,9 +770,15 @@ mod tests {
             seq,
             event_id: Uuid::now_v7(),
             event_type: kind.to_owned(),
-            user_id: user,
+            user_id: Some(user),
             occurred_at: at,
-            revoked: session.map_or(Revoked::User, Revoked::Session),
+            revoked: match session {
+                Some(session_id) => Revoked::Session {
+                    user_id: user,
+                    session_id,
+                },
+                None => Revoked::User { user_id: user },
+            },
             reason: None,
         })
     }

@@ -361,10 +361,10 @@ fn revocation_event_pb(row: &LoggedRevocation) -> pb::RevocationEvent {
     pb::RevocationEvent {
         cursor: row.seq.to_string(),
         kind: row.event_type.clone(),
-        user_id: row.user_id.to_string(),
+        user_id: row.user_id.map(|u| u.to_string()).unwrap_or_default(),
         session_id: match row.revoked {
-            Revoked::Session(session_id) => session_id.to_string(),
-            Revoked::User => String::new(),
+            Revoked::Session { session_id, .. } => session_id.to_string(),
+            Revoked::User { .. } | Revoked::Nothing => String::new(),
         },
         reason: row.reason.clone().unwrap_or_default(),
         occurred_at: Some(timestamp(row.occurred_at)),

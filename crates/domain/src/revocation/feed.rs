@@ -4,7 +4,7 @@
 //! cursor.
 //!
 //! Durable: the events are numbered in commit order in the database's
-//! revocation log (see `storage::sql::insert_event`), so a client that
+//! revocation log (see `auth_storage::sql::insert_event`), so a client that
 //! reconnects with the cursor of the last event it saw gets everything after
 //! it, from any replica. Live: one poller per process wakes on every commit
 //! (this process's, and with PostgreSQL every process's through LISTEN, the
@@ -32,7 +32,7 @@ pub struct LoggedRevocation {
     pub event_id: Uuid,
     /// The event's type (`token_revoked`, `user_suspended`, …).
     pub event_type: String,
-    pub user_id: Uuid,
+    pub user_id: Option<Uuid>,
     pub occurred_at: OffsetDateTime,
     /// What the row revokes.
     pub revoked: Revoked,
@@ -44,25 +44,31 @@ pub struct LoggedRevocation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Revoked {
     /// One session of the user (`token_revoked`).
-    Session(Uuid),
+    Session { user_id: Uuid, session_id: Uuid },
     /// Every token of the user issued before the row (every other kind:
     /// suspension, deletion, a password or role change, revoke-all, a
     /// service account's rotation or deletion).
-    User,
+    User { user_id: Uuid },
+    /// A row that names no user: nothing to apply (the log never holds
+    /// one; it is logged and counted).
+    Nothing,
 }
 
 /// The part of a revocation event's payload the log reads.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize)]
 struct RevocationPayload {
     session_id: Option<Uuid>,
     reason: Option<String>,
 }
 
 impl LoggedRevocation {
-    /// A row as stored: its event's type and JSON payload. A row the log
-    /// should never hold (no user, a `token_revoked` without a session, a
-    /// payload of another shape) is an error naming the row, never read as
-    /// "revokes nothing".
+    /// A row as stored: its event's type and JSON payload. Every row is
+    /// read, so the feed never stalls on one; a row the log should never
+    /// hold is logged and counted (`revocation_log_corrupt_rows_total`)
+    /// and read towards revoking more, not less: a `token_revoked` whose
+    /// session cannot be read revokes the user's earlier tokens as a
+    /// whole, a payload of another shape is read as empty; only a row
+    /// without a user revokes nothing.
     pub fn from_stored(
         seq: i64,
         event_id: Uuid,
@@ -70,23 +76,35 @@ impl LoggedRevocation {
         user_id: Option<Uuid>,
         occurred_at: OffsetDateTime,
         payload: serde_json::Value,
-    ) -> Result<Self, BackendError> {
+    ) -> Self {
         let corrupt = |why: &str| {
-            BackendError::failed("database", format!("revocation log row {seq}: {why}"))
+            metrics::counter!("revocation_log_corrupt_rows_total").increment(1);
+            tracing::error!(seq, event_type = %event_type, why, "revocation log: malformed row");
         };
-        let user_id = user_id.ok_or_else(|| corrupt("no user"))?;
-        let payload: RevocationPayload =
-            serde_json::from_value(payload).map_err(|e| corrupt(&e.to_string()))?;
-        let revoked = if event_type == "token_revoked" {
-            Revoked::Session(
-                payload
-                    .session_id
-                    .ok_or_else(|| corrupt("token_revoked without a session_id"))?,
-            )
-        } else {
-            Revoked::User
+        let payload: RevocationPayload = serde_json::from_value(payload).unwrap_or_else(|e| {
+            corrupt(&format!("payload: {e}"));
+            RevocationPayload::default()
+        });
+        let revoked = match (user_id, payload.session_id) {
+            (None, _) => {
+                corrupt("no user");
+                Revoked::Nothing
+            }
+            (Some(user_id), Some(session_id)) if event_type == "token_revoked" => {
+                Revoked::Session {
+                    user_id,
+                    session_id,
+                }
+            }
+            (Some(user_id), None) if event_type == "token_revoked" => {
+                corrupt(
+                    "token_revoked without a session_id: the user's earlier tokens are revoked",
+                );
+                Revoked::User { user_id }
+            }
+            (Some(user_id), _) => Revoked::User { user_id },
         };
-        Ok(Self {
+        Self {
             seq,
             event_id,
             event_type,
@@ -94,7 +112,7 @@ impl LoggedRevocation {
             occurred_at,
             revoked,
             reason: payload.reason,
-        })
+        }
     }
 
     /// When the row was written, in unix milliseconds: a user-wide row
@@ -372,10 +390,12 @@ pub async fn apply_log(
             Err(broadcast::error::RecvError::Closed) => return,
         };
         let applied = match row.revoked {
-            Revoked::Session(session_id) => {
-                revocations.revoke_session(row.user_id, session_id).await
-            }
-            Revoked::User => revocations.revoke_user_at(row.user_id, row.at_ms()).await,
+            Revoked::Session {
+                user_id,
+                session_id,
+            } => revocations.revoke_session(user_id, session_id).await,
+            Revoked::User { user_id } => revocations.revoke_user_at(user_id, row.at_ms()).await,
+            Revoked::Nothing => continue,
         };
         if let Err(error) = applied {
             metrics::counter!("revocation_log_apply_failures_total").increment(1);
@@ -389,11 +409,14 @@ pub async fn apply_log(
 /// revokes every token of the user issued before it, except
 /// `token_revoked`, which revokes one session).
 fn ends(row: &LoggedRevocation, token: &TokenFacts) -> bool {
-    row.user_id == token.keys.user_id
-        && row.at_ms() >= token.issued_at_ms
+    row.at_ms() >= token.issued_at_ms
         && match row.revoked {
-            Revoked::Session(session_id) => session_id == token.keys.session_id,
-            Revoked::User => true,
+            Revoked::Session {
+                user_id,
+                session_id,
+            } => user_id == token.keys.user_id && session_id == token.keys.session_id,
+            Revoked::User { user_id } => user_id == token.keys.user_id,
+            Revoked::Nothing => false,
         }
 }
 
@@ -454,7 +477,7 @@ mod tests {
         event_type: &str,
         user: Option<Uuid>,
         payload: serde_json::Value,
-    ) -> Result<LoggedRevocation, BackendError> {
+    ) -> LoggedRevocation {
         LoggedRevocation::from_stored(
             7,
             Uuid::now_v7(),
@@ -466,35 +489,45 @@ mod tests {
     }
 
     /// A row is read once, by its meaning: a session, or the user as a
-    /// whole. Malformed input — no user, a `token_revoked` without its
-    /// session, a payload of another shape — is an error naming the row,
-    /// not a row that revokes nothing.
+    /// whole. Malformed input never stalls the feed and is read towards
+    /// revoking more: a `token_revoked` whose session cannot be read
+    /// revokes the user's earlier tokens; a payload of another shape is
+    /// read as empty; only a row without a user revokes nothing.
     #[test]
-    fn log_rows_are_read_by_meaning_and_malformed_ones_are_errors() {
+    fn log_rows_are_read_by_meaning_and_malformed_ones_towards_revoking_more() {
         let (user, session) = (Uuid::now_v7(), Uuid::now_v7());
         let row = stored(
             "token_revoked",
             Some(user),
             json!({ "session_id": session, "reason": "logout" }),
-        )
-        .unwrap();
-        assert_eq!(row.revoked, Revoked::Session(session));
+        );
+        assert_eq!(
+            row.revoked,
+            Revoked::Session {
+                user_id: user,
+                session_id: session
+            }
+        );
         assert_eq!(row.reason.as_deref(), Some("logout"));
-        let row = stored("password_changed", Some(user), json!({})).unwrap();
-        assert_eq!((row.revoked, row.reason), (Revoked::User, None));
-        for (kind, user, payload) in [
-            ("token_revoked", Some(user), json!({ "reason": "logout" })),
-            (
-                "token_revoked",
-                Some(user),
-                json!({ "session_id": "not-a-uuid" }),
-            ),
-            ("user_suspended", None, json!({ "by": null, "reason": "x" })),
-            ("user_suspended", Some(user), json!(["not", "an", "object"])),
-            ("user_suspended", Some(user), json!({ "reason": 42 })),
+        let row = stored("password_changed", Some(user), json!({}));
+        assert_eq!(
+            (row.revoked, row.reason),
+            (Revoked::User { user_id: user }, None)
+        );
+        for (kind, payload) in [
+            ("token_revoked", json!({ "reason": "logout" })),
+            ("token_revoked", json!({ "session_id": "not-a-uuid" })),
+            ("token_revoked", json!(["not", "an", "object"])),
+            ("user_suspended", json!({ "reason": 42 })),
         ] {
-            let error = format!("{:?}", stored(kind, user, payload.clone()).unwrap_err());
-            assert!(error.contains("row 7"), "{kind} {payload}: {error}");
+            let row = stored(kind, Some(user), payload.clone());
+            assert_eq!(
+                row.revoked,
+                Revoked::User { user_id: user },
+                "{kind} {payload}"
+            );
         }
+        let row = stored("user_suspended", None, json!({ "reason": "x" }));
+        assert_eq!(row.revoked, Revoked::Nothing);
     }
 }
