@@ -328,16 +328,7 @@ async fn an_edge_without_its_control_plane_fails_closed_then_keeps_its_last_map(
         login(&mut app).await,
     );
     assert_eq!(api(&envoy, &t1, &[]).await.status, 200);
-    let logout = |app: &mut TestApp, token: String| {
-        let mut client = app.client.clone();
-        async move {
-            client
-                .logout(crate::support::bearer(pb::LogoutRequest::default(), &token))
-                .await
-                .unwrap();
-        }
-    };
-    logout(&mut app, t1.clone()).await;
+    app.logout(&t1).await.unwrap();
     until_status(&envoy, &t1, 403).await;
 
     // auth-service goes away: the last map holds.
@@ -359,8 +350,8 @@ async fn an_edge_without_its_control_plane_fails_closed_then_keeps_its_last_map(
 
     // Back, from its database alone: the old revocation is still in the map
     // it serves, and one made now reaches the Envoy.
-    let mut app = TestApp::start(Backend::Embedded, config, dir).await;
-    logout(&mut app, t2.clone()).await;
+    let app = TestApp::start(Backend::Embedded, config, dir).await;
+    app.logout(&t2).await.unwrap();
     until_status(&envoy, &t2, 403).await;
     assert_eq!(api(&envoy, &t1, &[]).await.status, 403);
     assert_eq!(api(&envoy, &t3, &[]).await.status, 200);
@@ -399,16 +390,11 @@ async fn while_the_database_is_down_the_edge_keeps_its_maps_and_a_new_envoy_gets
     for _ in 0..3 {
         tokens.push(app.login("erin", PASSWORD).await.unwrap().access_token);
     }
-    let logout = |app: &TestApp, token: &str| {
-        let mut client = app.client.clone();
-        let request = crate::support::bearer(pb::LogoutRequest::default(), token);
-        async move { client.logout(request).await }
-    };
-    logout(&app, &tokens[0]).await.unwrap();
+    app.logout(&tokens[0]).await.unwrap();
     until_status(&first, &tokens[0], 403).await;
 
     cutter.cut();
-    let refused = logout(&app, &tokens[1]).await.unwrap_err();
+    let refused = app.logout(&tokens[1]).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert_eq!(
         api(&first, &tokens[0], &[]).await.status,
@@ -428,10 +414,10 @@ async fn while_the_database_is_down_the_edge_keeps_its_maps_and_a_new_envoy_gets
 
     // Back with its state: the pool reconnects and the feed resumes.
     let _back = cutter.reopen().await;
-    let again = logout(&app, &tokens[1]).await.unwrap_err();
+    let again = app.logout(&tokens[1]).await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::Unauthenticated, "{again:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while let Err(status) = logout(&app, &tokens[2]).await {
+    while let Err(status) = app.logout(&tokens[2]).await {
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(
             std::time::Instant::now() < deadline,
@@ -667,16 +653,8 @@ async fn two_replicas_serve_the_same_maps_under_the_same_versions() {
     for _ in 0..3 {
         sessions.push(a.login("vic", PASSWORD).await.unwrap().access_token);
     }
-    let logout = |client: &mut auth_service::grpc::pb::auth_service_client::AuthServiceClient<
-        tonic::transport::Channel,
-    >,
-                  token: &str| {
-        let mut client = client.clone();
-        let request = crate::support::bearer(pb::LogoutRequest::default(), token);
-        async move { client.logout(request).await.unwrap() }
-    };
-    logout(&mut a.client, &sessions[0]).await;
-    logout(&mut b.client, &sessions[1]).await;
+    a.logout(&sessions[0]).await.unwrap();
+    b.logout(&sessions[1]).await.unwrap();
     b.sign_up("wes").await;
     let wes = b.login("wes", PASSWORD).await.unwrap().access_token;
     b.client

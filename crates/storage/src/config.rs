@@ -34,8 +34,9 @@ pub enum RedisMode {
 }
 
 /// The database as the stores see it, assembled by the binary from its
-/// `database_*` keys and `data_dir`.
-#[derive(Debug, Clone)]
+/// `database_*` keys and `data_dir`. Its `Debug` never shows the URL (it
+/// may hold a password).
+#[derive(Clone)]
 pub struct DatabaseConfig {
     /// `postgres://…` or `sqlite://…` (the binary fills in the embedded
     /// default's SQLite file).
@@ -51,8 +52,9 @@ pub struct DatabaseConfig {
 }
 
 /// The fast state (revocations, login counters, request quotas): Redis
-/// when `redis_url` is set, else in process.
-#[derive(Debug, Clone)]
+/// when `redis_url` is set, else in process. Its `Debug` never shows the
+/// URL (it may hold a password).
+#[derive(Clone)]
 pub struct FastStateConfig {
     pub redis_url: Option<String>,
     pub redis_mode: RedisMode,
@@ -129,5 +131,62 @@ impl FastStateConfig {
             "redis_url",
             "redis_tls needs a rediss:// URL",
         )
+    }
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &"<redacted>")
+            .field("data_dir", &self.data_dir)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("migrations", &self.migrations)
+            .field("migrations_wait", &self.migrations_wait)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for FastStateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastStateConfig")
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<redacted>"))
+            .field("redis_mode", &self.redis_mode)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("revocation_capacity", &self.revocation_capacity)
+            .field("quota_capacity", &self.quota_capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The URLs may hold a password: `Debug` never shows them.
+    #[test]
+    fn the_store_settings_never_show_their_urls() {
+        let database = DatabaseConfig {
+            url: "postgres://auth:hunter2@db/auth".into(),
+            data_dir: PathBuf::from("data"),
+            max_connections: 1,
+            acquire_timeout: Duration::from_secs(1),
+            migrations: Migrations::Apply,
+            migrations_wait: Duration::from_secs(1),
+        };
+        let fast = FastStateConfig {
+            redis_url: Some("redis://:hunter2@redis:6379".into()),
+            redis_mode: RedisMode::Standalone,
+            redis_sentinel_master: "m".into(),
+            redis_key_prefix: "auth:".into(),
+            redis_timeout: Duration::from_secs(1),
+            redis_tls: RedisTlsConfig::default(),
+            redis_allow_evicting_policy: false,
+            revocation_capacity: 1,
+            quota_capacity: 1,
+        };
+        let shown = format!("{database:?} {fast:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("max_connections"), "{shown}");
     }
 }

@@ -271,6 +271,15 @@ impl TestApp {
             .map(|r| r.into_inner())
     }
 
+    /// Logout with `access_token` as the bearer (no refresh token).
+    pub async fn logout(&self, access_token: &str) -> Result<(), Status> {
+        self.client
+            .clone()
+            .logout(bearer(pb::LogoutRequest::default(), access_token))
+            .await
+            .map(drop)
+    }
+
     /// A signed-up user who logged in and holds the admin role (granted the
     /// way an operator does, straight in the store).
     pub async fn admin(&mut self) -> pb::TokenResponse {
