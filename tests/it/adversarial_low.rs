@@ -2,8 +2,9 @@
 //! failure class against the real components: a revocation stream that
 //! outlives its credential, a reuse revocation lost while Redis is down, an
 //! evicting Redis, a listener without the layer stack, an event without a
-//! wire form, and an event worker holding key material. (The slow-lookup
-//! race is tested beside the cache, in `revocation::tests`.)
+//! wire form, an event worker holding key material, and a logout that one
+//! backend takes and the other does not. (The slow-lookup race is tested
+//! beside the cache, in `revocation::tests`.)
 
 use std::time::{Duration, Instant};
 
@@ -190,6 +191,161 @@ async fn refresh_reuse_while_redis_is_down_still_revokes_the_family_everywhere()
     }
     let status = app.validate(&second.access_token).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+fn logout_with(access: &str, refresh: &str) -> tonic::Request<pb::LogoutRequest> {
+    bearer(
+        pb::LogoutRequest {
+            refresh_token: refresh.into(),
+        },
+        access,
+    )
+}
+
+/// Failure class: backend down, a write half made — Logout while the
+/// database is cut off answers Unavailable and changes nothing: the access
+/// token it presented still works (so the client's retry can finish the
+/// logout), the sessions live on. Once the database is back the retry ends
+/// both sessions, their refresh tokens and their access tokens. (Before:
+/// the fast state took the revocation first, so the retry answered
+/// Unauthenticated while the session and its refresh token lived on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_the_database_did_not_take_changes_nothing_and_its_retry_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, cutter) = crate::operations::postgres_behind_a_cutter(dir.path()).await;
+    config.database_timeout_ms = 500;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    app.sign_up("halfway").await;
+    let own = app.login_ok("halfway").await;
+    let other = app.login_ok("halfway").await;
+
+    cutter.cut();
+    // Both shapes: the caller's session alone, and with another session's
+    // refresh token (whose lookup needs the database first).
+    let status = app.logout(&own.access_token).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = app
+        .client
+        .logout(logout_with(&own.access_token, &other.refresh_token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    app.validate(&own.access_token)
+        .await
+        .expect("a logout that failed revoked nothing");
+    app.validate(&other.access_token).await.unwrap();
+
+    let _back = cutter.reopen().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match app
+            .client
+            .logout(logout_with(&own.access_token, &other.refresh_token))
+            .await
+        {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::Unavailable => {
+                assert!(Instant::now() < deadline, "the database never came back");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("the retry must finish the logout: {status:?}"),
+        }
+    }
+    for pair in [&own, &other] {
+        let status = app.validate(&pair.access_token).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        let status = app.refresh(&pair.refresh_token).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+}
+
+/// Failure class: backend down, a write half made — Logout while Redis is
+/// dead (the caller's token still answered from the cache) is done once the
+/// database has it: the refresh token is dead, this replica refuses the
+/// access token at once, another replica learns it from the database's
+/// revocation log, and when Redis comes back *without* its state the owed
+/// write reaches it, so a replica with nothing cached refuses the token
+/// too. (Before: the call failed Unavailable half-way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_while_redis_is_down_is_done_once_the_database_has_it() {
+    let mut redis = OwnRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(Backend::Production, dir.path()).await;
+    config.redis_url = Some(redis.url.clone());
+    config.revocation.cache_ttl_ms = 120_000;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    let mut other = app.replica().await;
+    app.sign_up("loggedout").await;
+    let pair = app.login_ok("loggedout").await;
+    app.validate(&pair.access_token).await.unwrap();
+    other.validate(&pair.access_token).await.unwrap();
+
+    redis.kill();
+    app.logout(&pair.access_token)
+        .await
+        .expect("the database took the logout");
+    let status = app.validate(&pair.access_token).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = app.refresh(&pair.refresh_token).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // The other replica cached "not revoked" for two minutes; the log
+    // reaches it without Redis.
+    crate::redis_cluster::until_unauthenticated(&mut other, &pair.access_token).await;
+
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut fresh = app.replica().await;
+        match fresh.validate(&pair.access_token).await {
+            Err(status) if status.code() == Code::Unauthenticated => break,
+            answer => assert!(
+                Instant::now() < deadline,
+                "the owed revocation never reached Redis: {answer:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Failure class: backend down, a write half made — a service account's
+/// secret rotated while Redis is dead: the database took the rotation, so
+/// the call succeeds (before: Unavailable, with the secret rotated and the
+/// old tokens alive), the old token is refused here at once, and once Redis
+/// is back without its state a replica with nothing cached refuses it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_rotated_while_redis_is_down_ends_the_old_tokens_once_redis_is_back() {
+    let mut redis = OwnRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(Backend::Production, dir.path()).await;
+    config.redis_url = Some(redis.url.clone());
+    config.revocation.cache_ttl_ms = 120_000;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    let admin = app.admin().await.access_token;
+    let (id, service) = service_account(&mut app, &admin, "rotated-offline").await;
+    app.validate(&admin).await.unwrap();
+    app.validate(&service).await.unwrap();
+
+    redis.kill();
+    app.client
+        .rotate_service_account_secret(bearer(pb::RotateServiceAccountSecretRequest { id }, &admin))
+        .await
+        .expect("the database took the rotation");
+    let status = app.validate(&service).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut fresh = app.replica().await;
+        match fresh.validate(&service).await {
+            Err(status) if status.code() == Code::Unauthenticated => break,
+            answer => assert!(
+                Instant::now() < deadline,
+                "the owed revocation never reached Redis: {answer:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Failure class: backend state lost — a Redis whose `maxmemory-policy`

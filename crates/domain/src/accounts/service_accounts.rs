@@ -228,7 +228,9 @@ impl ServiceAccounts {
         {
             return Err(AccountError::NotFound);
         }
-        self.tokens.revocations().revoke_user(id).await?;
+        // Committed: the old tokens end here at once and in the fast
+        // state as soon as it answers (never a half-done change).
+        self.tokens.revoke_user_after_change(id).await;
         Ok(secret)
     }
 
@@ -245,7 +247,9 @@ impl ServiceAccounts {
         if !self.store.delete_service_account(id, &event).await? {
             return Err(AccountError::NotFound);
         }
-        self.tokens.revocations().revoke_user(id).await?;
+        // Committed: the old tokens end here at once and in the fast
+        // state as soon as it answers (never a half-done change).
+        self.tokens.revoke_user_after_change(id).await;
         Ok(())
     }
 

@@ -161,6 +161,27 @@ const POLL: Duration = Duration::from_secs(1);
 /// How often rows past the retention are deleted (by every replica; the
 /// statement is idempotent).
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// Longest the poller waits for one call to the log: a call that hangs
+/// (a connection that never answers) is dropped and retried at the next
+/// look, so the feed — which every replica's revocation state follows —
+/// cannot stall behind it.
+const LOG_CALL: Duration = Duration::from_secs(2);
+
+/// `call`, or a timeout error once [`LOG_CALL`] has passed.
+async fn bounded<T>(
+    what: &'static str,
+    call: impl std::future::Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    tokio::time::timeout(LOG_CALL, call)
+        .await
+        .unwrap_or_else(|_| {
+            metrics::counter!("revocation_feed_call_timeouts_total", "call" => what).increment(1);
+            Err(BackendError::Unavailable {
+                backend: "database",
+                source: format!("revocation log: {what} took longer than {LOG_CALL:?}").into(),
+            })
+        })
+}
 
 pub struct RevocationFeed {
     log: Arc<dyn RevocationLog>,
@@ -189,7 +210,7 @@ impl RevocationFeed {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let wake = self.log.written();
         let mut last = loop {
-            match self.log.head().await {
+            match bounded("head", self.log.head()).await {
                 Ok(head) => {
                     self.started.send_replace(true);
                     break head;
@@ -213,14 +234,14 @@ impl RevocationFeed {
             if purged.elapsed() >= PURGE_EVERY {
                 purged = tokio::time::Instant::now();
                 let before = OffsetDateTime::now_utc() - self.retention;
-                match self.log.purge_before(before).await {
+                match bounded("purge", self.log.purge_before(before)).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(rows = n, "revocation log: old rows deleted"),
                     Err(error) => tracing::debug!(%error, "revocation log purge failed"),
                 }
             }
             loop {
-                match self.log.after(last, PAGE).await {
+                match bounded("after", self.log.after(last, PAGE)).await {
                     Ok(rows) => {
                         let full = rows.len() as i64 == PAGE;
                         for row in rows {
@@ -389,18 +410,9 @@ pub async fn apply_log(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let applied = match row.revoked {
-            Revoked::Session {
-                user_id,
-                session_id,
-            } => revocations.revoke_session(user_id, session_id).await,
-            Revoked::User { user_id } => revocations.revoke_user_at(user_id, row.at_ms()).await,
-            Revoked::Nothing => continue,
-        };
-        if let Err(error) = applied {
-            metrics::counter!("revocation_log_apply_failures_total").increment(1);
-            tracing::warn!(%error, seq = row.seq, "revocation log: not applied here");
-        }
+        // The row is committed: this process denies what it revokes at
+        // once; the fast-state write goes on in the background.
+        revocations.learn_logged(row.revoked, row.at_ms());
     }
 }
 

@@ -33,6 +33,7 @@ use moka::{Expiry, ops::compute::Op, sync::Cache};
 use uuid::Uuid;
 
 use crate::{error::BackendError, unix_now};
+use feed::Revoked;
 
 /// The keys one access token is checked under.
 #[derive(Debug, Clone, Copy)]
@@ -136,16 +137,41 @@ pub struct Revocations {
     /// answers are forgotten): a lookup that began under an older value may
     /// predate that revocation, so its answer is not cached.
     generation: Arc<AtomicU64>,
-    /// Session revocations already decided (committed in the database)
-    /// whose store write failed: retried until written or moot.
+    /// Revocations already decided (committed in the database) whose store
+    /// write failed: retried until written or moot.
     unwritten: Arc<std::sync::Mutex<Unwritten>>,
 }
 
 /// Store writes owed, and whether a task is retrying them.
 #[derive(Default)]
 struct Unwritten {
-    sessions: Vec<(Uuid, Uuid, i64)>,
+    writes: Vec<Owed>,
     retrying: bool,
+}
+
+/// A revocation decided (committed in the database) whose store write is
+/// owed. Ids only: nothing secret.
+#[derive(Debug, Clone, Copy)]
+enum Owed {
+    Session {
+        user_id: Uuid,
+        session_id: Uuid,
+        until: i64,
+    },
+    UserEpoch {
+        user_id: Uuid,
+        epoch_ms: i64,
+        until: i64,
+    },
+}
+
+impl Owed {
+    /// When the write becomes moot: every token it concerns has expired.
+    fn until(&self) -> i64 {
+        match *self {
+            Self::Session { until, .. } | Self::UserEpoch { until, .. } => until,
+        }
+    }
 }
 
 /// Longest pause between two attempts at the owed writes.
@@ -302,27 +328,106 @@ impl Revocations {
     }
 
     /// Revokes every access token of a session whose end is already
-    /// committed elsewhere (refresh-token reuse revoked the family in the
-    /// database): the caller cannot undo that, so this never fails. This
-    /// replica denies the session's tokens at once; when the store cannot
-    /// be written, the write is retried in the background until it succeeds
-    /// or every token it concerns has expired, and the other replicas learn
-    /// it then. (A process that dies before then loses the retry: the
-    /// family's access tokens live on elsewhere until they expire.)
+    /// committed in the database (a logout, a refresh-token reuse, a row of
+    /// the revocation log): the caller cannot undo that, so this never
+    /// fails. This replica denies the session's tokens at once; when the
+    /// store cannot be written, the write is retried in the background until
+    /// it succeeds or every token it concerns has expired, and the other
+    /// replicas learn it then (or from the log, see
+    /// [`feed::apply_log`]). A process that dies before then loses its
+    /// retry; every other process applying the log owes the same write.
     pub async fn revoke_session_or_retry(&self, user_id: Uuid, session_id: Uuid) {
         let until = unix_now() + self.access_ttl_secs + 60;
-        self.remember_revocation(Key::Session(session_id), Known::Revoked, until);
-        if let Err(error) = self.store.revoke_session(user_id, session_id, until).await {
+        self.write_or_owe(Owed::Session {
+            user_id,
+            session_id,
+            until,
+        })
+        .await;
+    }
+
+    /// Revokes every access token of the user issued before `epoch_ms`,
+    /// after the change that calls for it has committed in the database:
+    /// as [`Self::revoke_session_or_retry`], never fails.
+    pub async fn revoke_user_at_or_retry(&self, user_id: Uuid, epoch_ms: i64) {
+        let until = unix_now() + self.access_ttl_secs + 60;
+        self.write_or_owe(Owed::UserEpoch {
+            user_id,
+            epoch_ms,
+            until,
+        })
+        .await;
+    }
+
+    /// Learns a revocation that a row of the database's revocation log
+    /// carries (committed by any process): denied here at once, and written
+    /// to the store in the background — idempotent, since its writer wrote
+    /// it too unless it died first — so a slow store never holds up the
+    /// next row.
+    pub fn learn_logged(&self, revoked: Revoked, at_ms: i64) {
+        let until = unix_now() + self.access_ttl_secs + 60;
+        let owed = match revoked {
+            Revoked::Session {
+                user_id,
+                session_id,
+            } => Owed::Session {
+                user_id,
+                session_id,
+                until,
+            },
+            Revoked::User { user_id } => Owed::UserEpoch {
+                user_id,
+                epoch_ms: at_ms,
+                until,
+            },
+            Revoked::Nothing => return,
+        };
+        self.remember_owed(owed);
+        self.owe(owed);
+    }
+
+    /// Remembers `owed` here, then writes it to the store or owes it.
+    async fn write_or_owe(&self, owed: Owed) {
+        self.remember_owed(owed);
+        if let Err(error) = self.write(&owed).await {
             metrics::counter!("revocation_store_write_failures_total").increment(1);
-            tracing::error!(%error, %user_id, %session_id, "session revocation not written to the store; retrying in the background");
-            self.owe_session(user_id, session_id, until);
+            tracing::error!(%error, ?owed, "revocation not written to the store; retrying in the background");
+            self.owe(owed);
         }
     }
 
-    fn owe_session(&self, user_id: Uuid, session_id: Uuid, until: i64) {
+    fn remember_owed(&self, owed: Owed) {
+        match owed {
+            Owed::Session {
+                session_id, until, ..
+            } => self.remember_revocation(Key::Session(session_id), Known::Revoked, until),
+            Owed::UserEpoch {
+                user_id,
+                epoch_ms,
+                until,
+            } => self.remember_revocation(Key::User(user_id), Known::Epoch(Some(epoch_ms)), until),
+        }
+    }
+
+    async fn write(&self, owed: &Owed) -> Result<(), BackendError> {
+        match *owed {
+            Owed::Session {
+                user_id,
+                session_id,
+                until,
+            } => self.store.revoke_session(user_id, session_id, until).await,
+            Owed::UserEpoch {
+                user_id,
+                epoch_ms,
+                until,
+            } => self.store.raise_user_epoch(user_id, epoch_ms, until).await,
+        }
+    }
+
+    fn owe(&self, write: Owed) {
         let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-        owed.sessions.push((user_id, session_id, until));
-        metrics::gauge!("revocation_store_writes_owed").set(owed.sessions.len() as f64);
+        owed.writes.push(write);
+        metrics::gauge!("revocation_store_writes_owed").set(owed.writes.len() as f64);
         if !owed.retrying {
             owed.retrying = true;
             tokio::spawn(self.clone().write_owed());
@@ -340,24 +445,22 @@ impl Revocations {
                     .unwritten
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .sessions,
+                    .writes,
             );
             let mut still = Vec::new();
-            for (user_id, session_id, until) in owed {
-                if until <= unix_now() {
+            for write in owed {
+                if write.until() <= unix_now() {
                     continue;
                 }
-                match self.store.revoke_session(user_id, session_id, until).await {
-                    Ok(()) => {
-                        tracing::info!(%user_id, %session_id, "owed session revocation written to the store");
-                    }
-                    Err(_) => still.push((user_id, session_id, until)),
+                match self.write(&write).await {
+                    Ok(()) => tracing::info!(?write, "owed revocation written to the store"),
+                    Err(_) => still.push(write),
                 }
             }
             let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-            owed.sessions.extend(still);
-            metrics::gauge!("revocation_store_writes_owed").set(owed.sessions.len() as f64);
-            if owed.sessions.is_empty() {
+            owed.writes.extend(still);
+            metrics::gauge!("revocation_store_writes_owed").set(owed.writes.len() as f64);
+            if owed.writes.is_empty() {
                 owed.retrying = false;
                 return;
             }

@@ -745,17 +745,25 @@ impl TokenService {
         Ok(Principal::from_verified(&claims))
     }
 
-    /// Ends the caller's session: the access token is blacklisted until it
-    /// expires and the session (with every refresh token of it) is revoked.
-    /// A refresh token of another session of the same user is revoked too; one
-    /// of another user is refused.
+    /// Ends the caller's session: the session (with every refresh token of
+    /// it and every access token) is revoked, and the access token
+    /// blacklisted until it expires. A refresh token of another session of
+    /// the same user is revoked too; one of another user is refused.
+    ///
+    /// The database first, the fast state after: the logout is done once
+    /// the database has it (the refresh tokens die there, and the
+    /// revocation log carries it to every replica and Envoy). A database
+    /// failure leaves nothing half-done — the access token still works, so
+    /// the client's retry can finish the logout. A fast-state failure after
+    /// the commit cannot undo it: this replica denies the tokens at once and
+    /// owes the fast-state write until it is made.
     pub async fn logout(
         &self,
         caller: &Principal,
         refresh: Option<&SecretString>,
         ctx: &RequestContext,
     ) -> Result<(), TokenError> {
-        let mut sessions = vec![caller.session_id];
+        let mut sessions = Vec::with_capacity(2);
         if let Some(raw) = refresh {
             match self
                 .sessions
@@ -769,19 +777,30 @@ impl TokenService {
                 None => {}
             }
         }
-        sessions.dedup();
-        self.revocations
-            .revoke_token(caller.user_id, caller.jti, caller.expires_at)
-            .await?;
+        // The caller's own session last: until it is revoked, the access
+        // token that can retry this call still works.
+        sessions.retain(|s| *s != caller.session_id);
+        sessions.push(caller.session_id);
         let now = OffsetDateTime::now_utc();
-        for session_id in sessions {
-            self.revocations
-                .revoke_session(caller.user_id, session_id)
-                .await?;
+        for &session_id in &sessions {
             let event = OutboxEvent::token_revoked(caller.user_id, session_id, "logout", ctx);
             self.sessions
                 .revoke_session(session_id, caller.user_id, now, &event)
                 .await?;
+        }
+        for &session_id in &sessions {
+            self.revocations
+                .revoke_session_or_retry(caller.user_id, session_id)
+                .await;
+        }
+        // The session's revocation already covers this token; its own entry
+        // is for lookups that read the token's key alone.
+        if let Err(error) = self
+            .revocations
+            .revoke_token(caller.user_id, caller.jti, caller.expires_at)
+            .await
+        {
+            tracing::warn!(%error, "logout: the access token's own entry not written (its session's revocation covers it)");
         }
         Ok(())
     }
@@ -813,19 +832,14 @@ impl TokenService {
     /// so this epoch, up to the clock skew between replicas).
     ///
     /// The change itself has committed, so a store failure here is not the
-    /// caller's error: it is retried, then logged and counted
-    /// (`revocation_after_commit_failures_total`).
+    /// caller's error: this replica denies the user's earlier tokens at
+    /// once and owes the store write until it is made
+    /// (`revocation_store_writes_owed`); the other replicas apply the
+    /// change's row of the revocation log.
     pub async fn revoke_user_after_change(&self, user_id: Uuid) {
-        for attempt in 0..3u32 {
-            match self.revocations.revoke_user(user_id).await {
-                Ok(()) => return,
-                Err(error) if attempt == 2 => {
-                    metrics::counter!("revocation_after_commit_failures_total").increment(1);
-                    tracing::error!(%user_id, %error, "revocation epoch not raised after a security change");
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await,
-            }
-        }
+        self.revocations
+            .revoke_user_at_or_retry(user_id, crate::revocation::unix_now_ms())
+            .await;
     }
 }
 
