@@ -20,6 +20,7 @@
 //! | `auth-storage` (`crates/storage`) | SQL, Redis and memory stores | domain |
 //! | `auth-kafka` (`crates/kafka`) | outbox relay, lifecycle consumer, event worker | domain, proto |
 //! | `auth-api` (`crates/api`) | gRPC, ext_authz, ECDS, HTTP, TLS adapters | domain, proto |
+//! | `auth-platform-http` (`crates/platform-http`) | the streaming platforms' OAuth and API calls over HTTP | domain |
 //! | `auth-service` (this crate) | the composition root: configuration, start-up, telemetry | all |
 //!
 //! This crate assembles them: [`config`] (each component's section,
@@ -43,6 +44,7 @@ pub use auth_domain::{
     accounts, authz, child_span, error, now_micros, pause, platforms, ratelimit, revocation,
     tokens, unix_now,
 };
+pub use auth_platform_http as platform_http;
 pub use auth_proto as proto;
 pub use auth_storage as storage;
 

@@ -138,11 +138,13 @@ async fn run(command: Command, config_file: Option<PathBuf>, config: Config) -> 
                 false,
             )?;
             let key = vault.current_key_id().to_owned();
+            // Re-sealing calls no platform.
             let platforms = auth_service::platforms::service::PlatformService::new(
                 database.platforms.clone(),
                 std::sync::Arc::new(vault),
                 &config.platforms,
-            )?;
+                [],
+            );
             let moved = platforms.reseal_all().await?;
             println!("{moved} platform accounts re-sealed under key {key}");
             Ok(())

@@ -54,14 +54,12 @@ impl Services {
             config.platforms.generate_key_if_missing,
         )
         .context("loading the platform-token vault keys (platforms.keys_dir)")?;
-        let platforms = Arc::new(
-            PlatformService::new(
-                database.platforms.clone(),
-                Arc::new(vault),
-                &config.platforms,
-            )
-            .context("platforms")?,
-        );
+        let platforms = Arc::new(PlatformService::new(
+            database.platforms.clone(),
+            Arc::new(vault),
+            &config.platforms,
+            auth_platform_http::configured(&config.platforms).context("platforms")?,
+        ));
         Ok(Self {
             session_limiter: Arc::new(session_limiter),
             service_accounts: Arc::new(ServiceAccounts::new(

@@ -325,7 +325,10 @@ fn check_requests_and_jwts() {
 
 #[test]
 fn platform_responses_and_webhook_inputs() {
-    use auth_service::platforms::{Platform, provider, webhooks};
+    use auth_service::{
+        platform_http as provider,
+        platforms::{Platform, webhooks},
+    };
     fuzz("platform", |input| {
         let s = text(input);
         for platform in Platform::ALL {

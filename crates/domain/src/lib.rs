@@ -1,9 +1,10 @@
 //! The domain kernel of the ImmersiVerse Auth Service: what the service
-//! decides, with no gRPC server, database or broker client in its
+//! decides, with no gRPC server, database, broker or HTTP client in its
 //! dependency tree (`scripts/check-layers` checks that with `cargo tree`);
-//! its one outbound client is the platforms' OAuth calls over HTTP
-//! ([`platforms::provider`]). A unit test (`layers.rs`) keeps its contexts'
-//! imports in layers.
+//! the streaming platforms are reached through a port
+//! ([`platforms::api::PlatformApi`]) that the `auth-platform-http` crate
+//! implements. A unit test (`layers.rs`) keeps its contexts' imports in
+//! layers.
 //!
 //! * [`accounts`] — value types, argon2 hashing pool, the account store
 //!   port, sign-up/login/password/admin use cases;

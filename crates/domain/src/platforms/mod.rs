@@ -4,9 +4,10 @@
 //! keeps that platform's tokens sealed at rest ([`vault`]) and fresh, and
 //! hands a valid access token to internal services.
 //!
-//! * [`provider`] — one profile per platform (endpoints, PKCE, token-response
-//!   quirks, identity endpoint, refresh model, revocation) over the `oauth2`
-//!   crate and a rustls HTTP client; every outbound call has a timeout.
+//! * [`api`] — the port to a platform ([`api::PlatformApi`]: authorization
+//!   URL, code and refresh grants, identity, validation, revocation) and how
+//!   a call can fail ([`api::CallError`]). The platforms' wire formats and
+//!   the HTTP client live in the `auth-platform-http` adapter crate.
 //! * [`store`] — the store role: single-use link states, linked accounts with
 //!   sealed tokens, the refresh lease that makes one refresh per account
 //!   across replicas, and webhook message ids (replay protection).
@@ -14,8 +15,8 @@
 //!   token (refresh on demand), keep-alive, and platform-side revocation.
 //! * [`webhooks`] — Twitch EventSub and Facebook deauthorize verification.
 
+pub mod api;
 pub mod config;
-pub mod provider;
 pub mod service;
 pub mod store;
 pub mod vault;

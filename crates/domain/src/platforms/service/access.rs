@@ -133,7 +133,7 @@ impl PlatformService {
         }
     }
 
-    pub(super) fn refresher(&self, provider: Arc<Provider>) -> Refresher {
+    pub(super) fn refresher(&self, provider: Arc<dyn PlatformApi>) -> Refresher {
         Refresher {
             store: self.store.clone(),
             vault: self.vault.clone(),

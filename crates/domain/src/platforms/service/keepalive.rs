@@ -26,9 +26,7 @@ impl PlatformService {
                 continue;
             }
             let refresher = self.refresher(provider.clone());
-            if provider.profile.refresh
-                == crate::platforms::provider::RefreshModel::ExchangeLongLived
-            {
+            if provider.refresh_model() == crate::platforms::api::RefreshModel::ExchangeLongLived {
                 let due = self
                     .store
                     .expiring(

@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use super::{
     AccountStatus, Platform, PlatformAccount, PlatformError,
-    provider::{CallError, Grant, Provider},
+    api::{CallError, Grant, PlatformApi},
     store::{
         LinkOutcome, LinkState, PendingRevocation, PlatformStore, SealedTokens, StoredAccount,
     },
@@ -225,7 +225,7 @@ type VaultCell = Arc<arc_swap::ArcSwap<Vault>>;
 pub struct PlatformService {
     store: Arc<dyn PlatformStore>,
     vault: VaultCell,
-    providers: BTreeMap<Platform, Arc<Provider>>,
+    providers: BTreeMap<Platform, Arc<dyn PlatformApi>>,
     config: PlatformsConfig,
 }
 
@@ -250,29 +250,20 @@ fn unavailable(platform: Platform) -> PlatformError {
 }
 
 impl PlatformService {
+    /// `providers`: the platforms with a client configured (the adapter
+    /// builds them from `config`; a platform without one is disabled).
     pub fn new(
         store: Arc<dyn PlatformStore>,
         vault: Arc<Vault>,
         config: &PlatformsConfig,
-    ) -> anyhow::Result<Self> {
-        let mut providers = BTreeMap::new();
-        let timeout = Duration::from_millis(config.http_timeout_ms);
-        for platform in Platform::ALL {
-            if let Some(provider) = Provider::new(
-                platform,
-                config.provider(platform),
-                timeout,
-                config.retry_attempts,
-            )? {
-                providers.insert(platform, Arc::new(provider));
-            }
-        }
-        Ok(Self {
+        providers: impl IntoIterator<Item = Arc<dyn PlatformApi>>,
+    ) -> Self {
+        Self {
             store,
             vault: Arc::new(arc_swap::ArcSwap::new(vault)),
-            providers,
+            providers: providers.into_iter().map(|p| (p.platform(), p)).collect(),
             config: config.clone(),
-        })
+        }
     }
 
     /// Puts a reloaded vault in force: new seals use its current key;
@@ -291,7 +282,7 @@ impl PlatformService {
         self.providers.keys().copied().collect()
     }
 
-    fn provider(&self, platform: Platform) -> Result<&Arc<Provider>, PlatformError> {
+    fn provider(&self, platform: Platform) -> Result<&Arc<dyn PlatformApi>, PlatformError> {
         self.providers
             .get(&platform)
             .ok_or(PlatformError::Disabled(platform))
@@ -388,7 +379,7 @@ fn link_error(platform: Platform, error: CallError) -> PlatformError {
 struct Refresher {
     store: Arc<dyn PlatformStore>,
     vault: VaultCell,
-    provider: Arc<Provider>,
+    provider: Arc<dyn PlatformApi>,
 }
 
 impl Refresher {

@@ -15,9 +15,18 @@
 //! others a space-delimited string or nothing; Facebook has no refresh token;
 //! Twitch's errors are `{"status":400,"message":…}` rather than RFC 6749's
 //! `{"error":…}`. [`PlatformTokenResponse`] and [`CallError`] absorb that.
+//!
+//! The kernel sees none of this: it calls [`PlatformApi`], which
+//! [`Provider`] implements; [`configured`] builds one per configured
+//! platform for the composition root.
+
+#![forbid(unsafe_code)]
 
 use std::{
-    sync::atomic::{AtomicU16, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU16, Ordering},
+    },
     time::Duration,
 };
 
@@ -31,8 +40,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
 
-use super::{Identity, Platform};
-use crate::platforms::config::ProviderConfig;
+use async_trait::async_trait;
+use auth_domain::platforms::{
+    Identity, Platform,
+    api::{CallError, Grant, PlatformApi, RefreshModel},
+    config::{PlatformsConfig, ProviderConfig},
+};
 
 /// What differs between platforms beyond their URLs.
 #[derive(Debug, Clone, Copy)]
@@ -43,15 +56,6 @@ pub struct Profile {
     /// How scopes are joined in the authorization URL.
     pub scope_separator: &'static str,
     pub refresh: RefreshModel,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefreshModel {
-    /// `grant_type=refresh_token`; the platform may rotate the token.
-    RefreshToken,
-    /// No refresh token: re-exchange the long-lived access token
-    /// (`grant_type=fb_exchange_token`) while it is still valid.
-    ExchangeLongLived,
 }
 
 impl Profile {
@@ -83,35 +87,6 @@ impl Profile {
             },
         }
     }
-}
-
-/// Tokens as a platform granted them.
-#[derive(Debug)]
-pub struct Grant {
-    pub access_token: SecretString,
-    pub refresh_token: Option<SecretString>,
-    pub expires_in: Option<Duration>,
-    /// `None`: the platform did not say (the requested scopes stand).
-    pub scopes: Option<Vec<String>>,
-}
-
-/// How a platform call failed. Messages never carry a token.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CallError {
-    /// The grant is dead: revoked at the platform, expired, already used.
-    #[error("invalid_grant: {0}")]
-    InvalidGrant(String),
-    /// Another refusal (bad client, redirect mismatch, missing scope).
-    #[error("refused: {0}")]
-    Refused(String),
-    /// Worth a retry later: connection, timeout, 5xx, a garbled answer.
-    #[error("transient: {0}")]
-    Transient(String),
-    /// 429: the platform is not to be called again before `retry_after`
-    /// has passed (its `Retry-After`, or Twitch's `Ratelimit-Reset`; 1 s
-    /// when it said neither). Never retried at once.
-    #[error("rate limited for {retry_after:?}")]
-    RateLimited { retry_after: Duration },
 }
 
 /// How long a 429 asks to wait: `Retry-After` (delta-seconds or an
@@ -270,6 +245,24 @@ pub struct Provider {
     attempts: u32,
 }
 
+/// Every platform with a client configured in `config`, as the kernel's
+/// port (a platform without a client id is left out: disabled).
+pub fn configured(config: &PlatformsConfig) -> anyhow::Result<Vec<Arc<dyn PlatformApi>>> {
+    let timeout = Duration::from_millis(config.http_timeout_ms);
+    let mut providers: Vec<Arc<dyn PlatformApi>> = Vec::new();
+    for platform in Platform::ALL {
+        if let Some(provider) = Provider::new(
+            platform,
+            config.provider(platform),
+            timeout,
+            config.retry_attempts,
+        )? {
+            providers.push(Arc::new(provider));
+        }
+    }
+    Ok(providers)
+}
+
 impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Provider")
@@ -326,103 +319,6 @@ impl Provider {
         }))
     }
 
-    pub fn redirect_uri(&self) -> &str {
-        &self.redirect_uri
-    }
-
-    pub fn scopes(&self) -> &[String] {
-        &self.scopes
-    }
-
-    /// The URL to send the user to, and the PKCE verifier to keep (when the
-    /// platform supports PKCE).
-    pub fn authorization_url(&self, state: &str) -> (String, Option<SecretString>) {
-        let state = state.to_owned();
-        let mut request = self.oauth.authorize_url(move || CsrfToken::new(state));
-        if !self.scopes.is_empty() {
-            // One joined parameter: Facebook takes commas.
-            request = request.add_scope(Scope::new(self.scopes.join(self.profile.scope_separator)));
-        }
-        for (name, value) in self.profile.auth_params {
-            request = request.add_extra_param(*name, *value);
-        }
-        let verifier = if self.profile.pkce {
-            let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-            request = request.set_pkce_challenge(challenge);
-            Some(SecretString::from(verifier.secret().clone()))
-        } else {
-            None
-        };
-        let (url, _) = request.url();
-        (url.to_string(), verifier)
-    }
-
-    /// Exchanges an authorization code (not retried: a code is single-use).
-    /// Facebook's short-lived token is exchanged for a long-lived one.
-    pub async fn exchange_code(
-        &self,
-        code: &str,
-        verifier: Option<&SecretString>,
-    ) -> Result<Grant, CallError> {
-        let status = AtomicU16::new(0);
-        let mut request = self
-            .oauth
-            .exchange_code(AuthorizationCode::new(code.to_owned()));
-        if let Some(verifier) = verifier {
-            request =
-                request.set_pkce_verifier(PkceCodeVerifier::new(verifier.expose_secret().into()));
-        }
-        let retry_after_ms = std::sync::atomic::AtomicU64::new(0);
-        let sender = Sender {
-            http: &self.http,
-            status: &status,
-            retry_after_ms: &retry_after_ms,
-        };
-        let grant = grant(
-            request.request_async(&sender).await,
-            &status,
-            &retry_after_ms,
-        )?;
-        match self.profile.refresh {
-            RefreshModel::RefreshToken => Ok(grant),
-            RefreshModel::ExchangeLongLived => self.extend(&grant.access_token).await,
-        }
-    }
-
-    /// A new access token from the stored grant: the refresh token, or for
-    /// Facebook the current long-lived token.
-    pub async fn refresh(
-        &self,
-        refresh_token: Option<&SecretString>,
-        access_token: &SecretString,
-    ) -> Result<Grant, CallError> {
-        match self.profile.refresh {
-            RefreshModel::ExchangeLongLived => self.extend(access_token).await,
-            RefreshModel::RefreshToken => {
-                let refresh_token = refresh_token.ok_or_else(|| {
-                    CallError::InvalidGrant("no refresh token was granted".into())
-                })?;
-                self.retrying(|| async move {
-                    let status = AtomicU16::new(0);
-                    let retry_after_ms = std::sync::atomic::AtomicU64::new(0);
-                    let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
-                    let sender = Sender {
-                        http: &self.http,
-                        status: &status,
-                        retry_after_ms: &retry_after_ms,
-                    };
-                    let result = self
-                        .oauth
-                        .exchange_refresh_token(&token)
-                        .request_async(&sender)
-                        .await;
-                    grant(result, &status, &retry_after_ms)
-                })
-                .await
-            }
-        }
-    }
-
     /// Facebook: `GET <token_url>?grant_type=fb_exchange_token&…`.
     async fn extend(&self, access_token: &SecretString) -> Result<Grant, CallError> {
         self.retrying(|| async move {
@@ -457,8 +353,136 @@ impl Provider {
         .await
     }
 
+    /// Runs `call` up to the configured attempts while it fails transiently,
+    /// with backoff from 100 ms.
+    async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, CallError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, CallError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Err(CallError::Transient(why)) if attempt < self.attempts => {
+                    tracing::debug!(platform = %self.platform, attempt, why, "platform call failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << (attempt - 1).min(5))).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl PlatformApi for Provider {
+    fn platform(&self) -> Platform {
+        self.platform
+    }
+
+    fn refresh_model(&self) -> RefreshModel {
+        self.profile.refresh
+    }
+
+    fn redirect_uri(&self) -> &str {
+        &self.redirect_uri
+    }
+
+    fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// The URL to send the user to, and the PKCE verifier to keep (when the
+    /// platform supports PKCE).
+    fn authorization_url(&self, state: &str) -> (String, Option<SecretString>) {
+        let state = state.to_owned();
+        let mut request = self.oauth.authorize_url(move || CsrfToken::new(state));
+        if !self.scopes.is_empty() {
+            // One joined parameter: Facebook takes commas.
+            request = request.add_scope(Scope::new(self.scopes.join(self.profile.scope_separator)));
+        }
+        for (name, value) in self.profile.auth_params {
+            request = request.add_extra_param(*name, *value);
+        }
+        let verifier = if self.profile.pkce {
+            let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+            request = request.set_pkce_challenge(challenge);
+            Some(SecretString::from(verifier.secret().clone()))
+        } else {
+            None
+        };
+        let (url, _) = request.url();
+        (url.to_string(), verifier)
+    }
+
+    /// Exchanges an authorization code (not retried: a code is single-use).
+    /// Facebook's short-lived token is exchanged for a long-lived one.
+    async fn exchange_code(
+        &self,
+        code: &str,
+        verifier: Option<&SecretString>,
+    ) -> Result<Grant, CallError> {
+        let status = AtomicU16::new(0);
+        let mut request = self
+            .oauth
+            .exchange_code(AuthorizationCode::new(code.to_owned()));
+        if let Some(verifier) = verifier {
+            request =
+                request.set_pkce_verifier(PkceCodeVerifier::new(verifier.expose_secret().into()));
+        }
+        let retry_after_ms = std::sync::atomic::AtomicU64::new(0);
+        let sender = Sender {
+            http: &self.http,
+            status: &status,
+            retry_after_ms: &retry_after_ms,
+        };
+        let grant = grant(
+            request.request_async(&sender).await,
+            &status,
+            &retry_after_ms,
+        )?;
+        match self.profile.refresh {
+            RefreshModel::RefreshToken => Ok(grant),
+            RefreshModel::ExchangeLongLived => self.extend(&grant.access_token).await,
+        }
+    }
+
+    /// A new access token from the stored grant: the refresh token, or for
+    /// Facebook the current long-lived token.
+    async fn refresh(
+        &self,
+        refresh_token: Option<&SecretString>,
+        access_token: &SecretString,
+    ) -> Result<Grant, CallError> {
+        match self.profile.refresh {
+            RefreshModel::ExchangeLongLived => self.extend(access_token).await,
+            RefreshModel::RefreshToken => {
+                let refresh_token = refresh_token.ok_or_else(|| {
+                    CallError::InvalidGrant("no refresh token was granted".into())
+                })?;
+                self.retrying(|| async move {
+                    let status = AtomicU16::new(0);
+                    let retry_after_ms = std::sync::atomic::AtomicU64::new(0);
+                    let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
+                    let sender = Sender {
+                        http: &self.http,
+                        status: &status,
+                        retry_after_ms: &retry_after_ms,
+                    };
+                    let result = self
+                        .oauth
+                        .exchange_refresh_token(&token)
+                        .request_async(&sender)
+                        .await;
+                    grant(result, &status, &retry_after_ms)
+                })
+                .await
+            }
+        }
+    }
+
     /// Who the token belongs to.
-    pub async fn identity(&self, access_token: &SecretString) -> Result<Identity, CallError> {
+    async fn identity(&self, access_token: &SecretString) -> Result<Identity, CallError> {
         self.retrying(|| async move {
             let token = access_token.expose_secret();
             let request = match self.platform {
@@ -499,7 +523,7 @@ impl Provider {
 
     /// Twitch's `/oauth2/validate`: `Ok(false)` when the token is no longer
     /// valid. Platforms without the endpoint always answer `Ok(true)`.
-    pub async fn validate(&self, access_token: &SecretString) -> Result<bool, CallError> {
+    async fn validate(&self, access_token: &SecretString) -> Result<bool, CallError> {
         let Some(url) = &self.validate_url else {
             return Ok(true);
         };
@@ -530,14 +554,14 @@ impl Provider {
 
     /// Whether [`revoke`](Self::revoke) presents the access token (Twitch,
     /// Facebook), which the platform no longer knows once it has expired.
-    pub fn revokes_by_access_token(&self) -> bool {
+    fn revokes_by_access_token(&self) -> bool {
         matches!(self.platform, Platform::Twitch | Platform::Facebook)
     }
 
     /// Revokes the grant at the platform. `Ok(false)`: the platform has no
     /// revocation endpoint. `InvalidGrant`: the platform does not know the
     /// token (already revoked or expired): nothing is left to revoke.
-    pub async fn revoke(
+    async fn revoke(
         &self,
         access_token: &SecretString,
         refresh_token: Option<&SecretString>,
@@ -577,26 +601,6 @@ impl Provider {
             Err(api_error(status, &body))
         })
         .await
-    }
-
-    /// Runs `call` up to the configured attempts while it fails transiently,
-    /// with backoff from 100 ms.
-    async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, CallError>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<T, CallError>>,
-    {
-        let mut attempt = 1;
-        loop {
-            match call().await {
-                Err(CallError::Transient(why)) if attempt < self.attempts => {
-                    tracing::debug!(platform = %self.platform, attempt, why, "platform call failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 << (attempt - 1).min(5))).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
     }
 }
 
@@ -660,7 +664,7 @@ trait Traced {
 
 impl Traced for reqwest::RequestBuilder {
     fn header_traced(self) -> Self {
-        match crate::trace::current_traceparent() {
+        match auth_domain::trace::current_traceparent() {
             Some(traceparent) => self.header("traceparent", traceparent),
             None => self,
         }
