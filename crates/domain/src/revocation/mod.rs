@@ -259,6 +259,13 @@ impl Revocations {
         if matches!(jti, Some(Known::Revoked)) || matches!(sid, Some(Known::Revoked)) {
             return Ok(true);
         }
+        // A known epoch past the token's issue time revokes it whatever the
+        // other keys say: no store round trip (nor a store failure) needed.
+        if let Some(Known::Epoch(Some(epoch))) = user
+            && token.issued_at_ms < epoch
+        {
+            return Ok(true);
+        }
         let epoch = match (jti, sid, user) {
             (Some(_), Some(_), Some(Known::Epoch(epoch))) => epoch,
             _ => {
@@ -588,6 +595,67 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store that is down: every call fails.
+    struct Down;
+
+    #[async_trait]
+    impl RevocationStore for Down {
+        async fn revoke_token(&self, _: Uuid, _: Uuid, _: i64) -> Result<(), BackendError> {
+            Err(down())
+        }
+        async fn revoke_session(&self, _: Uuid, _: Uuid, _: i64) -> Result<(), BackendError> {
+            Err(down())
+        }
+        async fn raise_user_epoch(&self, _: Uuid, _: i64, _: i64) -> Result<(), BackendError> {
+            Err(down())
+        }
+        async fn lookup(&self, _: &RevocationKeys) -> Result<RevocationSnapshot, BackendError> {
+            Err(down())
+        }
+    }
+
+    fn down() -> BackendError {
+        BackendError::Unavailable {
+            backend: "redis",
+            source: "down".into(),
+        }
+    }
+
+    fn token(user_id: Uuid, issued_at_ms: i64) -> TokenFacts {
+        TokenFacts {
+            keys: RevocationKeys {
+                jti: Uuid::now_v7(),
+                session_id: Uuid::now_v7(),
+                user_id,
+            },
+            issued_at_ms,
+            expires_at: unix_now() + 600,
+        }
+    }
+
+    /// Failure class: backend down. A revocation committed elsewhere (the
+    /// database) while the store is down is denied here at once and owed
+    /// to the store: a user-wide one refuses the user's earlier tokens
+    /// without asking the store (which would fail), a later token is asked
+    /// about as usual (and fails closed).
+    #[tokio::test]
+    async fn a_committed_revocation_is_denied_here_while_the_store_is_down() {
+        let revocations = Revocations::new(Arc::new(Down), 100, Duration::from_secs(60), 900);
+        let (user, session) = (Uuid::now_v7(), Uuid::now_v7());
+        let now = unix_now_ms();
+        revocations.revoke_user_at_or_retry(user, now).await;
+        assert!(revocations.is_revoked(&token(user, now - 1)).await.unwrap());
+        assert!(revocations.is_revoked(&token(user, now + 1)).await.is_err());
+
+        revocations.revoke_session_or_retry(user, session).await;
+        let mut of_session = token(Uuid::now_v7(), now);
+        of_session.keys.session_id = session;
+        assert!(revocations.is_revoked(&of_session).await.unwrap());
+
+        let owed = revocations.unwritten.lock().unwrap().writes.len();
+        assert_eq!(owed, 2, "both writes are owed to the store");
+    }
 
     #[test]
     fn notices_round_trip_and_garbage_is_refused() {
