@@ -40,6 +40,9 @@
 //!   tokens, minted with the service's signing key, each checked once through
 //!   ext_authz from an address of its own (or all from one), for the memory
 //!   benchmark.
+//! * `noop-authz PORT_FILE` — an ext_authz server that allows every Check
+//!   at once (the ceiling of the ext_authz path); writes its port to
+//!   PORT_FILE.
 //!
 //! Every request loop is bounded by its duration and targets loopback only.
 
@@ -995,6 +998,41 @@ async fn watch_latency(a: &str, b: &str, rounds: usize) {
 
 /// An OTLP/gRPC trace receiver that counts what it gets (the collector's
 /// `TraceService/Export`); prints the count every `SECS`.
+/// An ext_authz server that does nothing: every Check is allowed at once,
+/// with no headers. The ceiling of the ext_authz path (Envoy's hop and
+/// tonic), against which auth-service's own Check is measured.
+async fn noop_authz(port_file: &str) {
+    use envoy_types::pb::{
+        envoy::service::auth::v3::{
+            CheckRequest, CheckResponse, OkHttpResponse,
+            authorization_server::{Authorization, AuthorizationServer},
+            check_response::HttpResponse,
+        },
+        google::rpc::Status,
+    };
+    struct Allow;
+    #[tonic::async_trait]
+    impl Authorization for Allow {
+        async fn check(
+            &self,
+            _: tonic::Request<CheckRequest>,
+        ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+            Ok(tonic::Response::new(CheckResponse {
+                status: Some(Status::default()),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+                ..Default::default()
+            }))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    std::fs::write(port_file, listener.local_addr().unwrap().port().to_string()).unwrap();
+    tonic::transport::Server::builder()
+        .add_service(AuthorizationServer::new(Allow))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+        .unwrap();
+}
+
 async fn otlp_sink(port_file: &str) {
     use opentelemetry_proto::tonic::collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -1159,6 +1197,7 @@ async fn main() {
             fake_platform_server(arg(1).parse().unwrap(), arg(2).parse().unwrap(), &arg(3)).await
         }
         "otlp-sink" => otlp_sink(&arg(1)).await,
+        "noop-authz" => noop_authz(&arg(1)).await,
         "watch-latency" => watch_latency(&arg(1), &arg(2), arg(3).parse().unwrap()).await,
         "platform-setup" => platform_setup(&arg(1), arg(2).parse().unwrap(), &arg(3)).await,
         "platform-token" => {

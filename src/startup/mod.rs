@@ -173,4 +173,10 @@ impl Application {
     pub fn database(&self) -> Database {
         self.services.database.clone()
     }
+
+    /// The revocation log's feed (for waiting until the recent revocations
+    /// are applied at start: [`crate::revocation::feed::RevocationFeed::replayed`]).
+    pub fn revocation_feed(&self) -> Arc<crate::revocation::feed::RevocationFeed> {
+        self.services.revocation_feed.clone()
+    }
 }

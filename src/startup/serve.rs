@@ -123,6 +123,17 @@ impl Application {
             "revocation_feed",
             self.services.revocation_feed.clone().run(stop.clone()),
         );
+        // What was revoked while this process was not running (the last
+        // access-token lifetime of the log), once, at start.
+        let (feed, revocations) = (
+            self.services.revocation_feed.clone(),
+            self.services.tokens.revocations().clone(),
+        );
+        let window = Duration::from_secs(self.config.tokens.access_ttl_secs + 60);
+        let replay_stop = stop.clone();
+        background.spawn("revocation_log_replay", async move {
+            feed.replay_recent(window, &revocations, replay_stop).await
+        });
 
         if let Some(redis) = self.services.redis.clone() {
             background.spawn(
@@ -240,6 +251,7 @@ impl Application {
                 .redis
                 .clone()
                 .map(|r| Arc::new(r) as Arc<dyn Ping>),
+            revocation_log: self.services.revocation_feed.clone(),
             metrics: telemetry::metrics_handle(),
             draining: draining.clone(),
         };

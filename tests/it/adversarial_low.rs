@@ -277,7 +277,7 @@ async fn a_logout_while_redis_is_down_is_done_once_the_database_has_it() {
     let mut other = app.replica().await;
     app.sign_up("loggedout").await;
     let pair = app.login_ok("loggedout").await;
-    app.validate(&pair.access_token).await.unwrap();
+    let session = app.validate(&pair.access_token).await.unwrap().session_id;
     other.validate(&pair.access_token).await.unwrap();
 
     redis.kill();
@@ -292,19 +292,75 @@ async fn a_logout_while_redis_is_down_is_done_once_the_database_has_it() {
     // reaches it without Redis.
     crate::redis_cluster::until_unauthenticated(&mut other, &pair.access_token).await;
 
+    // Back without its state: the owed write reaches it (the session's
+    // key appears), and a replica with nothing cached refuses the token.
     redis.restart().await;
+    until_redis_holds(&redis.url, &format!("*sid:{session}*")).await;
+    let mut fresh = app.replica().await;
+    let status = fresh.validate(&pair.access_token).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+/// Waits until Redis at `url` holds a key matching `pattern`.
+async fn until_redis_holds(url: &str, pattern: &str) {
+    let client = redis::Client::open(url).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut fresh = app.replica().await;
-        match fresh.validate(&pair.access_token).await {
-            Err(status) if status.code() == Code::Unauthenticated => break,
-            answer => assert!(
-                Instant::now() < deadline,
-                "the owed revocation never reached Redis: {answer:?}"
-            ),
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                return;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            Instant::now() < deadline,
+            "the owed revocation never reached Redis ({pattern})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Failure class: backend down, then every process restarted — a logout
+/// the database took while Redis was dead, whose Redis write the replicas
+/// still owed when they all stopped, holds after Redis comes back without
+/// its state: a process that starts replays the last access-token lifetime
+/// of the revocation log. (Before: nobody owed the write any more, Redis
+/// was empty, and the logged-out token verified again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_owed_to_redis_survives_a_restart_of_every_replica() {
+    let mut redis = OwnRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(Backend::Production, dir.path()).await;
+    config.redis_url = Some(redis.url.clone());
+    config.revocation.cache_ttl_ms = 120_000;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    app.sign_up("restarted").await;
+    let pair = app.login_ok("restarted").await;
+    app.validate(&pair.access_token).await.unwrap();
+
+    redis.kill();
+    app.logout(&pair.access_token)
+        .await
+        .expect("the database took the logout");
+    let (config, dir) = app.stop().await;
+
+    redis.restart().await;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    assert_eq!(
+        app.http_get("/readyz").await.0,
+        200,
+        "ready once the recent revocations are applied"
+    );
+    let status = app.validate(&pair.access_token).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unauthenticated,
+        "the logged-out token verifies again after the restart: {status:?}"
+    );
 }
 
 /// Failure class: backend down, a write half made — a service account's

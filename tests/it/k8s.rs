@@ -614,7 +614,7 @@ async fn the_production_pods_run_the_real_binaries_as_their_specs_say() {
         "ghcr.io/immersiverse/auth-service".to_owned(),
         (
             "/usr/local/bin/auth-service".to_owned(),
-            PathBuf::from(env!("CARGO_BIN_EXE_auth-service")),
+            crate::support::service_bin(),
         ),
     );
     images.insert(

@@ -24,7 +24,7 @@ pub(crate) struct Server {
 pub(crate) fn start(cwd: &Path, env: &[(&str, &str)]) -> Server {
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_auth-service"));
+    let mut command = Command::new(crate::support::service_bin());
     command
         .current_dir(cwd)
         .env_clear()
@@ -206,7 +206,7 @@ fn a_bad_configuration_value_stops_start_up_naming_the_key() {
         ("AUTH_DATABASE_URL", "mysql://x"),
         ("AUTH_PASSWORD__ITERATIONS", "zero"),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_auth-service"))
+        let output = Command::new(crate::support::service_bin())
             .current_dir(cwd.path())
             .env_clear()
             .env(key, value)
@@ -231,7 +231,7 @@ fn a_bad_configuration_value_stops_start_up_naming_the_key() {
             "AUTH_KAFKA__SASL_PASSWORD",
         ),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_auth-service"))
+        let output = Command::new(crate::support::service_bin())
             .current_dir(cwd.path())
             .env_clear()
             .env("AUTH_KAFKA__SECURITY_PROTOCOL", "sasl_ssl")
@@ -246,7 +246,7 @@ fn a_bad_configuration_value_stops_start_up_naming_the_key() {
 
 #[test]
 fn an_unknown_config_file_is_refused() {
-    let output = Command::new(env!("CARGO_BIN_EXE_auth-service"))
+    let output = Command::new(crate::support::service_bin())
         .args(["--config", "/nonexistent/auth.toml"])
         .env_clear()
         .output()
@@ -419,7 +419,7 @@ async fn rotate_key_then_sighup_signs_with_the_new_key_and_old_tokens_still_veri
         .into_inner()
         .access_token;
 
-    let rotated = Command::new(env!("CARGO_BIN_EXE_auth-service"))
+    let rotated = Command::new(crate::support::service_bin())
         .arg("rotate-key")
         .current_dir(cwd.path())
         .env_clear()
@@ -592,7 +592,7 @@ async fn set_roles_from_another_process_ends_the_old_tokens_of_a_running_server(
         }
     };
     assert!(validate(before.access_token.clone()).await.is_ok());
-    let output = Command::new(env!("CARGO_BIN_EXE_auth-service"))
+    let output = Command::new(crate::support::service_bin())
         .args(["set-roles", "demoted", "user"])
         .current_dir(cwd.path())
         .env_clear()

@@ -178,7 +178,7 @@ fn a_session_limit_on_a_method_that_does_not_exist_stops_start_up() {
         "[rpc.session_limits]\nGetMee = { requests = 1, per_secs = 60, burst = 1 }\n",
     )
     .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_auth-service"))
+    let output = std::process::Command::new(crate::support::service_bin())
         .current_dir(cwd.path())
         .env_clear()
         .env("AUTH_CONFIG", "auth.toml")

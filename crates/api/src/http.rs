@@ -30,6 +30,9 @@ pub struct AdminState {
     pub platforms: Arc<PlatformService>,
     pub database: Arc<dyn Ping>,
     pub redis: Option<Arc<dyn Ping>>,
+    /// Ready once the recent revocations are applied at start
+    /// (`RevocationFeed::replay_recent`).
+    pub revocation_log: Arc<dyn Ping>,
     pub metrics: PrometheusHandle,
     /// Cancelled when shutdown begins: not ready from then on.
     pub draining: tokio_util::sync::CancellationToken,
@@ -64,7 +67,8 @@ pub fn metrics_router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Ready while every configured backend answers.
+/// Ready while every configured backend answers, once the recent
+/// revocations are applied.
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     if state.draining.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned());
@@ -75,6 +79,9 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     if let Some(redis) = &state.redis
         && let Err(e) = redis.ping().await
     {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}"));
+    }
+    if let Err(e) = state.revocation_log.ping().await {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}"));
     }
     (StatusCode::OK, "ready".to_owned())

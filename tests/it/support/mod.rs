@@ -163,8 +163,13 @@ impl TestApp {
         let database = app.database();
         let app_tokens = app.tokens();
         let platforms = app.platforms();
+        let feed = app.revocation_feed();
         let stop = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+        // Serving starts at once; readiness waits for the recent
+        // revocations to be applied, and so does the harness (bounded: a
+        // test may cut the database off at once).
+        let _ = tokio::time::timeout(Duration::from_secs(5), feed.replayed()).await;
         // Over TLS: a client with the PKI's client certificate when there is
         // one; otherwise the test makes its own.
         let client = if config.tls.cert.is_some() {
@@ -420,4 +425,14 @@ macro_rules! on_both_backends {
             }
         )*
     };
+}
+
+/// The auth-service executable the process tests start: Cargo's build of
+/// it, or `AUTH_SERVICE_BIN` (scripts/test points it at a copy, so that
+/// the Dockerfile's replay, which rebuilds the same path beside the tests,
+/// never replaces the file a test is starting).
+pub fn service_bin() -> std::path::PathBuf {
+    std::env::var_os("AUTH_SERVICE_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_auth-service").into())
 }

@@ -161,6 +161,8 @@ const POLL: Duration = Duration::from_secs(1);
 /// How often rows past the retention are deleted (by every replica; the
 /// statement is idempotent).
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// Longest one purge may take (a delete of a long backlog).
+const PURGE_CALL: Duration = Duration::from_secs(300);
 /// Longest the poller waits for one call to the log: a call that hangs
 /// (a connection that never answers) is dropped and retried at the next
 /// look, so the feed — which every replica's revocation state follows —
@@ -191,6 +193,26 @@ pub struct RevocationFeed {
     /// starts at or after that point, so every row it needs is either
     /// replayed by it or broadcast by the poller.
     started: tokio::sync::watch::Sender<bool>,
+    /// Set once [`Self::replay_recent`] has applied the recent rows: until
+    /// then the process is not ready ([`crate::health::Ping`]).
+    replayed: tokio::sync::watch::Sender<bool>,
+}
+
+/// Ready once the recent revocations have been replayed at start: a process
+/// that serves before then could accept a token revoked while it was not
+/// running.
+#[async_trait]
+impl crate::health::Ping for RevocationFeed {
+    async fn ping(&self) -> Result<(), BackendError> {
+        if *self.replayed.borrow() {
+            Ok(())
+        } else {
+            Err(BackendError::Unavailable {
+                backend: "revocation log",
+                source: "the recent revocations are not yet applied".into(),
+            })
+        }
+    }
 }
 
 impl RevocationFeed {
@@ -198,11 +220,13 @@ impl RevocationFeed {
     pub fn new(log: Arc<dyn RevocationLog>, retention: Duration) -> Arc<Self> {
         let (live, _) = broadcast::channel(1024);
         let (started, _) = tokio::sync::watch::channel(false);
+        let (replayed, _) = tokio::sync::watch::channel(false);
         Arc::new(Self {
             log,
             retention,
             live,
             started,
+            replayed,
         })
     }
 
@@ -224,21 +248,13 @@ impl RevocationFeed {
                 }
             }
         };
-        let mut purged = tokio::time::Instant::now() - PURGE_EVERY;
+        // The purge runs on its own: a long delete never holds up the feed.
+        tokio::spawn(self.clone().purge(stop.clone()));
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = wake.notified() => {}
                 () = tokio::time::sleep(POLL) => {}
-            }
-            if purged.elapsed() >= PURGE_EVERY {
-                purged = tokio::time::Instant::now();
-                let before = OffsetDateTime::now_utc() - self.retention;
-                match bounded("purge", self.log.purge_before(before)).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(rows = n, "revocation log: old rows deleted"),
-                    Err(error) => tracing::debug!(%error, "revocation log purge failed"),
-                }
             }
             loop {
                 match bounded("after", self.log.after(last, PAGE)).await {
@@ -260,6 +276,84 @@ impl RevocationFeed {
                 }
             }
         }
+    }
+
+    /// Resolves once [`Self::replay_recent`] has applied the recent rows.
+    pub async fn replayed(&self) {
+        let mut replayed = self.replayed.subscribe();
+        let _ = replayed.wait_for(|done| *done).await;
+    }
+
+    /// Deletes the rows past the retention, every [`PURGE_EVERY`] (by every
+    /// replica: the statement is idempotent), each delete bounded by
+    /// [`PURGE_CALL`]; a failure is logged and tried again at the next round.
+    async fn purge(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let before = OffsetDateTime::now_utc() - self.retention;
+            match tokio::time::timeout(PURGE_CALL, self.log.purge_before(before)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(rows = n, "revocation log: old rows deleted"),
+                Ok(Err(error)) => tracing::warn!(%error, "revocation log: purge failed"),
+                Err(_) => tracing::warn!("revocation log: purge took longer than {PURGE_CALL:?}"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(PURGE_EVERY) => {}
+            }
+        }
+    }
+
+    /// Applies to `revocations` every row of the last `window` — at start,
+    /// so that a process learns what was revoked while it was not running
+    /// (a fast-state write its writer still owed when it stopped, or a
+    /// Redis that came back without its state). Waits until the poller
+    /// knows where it starts, then reads to the log's end, so every row is
+    /// seen here or by [`apply_log`]. Retries while the log cannot be read.
+    pub async fn replay_recent(
+        &self,
+        window: Duration,
+        revocations: &super::Revocations,
+        stop: CancellationToken,
+    ) {
+        let mut started = self.started.subscribe();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = started.wait_for(|s| *s) => {}
+        }
+        let since = OffsetDateTime::now_utc() - window;
+        let mut applied = 0u64;
+        let mut cursor = None;
+        loop {
+            let read = async {
+                let from = match cursor {
+                    Some(from) => from,
+                    None => self.cursor_since(since).await?.0,
+                };
+                Ok::<_, BackendError>((from, self.log.after(from, PAGE).await?))
+            };
+            match bounded("replay", read).await {
+                Ok((_, rows)) if rows.is_empty() => break,
+                Ok((_, rows)) => {
+                    for row in &rows {
+                        revocations.learn_logged(row.revoked, row.at_ms());
+                    }
+                    applied += rows.len() as u64;
+                    cursor = rows.last().map(|row| row.seq);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "revocation log: replay read failed; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(POLL) => {}
+                    }
+                }
+            }
+        }
+        self.replayed.send_replace(true);
+        tracing::info!(
+            rows = applied,
+            "revocation log: recent revocations applied at start"
+        );
     }
 
     /// Where to replay from to see every row that occurred at or after

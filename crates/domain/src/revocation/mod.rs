@@ -137,16 +137,40 @@ pub struct Revocations {
     /// answers are forgotten): a lookup that began under an older value may
     /// predate that revocation, so its answer is not cached.
     generation: Arc<AtomicU64>,
-    /// Revocations already decided (committed in the database) whose store
-    /// write failed: retried until written or moot.
+    /// User-wide revocations committed in the database that this process
+    /// knows of (made here, or read from the revocation log), kept until
+    /// every token they concern has expired — whatever the lookup cache
+    /// forgets and whatever a store that lost its state answers. Only
+    /// `Key::User` entries holding `Known::Epoch(Some(_))`.
+    floors: Cache<Key, Entry>,
+    /// Revocations committed in the database whose store write is still to
+    /// be made: written by a background task, retried until written or
+    /// moot.
     unwritten: Arc<std::sync::Mutex<Unwritten>>,
 }
 
-/// Store writes owed, and whether a task is retrying them.
+/// Store writes owed (one per session or user: a later one for the same
+/// key is merged into it), and whether a task is writing them.
 #[derive(Default)]
 struct Unwritten {
-    writes: Vec<Owed>,
-    retrying: bool,
+    writes: std::collections::HashMap<Key, Owed>,
+    writing: bool,
+}
+
+impl Unwritten {
+    fn add(&mut self, write: Owed) {
+        use std::collections::hash_map::Entry as Slot;
+        match self.writes.entry(write.key()) {
+            Slot::Vacant(slot) => {
+                slot.insert(write);
+            }
+            Slot::Occupied(mut slot) => {
+                let merged = slot.get().merged(write);
+                slot.insert(merged);
+            }
+        }
+        metrics::gauge!("revocation_store_writes_owed").set(self.writes.len() as f64);
+    }
 }
 
 /// A revocation decided (committed in the database) whose store write is
@@ -170,6 +194,49 @@ impl Owed {
     fn until(&self) -> i64 {
         match *self {
             Self::Session { until, .. } | Self::UserEpoch { until, .. } => until,
+        }
+    }
+
+    fn key(&self) -> Key {
+        match *self {
+            Self::Session { session_id, .. } => Key::Session(session_id),
+            Self::UserEpoch { user_id, .. } => Key::User(user_id),
+        }
+    }
+
+    /// One write doing what both do (same key): the later expiry, the
+    /// later epoch.
+    fn merged(self, other: Owed) -> Owed {
+        match (self, other) {
+            (
+                Self::UserEpoch {
+                    user_id,
+                    epoch_ms,
+                    until,
+                },
+                Self::UserEpoch {
+                    epoch_ms: other_epoch,
+                    until: other_until,
+                    ..
+                },
+            ) => Self::UserEpoch {
+                user_id,
+                epoch_ms: epoch_ms.max(other_epoch),
+                until: until.max(other_until),
+            },
+            (
+                Self::Session {
+                    user_id,
+                    session_id,
+                    until,
+                },
+                other,
+            ) => Self::Session {
+                user_id,
+                session_id,
+                until: until.max(other.until()),
+            },
+            (this @ Self::UserEpoch { .. }, _) => this,
         }
     }
 }
@@ -196,6 +263,10 @@ impl Revocations {
             negative_ttl,
             access_ttl_secs: i64::try_from(access_ttl_secs).unwrap_or(i64::MAX / 4),
             generation: Arc::new(AtomicU64::new(0)),
+            floors: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(EntryExpiry)
+                .build(),
             unwritten: Arc::default(),
         }
     }
@@ -248,6 +319,16 @@ impl Revocations {
     /// Whether the token has been revoked by any of the three means.
     pub async fn is_revoked(&self, token: &TokenFacts) -> Result<bool, BackendError> {
         let keys = token.keys;
+        // A user-wide revocation this process knows was committed: no
+        // store round trip, and no store that lost it, can undo it.
+        if let Some(Entry {
+            known: Known::Epoch(Some(floor)),
+            ..
+        }) = self.floors.get(&Key::User(keys.user_id))
+            && token.issued_at_ms < floor
+        {
+            return Ok(true);
+        }
         let jti_key = Key::Token(keys.jti);
         let cached = |key: &Key| self.cache.get(key).map(|e| e.known);
         let (jti, sid, user) = (
@@ -368,9 +449,9 @@ impl Revocations {
 
     /// Learns a revocation that a row of the database's revocation log
     /// carries (committed by any process): denied here at once, and written
-    /// to the store in the background — idempotent, since its writer wrote
-    /// it too unless it died first — so a slow store never holds up the
-    /// next row.
+    /// to the store by the background writer — idempotent, since its writer
+    /// wrote it too unless it died first — so a slow store never holds up
+    /// the next row.
     pub fn learn_logged(&self, revoked: Revoked, at_ms: i64) {
         let until = unix_now() + self.access_ttl_secs + 60;
         let owed = match revoked {
@@ -398,7 +479,7 @@ impl Revocations {
         self.remember_owed(owed);
         if let Err(error) = self.write(&owed).await {
             metrics::counter!("revocation_store_write_failures_total").increment(1);
-            tracing::error!(%error, ?owed, "revocation not written to the store; retrying in the background");
+            tracing::warn!(%error, ?owed, "revocation not written to the store; retrying in the background");
             self.owe(owed);
         }
     }
@@ -412,8 +493,36 @@ impl Revocations {
                 user_id,
                 epoch_ms,
                 until,
-            } => self.remember_revocation(Key::User(user_id), Known::Epoch(Some(epoch_ms)), until),
+            } => {
+                self.raise_floor(user_id, epoch_ms, until);
+                self.remember_revocation(Key::User(user_id), Known::Epoch(Some(epoch_ms)), until)
+            }
         }
+    }
+
+    /// Records a committed user-wide revocation in [`Self::floors`]: the
+    /// later epoch and the later expiry win.
+    fn raise_floor(&self, user_id: Uuid, epoch_ms: i64, until_unix: i64) {
+        let left = Duration::from_secs(u64::try_from(until_unix - unix_now()).unwrap_or(0));
+        if left.is_zero() {
+            return;
+        }
+        let until = Instant::now() + left;
+        self.floors
+            .entry(Key::User(user_id))
+            .and_compute_with(|existing| {
+                let (epoch, until) = match existing.map(|e| e.into_value()) {
+                    Some(Entry {
+                        known: Known::Epoch(Some(had)),
+                        until: had_until,
+                    }) => (had.max(epoch_ms), had_until.max(until)),
+                    _ => (epoch_ms, until),
+                };
+                Op::Put(Entry {
+                    known: Known::Epoch(Some(epoch)),
+                    until,
+                })
+            });
     }
 
     async fn write(&self, owed: &Owed) -> Result<(), BackendError> {
@@ -433,43 +542,72 @@ impl Revocations {
 
     fn owe(&self, write: Owed) {
         let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-        owed.writes.push(write);
-        metrics::gauge!("revocation_store_writes_owed").set(owed.writes.len() as f64);
-        if !owed.retrying {
-            owed.retrying = true;
+        owed.add(write);
+        if !owed.writing {
+            owed.writing = true;
             tokio::spawn(self.clone().write_owed());
         }
     }
 
-    /// Retries the owed writes with a growing pause until none is left.
+    /// Writes the owed writes until none is left: at once, then, while the
+    /// store fails, again after a growing pause. A pass stops at the first
+    /// failure (the store is down: the rest would only wait their turn for
+    /// the same answer). A write whose tokens have all expired is dropped
+    /// (`revocation_store_writes_moot_total`).
     async fn write_owed(self) {
         let mut pause = Duration::from_millis(100);
+        let mut failing = false;
         loop {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(UNWRITTEN_RETRY_MAX);
-            let owed = std::mem::take(
-                &mut self
-                    .unwritten
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .writes,
-            );
-            let mut still = Vec::new();
-            for write in owed {
+            let batch: Vec<Owed> = {
+                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                owed.writes.drain().map(|(_, write)| write).collect()
+            };
+            let mut batch = batch.into_iter();
+            let mut failed = None;
+            for write in batch.by_ref() {
                 if write.until() <= unix_now() {
+                    metrics::counter!("revocation_store_writes_moot_total").increment(1);
                     continue;
                 }
                 match self.write(&write).await {
-                    Ok(()) => tracing::info!(?write, "owed revocation written to the store"),
-                    Err(_) => still.push(write),
+                    Ok(()) if failing => {
+                        tracing::info!(?write, "owed revocation written to the store");
+                    }
+                    Ok(()) => {}
+                    Err(error) => {
+                        failed = Some((write, error));
+                        break;
+                    }
                 }
             }
-            let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-            owed.writes.extend(still);
-            metrics::gauge!("revocation_store_writes_owed").set(owed.writes.len() as f64);
-            if owed.writes.is_empty() {
-                owed.retrying = false;
-                return;
+            let retry = {
+                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                let retry = if let Some((write, error)) = failed {
+                    for write in std::iter::once(write).chain(batch) {
+                        owed.add(write);
+                    }
+                    if !failing {
+                        metrics::counter!("revocation_store_write_failures_total").increment(1);
+                        tracing::error!(%error, owed = owed.writes.len(), "revocations not written to the store; retrying");
+                    }
+                    failing = true;
+                    true
+                } else {
+                    failing = false;
+                    false
+                };
+                metrics::gauge!("revocation_store_writes_owed").set(owed.writes.len() as f64);
+                if owed.writes.is_empty() {
+                    owed.writing = false;
+                    return;
+                }
+                retry
+            };
+            if retry {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(UNWRITTEN_RETRY_MAX);
+            } else {
+                pause = Duration::from_millis(100);
             }
         }
     }
@@ -655,6 +793,11 @@ mod tests {
 
         let owed = revocations.unwritten.lock().unwrap().writes.len();
         assert_eq!(owed, 2, "both writes are owed to the store");
+
+        // The lookup cache forgets; the committed epoch stays.
+        revocations.forget_negative_answers();
+        revocations.cache.invalidate_all();
+        assert!(revocations.is_revoked(&token(user, now - 1)).await.unwrap());
     }
 
     #[test]

@@ -753,10 +753,12 @@ impl TokenService {
     /// The database first, the fast state after: the logout is done once
     /// the database has it (the refresh tokens die there, and the
     /// revocation log carries it to every replica and Envoy). A database
-    /// failure leaves nothing half-done — the access token still works, so
-    /// the client's retry can finish the logout. A fast-state failure after
-    /// the commit cannot undo it: this replica denies the tokens at once and
-    /// owes the fast-state write until it is made.
+    /// failure leaves the caller's own session untouched (it is revoked
+    /// last; another session named by the refresh token may already be
+    /// revoked), so the access token still works and the client's retry
+    /// finishes the logout. A fast-state failure after the commit cannot
+    /// undo it: this replica denies the tokens at once and owes the
+    /// fast-state write until it is made.
     pub async fn logout(
         &self,
         caller: &Principal,
