@@ -428,11 +428,11 @@ macro_rules! on_both_backends {
 }
 
 /// The auth-service executable the process tests start: Cargo's build of
-/// it, or `AUTH_SERVICE_BIN` (scripts/test points it at a copy, so that
+/// it, or `TEST_SERVICE_BIN` (scripts/test points it at a copy, so that
 /// the Dockerfile's replay, which rebuilds the same path beside the tests,
 /// never replaces the file a test is starting).
 pub fn service_bin() -> std::path::PathBuf {
-    std::env::var_os("AUTH_SERVICE_BIN")
+    std::env::var_os("TEST_SERVICE_BIN")
         .map(Into::into)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_auth-service").into())
 }
