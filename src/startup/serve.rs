@@ -132,7 +132,22 @@ impl Application {
         let window = Duration::from_secs(self.config.tokens.access_ttl_secs + 60);
         let replay_stop = stop.clone();
         background.spawn("revocation_log_replay", async move {
-            feed.replay_recent(window, &revocations, replay_stop).await
+            feed.replay_recent(window, &revocations, replay_stop.clone())
+                .await;
+            // And whenever Redis answers again after a lost connection: it
+            // may be back without its state, and the revocations it lost
+            // are in the log.
+            loop {
+                tokio::select! {
+                    () = replay_stop.cancelled() => return,
+                    () = revocations.store_reconnection() => {}
+                }
+                tracing::info!(
+                    "fast state reconnected: writing the recent revocations to it again"
+                );
+                feed.replay_recent(window, &revocations, replay_stop.clone())
+                    .await;
+            }
         });
 
         if let Some(redis) = self.services.redis.clone() {

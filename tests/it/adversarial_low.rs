@@ -324,6 +324,50 @@ async fn until_redis_holds(url: &str, pattern: &str) {
     }
 }
 
+/// Failure class: backend comes back *without* its state — Redis restarts
+/// empty while every replica keeps running: the revocations it held are
+/// written to it again from the database's revocation log as soon as the
+/// replicas reconnect, so a replica that asks Redis (its cache gone) still
+/// refuses. (Before: Redis stayed empty, and a revoked token verified again
+/// wherever it was no longer cached.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_without_its_state_gets_the_recent_revocations_again() {
+    let mut redis = OwnRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(Backend::Production, dir.path()).await;
+    config.redis_url = Some(redis.url.clone());
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    app.sign_up("amnesia").await;
+    let pair = app.login_ok("amnesia").await;
+    let session = app.validate(&pair.access_token).await.unwrap().session_id;
+    app.logout(&pair.access_token).await.unwrap();
+    let pattern = format!("*sid:{session}*");
+    until_redis_holds(&redis.url, &pattern).await;
+    // Nothing of the logout is still on its way to Redis: the log's row
+    // has been applied here and no write is pending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = app.http_get("/metrics").await.1;
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        if value("revocation_log_rows_applied_total").is_some_and(|n| n >= 1.0)
+            && value("revocation_store_writes_owed").is_none_or(|n| n == 0.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the log's row was never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    redis.restart().await;
+    until_redis_holds(&redis.url, &pattern).await;
+}
+
 /// Failure class: backend down, then every process restarted — a logout
 /// the database took while Redis was dead, whose Redis write the replicas
 /// still owed when they all stopped, holds after Redis comes back without

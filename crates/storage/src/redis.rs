@@ -403,6 +403,7 @@ impl RedisStore {
         // The next node to subscribe on: each failure moves to another seed
         // node of a cluster (one server: always the same).
         let mut attempt = 0usize;
+        let mut subscribed_before = false;
         while !stop.is_cancelled() {
             let seed =
                 (!self.pubsub.is_empty()).then(|| self.pubsub[attempt % self.pubsub.len()].clone());
@@ -437,6 +438,11 @@ impl RedisStore {
             };
             backoff = Duration::from_millis(100);
             revocations.forget_negative_answers();
+            // Subscribed again: Redis may be back without its state.
+            if subscribed_before {
+                revocations.store_reconnected();
+            }
+            subscribed_before = true;
             tracing::info!(%channel, "following revocations");
             let mut messages = pubsub.on_message();
             loop {

@@ -507,6 +507,7 @@ pub async fn apply_log(
         // The row is committed: this process denies what it revokes at
         // once; the fast-state write goes on in the background.
         revocations.learn_logged(row.revoked, row.at_ms());
+        metrics::counter!("revocation_log_rows_applied_total").increment(1);
     }
 }
 

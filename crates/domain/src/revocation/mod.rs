@@ -147,6 +147,10 @@ pub struct Revocations {
     /// be made: written by a background task, retried until written or
     /// moot.
     unwritten: Arc<std::sync::Mutex<Unwritten>>,
+    /// Told when the store answers again after losing the connection (it
+    /// may have come back without its state): the recent revocations are
+    /// then written to it again (startup, `revocation_log_reapply`).
+    store_back: Arc<tokio::sync::Notify>,
 }
 
 /// Store writes owed (one per session or user: a later one for the same
@@ -268,7 +272,21 @@ impl Revocations {
                 .expire_after(EntryExpiry)
                 .build(),
             unwritten: Arc::default(),
+            store_back: Arc::default(),
         }
+    }
+
+    /// The store answers again after its connection was lost (a Redis
+    /// restart drops every connection): it may have come back without its
+    /// state.
+    pub fn store_reconnected(&self) {
+        self.store_back.notify_one();
+    }
+
+    /// Resolves at the next [`Self::store_reconnected`] (or at once if one
+    /// happened since the last wait).
+    pub async fn store_reconnection(&self) {
+        self.store_back.notified().await;
     }
 
     /// Records a revocation this cache learns (made here or announced):
