@@ -26,8 +26,6 @@ ensure_packages() {
   command -v make >/dev/null || missing+=(make)
   command -v perl >/dev/null || missing+=(perl)
   command -v gcc >/dev/null || missing+=(gcc)
-  # The linker scripts/test builds with (scripts/test: RUSTFLAGS).
-  command -v mold >/dev/null || missing+=(mold)
   # scripts/grpc-call (the README's first call without grpcurl), run by a test.
   /usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null || missing+=(python3-grpcio python3-protobuf)
   for p in ${extra_packages:-}; do
