@@ -1024,13 +1024,19 @@ async fn noop_authz(port_file: &str) {
             }))
         }
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    std::fs::write(port_file, listener.local_addr().unwrap().port().to_string()).unwrap();
     tonic::transport::Server::builder()
         .add_service(AuthorizationServer::new(Allow))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(listen_on_port_file(port_file).await)
         .await
         .unwrap();
+}
+
+/// A loopback listener on a free port, whose number is written to
+/// `port_file` (for `bench/run` to read).
+async fn listen_on_port_file(port_file: &str) -> tokio_stream::wrappers::TcpListenerStream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    std::fs::write(port_file, listener.local_addr().unwrap().port().to_string()).unwrap();
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
 }
 
 async fn otlp_sink(port_file: &str) {
@@ -1059,8 +1065,7 @@ async fn otlp_sink(port_file: &str) {
             }))
         }
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    std::fs::write(port_file, listener.local_addr().unwrap().port().to_string()).unwrap();
+    let incoming = listen_on_port_file(port_file).await;
     let sink = Sink::default();
     let count = sink.0.clone();
     tokio::spawn(async move {
@@ -1071,7 +1076,7 @@ async fn otlp_sink(port_file: &str) {
     });
     tonic::transport::Server::builder()
         .add_service(TraceServiceServer::new(sink))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(incoming)
         .await
         .unwrap();
 }

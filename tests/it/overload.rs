@@ -221,7 +221,9 @@ async fn a_newcomer_under_a_flood_from_few_addresses_is_hashed_on_the_lane() {
     }
     // As the flood began, its two addresses were as new as anyone's: the
     // lane may have taken their first jobs. Count from here.
-    let before = metric(&app, "password_hash_lane_total{job=\"quiet_source\"}").await;
+    let before = app
+        .metric("password_hash_lane_total{job=\"quiet_source\"}")
+        .await as u64;
     for n in 0..3 {
         app.client
             .login(from_ip(
@@ -231,24 +233,19 @@ async fn a_newcomer_under_a_flood_from_few_addresses_is_hashed_on_the_lane() {
             .await
             .expect("the newcomer logs in through the flood");
     }
-    let on_lane = metric(&app, "password_hash_lane_total{job=\"quiet_source\"}").await - before;
+    let on_lane = app
+        .metric("password_hash_lane_total{job=\"quiet_source\"}")
+        .await as u64
+        - before;
     flood.stop().await;
     // The general worker may, rarely, be the one free when a login arrives.
     assert!(on_lane >= 1, "no newcomer's login was hashed on the lane");
     assert!(on_lane <= 3, "the lane took flood jobs too: {on_lane}");
 }
 
-/// The value of the counter or gauge `series` on `/metrics` (0 when absent).
-async fn metric(app: &TestApp, series: &str) -> u64 {
-    let (_, page) = app.http_get("/metrics").await;
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 /// Hashing jobs started so far (the wait histogram counts one per start).
 async fn hashes_started(app: &TestApp) -> u64 {
-    metric(app, "password_hash_wait_seconds_count").await
+    app.metric("password_hash_wait_seconds_count").await as u64
 }
 
 /// A caller whose own deadline passes while its login waits is never

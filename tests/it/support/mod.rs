@@ -321,6 +321,15 @@ impl TestApp {
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.http_addr, path).await
     }
+
+    /// The value of the counter or gauge `series` (its name, with its
+    /// labels if it has any) on `/metrics`; 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, page) = self.http_get("/metrics").await;
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
 }
 
 impl Drop for TestApp {
