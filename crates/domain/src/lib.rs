@@ -43,6 +43,33 @@ pub mod revocation;
 pub mod tokens;
 pub mod trace;
 
+#[doc(hidden)]
+pub use metrics as __metrics;
+
+/// A counter handle looked up once and then held, for the hot paths (the
+/// ext_authz Check, token validation): each call then pays one atomic add
+/// instead of a registry lookup (a key built, its label set hashed, a
+/// shard locked). Name and labels are literals. The handle is taken at its
+/// first use, so that use must come after the process installs its
+/// recorder: the binary installs it before it builds anything
+/// (`Application::build`); a handle taken earlier would count nowhere.
+#[macro_export]
+macro_rules! held_counter {
+    ($name:literal $(, $k:literal => $v:literal)* $(,)?) => {{
+        static HELD: ::std::sync::OnceLock<$crate::__metrics::Counter> = ::std::sync::OnceLock::new();
+        HELD.get_or_init(|| $crate::__metrics::counter!($name $(, $k => $v)*))
+    }};
+}
+
+/// [`held_counter!`] for a histogram.
+#[macro_export]
+macro_rules! held_histogram {
+    ($name:literal $(, $k:literal => $v:literal)* $(,)?) => {{
+        static HELD: ::std::sync::OnceLock<$crate::__metrics::Histogram> = ::std::sync::OnceLock::new();
+        HELD.get_or_init(|| $crate::__metrics::histogram!($name $(, $k => $v)*))
+    }};
+}
+
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()

@@ -255,21 +255,23 @@ impl Authorization for ExtAuthz {
             tracing::debug_span!("check", method = %http.method, path)
         };
         let decision = tracing::Instrument::instrument(self.authorizer.decide(&access), span).await;
-        let (response, result, reason) = match &decision {
-            Decision::Allow(identity) => (
-                allowed(identity.as_ref()),
-                "allow",
-                if identity.is_some() {
-                    "authenticated"
-                } else {
-                    "public"
-                },
-            ),
-            Decision::Deny(denial) => (denied(denial), "deny", denial.reason()),
+        let response = match &decision {
+            Decision::Allow(identity @ Some(_)) => {
+                auth_domain::held_counter!("authz_decisions_total", "result" => "allow", "reason" => "authenticated").increment(1);
+                allowed(identity.as_ref())
+            }
+            Decision::Allow(None) => {
+                auth_domain::held_counter!("authz_decisions_total", "result" => "allow", "reason" => "public").increment(1);
+                allowed(None)
+            }
+            Decision::Deny(denial) => {
+                metrics::counter!("authz_decisions_total", "result" => "deny", "reason" => denial.reason())
+                    .increment(1);
+                denied(denial)
+            }
         };
-        metrics::counter!("authz_decisions_total", "result" => result, "reason" => reason)
-            .increment(1);
-        metrics::histogram!("authz_check_duration_seconds").record(started.elapsed().as_secs_f64());
+        auth_domain::held_histogram!("authz_check_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         Ok(Response::new(response))
     }
 }

@@ -229,11 +229,52 @@ const LEASE_IDLE: Duration = Duration::from_secs(5);
 /// The shortest time leased tokens stay spendable.
 const MIN_LEASE_LIFETIME: Duration = Duration::from_millis(250);
 
+/// One key's lease on this replica: its state behind a short synchronous
+/// lock (the fast path spends a token or reads a denial, never awaiting),
+/// and a second, asynchronous lock held across a refill from the shared
+/// store, so concurrent checks of the key wait for the one refill instead
+/// of each taking (and discarding) a lease of its own.
 #[derive(Debug, Default)]
 struct Lease {
+    state: std::sync::Mutex<LeaseState>,
+    refill: Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct LeaseState {
     tokens: u32,
     valid_until: Option<Instant>,
     denied_until: Option<Instant>,
+}
+
+impl Lease {
+    fn state(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl LeaseState {
+    /// The decision this lease can make on its own, spending a token if it
+    /// allows; `None` when it must be refilled from the shared store.
+    fn decide(&mut self, now: Instant) -> Option<RateDecision> {
+        if let Some(until) = self.denied_until {
+            if until > now {
+                crate::held_counter!("ratelimit_local_decisions_total", "result" => "limited")
+                    .increment(1);
+                return Some(RateDecision::Limited {
+                    retry_after: until - now,
+                });
+            }
+            self.denied_until = None;
+        }
+        if self.tokens > 0 && self.valid_until.is_some_and(|v| v > now) {
+            self.tokens -= 1;
+            crate::held_counter!("ratelimit_local_decisions_total", "result" => "allowed")
+                .increment(1);
+            return Some(RateDecision::Allowed);
+        }
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +288,7 @@ pub struct RateLimiter {
     shared: Arc<dyn QuotaStore>,
     /// Set when the limit fails open: used while the shared store is down.
     fallback: Option<MemoryQuota>,
-    leases: Cache<String, Arc<Mutex<Lease>>>,
+    leases: Cache<String, Arc<Lease>>,
 }
 
 impl RateLimiter {
@@ -273,29 +314,15 @@ impl RateLimiter {
                 RateDecision::Allowed
             });
         }
-        let lease = self
-            .leases
-            .get_with_by_ref(key, || Arc::new(Mutex::new(Lease::default())));
-        // One lock per key, held across a refill: concurrent checks of the
-        // same key on this replica wait for the one lease request instead of
-        // each taking (and discarding) a lease of its own.
-        let mut l = lease.lock().await;
-        let now = Instant::now();
-        if let Some(until) = l.denied_until {
-            if until > now {
-                metrics::counter!("ratelimit_local_decisions_total", "result" => "limited")
-                    .increment(1);
-                return Ok(RateDecision::Limited {
-                    retry_after: until - now,
-                });
-            }
-            l.denied_until = None;
+        let lease = self.leases.get_with_by_ref(key, Arc::default);
+        if let Some(decision) = lease.state().decide(Instant::now()) {
+            return Ok(decision);
         }
-        if l.tokens > 0 && l.valid_until.is_some_and(|v| v > now) {
-            l.tokens -= 1;
-            metrics::counter!("ratelimit_local_decisions_total", "result" => "allowed")
-                .increment(1);
-            return Ok(RateDecision::Allowed);
+        // Spent or expired: one refill per key at a time on this replica;
+        // whoever waited for another's refill decides on its result.
+        let _refilling = lease.refill.lock().await;
+        if let Some(decision) = lease.state().decide(Instant::now()) {
+            return Ok(decision);
         }
         let grant = match self.shared.acquire(key, limit, limit.lease()).await {
             Ok(grant) => grant,
@@ -309,6 +336,7 @@ impl RateLimiter {
             },
         };
         let now = Instant::now();
+        let mut l = lease.state();
         if grant.granted == 0 {
             l.tokens = 0;
             l.denied_until = Some(now + grant.retry_after);

@@ -354,7 +354,11 @@ impl Revocations {
             cached(&Key::Session(keys.session_id)),
             cached(&Key::User(keys.user_id)),
         );
-        metrics::counter!("revocation_cache_lookups_total", "result" => if jti.is_some() && sid.is_some() && user.is_some() { "hit" } else { "miss" }).increment(1);
+        if jti.is_some() && sid.is_some() && user.is_some() {
+            crate::held_counter!("revocation_cache_lookups_total", "result" => "hit").increment(1);
+        } else {
+            crate::held_counter!("revocation_cache_lookups_total", "result" => "miss").increment(1);
+        }
         if matches!(jti, Some(Known::Revoked)) || matches!(sid, Some(Known::Revoked)) {
             return Ok(true);
         }

@@ -654,13 +654,13 @@ impl TokenService {
         if let Some(claims) = self.verified.get(&hash) {
             if claims.exp + i64::try_from(self.config.leeway_secs).unwrap_or(0) > crate::unix_now()
             {
-                metrics::counter!("jwt_cache_lookups_total", "result" => "hit").increment(1);
+                crate::held_counter!("jwt_cache_lookups_total", "result" => "hit").increment(1);
                 return Ok(claims);
             }
             // Expired: decoding below refuses it; the entry goes now.
             self.verified.remove(&hash);
         }
-        metrics::counter!("jwt_cache_lookups_total", "result" => "miss").increment(1);
+        crate::held_counter!("jwt_cache_lookups_total", "result" => "miss").increment(1);
         let claims = self.verify_uncached(token)?;
         let verified = Arc::new(Verified {
             sub: claims.sub,
