@@ -10,10 +10,8 @@
 
 pub mod config;
 pub mod memory;
-pub mod platforms;
 pub mod redis;
 pub mod sentinel;
-pub mod service_accounts;
 pub mod sql;
 
 // The domain's modules, under the names the stores use.

@@ -1,5 +1,5 @@
 //! The platform-account store role (implemented on SQL for PostgreSQL and
-//! SQLite in `auth_storage::platforms`).
+//! SQLite in `auth_storage::sql`).
 
 use async_trait::async_trait;
 use time::OffsetDateTime;

@@ -4,7 +4,7 @@
 //! cursor.
 //!
 //! Durable: the events are numbered in commit order in the database's
-//! revocation log (see `auth_storage::sql::insert_event`), so a client that
+//! revocation log (see `auth_storage::sql`, `insert_event`), so a client that
 //! reconnects with the cursor of the last event it saw gets everything after
 //! it, from any replica. Live: one poller per process wakes on every commit
 //! (this process's, and with PostgreSQL every process's through LISTEN, the
