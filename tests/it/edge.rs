@@ -358,6 +358,52 @@ async fn an_edge_without_its_control_plane_fails_closed_then_keeps_its_last_map(
     assert!(reloads(&envoy).await >= 3, "maps applied after the restart");
 }
 
+/// Failure class: a party that refuses what it is sent — an Envoy that
+/// rejects the deny map (here its filters accept another config type, as a
+/// mismatched Envoy build or configuration would). The rejection reaches
+/// auth-service as a NACK, counted and logged; Envoy, having no map, does
+/// not serve `/api/*`: 500 for a valid token, 401 for a bad one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_that_refuses_the_deny_map_serves_no_api_call_and_the_nack_is_counted() {
+    let mut app = TestApp::spawn_with(Backend::Embedded, mesh_tls).await;
+    let backend = echo_backend().await;
+    let descriptor = crate::gateway::descriptor_file();
+    let mut replacements = crate::gateway::gateway_replacements(&app, backend, &descriptor);
+    replacements.push((
+        "type_urls: [type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC]",
+        "type_urls: [type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation]"
+            .into(),
+    ));
+    let envoy = Envoy::start_unready("edge.yaml", 8080, &replacements);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while app.metric("edge_ecds_nacks_total").await < 1.0
+        || envoy
+            .stat(&format!("{ECDS_STATS}.update_rejected"))
+            .await
+            .unwrap_or(0)
+            < 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no NACK seen: auth-service counted {}, Envoy rejected {:?}",
+            app.metric("edge_ecds_nacks_total").await,
+            envoy.stat(&format!("{ECDS_STATS}.update_rejected")).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.metric("edge_ecds_acks_total").await,
+        0.0,
+        "nothing was accepted"
+    );
+    envoy.wait_ready().await;
+    app.sign_up("erin").await;
+    let token = app.login_ok("erin").await.access_token;
+    assert_eq!(api(&envoy, &token, &[]).await.status, 500, "a valid token");
+    // jwt_authn, before the map's filters, refuses a bad token itself.
+    assert_eq!(api(&envoy, "not-a-token", &[]).await.status, 401);
+}
+
 /// A revocation storm: 10,000 sessions revoked within one second, in ten
 /// commits (written as the service writes them: log rows, then the commit
 /// notification). Both real sessions among them — one in the first commit,
