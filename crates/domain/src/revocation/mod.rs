@@ -155,45 +155,16 @@ pub struct Revocations {
 
 /// Store writes owed (one per session or user: a later one for the same
 /// key is merged into it), and whether a task is writing them.
+#[derive(Default)]
 struct Unwritten {
     writes: std::collections::HashMap<Key, Owed>,
     writing: bool,
-    /// At most this many are held ([`MAX_OWED_WRITES`]).
-    max: usize,
-}
-
-/// How many owed store writes are held, at most (about 100 bytes each).
-/// A revocation storm during a long store outage would otherwise grow the
-/// queue without bound. One not queued is not lost: this process keeps
-/// denying it (local memory), every replica reads it from the database's
-/// revocation log, and the log's recent rows are written to the store again
-/// when it answers after the outage (`store_reconnected`) and at every
-/// start.
-pub const MAX_OWED_WRITES: usize = 100_000;
-
-impl Default for Unwritten {
-    fn default() -> Self {
-        Self {
-            writes: std::collections::HashMap::new(),
-            writing: false,
-            max: MAX_OWED_WRITES,
-        }
-    }
 }
 
 impl Unwritten {
     fn add(&mut self, write: Owed) {
         use std::collections::hash_map::Entry as Slot;
-        let full = self.writes.len() >= self.max;
         match self.writes.entry(write.key()) {
-            Slot::Vacant(_) if full => {
-                metrics::counter!("revocation_store_writes_dropped_total").increment(1);
-                tracing::warn!(
-                    ?write,
-                    max = self.max,
-                    "owed revocation writes at their cap: this one is left to the revocation log's replay"
-                );
-            }
             Slot::Vacant(slot) => {
                 slot.insert(write);
             }
@@ -848,54 +819,6 @@ mod tests {
         // The lookup cache forgets; the committed epoch stays.
         revocations.forget_negative_answers();
         revocations.cache.invalidate_all();
-        assert!(revocations.is_revoked(&token(user, now - 1)).await.unwrap());
-    }
-
-    /// Failure class: backend down, input oversized — a revocation storm
-    /// during a store outage. The owed writes stop growing at their cap;
-    /// every revocation committed is still denied here.
-    #[tokio::test]
-    async fn owed_writes_stop_at_their_cap_and_every_revocation_is_still_denied() {
-        let revocations = Revocations::new(Arc::new(Down), 100, Duration::from_secs(60), 900);
-        revocations.unwritten.lock().unwrap().max = 3;
-        let now = unix_now_ms();
-        let mut tokens = Vec::new();
-        for _ in 0..5 {
-            let (user, session) = (Uuid::now_v7(), Uuid::now_v7());
-            revocations.revoke_session_or_retry(user, session).await;
-            let mut of_session = token(user, now);
-            of_session.keys.session_id = session;
-            tokens.push(of_session);
-        }
-        assert_eq!(revocations.unwritten.lock().unwrap().writes.len(), 3);
-        for token in &tokens {
-            assert!(revocations.is_revoked(token).await.unwrap());
-        }
-        // A later write for a key already owed is merged, not refused.
-        let owed = *revocations
-            .unwritten
-            .lock()
-            .unwrap()
-            .writes
-            .values()
-            .next()
-            .unwrap();
-        let Owed::Session {
-            user_id,
-            session_id,
-            ..
-        } = owed
-        else {
-            panic!("{owed:?}")
-        };
-        revocations
-            .revoke_session_or_retry(user_id, session_id)
-            .await;
-        assert_eq!(revocations.unwritten.lock().unwrap().writes.len(), 3);
-        // A user-wide revocation past the cap is kept here all the same.
-        let user = Uuid::now_v7();
-        revocations.revoke_user_at_or_retry(user, now).await;
-        assert_eq!(revocations.unwritten.lock().unwrap().writes.len(), 3);
         assert!(revocations.is_revoked(&token(user, now - 1)).await.unwrap());
     }
 
