@@ -1,10 +1,11 @@
 //! The account, session, outbox and revocation-log stores: one body,
 //! compiled once per driver (`sql::postgres`, `sql::sqlite`), where `DB`
-//! names the driver and `LEASE`, `SHARE_LOCK` and `listen` are its dialect.
+//! names the driver and `LEASE`, `SHARE_LOCK` (`share_lock!`) and `listen` are its
+//! dialect.
 //! Each statement is type-checked against that driver's encodings.
 
 use async_trait::async_trait;
-use sqlx::{AssertSqlSafe, Database, FromRow as _, Row, types::Json};
+use sqlx::{Database, FromRow as _, Row, types::Json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -415,12 +416,13 @@ impl SessionStore for SqlStore<DB> {
                 // it: one statement, holding the account's row (on
                 // PostgreSQL a share lock, which a security change's
                 // UPDATE waits for; SQLite has one writer at a time).
-                let created = sqlx::query(AssertSqlSafe(format!(
+                let created = sqlx::query(concat!(
                     "INSERT INTO sessions (id, user_id, created_at, absolute_expires_at) \
-                 SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM users \
-                 WHERE id = $2 AND security_version = $5 AND status = 'active'{})",
-                    SHARE_LOCK
-                )))
+                     SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM users \
+                     WHERE id = $2 AND security_version = $5 AND status = 'active'",
+                    share_lock!(),
+                    ")"
+                ))
                 .bind(session.id)
                 .bind(session.user_id)
                 .bind(session.created_at)
@@ -536,11 +538,11 @@ impl SessionStore for SqlStore<DB> {
                 // (SQLite has no row locks and needs none: this
                 // transaction already holds its one write lock.)
                 if !SHARE_LOCK.is_empty() {
-                    sqlx::query(AssertSqlSafe(format!(
+                    sqlx::query(concat!(
                         "SELECT u.id FROM users u WHERE u.id = (SELECT user_id FROM sessions \
-                        WHERE id = $1){}",
-                        SHARE_LOCK
-                    )))
+                         WHERE id = $1)",
+                        share_lock!()
+                    ))
                     .bind(session_id)
                     .fetch_optional(&mut *tx)
                     .await

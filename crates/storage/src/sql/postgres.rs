@@ -4,8 +4,14 @@
 pub(super) type DB = sqlx::Postgres;
 use super::SqlStore;
 
-/// Reads a row held against writers until the transaction ends.
-const SHARE_LOCK: &str = " FOR SHARE";
+/// Reads a row held against writers until the transaction ends (a
+/// macro, so statements can `concat!` it).
+macro_rules! share_lock {
+    () => {
+        " FOR SHARE"
+    };
+}
+const SHARE_LOCK: &str = share_lock!();
 const LEASE: &str = super::LEASE_POSTGRES;
 fn listen(store: &SqlStore<DB>) {
     super::listen_postgres(store);

@@ -6,7 +6,12 @@ pub(super) type DB = sqlx::Sqlite;
 use super::SqlStore;
 
 /// SQLite has one writer at a time and no row locks: none needed.
-const SHARE_LOCK: &str = "";
+macro_rules! share_lock {
+    () => {
+        ""
+    };
+}
+const SHARE_LOCK: &str = share_lock!();
 const LEASE: &str = super::LEASE_SQLITE;
 /// No cross-process notification: other processes' rows are found by
 /// the relay's idle poll.
