@@ -69,9 +69,6 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        // The metrics recorder before anything that counts: hot paths hold
-        // their handles from first use (`auth_domain::held_counter!`).
-        let _ = telemetry::metrics_handle();
         // Bad certificate files stop start-up before anything else.
         let tls = match &config.tls.cert {
             Some(_) => Some(tls::Reloadable::load(&config.tls)?),

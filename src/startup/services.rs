@@ -21,6 +21,9 @@ pub struct Services {
 
 impl Services {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        // The metrics recorder before anything that counts: hot paths hold
+        // their handles from first use (`auth_domain::held_counter!`).
+        let _ = crate::telemetry::metrics_handle();
         let database = open_database(&config.database()).await?;
         let fast = open_fast_state(&config.fast_state()).await?;
         let revocations = revocations(config, fast.revocations);
@@ -131,6 +134,9 @@ pub struct WorkerServices {
 
 impl WorkerServices {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        // The metrics recorder before anything that counts: hot paths hold
+        // their handles from first use (`auth_domain::held_counter!`).
+        let _ = crate::telemetry::metrics_handle();
         let database = open_database(&config.database()).await?;
         let fast = open_fast_state(&config.fast_state()).await?;
         let revocations = revocations(config, fast.revocations);
