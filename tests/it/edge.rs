@@ -376,18 +376,25 @@ async fn an_envoy_that_refuses_the_deny_map_serves_no_api_call_and_the_nack_is_c
     ));
     let envoy = Envoy::start_unready("edge.yaml", 8080, &replacements);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while app.metric("edge_ecds_nacks_total").await < 1.0
-        || envoy
-            .stat(&format!("{ECDS_STATS}.update_rejected"))
-            .await
-            .unwrap_or(0)
-            < 1
+    let rejected = |map: &'static str| {
+        let envoy = &envoy;
+        async move {
+            envoy
+                .stat(&format!("{ECDS_STATS}{map}.update_rejected"))
+                .await
+                .unwrap_or(0)
+        }
+    };
+    while app.metric("edge_ecds_nacks_total").await < 2.0
+        || rejected("").await < 1
+        || rejected(".recent").await < 1
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "no NACK seen: auth-service counted {}, Envoy rejected {:?}",
+            "not both maps NACKed: auth-service counted {}, Envoy rejected {} and {}",
             app.metric("edge_ecds_nacks_total").await,
-            envoy.stat(&format!("{ECDS_STATS}.update_rejected")).await
+            rejected("").await,
+            rejected(".recent").await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -399,7 +406,12 @@ async fn an_envoy_that_refuses_the_deny_map_serves_no_api_call_and_the_nack_is_c
     envoy.wait_ready().await;
     app.sign_up("erin").await;
     let token = app.login_ok("erin").await.access_token;
-    assert_eq!(api(&envoy, &token, &[]).await.status, 500, "a valid token");
+    let refused = api(&envoy, &token, &[]).await;
+    assert_eq!(refused.status, 500, "a valid token: {refused:?}");
+    assert!(
+        !refused.body.contains("x-user-id"),
+        "the upstream was not reached: {refused:?}"
+    );
     // jwt_authn, before the map's filters, refuses a bad token itself.
     assert_eq!(api(&envoy, "not-a-token", &[]).await.status, 401);
 }

@@ -367,6 +367,65 @@ mod tests {
         burst: 5,
     };
 
+    /// A shared store that answers slowly and counts its calls (the exact
+    /// GCRA of [`MemoryQuota`] behind it, with leases in front as for Redis).
+    struct SlowShared {
+        exact: MemoryQuota,
+        calls: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait]
+    impl QuotaStore for SlowShared {
+        async fn acquire(
+            &self,
+            key: &str,
+            limit: &Limit,
+            want: u32,
+        ) -> Result<Grant, BackendError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.exact.acquire(key, limit, want).await
+        }
+    }
+
+    /// Two requests racing between the read that decides and the write that
+    /// acts, a hundred times over: concurrent checks of one key on one
+    /// replica wait for one refill at a time instead of each taking a lease
+    /// of its own from the shared store (which would spend the key's budget
+    /// on leases nobody uses).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_checks_of_one_key_share_one_refill_at_a_time() {
+        let shared = Arc::new(SlowShared {
+            exact: MemoryQuota::new(1000),
+            calls: Default::default(),
+        });
+        let limiter = Arc::new(RateLimiter::new(shared.clone(), false, 1000));
+        let limit = Limit {
+            requests: 1000,
+            per_secs: 1,
+            burst: 100,
+        };
+        assert_eq!(limit.lease(), 10);
+        let checks: Vec<_> = (0..100)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move { limiter.check("user:racer", &limit).await.unwrap() })
+            })
+            .collect();
+        let mut allowed = 0;
+        for check in checks {
+            if check.await.unwrap() == RateDecision::Allowed {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 100, "the burst covers every check");
+        let calls = shared.calls.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            calls, 10,
+            "one lease of 10 per refill, one refill at a time"
+        );
+    }
+
     #[tokio::test]
     async fn memory_quota_forgets_caught_up_keys_under_churn() {
         // One request per key, a 1 ms interval: every key has caught up
