@@ -1271,11 +1271,14 @@ mod tests {
             ),
             Err(HashError::Overloaded { .. })
         ));
+        // A deadline far enough ahead that the job is admitted however
+        // slowly this test runs (a 5 ms one was refused on a loaded
+        // machine), and past by the time it is picked.
         let (j, mut expired) = job("expired");
         s.submit(
             j,
             &Admission {
-                deadline: Some(now + Duration::from_millis(5)),
+                deadline: Some(now + Duration::from_secs(1)),
                 ..from("a")
             },
         )
@@ -1286,7 +1289,7 @@ mod tests {
         let (j, _c) = job("current");
         s.submit(j, &from("c")).unwrap();
         let mut state = s.state.lock().unwrap();
-        let later = now + Duration::from_millis(50);
+        let later = now + Duration::from_secs(2);
         assert_eq!(name(s.pick(&mut state, Lane::All, later)), "current");
         assert!(s.pick(&mut state, Lane::All, later).is_none());
         assert!(refused(&mut expired));
