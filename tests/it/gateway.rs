@@ -324,8 +324,7 @@ async fn admin_routes_are_403_for_non_admins() {
 /// login tarpit, then Envoy's own 429 with `retry-after`, nothing sent on to
 /// auth-service — while every login that passes is answered by
 /// auth-service without being held, and someone from another network logs
-/// in meanwhile. A client that sends the tarpit's marker itself holds only
-/// itself, and only on a login route.
+/// in meanwhile. A client's own copy of the tarpit's marker holds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_burst_from_one_network_is_cut_at_the_edge_and_other_networks_log_in() {
     let stack = Stack::start(|_| {}).await;
@@ -375,45 +374,64 @@ async fn a_login_burst_from_one_network_is_cut_at_the_edge_and_other_networks_lo
         answered >= 100,
         "a network's burst of 100 passes: {answered}"
     );
-    // One address past its own bucket (20), by REST with a trailing slash
-    // and by gRPC's own path alike: cut at the edge too.
+    // One address past its own bucket (20), by REST with and without a
+    // trailing slash: cut at the edge too.
     let mut cut = 0;
     for i in 0..60 {
-        let path = if i % 2 == 0 {
-            "/v1/auth/login/"
-        } else {
-            "/v1/auth/login"
-        };
-        let r = crate::support::http_from(
-            Some(std::net::Ipv4Addr::new(127, 63, 0, 1)),
-            gateway,
-            "POST",
-            path,
-            &[],
-            Some(&body),
-        )
-        .await;
+        let path = ["/v1/auth/login/", "/v1/auth/login"][i % 2];
+        let source = Some(std::net::Ipv4Addr::new(127, 63, 0, 1));
+        let r = crate::support::http_from(source, gateway, "POST", path, &[], Some(&body)).await;
         cut += usize::from(r.status == 429 && r.body == "local_rate_limited");
     }
     assert!(cut > 0, "one address's flood is cut at the edge");
+    // And by gRPC's own path, a burst of 30 from one address: cut with
+    // RESOURCE_EXHAUSTED (which gRPC clients do not retry on their own).
+    let grpc_burst: Vec<_> = (0..30)
+        .map(|_| {
+            tokio::spawn(async move {
+                crate::support::http_from(
+                    Some(std::net::Ipv4Addr::new(127, 66, 0, 1)),
+                    gateway,
+                    "POST",
+                    "/immersiverse.auth.v1.AuthService/Login",
+                    &[("content-type", "application/grpc"), ("te", "trailers")],
+                    None,
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut grpc_cut = 0;
+    for task in grpc_burst {
+        let r = task.await.unwrap();
+        grpc_cut += usize::from(
+            r.header("grpc-status") == Some("8")
+                && r.header("grpc-message") == Some("local_rate_limited")
+                && r.header("retry-after") == Some("1"),
+        );
+    }
+    assert!(
+        grpc_cut >= 10,
+        "a burst of 30 past a bucket of 20, by gRPC: {grpc_cut} cut"
+    );
     // Every login cut at the edge was held first, and no other request:
-    // the tarpit's counters match the cuts one for one.
-    let held = stack
-        .gateway
-        .stat("http.edge.fault.delays_injected")
-        .await
-        .unwrap_or(0);
-    let refused = stack
-        .gateway
-        .stat("http.edge.fault.aborts_injected")
-        .await
-        .unwrap_or(0);
+    // the tarpit's counters match the cuts one for one, and nothing
+    // overflowed it.
+    let stat = |name: &'static str| {
+        let gateway = &stack.gateway;
+        async move { gateway.stat(name).await.unwrap_or(0) }
+    };
+    let held = stat("http.edge.fault.delays_injected").await;
+    let cuts = (at_edge + cut + grpc_cut) as u64;
     assert_eq!(
-        (held, refused),
-        ((at_edge + cut) as u64, (at_edge + cut) as u64),
+        (held, stat("http.edge.fault.aborts_injected").await),
+        (cuts, cuts),
         "held and refused: every cut, nothing else"
     );
-    // The marker from the client on a route without the tarpit: ignored.
+    assert_eq!(stat("http.edge.fault.faults_overflow").await, 0);
+    // A client's own marker is removed before the buckets: on a route
+    // without the tarpit and on a login within its buckets, it holds
+    // nothing, and the login is answered by auth-service.
     let marked = crate::support::http_from(
         Some(std::net::Ipv4Addr::new(127, 64, 0, 1)),
         gateway,
@@ -424,10 +442,23 @@ async fn a_login_burst_from_one_network_is_cut_at_the_edge_and_other_networks_lo
     )
     .await;
     assert_eq!(marked.status, 200, "{marked:?}");
+    let marked_login = crate::support::http_from(
+        Some(std::net::Ipv4Addr::new(127, 65, 0, 1)),
+        gateway,
+        "POST",
+        "/v1/auth/login",
+        &[("x-login-throttled", "1")],
+        Some(&body),
+    )
+    .await;
+    assert!(
+        [401, 429, 503].contains(&marked_login.status) && marked_login.json()["code"].is_number(),
+        "auth-service's own answer: {marked_login:?}"
+    );
     assert_eq!(
-        stack.gateway.stat("http.edge.fault.delays_injected").await,
-        Some(held),
-        "a client's own marker holds nothing off the login routes"
+        stat("http.edge.fault.delays_injected").await,
+        held,
+        "a client's own marker holds nothing"
     );
     let elsewhere = crate::support::http_from(
         Some(std::net::Ipv4Addr::new(127, 62, 0, 1)),
