@@ -385,7 +385,7 @@ async fn a_login_burst_from_one_network_is_cut_at_the_edge_and_other_networks_lo
     }
     assert!(cut > 0, "one address's flood is cut at the edge");
     // And by gRPC's own path, a burst of 30 from one address: cut with
-    // RESOURCE_EXHAUSTED (which gRPC clients do not retry on their own).
+    // RESOURCE_EXHAUSTED, as auth-service's lockout answers.
     let grpc_burst: Vec<_> = (0..30)
         .map(|_| {
             tokio::spawn(async move {
