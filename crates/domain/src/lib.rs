@@ -51,8 +51,9 @@ pub use metrics as __metrics;
 /// instead of a registry lookup (a key built, its label set hashed, a
 /// shard locked). Name and labels are literals. The handle is taken at its
 /// first use, so that use must come after the process installs its
-/// recorder: the binary installs it before it builds anything
-/// (`Application::build`); a handle taken earlier would count nowhere.
+/// recorder: the binary installs it first thing when it builds its services
+/// (`Services::build`, `WorkerServices::build`); a handle taken earlier
+/// would count nowhere.
 #[macro_export]
 macro_rules! held_counter {
     ($name:literal $(, $k:literal => $v:literal)* $(,)?) => {{

@@ -311,6 +311,16 @@ async fn check_eviction_policy(redis: &RedisStore, allow: bool) -> anyhow::Resul
     Ok(())
 }
 
+/// Runs one store operation (its statements, or its transaction) inside
+/// its [`db_span`].
+pub async fn in_db_span<T>(
+    system: &'static str,
+    operation: &'static str,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tracing::Instrument::instrument(work, db_span(system, operation)).await
+}
+
 /// A client span for one store operation (its statements, or its
 /// transaction) in a traced call, by the OpenTelemetry database
 /// conventions; `Span::none()` outside one, so untraced calls pay nothing.

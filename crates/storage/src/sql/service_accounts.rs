@@ -46,49 +46,41 @@ impl ServiceAccountStore for SqlStore<DB> {
         secret_hash: &[u8; 32],
         event: &OutboxEvent,
     ) -> Result<bool, BackendError> {
-        let span = crate::db_span(DB::NAME, "insert_service_account");
-        tracing::Instrument::instrument(
-            async move {
-                let mut tx = self.pool.begin().await.map_err(db_error)?;
-                let inserted = sqlx::query(
-                    "INSERT INTO service_accounts (id, name, roles, secret_hash, created_at, \
+        crate::in_db_span(DB::NAME, "insert_service_account", async move {
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            let inserted = sqlx::query(
+                "INSERT INTO service_accounts (id, name, roles, secret_hash, created_at, \
                  secret_rotated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO \
                  NOTHING",
-                )
-                .bind(a.id)
-                .bind(&a.name)
-                .bind(Json(&a.roles))
-                .bind(&secret_hash[..])
-                .bind(a.created_at)
-                .bind(a.secret_rotated_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?
-                .rows_affected();
-                if inserted != 1 {
-                    return Ok(false);
-                }
-                insert_event(&mut tx, event).await?;
-                self.commit_events(tx).await?;
-                Ok(true)
-            },
-            span,
-        )
+            )
+            .bind(a.id)
+            .bind(&a.name)
+            .bind(Json(&a.roles))
+            .bind(&secret_hash[..])
+            .bind(a.created_at)
+            .bind(a.secret_rotated_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+            if inserted != 1 {
+                return Ok(false);
+            }
+            insert_event(&mut tx, event).await?;
+            self.commit_events(tx).await?;
+            Ok(true)
+        })
         .await
     }
 
     async fn service_accounts(&self) -> Result<Vec<ServiceAccount>, BackendError> {
-        let span = crate::db_span(DB::NAME, "service_accounts");
-        tracing::Instrument::instrument(
-            async move {
-                let rows = sqlx::query(concat!(select_accounts!(), " ORDER BY name"))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_error)?;
-                rows.iter().map(|r| account(r).map(|(a, _)| a)).collect()
-            },
-            span,
-        )
+        crate::in_db_span(DB::NAME, "service_accounts", async move {
+            let rows = sqlx::query(concat!(select_accounts!(), " ORDER BY name"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            rows.iter().map(|r| account(r).map(|(a, _)| a)).collect()
+        })
         .await
     }
 
@@ -96,18 +88,14 @@ impl ServiceAccountStore for SqlStore<DB> {
         &self,
         id: Uuid,
     ) -> Result<Option<(ServiceAccount, [u8; 32])>, BackendError> {
-        let span = crate::db_span(DB::NAME, "service_account");
-        tracing::Instrument::instrument(
-            async move {
-                let row = sqlx::query(concat!(select_accounts!(), " WHERE id = $1"))
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_error)?;
-                row.as_ref().map(account).transpose()
-            },
-            span,
-        )
+        crate::in_db_span(DB::NAME, "service_account", async move {
+            let row = sqlx::query(concat!(select_accounts!(), " WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+            row.as_ref().map(account).transpose()
+        })
         .await
     }
 
@@ -118,30 +106,26 @@ impl ServiceAccountStore for SqlStore<DB> {
         at: OffsetDateTime,
         event: &OutboxEvent,
     ) -> Result<bool, BackendError> {
-        let span = crate::db_span(DB::NAME, "set_service_secret");
-        tracing::Instrument::instrument(
-            async move {
-                let mut tx = self.pool.begin().await.map_err(db_error)?;
-                let updated = sqlx::query(
-                    "UPDATE service_accounts SET secret_hash = $2, secret_rotated_at = $3 \
+        crate::in_db_span(DB::NAME, "set_service_secret", async move {
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            let updated = sqlx::query(
+                "UPDATE service_accounts SET secret_hash = $2, secret_rotated_at = $3 \
                 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(&secret_hash[..])
-                .bind(at)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?
-                .rows_affected();
-                if updated != 1 {
-                    return Ok(false);
-                }
-                insert_event(&mut tx, event).await?;
-                self.commit_events(tx).await?;
-                Ok(true)
-            },
-            span,
-        )
+            )
+            .bind(id)
+            .bind(&secret_hash[..])
+            .bind(at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
+            }
+            insert_event(&mut tx, event).await?;
+            self.commit_events(tx).await?;
+            Ok(true)
+        })
         .await
     }
 
@@ -150,25 +134,21 @@ impl ServiceAccountStore for SqlStore<DB> {
         id: Uuid,
         event: &OutboxEvent,
     ) -> Result<bool, BackendError> {
-        let span = crate::db_span(DB::NAME, "delete_service_account");
-        tracing::Instrument::instrument(
-            async move {
-                let mut tx = self.pool.begin().await.map_err(db_error)?;
-                let deleted = sqlx::query("DELETE FROM service_accounts WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?
-                    .rows_affected();
-                if deleted != 1 {
-                    return Ok(false);
-                }
-                insert_event(&mut tx, event).await?;
-                self.commit_events(tx).await?;
-                Ok(true)
-            },
-            span,
-        )
+        crate::in_db_span(DB::NAME, "delete_service_account", async move {
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            let deleted = sqlx::query("DELETE FROM service_accounts WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+            if deleted != 1 {
+                return Ok(false);
+            }
+            insert_event(&mut tx, event).await?;
+            self.commit_events(tx).await?;
+            Ok(true)
+        })
         .await
     }
 }
