@@ -7,12 +7,19 @@ every variant), and the per-user bucket either off (`edge`) or large enough
 never to refuse the benchmark's one user (`edge_limits`: its cost, not its
 refusals).
 
-Usage: edge_variant.py OUT PORT ADMIN GRPC_PORT HTTP_PORT DESCRIPTOR {edge|edge_limits}
+`bench/run edge-cost` also takes parts away, to price each by the
+instructions Envoy spends per request without it (WITHOUT, comma-separated):
+`health` (the health_check filter), `normalise` (path normalisation),
+`maps` (both deny-map filters), `claims` (claim_to_headers; only with `maps`:
+the maps' guard refuses a token whose claims were not copied).
+
+Usage: edge_variant.py OUT PORT ADMIN GRPC_PORT HTTP_PORT DESCRIPTOR {edge|edge_limits} [WITHOUT]
 """
 import re
 import sys
 
 out, port, admin, grpc, http, descriptor, mode = sys.argv[1:8]
+without = set(filter(None, (sys.argv[8] if len(sys.argv) > 8 else "").split(",")))
 s = open("envoy/edge.yaml").read()
 
 
@@ -44,4 +51,32 @@ elif mode == "edge":
     assert n == 1
 else:
     sys.exit(f"unknown mode {mode}")
+
+
+def drop_filter(name):
+    """Removes the HTTP filter NAME and every per-route entry naming it."""
+    global s
+    s, n = re.subn(r"\n          - name: " + re.escape(name) + r"\n.*?(?=\n          - name: )", "", s,
+                   count=1, flags=re.S)
+    assert n == 1, name
+    s = re.sub(r"\n +" + re.escape(name) + r": \*not_here", "", s)
+
+
+if "claims" in without and "maps" not in without:
+    sys.exit("`claims` only with `maps`")
+for part in sorted(without):
+    if part == "health":
+        drop_filter("envoy.filters.http.health_check")
+    elif part == "normalise":
+        for line in ("          normalize_path: true\n", "          merge_slashes: true\n",
+                     "          path_with_escaped_slashes_action: REJECT_REQUEST\n"):
+            sub(line, "")
+    elif part == "maps":
+        drop_filter("immersiverse.auth.revocations")
+        drop_filter("immersiverse.auth.revocations.recent")
+    elif part == "claims":
+        s, n = re.subn(r"\n +claim_to_headers:\n( +- \{ header_name: .*\n)+", "\n", s)
+        assert n == 1
+    else:
+        sys.exit(f"unknown part {part}")
 open(out, "w").write(s)
