@@ -134,17 +134,16 @@ impl Application {
         background.spawn("revocation_log_replay", async move {
             feed.replay_recent(window, &revocations, replay_stop.clone())
                 .await;
-            // And whenever Redis answers again after a lost connection: it
-            // may be back without its state, and the revocations it lost
-            // are in the log.
+            // And whenever Redis answers again after a lost connection (it
+            // may be back without its state), or takes writes again after
+            // owed writes were dropped at their bound: what it lacks is in
+            // the log.
             loop {
                 tokio::select! {
                     () = replay_stop.cancelled() => return,
                     () = revocations.store_reconnection() => {}
                 }
-                tracing::info!(
-                    "fast state reconnected: writing the recent revocations to it again"
-                );
+                tracing::info!("writing the recent revocations to the fast state again");
                 feed.replay_recent(window, &revocations, replay_stop.clone())
                     .await;
             }

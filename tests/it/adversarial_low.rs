@@ -308,6 +308,81 @@ async fn a_logout_while_redis_is_down_is_done_once_the_database_has_it() {
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }
 
+/// Failure class: backend that answers but will not take writes, for
+/// longer than this replica may owe them — a Redis that is full
+/// (`maxmemory` reached under `noeviction`: reads answer, every write is
+/// refused) while more sessions are revoked than the replica's bound on
+/// owed writes (its revocation cache's capacity, 4 here). The fifth write
+/// is dropped, so from then on no Redis answer is believed (a token not
+/// cached here fails closed); once Redis takes writes
+/// again, a replay of the log writes every revocation to it, and a replica
+/// with nothing cached refuses each revoked token and accepts the others.
+/// Redis keeps its connections throughout: only the bound asks for that
+/// replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_past_the_owed_bound_reach_a_redis_that_refused_writes_once_it_takes_them() {
+    let redis = OwnRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(Backend::Production, dir.path()).await;
+    config.redis_url = Some(redis.url.clone());
+    config.revocation.cache_capacity = 4;
+    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    app.sign_up("bounded").await;
+    app.sign_up("bystander").await;
+    let bystander = app.login_ok("bystander").await.access_token;
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        let pair = app.login_ok("bounded").await;
+        let session = app.validate(&pair.access_token).await.unwrap().session_id;
+        sessions.push((pair.access_token, session));
+    }
+    let (kept, _) = sessions.pop().unwrap();
+    let revoked = sessions;
+
+    redis_config_set(&redis.url, "maxmemory", "1").await;
+    for (token, _) in &revoked {
+        app.logout(token)
+            .await
+            .expect("the database took the logout");
+    }
+    // Four owed, the fifth dropped (once, or twice when the log's row of it
+    // is applied here too before Redis takes writes).
+    assert!(app.metric("revocation_store_writes_dropped_total").await >= 1.0);
+    assert!(app.metric("revocation_store_writes_owed").await <= 4.0);
+    // Redis still answers lookups, but lacks a revocation: not believed.
+    let status = app.validate(&bystander).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(app.metric("revocation_lookups_refused_total").await >= 1.0);
+
+    redis_config_set(&redis.url, "maxmemory", "0").await;
+    for (_, session) in &revoked {
+        until_redis_holds(&redis.url, &format!("*sid:{session}*")).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.validate(&bystander).await.is_err() {
+        assert!(Instant::now() < deadline, "Redis never believed again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut fresh = app.replica().await;
+    for (token, _) in &revoked {
+        let status = fresh.validate(token).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    fresh.validate(&kept).await.expect("never revoked");
+}
+
+async fn redis_config_set(url: &str, key: &str, value: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
 /// Waits until Redis at `url` holds a key matching `pattern`.
 async fn until_redis_holds(url: &str, pattern: &str) {
     let client = redis::Client::open(url).unwrap();

@@ -306,7 +306,9 @@ impl RevocationFeed {
     /// Applies to `revocations` every row of the last `window` — at start,
     /// so that a process learns what was revoked while it was not running
     /// (a fast-state write its writer still owed when it stopped, or a
-    /// Redis that came back without its state). Waits until the poller
+    /// Redis that came back without its state), and again whenever the
+    /// store may lack rows (it reconnected, or owed writes were dropped at
+    /// their bound: [`super::Revocations::replay_written`]). Waits until the poller
     /// knows where it starts, then reads to the log's end, so every row is
     /// seen here or by [`apply_log`]. Retries while the log cannot be read.
     pub async fn replay_recent(
@@ -320,6 +322,8 @@ impl RevocationFeed {
             () = stop.cancelled() => return,
             _ = started.wait_for(|s| *s) => {}
         }
+        // Owed writes dropped before now are made good by this replay.
+        let drops = revocations.replay_begins();
         let since = OffsetDateTime::now_utc() - window;
         let mut applied = 0u64;
         let mut cursor = None;
@@ -335,7 +339,9 @@ impl RevocationFeed {
                 Ok((_, rows)) if rows.is_empty() => break,
                 Ok((_, rows)) => {
                     for row in &rows {
-                        revocations.learn_logged(row.revoked, row.at_ms());
+                        revocations
+                            .learn_logged_paced(row.revoked, row.at_ms())
+                            .await;
                     }
                     applied += rows.len() as u64;
                     cursor = rows.last().map(|row| row.seq);
@@ -350,10 +356,14 @@ impl RevocationFeed {
             }
         }
         self.replayed.send_replace(true);
-        tracing::info!(
-            rows = applied,
-            "revocation log: recent revocations applied at start"
-        );
+        tracing::info!(rows = applied, "revocation log: recent revocations applied");
+        // Known here now; written to the store once it takes them (a store
+        // that still fails holds this task here, and lookups that need it
+        // fail closed anyway).
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = revocations.replay_written(drops) => {}
+        }
     }
 
     /// Where to replay from to see every row that occurred at or after

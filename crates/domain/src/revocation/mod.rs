@@ -145,8 +145,18 @@ pub struct Revocations {
     floors: Cache<Key, Entry>,
     /// Revocations committed in the database whose store write is still to
     /// be made: written by a background task, retried until written or
-    /// moot.
+    /// moot. At most [`Self::owed_bound`] of them (see [`Self::owe`]).
     unwritten: Arc<std::sync::Mutex<Unwritten>>,
+    /// The bound on owed writes: the lookup cache's capacity.
+    owed_bound: usize,
+    /// Owed writes dropped at the bound, ever; and how many of them a
+    /// completed replay of the log has written again (the drops before it
+    /// began). While `dropped > rewritten` the store lacks revocations that
+    /// were committed, so lookups that need it fail closed.
+    dropped: Arc<AtomicU64>,
+    rewritten: Arc<AtomicU64>,
+    /// The drops a replay has been asked for already.
+    replay_asked: Arc<AtomicU64>,
     /// Told when the store answers again after losing the connection (it
     /// may have come back without its state): the recent revocations are
     /// then written to it again (startup, `revocation_log_reapply`).
@@ -159,11 +169,20 @@ pub struct Revocations {
 struct Unwritten {
     writes: std::collections::HashMap<Key, Owed>,
     writing: bool,
+    /// Writes owed so far, ever; and how many of the first of them are
+    /// known written (the count when a pass that then wrote every write it
+    /// took began).
+    added: u64,
+    written: u64,
+    /// Writes taken by the writer's current pass (out of `writes` while
+    /// it makes them; those it could not make go back in).
+    in_flight: usize,
 }
 
 impl Unwritten {
     fn add(&mut self, write: Owed) {
         use std::collections::hash_map::Entry as Slot;
+        self.added += 1;
         match self.writes.entry(write.key()) {
             Slot::Vacant(slot) => {
                 slot.insert(write);
@@ -173,7 +192,8 @@ impl Unwritten {
                 slot.insert(merged);
             }
         }
-        metrics::gauge!("revocation_store_writes_owed").set(self.writes.len() as f64);
+        metrics::gauge!("revocation_store_writes_owed")
+            .set((self.writes.len() + self.in_flight) as f64);
     }
 }
 
@@ -248,6 +268,10 @@ impl Owed {
 /// Longest pause between two attempts at the owed writes.
 const UNWRITTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How often a replay looks whether the owed writes left it room, or are
+/// written.
+const OWED_POLL: Duration = Duration::from_millis(20);
+
 impl Revocations {
     pub fn new(
         store: Arc<dyn RevocationStore>,
@@ -272,7 +296,47 @@ impl Revocations {
                 .expire_after(EntryExpiry)
                 .build(),
             unwritten: Arc::default(),
+            owed_bound: usize::try_from(capacity).unwrap_or(usize::MAX).max(1),
+            dropped: Arc::default(),
+            rewritten: Arc::default(),
+            replay_asked: Arc::default(),
             store_back: Arc::default(),
+        }
+    }
+
+    /// Whether owed writes were dropped at their bound and not yet written
+    /// again by a replay of the log: the store lacks committed revocations.
+    fn store_lacks_writes(&self) -> bool {
+        self.dropped.load(Ordering::SeqCst) > self.rewritten.load(Ordering::SeqCst)
+    }
+
+    /// Called as a replay of the log begins: the drops it will make good.
+    pub fn replay_begins(&self) -> u64 {
+        self.dropped.load(Ordering::SeqCst)
+    }
+
+    /// Called when a replay that began at `drops` ([`Self::replay_begins`])
+    /// has read the log to its end: waits until what it owed is written
+    /// (while the store fails: until it answers), then counts those drops
+    /// as made good.
+    pub async fn replay_written(&self, drops: u64) {
+        let owed_now = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .added;
+        loop {
+            {
+                let owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                if owed.written >= owed_now || (owed.writes.is_empty() && !owed.writing) {
+                    break;
+                }
+            }
+            tokio::time::sleep(OWED_POLL).await;
+        }
+        let before = self.rewritten.fetch_max(drops, Ordering::SeqCst);
+        if before < drops && !self.store_lacks_writes() {
+            tracing::info!("the revocations dropped while the store fell behind are written again");
         }
     }
 
@@ -362,6 +426,10 @@ impl Revocations {
         if matches!(jti, Some(Known::Revoked)) || matches!(sid, Some(Known::Revoked)) {
             return Ok(true);
         }
+        // The store lacks revocations that were committed (owed writes
+        // dropped at their bound, not yet written again from the log): its
+        // "not revoked" cannot be believed.
+        let store_lacks_writes = self.store_lacks_writes();
         // A known epoch past the token's issue time revokes it whatever the
         // other keys say: no store round trip (nor a store failure) needed.
         if let Some(Known::Epoch(Some(epoch))) = user
@@ -371,6 +439,13 @@ impl Revocations {
         }
         let epoch = match (jti, sid, user) {
             (Some(_), Some(_), Some(Known::Epoch(epoch))) => epoch,
+            _ if store_lacks_writes => {
+                metrics::counter!("revocation_lookups_refused_total").increment(1);
+                return Err(BackendError::unavailable(
+                    "revocation store",
+                    "owed revocation writes were dropped; catching up from the revocation log",
+                ));
+            }
             _ => {
                 let generation = Some(self.generation.load(Ordering::SeqCst));
                 let snapshot = self.store.lookup(&keys).await?;
@@ -496,6 +571,24 @@ impl Revocations {
         self.owe(owed);
     }
 
+    /// As [`Self::learn_logged`], for a replay of the log: when half the
+    /// bound is owed already, waits for the writer to make room first, so
+    /// a replay never drops a write (and leaves the other half for the
+    /// revocations being made meanwhile).
+    pub async fn learn_logged_paced(&self, revoked: Revoked, at_ms: i64) {
+        loop {
+            let owed = {
+                let owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                owed.writes.len() + owed.in_flight
+            };
+            if owed < self.owed_bound.div_ceil(2) {
+                break;
+            }
+            tokio::time::sleep(OWED_POLL).await;
+        }
+        self.learn_logged(revoked, at_ms);
+    }
+
     /// Remembers `owed` here, then writes it to the store or owes it.
     async fn write_or_owe(&self, owed: Owed) {
         self.remember_owed(owed);
@@ -562,8 +655,31 @@ impl Revocations {
         }
     }
 
+    /// Owes `write` to the store. At most [`Self::owed_bound`] writes are
+    /// owed (one per session or user); past that a new one is dropped
+    /// instead, and counted: the revocation is still denied here (it was
+    /// remembered first) and is in the database's revocation log, from
+    /// which a replay writes it again once the store takes writes
+    /// ([`Self::write_owed`] asks for one). Until then lookups that need the
+    /// store fail closed.
     fn owe(&self, write: Owed) {
         let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        if owed.writes.len() + owed.in_flight >= self.owed_bound
+            && !owed.writes.contains_key(&write.key())
+        {
+            let uncovered =
+                self.dropped.fetch_add(1, Ordering::SeqCst) - self.rewritten.load(Ordering::SeqCst);
+            metrics::counter!("revocation_store_writes_dropped_total").increment(1);
+            if uncovered == 0 {
+                tracing::error!(
+                    owed = owed.writes.len(),
+                    "owed revocation writes at their bound: dropping new ones until the store \
+                     takes writes again, then writing the revocation log to it again; lookups \
+                     that need the store fail closed meanwhile"
+                );
+            }
+            return;
+        }
         owed.add(write);
         if !owed.writing {
             owed.writing = true;
@@ -580,9 +696,12 @@ impl Revocations {
         let mut pause = Duration::from_millis(100);
         let mut failing = false;
         loop {
-            let batch: Vec<Owed> = {
+            let (batch, taken_at): (Vec<Owed>, u64) = {
                 let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-                owed.writes.drain().map(|(_, write)| write).collect()
+                let taken_at = owed.added;
+                let batch: Vec<Owed> = owed.writes.drain().map(|(_, write)| write).collect();
+                owed.in_flight = batch.len();
+                (batch, taken_at)
             };
             let mut batch = batch.into_iter();
             let mut failed = None;
@@ -604,6 +723,11 @@ impl Revocations {
             }
             let retry = {
                 let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                owed.in_flight = 0;
+                if failed.is_none() {
+                    owed.written = owed.written.max(taken_at);
+                    self.ask_replay_for_drops();
+                }
                 let retry = if let Some((write, error)) = failed {
                     for write in std::iter::once(write).chain(batch) {
                         owed.add(write);
@@ -631,6 +755,19 @@ impl Revocations {
             } else {
                 pause = Duration::from_millis(100);
             }
+        }
+    }
+
+    /// The store takes writes: if owed writes were dropped since a replay
+    /// was last asked for, asks for one (what runs replays after a
+    /// reconnection runs it: [`Self::store_reconnection`]).
+    fn ask_replay_for_drops(&self) {
+        let dropped = self.dropped.load(Ordering::SeqCst);
+        if dropped > self.rewritten.load(Ordering::SeqCst)
+            && self.replay_asked.fetch_max(dropped, Ordering::SeqCst) < dropped
+        {
+            tracing::warn!("the store takes writes again: replaying the revocation log to it");
+            self.store_back.notify_one();
         }
     }
 
@@ -820,6 +957,129 @@ mod tests {
         revocations.forget_negative_answers();
         revocations.cache.invalidate_all();
         assert!(revocations.is_revoked(&token(user, now - 1)).await.unwrap());
+    }
+
+    /// A store that is down or up at the test's word, and keeps the
+    /// sessions written to it.
+    #[derive(Default)]
+    struct Switched {
+        up: std::sync::atomic::AtomicBool,
+        sessions: std::sync::Mutex<std::collections::HashSet<Uuid>>,
+    }
+
+    #[async_trait]
+    impl RevocationStore for Switched {
+        async fn revoke_token(&self, _: Uuid, _: Uuid, _: i64) -> Result<(), BackendError> {
+            unreachable!("not used here")
+        }
+        async fn revoke_session(&self, _: Uuid, session: Uuid, _: i64) -> Result<(), BackendError> {
+            if !self.up.load(Ordering::SeqCst) {
+                return Err(down());
+            }
+            self.sessions.lock().unwrap().insert(session);
+            Ok(())
+        }
+        async fn raise_user_epoch(&self, _: Uuid, _: i64, _: i64) -> Result<(), BackendError> {
+            unreachable!("not used here")
+        }
+        async fn lookup(&self, keys: &RevocationKeys) -> Result<RevocationSnapshot, BackendError> {
+            if !self.up.load(Ordering::SeqCst) {
+                return Err(down());
+            }
+            Ok(RevocationSnapshot {
+                token_revoked: false,
+                session_revoked: self.sessions.lock().unwrap().contains(&keys.session_id),
+                user_epoch_ms: None,
+            })
+        }
+    }
+
+    /// Failure class: a backend that is down for long, and comes back. The
+    /// writes owed to it are bounded (by the cache's capacity, 4 here):
+    /// past the bound a revocation is still denied here but its write is
+    /// dropped, and from then on no lookup that needs the store is believed
+    /// (fail closed), even once the store answers again, until a replay of
+    /// the revocation log — asked for as soon as the store takes writes —
+    /// has written the dropped revocations to it.
+    #[tokio::test]
+    async fn owed_writes_past_their_bound_are_dropped_and_the_store_is_not_believed_until_a_replay_wrote_them()
+     {
+        let store = Arc::new(Switched::default());
+        let revocations = Revocations::new(store.clone(), 4, Duration::from_secs(60), 900);
+        let user = Uuid::now_v7();
+        let sessions: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+        for session in &sessions {
+            revocations.revoke_session_or_retry(user, *session).await;
+        }
+        assert_eq!(
+            revocations.unwritten.lock().unwrap().writes.len(),
+            4,
+            "owed up to the bound"
+        );
+        assert_eq!(
+            revocations.dropped.load(Ordering::SeqCst),
+            6,
+            "the rest dropped"
+        );
+        let of = |session: Uuid| {
+            let mut t = token(user, unix_now_ms());
+            t.keys.session_id = session;
+            t
+        };
+
+        // Back up: the owed writes are written, a replay is asked for, and
+        // until it has run the store's "not revoked" is not believed.
+        store.up.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(30), revocations.store_reconnection())
+            .await
+            .expect("a replay is asked for once the store takes writes");
+        assert_eq!(
+            store.sessions.lock().unwrap().len(),
+            4,
+            "what was owed is written"
+        );
+        revocations.cache.invalidate_all();
+        for session in &sessions {
+            assert!(
+                revocations.is_revoked(&of(*session)).await.is_err(),
+                "the store lacks dropped revocations: fail closed"
+            );
+        }
+        assert!(revocations.is_revoked(&of(Uuid::now_v7())).await.is_err());
+
+        // The replay (as `RevocationFeed::replay_recent` runs it): every
+        // row of the log again, then wait until written.
+        let drops = revocations.replay_begins();
+        for session in &sessions {
+            revocations
+                .learn_logged_paced(
+                    Revoked::Session {
+                        user_id: user,
+                        session_id: *session,
+                    },
+                    unix_now_ms(),
+                )
+                .await;
+        }
+        tokio::time::timeout(Duration::from_secs(30), revocations.replay_written(drops))
+            .await
+            .expect("the replay's writes are written");
+        assert_eq!(
+            store.sessions.lock().unwrap().len(),
+            10,
+            "every revocation in the store"
+        );
+        revocations.cache.invalidate_all();
+        for session in &sessions {
+            assert!(
+                revocations.is_revoked(&of(*session)).await.unwrap(),
+                "from the store"
+            );
+        }
+        assert!(
+            !revocations.is_revoked(&of(Uuid::now_v7())).await.unwrap(),
+            "the store is believed again"
+        );
     }
 
     #[test]
