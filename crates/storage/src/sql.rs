@@ -97,11 +97,14 @@ impl UserRow {
 }
 
 /// Connection failures and timeouts are worth a retry (Unavailable); anything
-/// the database answered is not (Internal).
+/// the database answered is not (Internal). A conversation broken off
+/// mid-message (`Protocol`: a connection cut while a reply was on its way)
+/// is a connection failure too: the pool drops that connection.
 pub(crate) fn db_error(error: sqlx::Error) -> BackendError {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => BackendError::unavailable("database", error),

@@ -153,6 +153,13 @@ pub enum FeedError {
 }
 
 const PAGE: i64 = 500;
+
+/// The two passes of a replay over the log ([`RevocationFeed::replay_recent`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Learn,
+    Owe,
+}
 /// How often a stream's token is checked against the revocation state
 /// (besides every event about its user, and its expiry).
 const CREDENTIAL_CHECK: Duration = Duration::from_secs(5);
@@ -325,41 +332,64 @@ impl RevocationFeed {
         // Owed writes dropped before now are made good by this replay.
         let drops = revocations.replay_begins();
         let since = OffsetDateTime::now_utc() - window;
+        // Two passes over the same rows: the first denies each here at
+        // once (and then this process reports ready); the second owes each
+        // its store write, paced by the writer, which a store refusing
+        // writes may hold up for long.
         let mut applied = 0u64;
+        let mut start = None;
         let mut cursor = None;
-        loop {
-            let read = async {
-                let from = match cursor {
-                    Some(from) => from,
-                    None => self.cursor_since(since).await?.0,
+        for pass in [Pass::Learn, Pass::Owe] {
+            cursor = if pass == Pass::Owe { start } else { cursor };
+            loop {
+                let read = async {
+                    let from = match cursor {
+                        Some(from) => from,
+                        None => self.cursor_since(since).await?.0,
+                    };
+                    Ok::<_, BackendError>((from, self.log.after(from, PAGE).await?))
                 };
-                Ok::<_, BackendError>((from, self.log.after(from, PAGE).await?))
-            };
-            match bounded("replay", read).await {
-                Ok((_, rows)) if rows.is_empty() => break,
-                Ok((_, rows)) => {
-                    for row in &rows {
-                        revocations
-                            .learn_logged_paced(row.revoked, row.at_ms())
-                            .await;
+                match bounded("replay", read).await {
+                    Ok((from, rows)) => {
+                        start.get_or_insert(from);
+                        let Some(last) = rows.last().map(|row| row.seq) else {
+                            break;
+                        };
+                        for row in &rows {
+                            match pass {
+                                Pass::Learn => {
+                                    revocations.learn_logged_only_here(row.revoked, row.at_ms());
+                                }
+                                Pass::Owe => {
+                                    tokio::select! {
+                                        () = stop.cancelled() => return,
+                                        () = revocations.owe_logged_paced(row.revoked, row.at_ms()) => {}
+                                    }
+                                }
+                            }
+                        }
+                        if pass == Pass::Learn {
+                            applied += rows.len() as u64;
+                        }
+                        cursor = Some(last);
                     }
-                    applied += rows.len() as u64;
-                    cursor = rows.last().map(|row| row.seq);
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "revocation log: replay read failed; retrying");
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(POLL) => {}
+                    Err(error) => {
+                        tracing::debug!(%error, "revocation log: replay read failed; retrying");
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(POLL) => {}
+                        }
                     }
                 }
             }
+            if pass == Pass::Learn {
+                self.replayed.send_replace(true);
+                tracing::info!(rows = applied, "revocation log: recent revocations applied");
+            }
         }
-        self.replayed.send_replace(true);
-        tracing::info!(rows = applied, "revocation log: recent revocations applied");
-        // Known here now; written to the store once it takes them (a store
-        // that still fails holds this task here, and lookups that need it
-        // fail closed anyway).
+        // Written to the store once it takes them (a store that still
+        // fails holds this task here; lookups that need it fail closed
+        // anyway while writes were dropped).
         tokio::select! {
             () = stop.cancelled() => {}
             () = revocations.replay_written(drops) => {}

@@ -174,9 +174,9 @@ struct Unwritten {
     /// took began).
     added: u64,
     written: u64,
-    /// Writes taken by the writer's current pass (out of `writes` while
-    /// it makes them; those it could not make go back in).
-    in_flight: usize,
+    /// The keys of the writes the writer has taken and not yet made (out
+    /// of `writes` meanwhile; those it could not make go back in).
+    in_flight: std::collections::HashSet<Key>,
 }
 
 impl Unwritten {
@@ -192,8 +192,21 @@ impl Unwritten {
                 slot.insert(merged);
             }
         }
-        metrics::gauge!("revocation_store_writes_owed")
-            .set((self.writes.len() + self.in_flight) as f64);
+        self.gauge();
+    }
+
+    /// Distinct keys owed: the bound's measure.
+    fn len(&self) -> usize {
+        self.writes.len() + self.in_flight.len()
+    }
+
+    /// Whether owing `key` takes a slot no key holds yet.
+    fn is_new(&self, key: &Key) -> bool {
+        !self.writes.contains_key(key) && !self.in_flight.contains(key)
+    }
+
+    fn gauge(&self) {
+        metrics::gauge!("revocation_store_writes_owed").set(self.len() as f64);
     }
 }
 
@@ -550,6 +563,14 @@ impl Revocations {
     /// wrote it too unless it died first — so a slow store never holds up
     /// the next row.
     pub fn learn_logged(&self, revoked: Revoked, at_ms: i64) {
+        if let Some(owed) = self.remember_logged(revoked, at_ms) {
+            self.owe(owed);
+        }
+    }
+
+    /// Denies here at once what a row of the log revokes; returns the
+    /// store write it calls for.
+    fn remember_logged(&self, revoked: Revoked, at_ms: i64) -> Option<Owed> {
         let until = unix_now() + self.access_ttl_secs + 60;
         let owed = match revoked {
             Revoked::Session {
@@ -565,28 +586,38 @@ impl Revocations {
                 epoch_ms: at_ms,
                 until,
             },
-            Revoked::Nothing => return,
+            Revoked::Nothing => return None,
         };
         self.remember_owed(owed);
-        self.owe(owed);
+        Some(owed)
     }
 
-    /// As [`Self::learn_logged`], for a replay of the log: when half the
-    /// bound is owed already, waits for the writer to make room first, so
-    /// a replay never drops a write (and leaves the other half for the
-    /// revocations being made meanwhile).
-    pub async fn learn_logged_paced(&self, revoked: Revoked, at_ms: i64) {
+    /// A replay's first pass over a row: denied here at once, nothing owed
+    /// yet ([`Self::owe_logged_paced`] is its second pass).
+    pub fn learn_logged_only_here(&self, revoked: Revoked, at_ms: i64) {
+        let _ = self.remember_logged(revoked, at_ms);
+    }
+
+    /// A replay's second pass over a row: denies it here (again: the
+    /// cache may have let it go since the first pass) and owes its store
+    /// write, but while half the bound is owed already, first waits for the
+    /// writer to make room (checked and owed under one lock), so a replay
+    /// never drops a write and leaves the other half to the revocations
+    /// being made meanwhile.
+    pub async fn owe_logged_paced(&self, revoked: Revoked, at_ms: i64) {
+        let Some(write) = self.remember_logged(revoked, at_ms) else {
+            return;
+        };
         loop {
-            let owed = {
-                let owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-                owed.writes.len() + owed.in_flight
-            };
-            if owed < self.owed_bound.div_ceil(2) {
-                break;
+            {
+                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                if owed.len() < self.owed_bound.div_ceil(2) || !owed.is_new(&write.key()) {
+                    self.owe_locked(&mut owed, write);
+                    return;
+                }
             }
             tokio::time::sleep(OWED_POLL).await;
         }
-        self.learn_logged(revoked, at_ms);
     }
 
     /// Remembers `owed` here, then writes it to the store or owes it.
@@ -664,15 +695,15 @@ impl Revocations {
     /// store fail closed.
     fn owe(&self, write: Owed) {
         let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-        if owed.writes.len() + owed.in_flight >= self.owed_bound
-            && !owed.writes.contains_key(&write.key())
-        {
-            let uncovered =
-                self.dropped.fetch_add(1, Ordering::SeqCst) - self.rewritten.load(Ordering::SeqCst);
+        if owed.len() >= self.owed_bound && owed.is_new(&write.key()) {
+            let uncovered = self
+                .dropped
+                .fetch_add(1, Ordering::SeqCst)
+                .saturating_sub(self.rewritten.load(Ordering::SeqCst));
             metrics::counter!("revocation_store_writes_dropped_total").increment(1);
             if uncovered == 0 {
                 tracing::error!(
-                    owed = owed.writes.len(),
+                    owed = owed.len(),
                     "owed revocation writes at their bound: dropping new ones until the store \
                      takes writes again, then writing the revocation log to it again; lookups \
                      that need the store fail closed meanwhile"
@@ -680,6 +711,12 @@ impl Revocations {
             }
             return;
         }
+        self.owe_locked(&mut owed, write);
+    }
+
+    /// Owes `write` (the bound already decided), starting the writer if
+    /// it is not running.
+    fn owe_locked(&self, owed: &mut Unwritten, write: Owed) {
         owed.add(write);
         if !owed.writing {
             owed.writing = true;
@@ -700,7 +737,7 @@ impl Revocations {
                 let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
                 let taken_at = owed.added;
                 let batch: Vec<Owed> = owed.writes.drain().map(|(_, write)| write).collect();
-                owed.in_flight = batch.len();
+                owed.in_flight = batch.iter().map(Owed::key).collect();
                 (batch, taken_at)
             };
             let mut batch = batch.into_iter();
@@ -708,25 +745,30 @@ impl Revocations {
             for write in batch.by_ref() {
                 if write.until() <= unix_now() {
                     metrics::counter!("revocation_store_writes_moot_total").increment(1);
-                    continue;
-                }
-                match self.write(&write).await {
-                    Ok(()) if failing => {
-                        tracing::info!(?write, "owed revocation written to the store");
+                } else {
+                    match self.write(&write).await {
+                        Ok(()) if failing => {
+                            tracing::info!(?write, "owed revocation written to the store");
+                        }
+                        Ok(()) => {}
+                        Err(error) => {
+                            failed = Some((write, error));
+                            break;
+                        }
                     }
-                    Ok(()) => {}
-                    Err(error) => {
-                        failed = Some((write, error));
-                        break;
-                    }
+                    // The store takes writes: what was dropped can be
+                    // written again.
+                    self.ask_replay_for_drops();
                 }
+                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                owed.in_flight.remove(&write.key());
+                owed.gauge();
             }
             let retry = {
                 let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-                owed.in_flight = 0;
+                owed.in_flight.clear();
                 if failed.is_none() {
                     owed.written = owed.written.max(taken_at);
-                    self.ask_replay_for_drops();
                 }
                 let retry = if let Some((write, error)) = failed {
                     for write in std::iter::once(write).chain(batch) {
@@ -734,7 +776,7 @@ impl Revocations {
                     }
                     if !failing {
                         metrics::counter!("revocation_store_write_failures_total").increment(1);
-                        tracing::error!(%error, owed = owed.writes.len(), "revocations not written to the store; retrying");
+                        tracing::error!(%error, owed = owed.len(), "revocations not written to the store; retrying");
                     }
                     failing = true;
                     true
@@ -742,7 +784,7 @@ impl Revocations {
                     failing = false;
                     false
                 };
-                metrics::gauge!("revocation_store_writes_owed").set(owed.writes.len() as f64);
+                owed.gauge();
                 if owed.writes.is_empty() {
                     owed.writing = false;
                     return;
@@ -758,7 +800,7 @@ impl Revocations {
         }
     }
 
-    /// The store takes writes: if owed writes were dropped since a replay
+    /// The store took a write: if owed writes were dropped since a replay
     /// was last asked for, asks for one (what runs replays after a
     /// reconnection runs it: [`Self::store_reconnection`]).
     fn ask_replay_for_drops(&self) {
@@ -1052,7 +1094,7 @@ mod tests {
         let drops = revocations.replay_begins();
         for session in &sessions {
             revocations
-                .learn_logged_paced(
+                .owe_logged_paced(
                     Revoked::Session {
                         user_id: user,
                         session_id: *session,
@@ -1079,6 +1121,67 @@ mod tests {
         assert!(
             !revocations.is_revoked(&of(Uuid::now_v7())).await.unwrap(),
             "the store is believed again"
+        );
+    }
+
+    /// Two requests racing: writes dropped while a replay is running
+    /// (begun, say, at a reconnection) are not made good by it — the store
+    /// stays disbelieved after it — and the replay asked for when the store
+    /// takes writes runs next and makes them good.
+    #[tokio::test]
+    async fn writes_dropped_during_a_replay_are_made_good_by_the_next_one() {
+        let store = Arc::new(Switched::default());
+        let revocations = Revocations::new(store.clone(), 2, Duration::from_secs(60), 900);
+        let user = Uuid::now_v7();
+        let sessions: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        let logged = |session: Uuid| Revoked::Session {
+            user_id: user,
+            session_id: session,
+        };
+        let unknown = || {
+            let mut t = token(user, unix_now_ms());
+            t.keys.session_id = Uuid::now_v7();
+            t
+        };
+        for session in &sessions[..3] {
+            revocations.revoke_session_or_retry(user, *session).await;
+        }
+        let first = revocations.replay_begins();
+        for session in &sessions[3..] {
+            revocations.revoke_session_or_retry(user, *session).await;
+        }
+        assert_eq!(revocations.dropped.load(Ordering::SeqCst), 3);
+
+        store.up.store(true, Ordering::SeqCst);
+        for session in &sessions {
+            revocations
+                .owe_logged_paced(logged(*session), unix_now_ms())
+                .await;
+        }
+        tokio::time::timeout(Duration::from_secs(30), revocations.replay_written(first))
+            .await
+            .expect("the first replay's writes are written");
+        assert!(
+            revocations.is_revoked(&unknown()).await.is_err(),
+            "two drops came after the first replay began: still not believed"
+        );
+
+        tokio::time::timeout(Duration::from_secs(30), revocations.store_reconnection())
+            .await
+            .expect("a second replay was asked for");
+        let second = revocations.replay_begins();
+        for session in &sessions {
+            revocations
+                .owe_logged_paced(logged(*session), unix_now_ms())
+                .await;
+        }
+        tokio::time::timeout(Duration::from_secs(30), revocations.replay_written(second))
+            .await
+            .expect("the second replay's writes are written");
+        assert_eq!(store.sessions.lock().unwrap().len(), 5);
+        assert!(
+            !revocations.is_revoked(&unknown()).await.unwrap(),
+            "believed again"
         );
     }
 
