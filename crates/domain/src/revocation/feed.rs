@@ -336,29 +336,35 @@ impl RevocationFeed {
         // once (and then this process reports ready); the second owes each
         // its store write, paced by the writer, which a store refusing
         // writes may hold up for long.
+        // Where the window starts and where the log ends now: rows past
+        // that end are the poller's ([`apply_log`] owes them as they come),
+        // so neither pass chases the head under steady traffic.
+        let (start, head) = loop {
+            match bounded("replay", self.cursor_since(since)).await {
+                Ok(range) => break range,
+                Err(error) => {
+                    tracing::debug!(%error, "revocation log: replay read failed; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(POLL) => {}
+                    }
+                }
+            }
+        };
         let mut applied = 0u64;
-        let mut start = None;
-        let mut cursor = None;
         for pass in [Pass::Learn, Pass::Owe] {
-            cursor = if pass == Pass::Owe { start } else { cursor };
-            loop {
-                let read = async {
-                    let from = match cursor {
-                        Some(from) => from,
-                        None => self.cursor_since(since).await?.0,
-                    };
-                    Ok::<_, BackendError>((from, self.log.after(from, PAGE).await?))
-                };
-                match bounded("replay", read).await {
-                    Ok((from, rows)) => {
-                        start.get_or_insert(from);
+            let mut cursor = start;
+            while cursor < head {
+                match bounded("replay", self.log.after(cursor, PAGE)).await {
+                    Ok(rows) => {
                         let Some(last) = rows.last().map(|row| row.seq) else {
                             break;
                         };
-                        for row in &rows {
+                        for row in rows.iter().take_while(|row| row.seq <= head) {
                             match pass {
                                 Pass::Learn => {
                                     revocations.learn_logged_only_here(row.revoked, row.at_ms());
+                                    applied += 1;
                                 }
                                 Pass::Owe => {
                                     tokio::select! {
@@ -368,10 +374,7 @@ impl RevocationFeed {
                                 }
                             }
                         }
-                        if pass == Pass::Learn {
-                            applied += rows.len() as u64;
-                        }
-                        cursor = Some(last);
+                        cursor = last;
                     }
                     Err(error) => {
                         tracing::debug!(%error, "revocation log: replay read failed; retrying");

@@ -623,10 +623,14 @@ impl Revocations {
     /// Remembers `owed` here, then writes it to the store or owes it.
     async fn write_or_owe(&self, owed: Owed) {
         self.remember_owed(owed);
-        if let Err(error) = self.write(&owed).await {
-            metrics::counter!("revocation_store_write_failures_total").increment(1);
-            tracing::warn!(%error, ?owed, "revocation not written to the store; retrying in the background");
-            self.owe(owed);
+        match self.write(&owed).await {
+            // The store takes writes: what was dropped can be written again.
+            Ok(()) => self.ask_replay_for_drops(),
+            Err(error) => {
+                metrics::counter!("revocation_store_write_failures_total").increment(1);
+                tracing::warn!(%error, ?owed, "revocation not written to the store; retrying in the background");
+                self.owe(owed);
+            }
         }
     }
 
@@ -687,15 +691,22 @@ impl Revocations {
     }
 
     /// Owes `write` to the store. At most [`Self::owed_bound`] writes are
-    /// owed (one per session or user); past that a new one is dropped
-    /// instead, and counted: the revocation is still denied here (it was
+    /// owed (one per session or user); past that a new session's is dropped
+    /// instead (a user's never is, see below), and counted: the revocation is still denied here (it was
     /// remembered first) and is in the database's revocation log, from
     /// which a replay writes it again once the store takes writes
     /// ([`Self::write_owed`] asks for one). Until then lookups that need the
     /// store fail closed.
     fn owe(&self, write: Owed) {
         let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-        if owed.len() >= self.owed_bound && owed.is_new(&write.key()) {
+        // A user-wide epoch is never dropped: the epoch written after a
+        // security change commits is later than the log's row for it (it
+        // also covers a login that read the account before the change and
+        // signed after the row), so a replay of the log could not write it
+        // again. One per user, merged: past the bound only by the users
+        // revoked while the store refused writes.
+        let user_wide = matches!(write, Owed::UserEpoch { .. });
+        if !user_wide && owed.len() >= self.owed_bound && owed.is_new(&write.key()) {
             let uncovered = self
                 .dropped
                 .fetch_add(1, Ordering::SeqCst)
@@ -733,6 +744,37 @@ impl Revocations {
         let mut pause = Duration::from_millis(100);
         let mut failing = false;
         loop {
+            // While the store fails, one write tells whether it is back
+            // before the whole backlog is taken out and put back under the
+            // lock that request paths take to owe.
+            if failing {
+                let probe = {
+                    let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                    let key = owed.writes.keys().next().cloned();
+                    let probe = key.and_then(|key| owed.writes.remove(&key));
+                    if let Some(write) = &probe {
+                        owed.in_flight.insert(write.key());
+                    }
+                    probe
+                };
+                if let Some(write) = probe {
+                    let written = write.until() <= unix_now() || self.write(&write).await.is_ok();
+                    {
+                        let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                        owed.in_flight.remove(&write.key());
+                        if written {
+                            owed.gauge();
+                        } else {
+                            owed.add(write);
+                        }
+                    }
+                    if !written {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(UNWRITTEN_RETRY_MAX);
+                        continue;
+                    }
+                }
+            }
             let (batch, taken_at): (Vec<Owed>, u64) = {
                 let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
                 let taken_at = owed.added;
@@ -742,15 +784,13 @@ impl Revocations {
             };
             let mut batch = batch.into_iter();
             let mut failed = None;
+            let mut written = 0u64;
             for write in batch.by_ref() {
                 if write.until() <= unix_now() {
                     metrics::counter!("revocation_store_writes_moot_total").increment(1);
                 } else {
                     match self.write(&write).await {
-                        Ok(()) if failing => {
-                            tracing::info!(?write, "owed revocation written to the store");
-                        }
-                        Ok(()) => {}
+                        Ok(()) => written += 1,
                         Err(error) => {
                             failed = Some((write, error));
                             break;
@@ -764,11 +804,17 @@ impl Revocations {
                 owed.in_flight.remove(&write.key());
                 owed.gauge();
             }
+            if failing && written > 0 {
+                tracing::info!(written, "owed revocations written to the store");
+            }
             let retry = {
                 let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
                 owed.in_flight.clear();
                 if failed.is_none() {
                     owed.written = owed.written.max(taken_at);
+                    // Also when every write was moot: nothing stands in the
+                    // way of the replay.
+                    self.ask_replay_for_drops();
                 }
                 let retry = if let Some((write, error)) = failed {
                     for write in std::iter::once(write).chain(batch) {
@@ -1182,6 +1228,30 @@ mod tests {
         assert!(
             !revocations.is_revoked(&unknown()).await.unwrap(),
             "believed again"
+        );
+    }
+
+    /// Past the bound, a user-wide revocation is still owed (its epoch,
+    /// written after the change committed, is not in the log); a session's
+    /// is dropped.
+    #[tokio::test]
+    async fn a_user_wide_revocation_is_owed_past_the_bound() {
+        let revocations = Revocations::new(Arc::new(Down), 1, Duration::from_secs(60), 900);
+        let user = Uuid::now_v7();
+        revocations
+            .revoke_session_or_retry(user, Uuid::now_v7())
+            .await;
+        revocations
+            .revoke_session_or_retry(user, Uuid::now_v7())
+            .await;
+        revocations
+            .revoke_user_at_or_retry(user, unix_now_ms())
+            .await;
+        assert_eq!(revocations.unwritten.lock().unwrap().writes.len(), 2);
+        assert_eq!(
+            revocations.dropped.load(Ordering::SeqCst),
+            1,
+            "the second session's"
         );
     }
 
