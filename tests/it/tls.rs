@@ -78,6 +78,8 @@ async fn tls_channel(
     Channel::from_shared(format!("https://127.0.0.1:{}", app.grpc_addr.port()))
         .unwrap()
         .tls_config(config)?
+        // A handshake that hangs is an error here, not a stuck test.
+        .connect_timeout(Duration::from_secs(20))
         .connect()
         .await
 }
@@ -85,10 +87,15 @@ async fn tls_channel(
 /// Whether a call over `client` (if it connected) succeeds.
 async fn works(client: Result<AuthServiceClient<Channel>, tonic::transport::Error>) -> bool {
     let Ok(mut client) = client else { return false };
-    client
-        .validate_token(pb::ValidateTokenRequest { token: "x".into() })
-        .await
-        .map_or_else(|s| s.code() == Code::Unauthenticated, |_| true)
+    // Bounded: a handshake or call that hangs fails here, by name, instead
+    // of holding the test until the runner's timeout.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        client.validate_token(pb::ValidateTokenRequest { token: "x".into() }),
+    )
+    .await
+    .expect("the call answered within 20 s")
+    .map_or_else(|s| s.code() == Code::Unauthenticated, |_| true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,10 +123,13 @@ async fn required_client_certificates_refuse_missing_and_foreign_ones() {
             .connect_lazy(),
     );
     assert!(
-        plain
-            .validate_token(pb::ValidateTokenRequest { token: "x".into() })
-            .await
-            .is_err()
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            plain.validate_token(pb::ValidateTokenRequest { token: "x".into() })
+        )
+        .await
+        .expect("plaintext to a TLS port answered within 20 s")
+        .is_err()
     );
     // A client that does not trust the server's CA refuses it.
     assert!(!works(client(&app, &other.path("ca.crt"), Some((&pki, "chat"))).await).await);
