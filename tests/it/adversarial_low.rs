@@ -54,13 +54,23 @@ async fn service_account(app: &mut TestApp, admin: &str, name: &str) -> (String,
 /// answers (long, so that an answer cached before an outage holds through
 /// it).
 async fn on_own_redis(cache_ttl_ms: Option<u64>) -> (OwnRedis, TestApp) {
+    on_own_redis_with(|config| {
+        if let Some(ttl) = cache_ttl_ms {
+            config.revocation.cache_ttl_ms = ttl;
+        }
+    })
+    .await
+}
+
+/// [`on_own_redis`] with any other setting changed by `adjust`.
+async fn on_own_redis_with(
+    adjust: impl FnOnce(&mut auth_service::config::Config),
+) -> (OwnRedis, TestApp) {
     let redis = OwnRedis::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_for(Backend::Production, dir.path()).await;
     config.redis_url = Some(redis.url.clone());
-    if let Some(ttl) = cache_ttl_ms {
-        config.revocation.cache_ttl_ms = ttl;
-    }
+    adjust(&mut config);
     let app = TestApp::start(Backend::Production, config, dir).await;
     (redis, app)
 }
@@ -321,12 +331,7 @@ async fn a_logout_while_redis_is_down_is_done_once_the_database_has_it() {
 /// replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_past_the_owed_bound_reach_a_redis_that_refused_writes_once_it_takes_them() {
-    let redis = OwnRedis::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config_for(Backend::Production, dir.path()).await;
-    config.redis_url = Some(redis.url.clone());
-    config.revocation.cache_capacity = 4;
-    let mut app = TestApp::start(Backend::Production, config, dir).await;
+    let (redis, mut app) = on_own_redis_with(|config| config.revocation.cache_capacity = 4).await;
     app.sign_up("bounded").await;
     app.sign_up("bystander").await;
     let bystander = app.login_ok("bystander").await.access_token;

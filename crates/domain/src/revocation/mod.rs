@@ -443,10 +443,6 @@ impl Revocations {
         if matches!(jti, Some(Known::Revoked)) || matches!(sid, Some(Known::Revoked)) {
             return Ok(true);
         }
-        // The store lacks revocations that were committed (owed writes
-        // dropped at their bound, not yet written again from the log): its
-        // "not revoked" cannot be believed.
-        let store_lacks_writes = self.store_lacks_writes();
         // A known epoch past the token's issue time revokes it whatever the
         // other keys say: no store round trip (nor a store failure) needed.
         if let Some(Known::Epoch(Some(epoch))) = user
@@ -456,7 +452,10 @@ impl Revocations {
         }
         let epoch = match (jti, sid, user) {
             (Some(_), Some(_), Some(Known::Epoch(epoch))) => epoch,
-            _ if store_lacks_writes => {
+            // The store lacks revocations that were committed (owed writes
+            // dropped at their bound, not yet written again from the log):
+            // its "not revoked" cannot be believed.
+            _ if self.store_lacks_writes() => {
                 metrics::counter!("revocation_lookups_refused_total").increment(1);
                 return Err(BackendError::unavailable(
                     "revocation store",
@@ -1108,6 +1107,25 @@ mod tests {
         }
     }
 
+    /// A replay as `RevocationFeed::replay_recent` runs it, over `sessions`
+    /// of `user` as rows of the log: each owed again, then waited for.
+    async fn replay(revocations: &Revocations, user: Uuid, sessions: &[Uuid], drops: u64) {
+        for session in sessions {
+            revocations
+                .owe_logged_paced(
+                    Revoked::Session {
+                        user_id: user,
+                        session_id: *session,
+                    },
+                    unix_now_ms(),
+                )
+                .await;
+        }
+        tokio::time::timeout(Duration::from_secs(30), revocations.replay_written(drops))
+            .await
+            .expect("the replay's writes are written");
+    }
+
     /// Failure class: a backend that is down for long, and comes back. The
     /// writes owed to it are bounded (by the cache's capacity, 4 here):
     /// past the bound a revocation is still denied here but its write is
@@ -1163,21 +1181,7 @@ mod tests {
 
         // The replay (as `RevocationFeed::replay_recent` runs it): every
         // row of the log again, then wait until written.
-        let drops = revocations.replay_begins();
-        for session in &sessions {
-            revocations
-                .owe_logged_paced(
-                    Revoked::Session {
-                        user_id: user,
-                        session_id: *session,
-                    },
-                    unix_now_ms(),
-                )
-                .await;
-        }
-        tokio::time::timeout(Duration::from_secs(30), revocations.replay_written(drops))
-            .await
-            .expect("the replay's writes are written");
+        replay(&revocations, user, &sessions, revocations.replay_begins()).await;
         assert_eq!(
             store.sessions.lock().unwrap().len(),
             10,
@@ -1206,10 +1210,6 @@ mod tests {
         let revocations = Revocations::new(store.clone(), 2, Duration::from_secs(60), 900);
         let user = Uuid::now_v7();
         let sessions: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
-        let logged = |session: Uuid| Revoked::Session {
-            user_id: user,
-            session_id: session,
-        };
         let unknown = || {
             let mut t = token(user, unix_now_ms());
             t.keys.session_id = Uuid::now_v7();
@@ -1225,14 +1225,7 @@ mod tests {
         assert_eq!(revocations.dropped.load(Ordering::SeqCst), 3);
 
         store.up.store(true, Ordering::SeqCst);
-        for session in &sessions {
-            revocations
-                .owe_logged_paced(logged(*session), unix_now_ms())
-                .await;
-        }
-        tokio::time::timeout(Duration::from_secs(30), revocations.replay_written(first))
-            .await
-            .expect("the first replay's writes are written");
+        replay(&revocations, user, &sessions, first).await;
         assert!(
             revocations.is_revoked(&unknown()).await.is_err(),
             "two drops came after the first replay began: still not believed"
@@ -1241,15 +1234,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), revocations.store_reconnection())
             .await
             .expect("a second replay was asked for");
-        let second = revocations.replay_begins();
-        for session in &sessions {
-            revocations
-                .owe_logged_paced(logged(*session), unix_now_ms())
-                .await;
-        }
-        tokio::time::timeout(Duration::from_secs(30), revocations.replay_written(second))
-            .await
-            .expect("the second replay's writes are written");
+        replay(&revocations, user, &sessions, revocations.replay_begins()).await;
         assert_eq!(store.sessions.lock().unwrap().len(), 5);
         assert!(
             !revocations.is_revoked(&unknown()).await.unwrap(),
