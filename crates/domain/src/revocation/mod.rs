@@ -278,10 +278,6 @@ impl Owed {
     }
 }
 
-/// Owed writes the writer makes at once (a group; a failure ends the pass
-/// after its group).
-const WRITERS: usize = 16;
-
 /// Longest pause between two attempts at the owed writes.
 const UNWRITTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -738,10 +734,10 @@ impl Revocations {
         }
     }
 
-    /// Writes the owed writes until none is left, [`WRITERS`] at a time: at
-    /// once, then, while the store fails, again after a growing pause. A
-    /// pass stops at the first group with a failure (the store is down: the
-    /// rest would only wait their turn for the same answer). A write whose tokens have all expired is dropped
+    /// Writes the owed writes until none is left: at once, then, while the
+    /// store fails, again after a growing pause. A pass stops at the first
+    /// failure (the store is down: the rest would only wait their turn for
+    /// the same answer). A write whose tokens have all expired is dropped
     /// (`revocation_store_writes_moot_total`).
     async fn write_owed(self) {
         let mut pause = Duration::from_millis(100);
@@ -786,48 +782,26 @@ impl Revocations {
                 (batch, taken_at)
             };
             let mut batch = batch.into_iter();
-            // The writes that failed (and the first error); a failure ends
-            // the pass after its group.
-            let mut failed = Vec::new();
-            let mut error = None;
+            let mut failed = None;
             let mut written = 0u64;
-            let this = &self;
-            while error.is_none() {
-                let group: Vec<Owed> = batch.by_ref().take(WRITERS).collect();
-                if group.is_empty() {
-                    break;
-                }
-                let results = futures::future::join_all(group.iter().map(|write| async move {
-                    if write.until() <= unix_now() {
-                        metrics::counter!("revocation_store_writes_moot_total").increment(1);
-                        return Ok(false);
-                    }
-                    this.write(write).await.map(|()| true)
-                }))
-                .await;
-                let mut wrote_any = false;
-                {
-                    let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-                    for (write, result) in group.into_iter().zip(results) {
-                        owed.in_flight.remove(&write.key());
-                        match result {
-                            Ok(wrote) => {
-                                written += u64::from(wrote);
-                                wrote_any |= wrote;
-                            }
-                            Err(e) => {
-                                error.get_or_insert(e);
-                                failed.push(write);
-                            }
+            for write in batch.by_ref() {
+                if write.until() <= unix_now() {
+                    metrics::counter!("revocation_store_writes_moot_total").increment(1);
+                } else {
+                    match self.write(&write).await {
+                        Ok(()) => written += 1,
+                        Err(error) => {
+                            failed = Some((write, error));
+                            break;
                         }
                     }
-                    owed.gauge();
-                }
-                if wrote_any {
                     // The store takes writes: what was dropped can be
                     // written again.
                     self.ask_replay_for_drops();
                 }
+                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                owed.in_flight.remove(&write.key());
+                owed.gauge();
             }
             if failing && written > 0 {
                 tracing::info!(written, "owed revocations written to the store");
@@ -835,14 +809,14 @@ impl Revocations {
             let retry = {
                 let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
                 owed.in_flight.clear();
-                if error.is_none() {
+                if failed.is_none() {
                     owed.written = owed.written.max(taken_at);
                     // Also when every write was moot: nothing stands in the
                     // way of the replay.
                     self.ask_replay_for_drops();
                 }
-                let retry = if let Some(error) = error {
-                    for write in failed.into_iter().chain(batch) {
+                let retry = if let Some((write, error)) = failed {
+                    for write in std::iter::once(write).chain(batch) {
                         owed.add(write);
                     }
                     if !failing {
