@@ -314,6 +314,12 @@ impl Config {
             .map_err(|e| e.within("platforms"))?;
         self.kafka.validate().map_err(|e| e.within("kafka"))?;
         self.limits.validate().map_err(|e| e.within("limits"))?;
+        // A held refusal must still be answered within the call's bound.
+        auth_domain::error::require(
+            self.password.refusal_hold() < self.request_timeout(),
+            "password.refusal_hold_ms",
+            "must be below the request timeout (limits.request_timeout_ms)",
+        )?;
         self.rpc.validate().map_err(|e| e.within("rpc"))?;
         self.tls.validate().map_err(|e| e.within("tls"))?;
         self.otel.validate().map_err(|e| e.within("otel"))?;

@@ -297,3 +297,74 @@ async fn a_login_whose_deadline_passes_in_the_queue_is_never_hashed() {
         "only the backlog was hashed, not the login whose caller had given up"
     );
 }
+
+/// A refusal that cost no hashing (here the lockout's) is held before it is
+/// answered, so a client that sends again as soon as it is answered cannot
+/// spin on refusals; the hold ends before the caller's own deadline (the
+/// refusal, with its retry-after, still arrives), and past the bound on
+/// held refusals the next is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_without_hashing_is_held_but_answered_within_the_callers_deadline() {
+    let mut app = TestApp::spawn_with(Backend::Embedded, |c| {
+        c.lockout.max_failures_per_account = 1;
+        c.password.refusal_hold_ms = 10_000;
+        c.password.max_held_refusals = 1;
+        c.limits.request_timeout_ms = 30_000;
+    })
+    .await;
+    app.sign_up("held").await;
+    let status = app
+        .client
+        .login(from_ip(login("held", "wrong password", ""), "198.51.100.1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // Locked out: held, but answered before a deadline shorter than the hold.
+    let mut within = from_ip(login("held", PASSWORD, ""), "198.51.100.1");
+    within.set_timeout(Duration::from_secs(2));
+    let status = app.client.login(within).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "the held refusal did not arrive within the caller's deadline: {status:?}"
+    );
+    assert!(status.metadata().get("retry-after").is_some());
+    assert_eq!(
+        app.metric("refusals_held_total{outcome=\"held\"}").await,
+        1.0
+    );
+
+    // One refusal held (no deadline: the whole hold)…
+    let mut client = app.client.clone();
+    let held = tokio::spawn(async move {
+        client
+            .login(from_ip(login("held", PASSWORD, ""), "198.51.100.2"))
+            .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while app.metric("refusals_held").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal was never held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!held.is_finished(), "a held refusal was answered");
+    // …so the next is past the bound: answered, not held.
+    let status = app
+        .client
+        .login(from_ip(login("held", PASSWORD, ""), "198.51.100.3"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        app.metric("refusals_held_total{outcome=\"full\"}").await,
+        1.0
+    );
+    assert_eq!(
+        app.metric("refusals_held_total{outcome=\"held\"}").await,
+        2.0
+    );
+    held.abort();
+}

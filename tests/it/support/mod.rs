@@ -402,12 +402,21 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A port nothing listens on now, for a server a test starts later.
+///
+/// Drawn below the kernel's ephemeral range (32768 and up): a port the
+/// kernel hands out (`bind` to port 0) is also what it gives the next
+/// client socket of any test, which then holds it when the server binds
+/// ("Address already in use", seen). Below the range only another test's
+/// pick can collide, one chance in 20,000.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    let start = getrandom::u32().expect("the system's random source");
+    (0..SPAN)
+        .map(|i| (LOW + start.wrapping_add(i) % SPAN) as u16)
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
 
 /// Generates one test per backend from one body.

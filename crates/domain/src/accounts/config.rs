@@ -39,6 +39,13 @@ pub struct PasswordConfig {
     /// hash recently) while they are a minority of the demand: under a flood
     /// from a few addresses, someone new is not hashed behind the flood.
     pub quiet_sources_in_lane: bool,
+    /// A login or sign-up refused without hashing (at capacity, locked out)
+    /// is answered after this many milliseconds, so a client that sends
+    /// again as soon as it is answered does not spin on refusals (0: at
+    /// once). Never past the caller's own deadline.
+    pub refusal_hold_ms: u64,
+    /// Refusals held at once at most; past that they are answered at once.
+    pub max_held_refusals: usize,
 }
 
 impl Default for PasswordConfig {
@@ -56,6 +63,8 @@ impl Default for PasswordConfig {
             worker_nice: 10,
             device_lane: true,
             quiet_sources_in_lane: true,
+            refusal_hold_ms: 1000,
+            max_held_refusals: 512,
         }
     }
 }
@@ -85,6 +94,16 @@ impl PasswordConfig {
             "max_queued_per_source",
             "must be positive",
         )?;
-        require(self.max_wait_ms > 0, "max_wait_ms", "must be positive")
+        require(self.max_wait_ms > 0, "max_wait_ms", "must be positive")?;
+        require(
+            self.refusal_hold_ms <= 10_000,
+            "refusal_hold_ms",
+            "must be at most 10000 (a refusal says when to retry; holding it longer only delays that)",
+        )
+    }
+
+    /// How long a refusal is held ([`crate::accounts::hold`]).
+    pub fn refusal_hold(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.refusal_hold_ms)
     }
 }

@@ -2,6 +2,7 @@
 //! admin operations on users, and service accounts (client credentials).
 
 pub mod config;
+pub mod hold;
 pub mod password;
 pub mod service;
 pub mod service_accounts;

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::{
     AccountError,
+    hold::RefusalHold,
     model::{Email, LoginName, Password, Role, User, UserStatus, Username, normalise_roles},
     password::{Admission, HashError, PasswordHasher},
     store::{InsertUserError, UserStore},
@@ -74,6 +75,7 @@ pub struct AccountService {
     lockout: LoginLockout,
     tokens: Arc<TokenService>,
     policy: PasswordConfig,
+    refusals: RefusalHold,
 }
 
 /// A refusal of the hashing queue is an overload answer, not an internal
@@ -109,6 +111,7 @@ impl AccountService {
             hasher,
             lockout,
             tokens,
+            refusals: RefusalHold::new(policy.refusal_hold(), policy.max_held_refusals),
             policy,
         }
     }
@@ -137,8 +140,30 @@ impl AccountService {
         Password::parse(field, raw, 1, self.policy.max_length)
     }
 
+    /// Signs a new account up. Refused at capacity, the answer is held
+    /// ([`RefusalHold`]).
     #[tracing::instrument(skip_all)]
     pub async fn sign_up(
+        &self,
+        email: &str,
+        username: &str,
+        password: &str,
+        ctx: &RequestContext,
+    ) -> Result<User, AccountError> {
+        let result = self.try_sign_up(email, username, password, ctx).await;
+        self.hold_refusal(&result, ctx).await;
+        result
+    }
+
+    /// Holds a refusal that cost no hashing before it is answered, so a
+    /// closed-loop client cannot spin on it.
+    async fn hold_refusal<T>(&self, result: &Result<T, AccountError>, ctx: &RequestContext) {
+        if let Err(AccountError::Overloaded { .. } | AccountError::LockedOut { .. }) = result {
+            self.refusals.refusal(ctx.deadline).await;
+        }
+    }
+
+    async fn try_sign_up(
         &self,
         email: &str,
         username: &str,
@@ -177,8 +202,23 @@ impl AccountService {
         }
     }
 
+    /// Logs in with a password (and a device token, when the device has
+    /// logged in to this account before). Refused without hashing (at
+    /// capacity, locked out), the answer is held ([`RefusalHold`]).
     #[tracing::instrument(skip_all, fields(client_ip = ctx.client_ip.as_deref().unwrap_or("-")))]
     pub async fn login(
+        &self,
+        login: &str,
+        password: &str,
+        device_token: &str,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, AccountError> {
+        let result = self.try_login(login, password, device_token, ctx).await;
+        self.hold_refusal(&result, ctx).await;
+        result
+    }
+
+    async fn try_login(
         &self,
         login: &str,
         password: &str,

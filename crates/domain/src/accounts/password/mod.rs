@@ -675,7 +675,7 @@ mod tests {
             max_wait_ms: 500,
             worker_nice: 10,
             device_lane: true,
-            quiet_sources_in_lane: true,
+            ..PasswordConfig::default()
         }
     }
 
