@@ -28,7 +28,10 @@
 //!
 //! * `flood-gateway GATEWAY RATE SOURCES SECONDS` — the same through the
 //!   REST gateway, every client a real loopback source address. The real
-//!   user runs on a thread and runtime of its own; with `FLOOD_TRACE=FILE`
+//!   user runs on a thread and runtime of its own, its two kinds of login
+//!   (with and without a device token) in two loops, each every 200 ms, so
+//!   a newcomer's refusal held by the service does not delay the device's
+//!   logins; with `FLOOD_TRACE=FILE`
 //!   each of its logins is appended to FILE (phase, source, status, start
 //!   and latency in ms) to match against the service's access log.
 //!
@@ -432,13 +435,14 @@ async fn gateway_login(
     }
 }
 
-/// The real user's logins through the gateway for `seconds`, every 100 ms:
-/// alternately with its device token from its usual address `usual`, and
-/// without one from a new address each time. Returns the latencies of the
-/// logins without and with the token, and how many were refused. With
-/// `FLOOD_TRACE` set to a file, appends one line per login (phase, source
-/// address, status, milliseconds since the start, latency in ms), to match
-/// against the service's access log.
+/// The real user's logins through the gateway for `seconds`: every 200 ms
+/// with its device token from its usual address `usual`, and, in a loop of
+/// its own (so a refused and held newcomer does not delay the device's
+/// logins), every 200 ms without one from a new address each time. Returns
+/// the latencies of the logins without and with the token, and how many
+/// were refused. With `FLOOD_TRACE` set to a file, appends one line per
+/// login (phase, source address, status, milliseconds since the start,
+/// latency in ms), to match against the service's access log.
 async fn probe_gateway_logins(
     gateway: &str,
     device: &str,
@@ -446,6 +450,24 @@ async fn probe_gateway_logins(
     seconds: u64,
     phase: &str,
 ) -> (Vec<Duration>, Vec<Duration>, u64) {
+    let started = Instant::now();
+    let ((plain, plain_refused), (known, known_refused)) = tokio::join!(
+        probe_gateway_kind(gateway, None, usual, started, seconds, phase),
+        probe_gateway_kind(gateway, Some(device), usual, started, seconds, phase),
+    );
+    (plain, known, plain_refused + known_refused)
+}
+
+/// One kind of [`probe_gateway_logins`]: with `device` from `usual`, or
+/// without a device token from a new address each time.
+async fn probe_gateway_kind(
+    gateway: &str,
+    device: Option<&str>,
+    usual: std::net::IpAddr,
+    started: Instant,
+    seconds: u64,
+    phase: &str,
+) -> (Vec<Duration>, u64) {
     use std::io::Write as _;
     let mut trace = std::env::var_os("FLOOD_TRACE").map(|path| {
         std::fs::OpenOptions::new()
@@ -455,14 +477,10 @@ async fn probe_gateway_logins(
             .unwrap()
     });
     let user = gateway_client(usual);
-    let (mut plain, mut known, mut refused) = (Vec::new(), Vec::new(), 0u64);
-    let started = Instant::now();
+    let (mut latencies, mut refused) = (Vec::new(), 0u64);
     let deadline = started + Duration::from_secs(seconds);
-    let mut i = 0u64;
     while Instant::now() < deadline {
-        i += 1;
-        let with_device = i.is_multiple_of(2);
-        let (client, source) = if with_device {
+        let (client, source) = if device.is_some() {
             (user.clone(), usual)
         } else {
             // Someone new: a new address in a network (/24) of its own,
@@ -473,23 +491,23 @@ async fn probe_gateway_logins(
                 std::net::Ipv4Addr::new(127, 200 + ((n >> 8) % 50) as u8, n as u8, 7).into();
             (gateway_client(source), source)
         };
-        let token = if with_device { device } else { "" };
         let t = Instant::now();
-        let (status, _) = gateway_login(&client, gateway, "realuser", PASSWORD, token).await;
+        let (status, _) =
+            gateway_login(&client, gateway, "realuser", PASSWORD, device.unwrap_or("")).await;
         let took = t.elapsed();
-        match (status, with_device) {
-            (200, true) => known.push(took),
-            (200, false) => plain.push(took),
-            _ => refused += 1,
+        if status == 200 {
+            latencies.push(took);
+        } else {
+            refused += 1;
         }
         if let Some(file) = trace.as_mut() {
             let at = t.duration_since(started).as_secs_f64() * 1e3;
             let ms = took.as_secs_f64() * 1e3;
             writeln!(file, "{phase} {source} {status} {at:.1} {ms:.3}").unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    (plain, known, refused)
+    (latencies, refused)
 }
 
 /// The login flood of `flood`, through the REST gateway (Envoy on the

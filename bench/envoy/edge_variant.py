@@ -38,6 +38,7 @@ sub("address: 0.0.0.0", "address: 127.0.0.1")
 sub("address: auth-service,", "address: 127.0.0.1,")
 sub("address: api-backend,", "address: 127.0.0.1,")
 s = re.sub(r"\n    # mTLS to auth-service.*?(?=\n    load_assignment:)", "", s, flags=re.S)
+s = s.replace("\n    transport_socket: *auth_mtls", "")
 sub('''              - match: { prefix: "/api/" }
                 route: { cluster: backend, timeout: 15s }''', '''              - match: { prefix: "/api/" }
                 direct_response: { status: 200, body: { inline_string: "ok" } }''')

@@ -25,7 +25,7 @@ use std::{str::FromStr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::{
-    postgres::PgPoolOptions,
+    postgres::{PgConnectOptions, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
@@ -122,6 +122,11 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<Vec<i64>> {
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
+/// How long start-up tries to reach PostgreSQL through slow or failed
+/// attempts (each bounded by `database_timeout_ms`).
+const STARTUP_CONNECT_WINDOW: Duration = Duration::from_secs(15);
+const STARTUP_CONNECT_PAUSE: Duration = Duration::from_millis(250);
+
 /// How often a server in `wait` mode looks at the schema again.
 const MIGRATION_POLL: Duration = Duration::from_secs(2);
 
@@ -151,12 +156,34 @@ impl SqlPool {
                 .context("opening the SQLite database")?;
             Ok(Self::Sqlite(pool))
         } else {
+            let options = PgConnectOptions::from_str(url)
+                .context("database_url (AUTH_DATABASE_URL) is not a valid PostgreSQL URL")?;
             let pool = PgPoolOptions::new()
                 .max_connections(config.max_connections)
                 .acquire_timeout(config.acquire_timeout)
-                .connect(url)
-                .await
-                .context("connecting to PostgreSQL (AUTH_DATABASE_URL)")?;
+                .connect_lazy_with(options);
+            // The first connection may be slow (a server starting, a loaded
+            // node, a TLS handshake) or fail on the network: tried again
+            // within a window instead of ending the process on one slow
+            // attempt. Anything else (refused credentials, a missing
+            // database) ends it at once.
+            let started = std::time::Instant::now();
+            loop {
+                match pool.acquire().await {
+                    Ok(_) => break,
+                    Err(
+                        error @ (sqlx::Error::PoolTimedOut
+                        | sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)),
+                    ) if started.elapsed() < STARTUP_CONNECT_WINDOW => {
+                        tracing::warn!(%error, "PostgreSQL not reached yet; trying again");
+                        tokio::time::sleep(STARTUP_CONNECT_PAUSE).await;
+                    }
+                    Err(error) => {
+                        return Err(error).context("connecting to PostgreSQL (AUTH_DATABASE_URL)");
+                    }
+                }
+            }
             Ok(Self::Postgres(pool))
         }
     }

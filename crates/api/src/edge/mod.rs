@@ -80,6 +80,15 @@ const EDGE_CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// Rows arriving within this long of the first are pushed together: a
 /// revocation storm becomes a few pushes, not one per row.
 pub const COALESCE: Duration = Duration::from_millis(5);
+/// Once a version has gathered this many rows, the feed is reading a
+/// backlog page by page (500 rows a page, a database round trip between
+/// pages, longer than [`COALESCE`] on a loaded node): it waits up to
+/// [`STORM_QUIET`] after each row for the next, so a storm's pages join one
+/// version instead of one push each, and publishes at the latest
+/// [`STORM_MAX`] after the version's first row.
+const STORM_ROWS: usize = 256;
+const STORM_QUIET: Duration = Duration::from_millis(50);
+const STORM_MAX: Duration = Duration::from_millis(100);
 
 /// How the log is cut into the large, rarely pushed base map and the small
 /// recent one: a cut falls between two consecutive rows (in log order) of
@@ -615,7 +624,7 @@ impl ControlPlane {
     /// Follows the revocation log until `stop`: replays the last lifetime's
     /// rows, publishes the first map once it has passed the log's head, then
     /// publishes a new version for each batch of rows (coalesced within
-    /// [`COALESCE`]). On a read failure it keeps the last map and resumes
+    /// [`COALESCE`], a storm's within [`STORM_MAX`]). On a read failure it keeps the last map and resumes
     /// from where it was; if the log no longer holds that point, it starts
     /// over from the window.
     pub async fn run(self: Arc<Self>, feed: Arc<RevocationFeed>, stop: CancellationToken) {
@@ -665,12 +674,20 @@ impl ControlPlane {
                 };
                 let mut failed = take(list, row);
                 // Coalesce: whatever arrives within the window joins this
-                // version.
-                let until = tokio::time::Instant::now() + COALESCE;
+                // version; in a storm, the window stretches (STORM_ROWS).
+                let first = tokio::time::Instant::now();
+                let mut until = first + COALESCE;
+                let mut gathered = 1;
                 while failed.is_none() {
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => break,
-                        row = rows.recv() => failed = take(list, row),
+                        row = rows.recv() => {
+                            failed = take(list, row);
+                            gathered += 1;
+                            if gathered >= STORM_ROWS {
+                                until = (tokio::time::Instant::now() + STORM_QUIET).min(first + STORM_MAX);
+                            }
+                        }
                     }
                 }
                 if list.seq() >= head {
