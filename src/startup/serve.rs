@@ -136,8 +136,8 @@ impl Application {
                 .await;
             // And whenever Redis answers again after a lost connection (it
             // may be back without its state), or takes writes again after
-            // owed writes were dropped at their bound: what it lacks is in
-            // the log.
+            // owed writes were dropped at their bound, or this process's
+            // live feed of the log lagged: what is missing is in the log.
             loop {
                 tokio::select! {
                     () = replay_stop.cancelled() => return,

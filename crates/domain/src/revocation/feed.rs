@@ -538,11 +538,16 @@ pub async fn apply_log(
         let row = match row {
             Ok(row) => row,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                // Missed rows were applied by their writer; a store that
-                // forgot them is the backstop's (cache TTL) to bound.
+                // Missed here, but in the log: a replay of its window (the
+                // one a store's reconnection runs) learns and owes them
+                // again, in case their writer could not write them.
                 metrics::counter!("revocation_log_apply_lagged_total").increment(missed);
-                tracing::warn!(missed, "revocation log: rows missed by this replica");
+                tracing::warn!(
+                    missed,
+                    "revocation log: rows missed by this replica; replaying the log"
+                );
                 revocations.forget_negative_answers();
+                revocations.log_rows_missed();
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,

@@ -360,8 +360,15 @@ impl Revocations {
         self.store_back.notify_one();
     }
 
-    /// Resolves at the next [`Self::store_reconnected`] (or at once if one
-    /// happened since the last wait).
+    /// This process missed rows of the revocation log (its live feed
+    /// lagged): they are replayed as after a reconnection.
+    pub fn log_rows_missed(&self) {
+        self.store_back.notify_one();
+    }
+
+    /// Resolves at the next [`Self::store_reconnected`] or
+    /// [`Self::log_rows_missed`], or a request for a replay after dropped
+    /// writes (or at once if one happened since the last wait).
     pub async fn store_reconnection(&self) {
         self.store_back.notified().await;
     }
@@ -1238,6 +1245,34 @@ mod tests {
             1,
             "the second session's"
         );
+    }
+
+    /// Failure class: input faster than this replica reads it — a burst of
+    /// log rows past the live feed's capacity. The rows missed here are not
+    /// left to their writers alone (one may have died owing its write): a
+    /// replay of the log is asked for, the one a reconnection runs.
+    #[tokio::test]
+    async fn rows_missed_by_a_lagging_replica_ask_for_a_replay() {
+        let revocations = Revocations::new(Arc::new(Down), 100, Duration::from_secs(60), 900);
+        let (tx, rx) = tokio::sync::broadcast::channel(2);
+        for seq in 0..5 {
+            tx.send(Arc::new(feed::LoggedRevocation::from_stored(
+                seq,
+                Uuid::now_v7(),
+                "token_revoked".to_owned(),
+                Some(Uuid::now_v7()),
+                time::OffsetDateTime::now_utc(),
+                serde_json::json!({ "session_id": Uuid::now_v7().to_string() }),
+            )))
+            .unwrap();
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let applying = tokio::spawn(feed::apply_log(rx, revocations.clone(), stop.clone()));
+        tokio::time::timeout(Duration::from_secs(10), revocations.store_reconnection())
+            .await
+            .expect("a replay is asked for");
+        stop.cancel();
+        applying.await.unwrap();
     }
 
     #[test]
