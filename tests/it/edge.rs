@@ -530,8 +530,15 @@ async fn a_storm_of_revocations_reaches_the_edge_as_a_few_updates() {
     until_status(&edge.envoy, &first, 403).await;
     until_status(&edge.envoy, &last, 403).await;
     let updates = reloads(&edge.envoy).await - before;
+    eprintln!(
+        "{updates} map updates for 10,000 revocations in 10 commits (recent map: {})",
+        edge.envoy
+            .stat(&format!("{ECDS_STATS}.recent.config_reload"))
+            .await
+            .unwrap_or(0)
+    );
     assert!(
-        (1..=50).contains(&updates),
+        (1..=30).contains(&updates),
         "{updates} updates for 10,000 revocations in 10 commits"
     );
     let unrelated = token(&edge.login("gus", true).await);

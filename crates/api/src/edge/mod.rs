@@ -80,15 +80,17 @@ const EDGE_CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// Rows arriving within this long of the first are pushed together: a
 /// revocation storm becomes a few pushes, not one per row.
 pub const COALESCE: Duration = Duration::from_millis(5);
-/// Once a version has gathered this many rows, the feed is reading a
-/// backlog page by page (500 rows a page, a database round trip between
-/// pages, longer than [`COALESCE`] on a loaded node): it waits up to
-/// [`STORM_QUIET`] after each row for the next, so a storm's pages join one
-/// version instead of one push each, and publishes at the latest
-/// [`STORM_MAX`] after the version's first row.
-const STORM_ROWS: usize = 256;
+/// Once a version has gathered this many rows, a storm is arriving: its
+/// rows come in runs (a page of the log at a time; a task's share of the
+/// runtime, 128 channel operations, at a time) with gaps longer than
+/// [`COALESCE`] between them on a loaded node. The version then waits up to
+/// [`STORM_QUIET`] after each row for the next, and is published at the
+/// latest [`STORM_MAX`] after its first row: a storm becomes a push every
+/// quarter second at most, instead of one per run. A lone revocation is
+/// pushed within [`COALESCE`] as before.
+const STORM_ROWS: usize = 64;
 const STORM_QUIET: Duration = Duration::from_millis(50);
-const STORM_MAX: Duration = Duration::from_millis(100);
+const STORM_MAX: Duration = Duration::from_millis(250);
 
 /// How the log is cut into the large, rarely pushed base map and the small
 /// recent one: a cut falls between two consecutive rows (in log order) of
