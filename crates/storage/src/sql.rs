@@ -96,10 +96,12 @@ impl UserRow {
     }
 }
 
-/// Connection failures and timeouts are worth a retry (Unavailable); anything
-/// the database answered is not (Internal). A conversation broken off
-/// mid-message (`Protocol`: a connection cut while a reply was on its way)
-/// is a connection failure too: the pool drops that connection.
+/// Connection failures and timeouts are worth a retry (Unavailable); what
+/// the database answered about the request itself is not (Internal). A
+/// conversation broken off mid-message (`Protocol`: a connection cut while a
+/// reply was on its way) is a connection failure too: the pool drops that
+/// connection. So are PostgreSQL's answers that say the server, not the
+/// request, is the matter ([`server_unavailable`]).
 pub(crate) fn db_error(error: sqlx::Error) -> BackendError {
     match error {
         sqlx::Error::Io(_)
@@ -108,8 +110,19 @@ pub(crate) fn db_error(error: sqlx::Error) -> BackendError {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => BackendError::unavailable("database", error),
+        sqlx::Error::Database(ref db) if db.code().is_some_and(|c| server_unavailable(&c)) => {
+            BackendError::unavailable("database", error)
+        }
         other => BackendError::failed("database", other),
     }
+}
+
+/// SQLSTATEs that say the server cannot serve now: connection exceptions
+/// (class 08), the server shutting down or terminating the session, as in a
+/// failover or a restart (57P01–57P05), and insufficient resources (class
+/// 53: too many connections, out of memory or disk).
+fn server_unavailable(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
 }
 
 /// Which unique field a violation is about, from the constraint name
@@ -275,3 +288,69 @@ const COOLDOWN_UPSERT_SQLITE: &str = "INSERT INTO platform_cooldowns (platform, 
 
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database's answer with SQLSTATE `code`.
+    #[derive(Debug)]
+    struct Answer(&'static str);
+
+    impl std::fmt::Display for Answer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Answer {}
+
+    impl sqlx::error::DatabaseError for Answer {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn mapped(code: &'static str) -> BackendError {
+        db_error(sqlx::Error::Database(Box::new(Answer(code))))
+    }
+
+    /// Failure class: a backend that goes away mid-call. A server that
+    /// terminates the session (a failover, a restart: 57P01), cannot take
+    /// a connection (08006, 57P03) or has none left (53300) is worth a
+    /// retry; an answer about the request itself is not.
+    #[test]
+    fn answers_about_the_server_are_unavailable_and_about_the_request_internal() {
+        for code in [
+            "57P01", "57P02", "57P03", "08006", "08001", "53300", "53200",
+        ] {
+            assert!(
+                matches!(mapped(code), BackendError::Unavailable { .. }),
+                "{code} should be Unavailable"
+            );
+        }
+        for code in ["23505", "42P01", "22P02", "40001", "XX000"] {
+            assert!(
+                matches!(mapped(code), BackendError::Failed { .. }),
+                "{code} should be Internal"
+            );
+        }
+    }
+}
