@@ -934,3 +934,52 @@ fn what_envoy_asks_itself_has_clusters_no_route_shares() {
         }
     }
 }
+
+/// Failure class: input from the wrong party. An outside caller's own
+/// `grpc-timeout` would bound auth-service's hold of a refusal (a short one
+/// gets its refusal at once, so a closed loop could spin on refusals
+/// again): the gateway does not pass it on, and the refusal is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_short_deadline_does_not_reach_auth_service_and_its_refusal_is_held() {
+    let stack = Stack::start(|c| c.lockout.max_failures_per_account = 1).await;
+    stack.user("lena").await;
+    let wrong = serde_json::json!({ "login": "lena", "password": "a wrong guess" }).to_string();
+    let locked = serde_json::json!({ "login": "lena", "password": PASSWORD }).to_string();
+    let first = http(
+        stack.gateway.addr,
+        "POST",
+        "/v1/auth/login",
+        &[],
+        Some(&wrong),
+    )
+    .await;
+    assert_eq!(first.status, 401, "{first:?}");
+    // REST: the transcoder turns it into a call on gRPC's Login route, the
+    // route gRPC callers take too.
+    for _ in 0..2 {
+        let r = http(
+            stack.gateway.addr,
+            "POST",
+            "/v1/auth/login",
+            &[("grpc-timeout", "50m")],
+            Some(&locked),
+        )
+        .await;
+        assert_eq!(r.status, 429, "the locked-out login was not refused: {r:?}");
+    }
+    assert_eq!(
+        stack
+            .app
+            .metric("refusals_held_total{outcome=\"deadline\"}")
+            .await,
+        0.0,
+        "a caller's deadline reached auth-service"
+    );
+    assert_eq!(
+        stack
+            .app
+            .metric("refusals_held_total{outcome=\"held\"}")
+            .await,
+        2.0
+    );
+}

@@ -682,6 +682,7 @@ impl ControlPlane {
                 let mut gathered = 1;
                 while failed.is_none() {
                     tokio::select! {
+                        () = stop.cancelled() => return,
                         () = tokio::time::sleep_until(until) => break,
                         row = rows.recv() => {
                             failed = take(list, row);

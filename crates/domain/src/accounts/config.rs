@@ -99,6 +99,11 @@ impl PasswordConfig {
             self.refusal_hold_ms <= 10_000,
             "refusal_hold_ms",
             "must be at most 10000 (a refusal says when to retry; holding it longer only delays that)",
+        )?;
+        require(
+            self.max_held_refusals <= 1_000_000,
+            "max_held_refusals",
+            "must be at most 1000000",
         )
     }
 

@@ -42,18 +42,28 @@ impl RefusalHold {
         }
     }
 
-    /// Waits before a refusal is answered: `hold`, or until shortly before
-    /// `deadline` when that is sooner; not at all when `max_held` refusals
-    /// are already held.
-    pub async fn refusal(&self, deadline: Option<Instant>) {
-        let hold = match deadline {
-            Some(deadline) => self.hold.min(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .saturating_sub(DEADLINE_MARGIN),
-            ),
-            None => self.hold,
-        };
+    /// Waits before a refusal of a call that arrived at `arrived` is
+    /// answered, so that it is answered `hold` after its arrival (time the
+    /// call already spent, e.g. waiting in the hashing queue, counts), or
+    /// shortly before `deadline` when that is sooner; not at all when
+    /// `max_held` refusals are already held.
+    pub async fn refusal(&self, arrived: Instant, deadline: Option<Instant>) {
+        if self.hold.is_zero() || self.max_held == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut until = arrived + self.hold;
+        if let Some(deadline) = deadline {
+            let latest = deadline.checked_sub(DEADLINE_MARGIN).unwrap_or(now);
+            if latest < until {
+                // A caller's own short deadline: it is answered at that
+                // deadline anyway (the transport ends the call there). The
+                // shipped gateways remove outside callers' `grpc-timeout`.
+                metrics::counter!("refusals_held_total", "outcome" => "deadline").increment(1);
+                until = latest;
+            }
+        }
+        let hold = until.saturating_duration_since(now);
         if hold.is_zero() {
             return;
         }
@@ -97,7 +107,7 @@ mod tests {
         let hold = RefusalHold::new(FOREVER, 4);
         let held = tokio::spawn({
             let hold = hold.clone();
-            async move { hold.refusal(None).await }
+            async move { hold.refusal(Instant::now(), None).await }
         });
         tokio::time::timeout(PATIENCE, async {
             while hold.held() == 0 {
@@ -115,7 +125,7 @@ mod tests {
     #[tokio::test]
     async fn past_the_bound_a_refusal_is_answered_at_once() {
         let hold = RefusalHold::new(FOREVER, 1);
-        let first = hold.refusal(None);
+        let first = hold.refusal(Instant::now(), None);
         tokio::pin!(first);
         // Polled once: it takes the only slot and sleeps.
         assert!(
@@ -123,7 +133,7 @@ mod tests {
             "the first refusal was not held"
         );
         assert_eq!(hold.held(), 1);
-        tokio::time::timeout(PATIENCE, hold.refusal(None))
+        tokio::time::timeout(PATIENCE, hold.refusal(Instant::now(), None))
             .await
             .expect("a refusal past the bound was held");
     }
@@ -132,14 +142,24 @@ mod tests {
     async fn a_hold_ends_before_the_callers_deadline() {
         let hold = RefusalHold::new(FOREVER, 4);
         let deadline = Instant::now() + Duration::from_millis(300);
-        tokio::time::timeout(PATIENCE, hold.refusal(Some(deadline)))
+        tokio::time::timeout(PATIENCE, hold.refusal(Instant::now(), Some(deadline)))
             .await
             .expect("the hold outlasted the caller's deadline");
         // A deadline closer than the margin: not held at all.
         let deadline = Instant::now() + DEADLINE_MARGIN / 2;
-        tokio::time::timeout(PATIENCE, hold.refusal(Some(deadline)))
+        tokio::time::timeout(PATIENCE, hold.refusal(Instant::now(), Some(deadline)))
             .await
             .expect("a refusal was held past a deadline inside the margin");
+        assert_eq!(hold.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn time_the_call_already_spent_counts_toward_the_hold() {
+        let hold = RefusalHold::new(Duration::from_secs(60), 4);
+        let arrived = Instant::now() - Duration::from_secs(60);
+        tokio::time::timeout(PATIENCE, hold.refusal(arrived, None))
+            .await
+            .expect("a call older than the hold was held again");
         assert_eq!(hold.held(), 0);
     }
 
@@ -149,7 +169,7 @@ mod tests {
             RefusalHold::new(Duration::ZERO, 4),
             RefusalHold::new(FOREVER, 0),
         ] {
-            tokio::time::timeout(PATIENCE, hold.refusal(None))
+            tokio::time::timeout(PATIENCE, hold.refusal(Instant::now(), None))
                 .await
                 .expect("held although holding is off");
         }

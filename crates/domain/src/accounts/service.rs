@@ -150,16 +150,22 @@ impl AccountService {
         password: &str,
         ctx: &RequestContext,
     ) -> Result<User, AccountError> {
+        let arrived = std::time::Instant::now();
         let result = self.try_sign_up(email, username, password, ctx).await;
-        self.hold_refusal(&result, ctx).await;
+        self.hold_refusal(&result, arrived, ctx).await;
         result
     }
 
-    /// Holds a refusal that cost no hashing before it is answered, so a
-    /// closed-loop client cannot spin on it.
-    async fn hold_refusal<T>(&self, result: &Result<T, AccountError>, ctx: &RequestContext) {
+    /// Holds a refusal that cost no hashing until `hold` after the call
+    /// `arrived`, so a closed-loop client cannot spin on it.
+    async fn hold_refusal<T>(
+        &self,
+        result: &Result<T, AccountError>,
+        arrived: std::time::Instant,
+        ctx: &RequestContext,
+    ) {
         if let Err(AccountError::Overloaded { .. } | AccountError::LockedOut { .. }) = result {
-            self.refusals.refusal(ctx.deadline).await;
+            self.refusals.refusal(arrived, ctx.deadline).await;
         }
     }
 
@@ -213,8 +219,9 @@ impl AccountService {
         device_token: &str,
         ctx: &RequestContext,
     ) -> Result<TokenPair, AccountError> {
+        let arrived = std::time::Instant::now();
         let result = self.try_login(login, password, device_token, ctx).await;
-        self.hold_refusal(&result, ctx).await;
+        self.hold_refusal(&result, arrived, ctx).await;
         result
     }
 
