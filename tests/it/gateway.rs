@@ -918,10 +918,9 @@ fn what_envoy_asks_itself_has_clusters_no_route_shares() {
             serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let (mut routed, mut asked) = (Vec::new(), Vec::new());
         walk(&config, &mut routed, &mut asked);
-        assert!(
-            routed.iter().any(|c| c == "auth_grpc"),
-            "{file}: no route to auth-service's API"
-        );
+        for api in ["auth_grpc", "auth_logins"] {
+            assert!(routed.iter().any(|c| c == api), "{file}: no route to {api}");
+        }
         assert!(
             asked.iter().any(|c| c == "auth_checks"),
             "{file}: ext_authz does not use auth_checks"
@@ -982,4 +981,84 @@ async fn a_callers_short_deadline_does_not_reach_auth_service_and_its_refusal_is
             .await,
         2.0
     );
+}
+
+/// Both shipped gateways bound Envoy's own heap below the memory limit of
+/// the gateway's pod, and refuse new requests before reaching it: a flood of
+/// held logins (or of open connections) gets 503s, not an OOM kill that
+/// drops every connection at once. Held logins and sign-ups have a circuit
+/// breaker of their own.
+#[test]
+fn the_gateways_heap_bound_is_inside_its_pods_memory_limit() {
+    fn read(path: &str) -> serde_yaml::Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+    let deployment = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/base/gateway.yaml"),
+    )
+    .unwrap();
+    let limit = serde_yaml::Deserializer::from_str(&deployment)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|d| d["kind"] == "Deployment")
+        .flat_map(|d| {
+            d["spec"]["template"]["spec"]["containers"]
+                .clone()
+                .as_sequence()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .find(|c| c["name"] == "envoy")
+        .and_then(|c| {
+            c["resources"]["limits"]["memory"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .expect("the gateway's envoy container has a memory limit");
+    let limit_bytes: u64 = limit
+        .strip_suffix("Mi")
+        .map(|n| n.parse::<u64>().unwrap() << 20)
+        .or_else(|| {
+            limit
+                .strip_suffix("Gi")
+                .map(|n| n.parse::<u64>().unwrap() << 30)
+        })
+        .expect("a limit in Mi or Gi");
+    for file in ["envoy/gateway.yaml", "envoy/edge.yaml"] {
+        let config = read(file);
+        let overload = &config["overload_manager"];
+        let heap = overload["resource_monitors"]
+            .as_sequence()
+            .and_then(|m| {
+                m.iter()
+                    .find(|m| m["name"] == "envoy.resource_monitors.fixed_heap")
+            })
+            .and_then(|m| m["typed_config"]["max_heap_size_bytes"].as_u64())
+            .unwrap_or_else(|| panic!("{file}: no heap bound"));
+        assert!(
+            heap < limit_bytes,
+            "{file}: heap bound {heap} is not below the pod's limit {limit}"
+        );
+        let refuses = overload["actions"].as_sequence().is_some_and(|actions| {
+            actions.iter().any(|a| {
+                a["name"] == "envoy.overload_actions.stop_accepting_requests"
+                    && a["triggers"][0]["threshold"]["value"]
+                        .as_f64()
+                        .is_some_and(|v| v < 1.0)
+            })
+        });
+        assert!(
+            refuses,
+            "{file}: no refusal of new requests before the heap bound"
+        );
+        let logins_breaker = config["static_resources"]["clusters"]
+            .as_sequence()
+            .and_then(|c| c.iter().find(|c| c["name"] == "auth_logins"))
+            .and_then(|c| c["circuit_breakers"]["thresholds"][0]["max_requests"].as_u64())
+            .unwrap_or_else(|| panic!("{file}: auth_logins has no breaker"));
+        assert!(
+            logins_breaker >= 3 * 512,
+            "{file}: the logins' breaker is below what three replicas hold"
+        );
+    }
 }
