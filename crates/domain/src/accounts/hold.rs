@@ -46,10 +46,10 @@ impl RefusalHold {
     /// answered, so that it is answered `hold` after its arrival (time the
     /// call already spent, e.g. waiting in the hashing queue, counts), or
     /// shortly before `deadline` when that is sooner; not at all when
-    /// `max_held` refusals are already held.
-    pub async fn refusal(&self, arrived: Instant, deadline: Option<Instant>) {
+    /// `max_held` refusals are already held. Returns how long it held.
+    pub async fn refusal(&self, arrived: Instant, deadline: Option<Instant>) -> Duration {
         if self.hold.is_zero() || self.max_held == 0 {
-            return;
+            return Duration::ZERO;
         }
         let now = Instant::now();
         let mut until = arrived + self.hold;
@@ -65,11 +65,11 @@ impl RefusalHold {
         }
         let hold = until.saturating_duration_since(now);
         if hold.is_zero() {
-            return;
+            return Duration::ZERO;
         }
         let Ok(_slot) = self.slots.try_acquire() else {
             metrics::counter!("refusals_held_total", "outcome" => "full").increment(1);
-            return;
+            return Duration::ZERO;
         };
         metrics::counter!("refusals_held_total", "outcome" => "held").increment(1);
         metrics::gauge!("refusals_held").increment(1.0);
@@ -77,6 +77,7 @@ impl RefusalHold {
         // hangs up drops this future mid-sleep).
         let _held = Held;
         tokio::time::sleep(hold).await;
+        hold
     }
 
     /// Refusals held now.

@@ -151,21 +151,29 @@ impl AccountService {
         ctx: &RequestContext,
     ) -> Result<User, AccountError> {
         let arrived = std::time::Instant::now();
-        let result = self.try_sign_up(email, username, password, ctx).await;
-        self.hold_refusal(&result, arrived, ctx).await;
+        let mut result = self.try_sign_up(email, username, password, ctx).await;
+        self.hold_refusal(&mut result, arrived, ctx).await;
         result
     }
 
     /// Holds a refusal that cost no hashing until `hold` after the call
     /// `arrived`, so a closed-loop client cannot spin on it.
+    /// The refusal's `retry_after` counts from its answer: the time held is
+    /// taken off it (never below a second).
     async fn hold_refusal<T>(
         &self,
-        result: &Result<T, AccountError>,
+        result: &mut Result<T, AccountError>,
         arrived: std::time::Instant,
         ctx: &RequestContext,
     ) {
-        if let Err(AccountError::Overloaded { .. } | AccountError::LockedOut { .. }) = result {
-            self.refusals.refusal(arrived, ctx.deadline).await;
+        if let Err(
+            AccountError::Overloaded { retry_after } | AccountError::LockedOut { retry_after },
+        ) = result
+        {
+            let held = self.refusals.refusal(arrived, ctx.deadline).await;
+            *retry_after = retry_after
+                .saturating_sub(held)
+                .max(std::time::Duration::from_secs(1));
         }
     }
 
@@ -220,8 +228,8 @@ impl AccountService {
         ctx: &RequestContext,
     ) -> Result<TokenPair, AccountError> {
         let arrived = std::time::Instant::now();
-        let result = self.try_login(login, password, device_token, ctx).await;
-        self.hold_refusal(&result, arrived, ctx).await;
+        let mut result = self.try_login(login, password, device_token, ctx).await;
+        self.hold_refusal(&mut result, arrived, ctx).await;
         result
     }
 
