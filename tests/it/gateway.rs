@@ -1062,3 +1062,39 @@ fn the_gateways_heap_bound_is_inside_its_pods_memory_limit() {
         );
     }
 }
+
+/// The gateway's overload manager is wired as shipped: with its heap bound
+/// set below what Envoy already uses (the only change to the file), Envoy
+/// answers requests 503 `envoy overloaded` instead of passing them on, and
+/// says so in its stats. With the shipped bound (384 MiB) the same gateway
+/// serves every other test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_heap_bound_the_gateway_refuses_new_requests() {
+    let app = TestApp::spawn_with(Backend::Embedded, mesh_tls).await;
+    let backend = echo_backend().await;
+    let descriptor = descriptor_file();
+    let mut replacements = gateway_replacements(&app, backend, &descriptor);
+    replacements.push((
+        "max_heap_size_bytes: 402653184",
+        "max_heap_size_bytes: 1048576".to_owned(),
+    ));
+    let gateway = Envoy::start("gateway.yaml", 8080, &replacements).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = http(gateway.addr, "GET", "/healthz", &[], None).await;
+        if r.status == 503 && r.body.contains("envoy overloaded") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never refused for its heap: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        gateway
+            .stat("overload.envoy.overload_actions.stop_accepting_requests.active")
+            .await,
+        Some(1)
+    );
+}
