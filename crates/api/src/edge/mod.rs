@@ -626,9 +626,9 @@ impl ControlPlane {
     /// Follows the revocation log until `stop`: replays the last lifetime's
     /// rows, publishes the first map once it has passed the log's head, then
     /// publishes a new version for each batch of rows (coalesced within
-    /// [`COALESCE`], a storm's within [`STORM_MAX`]). On a read failure it keeps the last map and resumes
-    /// from where it was; if the log no longer holds that point, it starts
-    /// over from the window.
+    /// [`COALESCE`]; a storm's within `STORM_MAX`). On a read failure it
+    /// keeps the last map and resumes from where it was; if the log no
+    /// longer holds that point, it starts over from the window.
     pub async fn run(self: Arc<Self>, feed: Arc<RevocationFeed>, stop: CancellationToken) {
         let mut list: Option<DenyList> = None;
         let mut backoff = Duration::from_millis(100);
@@ -688,7 +688,8 @@ impl ControlPlane {
                             failed = take(list, row);
                             gathered += 1;
                             if gathered >= STORM_ROWS {
-                                until = (tokio::time::Instant::now() + STORM_QUIET).min(first + STORM_MAX);
+                                let quiet = tokio::time::Instant::now() + STORM_QUIET;
+                                until = quiet.min(first + STORM_MAX);
                             }
                         }
                     }
