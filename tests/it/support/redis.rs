@@ -146,6 +146,9 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for i in 0..3 {
             let conf = dir.path().join(format!("nodes-{i}.conf"));
+            // The cluster bus on a free port of its own: by default it is the
+            // node's port + 10,000, which nothing checked was free.
+            let bus = free_port().to_string();
             nodes.push(
                 OwnRedis::start_with(
                     &[
@@ -155,6 +158,8 @@ impl RedisCluster {
                         &conf.display().to_string(),
                         "--cluster-node-timeout",
                         "2000",
+                        "--cluster-port",
+                        &bus,
                     ],
                     "redis",
                 )
