@@ -983,49 +983,49 @@ async fn a_callers_short_deadline_does_not_reach_auth_service_and_its_refusal_is
     );
 }
 
-/// Both shipped gateways bound Envoy's own heap below the memory limit of
-/// the gateway's pod, and refuse new requests before reaching it: a flood of
-/// held logins (or of open connections) gets 503s, not an OOM kill that
-/// drops every connection at once. Held logins and sign-ups have a circuit
-/// breaker of their own.
+/// Every rendered deployment of the gateway (k8s/base, the production and
+/// edge overlays) bounds Envoy's own heap in the config file its container
+/// runs, below that container's memory limit, and refuses new requests
+/// before reaching it: a flood of held logins (or of open connections) gets
+/// 503s, not an OOM kill that drops every connection at once. Held logins
+/// and sign-ups have a circuit breaker of their own.
 #[test]
 fn the_gateways_heap_bound_is_inside_its_pods_memory_limit() {
-    fn read(path: &str) -> serde_yaml::Value {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
-    let deployment = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/base/gateway.yaml"),
-    )
-    .unwrap();
-    let limit = serde_yaml::Deserializer::from_str(&deployment)
-        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
-        .filter(|d| d["kind"] == "Deployment")
-        .flat_map(|d| {
-            d["spec"]["template"]["spec"]["containers"]
-                .clone()
-                .as_sequence()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .find(|c| c["name"] == "envoy")
-        .and_then(|c| {
-            c["resources"]["limits"]["memory"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .expect("the gateway's envoy container has a memory limit");
-    let limit_bytes: u64 = limit
-        .strip_suffix("Mi")
-        .map(|n| n.parse::<u64>().unwrap() << 20)
-        .or_else(|| {
-            limit
-                .strip_suffix("Gi")
-                .map(|n| n.parse::<u64>().unwrap() << 30)
-        })
-        .expect("a limit in Mi or Gi");
-    for file in ["envoy/gateway.yaml", "envoy/edge.yaml"] {
-        let config = read(file);
+    for dir in ["k8s/base", "k8s/overlays/production", "k8s/overlays/edge"] {
+        let docs = crate::k8s::render(dir);
+        let deployment = crate::k8s::object(&docs, "Deployment", "envoy-gateway");
+        let envoy = deployment["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "envoy"))
+            .unwrap_or_else(|| panic!("{dir}: no envoy container"));
+        let limit = envoy["resources"]["limits"]["memory"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{dir}: the envoy container has no memory limit"));
+        let limit_bytes: u64 = limit
+            .strip_suffix("Mi")
+            .map(|n| n.parse::<u64>().unwrap() << 20)
+            .or_else(|| {
+                limit
+                    .strip_suffix("Gi")
+                    .map(|n| n.parse::<u64>().unwrap() << 30)
+            })
+            .expect("a limit in Mi or Gi");
+        // The file the container runs (`-c PATH`), from the ConfigMap that
+        // holds it.
+        let args: Vec<&str> = envoy["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        let path = args[args.iter().position(|a| *a == "-c").unwrap() + 1];
+        let file = path.rsplit('/').next().unwrap();
+        let text = docs
+            .iter()
+            .filter(|d| d["kind"] == "ConfigMap")
+            .find_map(|d| d["data"][file].as_str())
+            .unwrap_or_else(|| panic!("{dir}: no ConfigMap holds {file}"));
+        let config: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
         let overload = &config["overload_manager"];
         let heap = overload["resource_monitors"]
             .as_sequence()
@@ -1034,10 +1034,10 @@ fn the_gateways_heap_bound_is_inside_its_pods_memory_limit() {
                     .find(|m| m["name"] == "envoy.resource_monitors.fixed_heap")
             })
             .and_then(|m| m["typed_config"]["max_heap_size_bytes"].as_u64())
-            .unwrap_or_else(|| panic!("{file}: no heap bound"));
+            .unwrap_or_else(|| panic!("{dir} {file}: no heap bound"));
         assert!(
             heap < limit_bytes,
-            "{file}: heap bound {heap} is not below the pod's limit {limit}"
+            "{dir} {file}: heap bound {heap} is not below the pod's limit {limit}"
         );
         let refuses = overload["actions"].as_sequence().is_some_and(|actions| {
             actions.iter().any(|a| {
@@ -1049,16 +1049,16 @@ fn the_gateways_heap_bound_is_inside_its_pods_memory_limit() {
         });
         assert!(
             refuses,
-            "{file}: no refusal of new requests before the heap bound"
+            "{dir} {file}: no refusal of new requests before the heap bound"
         );
         let logins_breaker = config["static_resources"]["clusters"]
             .as_sequence()
             .and_then(|c| c.iter().find(|c| c["name"] == "auth_logins"))
             .and_then(|c| c["circuit_breakers"]["thresholds"][0]["max_requests"].as_u64())
-            .unwrap_or_else(|| panic!("{file}: auth_logins has no breaker"));
+            .unwrap_or_else(|| panic!("{dir} {file}: auth_logins has no breaker"));
         assert!(
             logins_breaker >= 3 * 512,
-            "{file}: the logins' breaker is below what three replicas hold"
+            "{dir} {file}: the logins' breaker is below what three replicas hold"
         );
     }
 }

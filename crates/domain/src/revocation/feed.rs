@@ -367,9 +367,11 @@ impl RevocationFeed {
                                     applied += 1;
                                 }
                                 Pass::Owe => {
+                                    let owed =
+                                        revocations.owe_logged_paced(row.revoked, row.at_ms());
                                     tokio::select! {
                                         () = stop.cancelled() => return,
-                                        () = revocations.owe_logged_paced(row.revoked, row.at_ms()) => {}
+                                        () = owed => {}
                                     }
                                 }
                             }

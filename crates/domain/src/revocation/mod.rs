@@ -317,6 +317,13 @@ impl Revocations {
         }
     }
 
+    /// The owed writes, locked. A panic while they were held cannot have
+    /// left them torn (every change is one map or counter step), so a
+    /// poisoned lock is taken as it is.
+    fn owed(&self) -> std::sync::MutexGuard<'_, Unwritten> {
+        self.unwritten.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether owed writes were dropped at their bound and not yet written
     /// again by a replay of the log: the store lacks committed revocations.
     fn store_lacks_writes(&self) -> bool {
@@ -333,14 +340,10 @@ impl Revocations {
     /// (while the store fails: until it answers), then counts those drops
     /// as made good.
     pub async fn replay_written(&self, drops: u64) {
-        let owed_now = self
-            .unwritten
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .added;
+        let owed_now = self.owed().added;
         loop {
             {
-                let owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                let owed = self.owed();
                 if owed.written >= owed_now || (owed.writes.is_empty() && !owed.writing) {
                     break;
                 }
@@ -616,7 +619,7 @@ impl Revocations {
         };
         loop {
             {
-                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                let mut owed = self.owed();
                 if owed.len() < self.owed_bound.div_ceil(2) || !owed.is_new(&write.key()) {
                     self.owe_locked(&mut owed, write);
                     return;
@@ -698,13 +701,13 @@ impl Revocations {
 
     /// Owes `write` to the store. At most [`Self::owed_bound`] writes are
     /// owed (one per session or user); past that a new session's is dropped
-    /// instead (a user's never is, see below), and counted: the revocation is still denied here (it was
-    /// remembered first) and is in the database's revocation log, from
-    /// which a replay writes it again once the store takes writes
-    /// ([`Self::write_owed`] asks for one). Until then lookups that need the
-    /// store fail closed.
+    /// instead (a user's never is, see below), and counted: the revocation
+    /// is still denied here (it was remembered first) and is in the
+    /// database's revocation log, from which a replay writes it again once
+    /// the store takes writes ([`Self::write_owed`] asks for one). Until
+    /// then lookups that need the store fail closed.
     fn owe(&self, write: Owed) {
-        let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owed = self.owed();
         // A user-wide epoch is never dropped: the epoch written after a
         // security change commits is later than the log's row for it (it
         // also covers a login that read the account before the change and
@@ -755,7 +758,7 @@ impl Revocations {
             // lock that request paths take to owe.
             if failing {
                 let probe = {
-                    let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut owed = self.owed();
                     let key = owed.writes.keys().next().cloned();
                     let probe = key.and_then(|key| owed.writes.remove(&key));
                     if let Some(write) = &probe {
@@ -766,7 +769,7 @@ impl Revocations {
                 if let Some(write) = probe {
                     let written = write.until() <= unix_now() || self.write(&write).await.is_ok();
                     {
-                        let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut owed = self.owed();
                         owed.in_flight.remove(&write.key());
                         if written {
                             owed.gauge();
@@ -782,7 +785,7 @@ impl Revocations {
                 }
             }
             let (batch, taken_at): (Vec<Owed>, u64) = {
-                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                let mut owed = self.owed();
                 let taken_at = owed.added;
                 let batch: Vec<Owed> = owed.writes.drain().map(|(_, write)| write).collect();
                 owed.in_flight = batch.iter().map(Owed::key).collect();
@@ -806,7 +809,7 @@ impl Revocations {
                     // written again.
                     self.ask_replay_for_drops();
                 }
-                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                let mut owed = self.owed();
                 owed.in_flight.remove(&write.key());
                 owed.gauge();
             }
@@ -814,7 +817,7 @@ impl Revocations {
                 tracing::info!(written, "owed revocations written to the store");
             }
             let retry = {
-                let mut owed = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+                let mut owed = self.owed();
                 owed.in_flight.clear();
                 if failed.is_none() {
                     owed.written = owed.written.max(taken_at);
@@ -1088,6 +1091,21 @@ mod tests {
         }
     }
 
+    /// Each session's answer (its token made by `of`), with the lookup
+    /// cache emptied first so that none comes from memory.
+    async fn answers_from_the_store(
+        revocations: &Revocations,
+        of: &impl Fn(Uuid) -> TokenFacts,
+        sessions: &[Uuid],
+    ) -> Vec<Result<bool, BackendError>> {
+        revocations.cache.invalidate_all();
+        let mut answers = Vec::new();
+        for session in sessions {
+            answers.push(revocations.is_revoked(&of(*session)).await);
+        }
+        answers
+    }
+
     /// A replay as `RevocationFeed::replay_recent` runs it, over `sessions`
     /// of `user` as rows of the log: each owed again, then waited for.
     async fn replay(revocations: &Revocations, user: Uuid, sessions: &[Uuid], drops: u64) {
@@ -1151,10 +1169,9 @@ mod tests {
             4,
             "what was owed is written"
         );
-        revocations.cache.invalidate_all();
-        for session in &sessions {
+        for answer in answers_from_the_store(&revocations, &of, &sessions).await {
             assert!(
-                revocations.is_revoked(&of(*session)).await.is_err(),
+                answer.is_err(),
                 "the store lacks dropped revocations: fail closed"
             );
         }
@@ -1168,12 +1185,8 @@ mod tests {
             10,
             "every revocation in the store"
         );
-        revocations.cache.invalidate_all();
-        for session in &sessions {
-            assert!(
-                revocations.is_revoked(&of(*session)).await.unwrap(),
-                "from the store"
-            );
+        for answer in answers_from_the_store(&revocations, &of, &sessions).await {
+            assert!(answer.unwrap(), "from the store");
         }
         assert!(
             !revocations.is_revoked(&of(Uuid::now_v7())).await.unwrap(),
