@@ -74,8 +74,10 @@ pub const RECENT_NAME: &str = "immersiverse.auth.revocations.recent";
 pub const SID_HEADER: &str = "x-session-id";
 pub const SUB_HEADER: &str = "x-user-id";
 pub const JTI_HEADER: &str = "x-token-id";
-/// Envoy's `jwt_authn` accepts tokens up to this long past `exp` by
-/// default (`clock_skew_seconds`); revocations are kept that much longer.
+/// Revocations are kept this much longer than an access token lives:
+/// `envoy/edge.yaml` lets jwt_authn accept a token 30 s past `exp` (its
+/// `clock_skew_seconds`, auth-service's `tokens.leeway_secs`), and 60 s is
+/// jwt_authn's own default, should a config leave it out.
 const EDGE_CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// Rows arriving within this long of the first are pushed together: a
 /// revocation storm becomes a few pushes, not one per row.

@@ -10,10 +10,16 @@
 //! refused, as ext_authz refuses it. The edge is never more permissive than
 //! ext_authz, only stricter: it also wants a token for a `public` rule under
 //! its paths (jwt_authn requires one there), it matches a refusing rule's
-//! path in any case (a backend may route without case), and while any rule
-//! under its paths refuses, it refuses percent-encoded paths there (a
-//! backend decodes `/api/%72eports` to `/api/reports`; ext_authz does too,
-//! Envoy's normalisation does not).
+//! path in any case (a backend may route without case), and whenever the
+//! policy decides by path or method there, it refuses every request target
+//! ext_authz refuses as ambiguous ([`auth_domain::authz::target`]), in a
+//! stricter form Envoy can match: a path (after Envoy's normalisation) with
+//! anything but plain path characters — no `%` at all, no `;`, no segment
+//! ending in `.` —, a method that is not an upper-case token, a
+//! method-override header, or a query parameter that may name `_method`
+//! (any name holding a `%` included). Otherwise a backend that decodes,
+//! drops `;` parameters, trims a trailing dot or honours an override would
+//! serve another path or method than the one decided on.
 
 use envoy_types::pb::xds::r#type::matcher::v3::{
     Matcher, StringMatcher,
@@ -26,6 +32,8 @@ use envoy_types::pb::xds::r#type::matcher::v3::{
     },
     string_matcher::MatchPattern,
 };
+
+use auth_domain::authz::target::METHOD_OVERRIDE_HEADERS;
 
 use crate::authz::policy::{Access, RoutePolicy};
 
@@ -90,17 +98,31 @@ impl EdgePolicy {
 
     /// `then` behind the policy: the matcher Envoy runs on a request.
     pub fn wrap(&self, then: Matcher) -> Matcher {
-        let refuses = self
-            .rules
-            .iter()
-            .any(|r| r.verdict == Verdict::NeedsExtAuthz);
-        let mut matchers = Vec::new();
-        if refuses {
-            matchers.push(FieldMatcher {
-                predicate: Some(path_matches("^[^?]*%")),
-                on_match: Some(deny("encoded-path")),
-            });
-        }
+        let mut matchers = vec![
+            FieldMatcher {
+                predicate: Some(not(path_matches(PLAIN_TARGET))),
+                on_match: Some(deny("ambiguous-path")),
+            },
+            FieldMatcher {
+                predicate: Some(not(single(
+                    ":method",
+                    MatchPattern::SafeRegex(re2(METHOD_TOKEN)),
+                ))),
+                on_match: Some(deny("ambiguous-method")),
+            },
+            FieldMatcher {
+                predicate: Some(Predicate {
+                    match_type: Some(MatchType::OrMatcher(PredicateList {
+                        predicate: METHOD_OVERRIDE_HEADERS
+                            .iter()
+                            .map(|h| single(h, MatchPattern::SafeRegex(re2(".*"))))
+                            .chain([path_matches(METHOD_IN_QUERY)])
+                            .collect(),
+                    })),
+                }),
+                on_match: Some(deny("method-override")),
+            },
+        ];
         for rule in &self.rules {
             let path = match rule.verdict {
                 Verdict::Continue => path_matches(&rule.regex),
@@ -142,18 +164,44 @@ fn single(header: &str, pattern: MatchPattern) -> Predicate {
     }
 }
 
-fn path_matches(regex: &str) -> Predicate {
+/// The request targets the edge lets on to the rules (Envoy matches a
+/// whole `:path`): segments of RFC 3986's plain path characters (no `%`,
+/// no `;`), none empty or ending in `.`, an optional trailing `/`, any
+/// query. Everything ext_authz resolves to another path than it reads, or
+/// refuses, falls outside ([`auth_domain::authz::target::canonical_path`]).
+pub(crate) const PLAIN_TARGET: &str =
+    r"^(/[A-Za-z0-9._~!$&'()*+,=:@-]*[A-Za-z0-9_~!$&'()*+,=:@-])*/?([?].*)?$";
+
+/// A method ext_authz decides on: an upper-case token
+/// ([`auth_domain::authz::target::canonical_method`]).
+const METHOD_TOKEN: &str = "^[A-Z_-]+$";
+
+/// A query with a parameter that may read `_method` to a framework that
+/// honours it ([`auth_domain::authz::target::query_overrides_method`]):
+/// pairs split on `&` or `;`, a name of `_`, `.`, `[` or `+` then `method`
+/// in any case, or any name holding an escape (which could spell it).
+pub(crate) const METHOD_IN_QUERY: &str =
+    r"^[^?]*[?](.*[&;])?([_.+\[](?i:method)[+]*|[^=&;]*%[^=&;]*)([=&;].*)?$";
+
+fn re2(regex: &str) -> envoy_types::pb::xds::r#type::matcher::v3::RegexMatcher {
     use envoy_types::pb::xds::r#type::matcher::v3::{
         RegexMatcher,
         regex_matcher::{EngineType, GoogleRe2},
     };
-    single(
-        ":path",
-        MatchPattern::SafeRegex(RegexMatcher {
-            regex: regex.to_owned(),
-            engine_type: Some(EngineType::GoogleRe2(GoogleRe2 {})),
-        }),
-    )
+    RegexMatcher {
+        regex: regex.to_owned(),
+        engine_type: Some(EngineType::GoogleRe2(GoogleRe2 {})),
+    }
+}
+
+fn path_matches(regex: &str) -> Predicate {
+    single(":path", MatchPattern::SafeRegex(re2(regex)))
+}
+
+fn not(predicate: Predicate) -> Predicate {
+    Predicate {
+        match_type: Some(MatchType::NotMatcher(Box::new(predicate))),
+    }
 }
 
 fn method_in(methods: &[String]) -> Predicate {
