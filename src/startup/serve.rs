@@ -171,6 +171,7 @@ impl Application {
         let plane = crate::edge::ControlPlane::new(
             std::time::Duration::from_secs(self.config.tokens.access_ttl_secs),
             self.services.authorizer.policy(),
+            self.services.tokens.clone(),
         );
         background.spawn(
             "edge_control_plane",
@@ -178,6 +179,7 @@ impl Application {
                 .clone()
                 .run(self.services.revocation_feed.clone(), stop.clone()),
         );
+        background.spawn("edge_keys", plane.clone().watch_keys(stop.clone()));
         let identities_required = peers.gateway_only_forwarding;
         let ecds = || {
             ExtensionConfigDiscoveryServiceServer::new(crate::edge::ecds::Ecds::new(

@@ -289,6 +289,63 @@ async fn the_edge_authorizes_api_calls_itself_and_refuses_what_auth_service_revo
     );
 }
 
+/// A signing key removed from auth-service (the answer to a leaked key)
+/// stops verifying at the edge: a token signed with it that the edge had
+/// already verified and cached — here one a holder of the key forged, with
+/// a year to live — and the genuine ones are refused once auth-service
+/// pushes jwt_authn's new configuration, while tokens of the key that
+/// remains pass. (An outside review found the edge kept a removed key for
+/// its JWKS cache's 300 s, and the tokens it had verified until their own
+/// `exp`, when Envoy fetched the JWKS itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_signing_key_stops_verifying_at_the_edge_and_its_cached_tokens_go_with_it() {
+    let edge = Edge::start(Backend::Embedded, |_| {}).await;
+    let genuine = token(&edge.login("ivy", true).await);
+    let old_kid = crate::support::server_key_id(&edge.app);
+    let mut stolen = claims(&genuine);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    stolen["exp"] = (now + 365 * 86_400).into();
+    stolen["sid"] = uuid::Uuid::now_v7().to_string().into();
+    stolen["jti"] = uuid::Uuid::now_v7().to_string().into();
+    let forged_long = forged(&edge.app, &stolen);
+    for t in [&genuine, &forged_long] {
+        let r = edge.api(t, &[]).await;
+        assert_eq!(r.status, 200, "before the removal (now cached): {r:?}");
+    }
+
+    // Rotate, then remove the old key and reload, as an operator does.
+    let dir = edge.app.config.keys_dir();
+    let (new_kid, _) = auth_service::tokens::keys::rotate(
+        &dir,
+        time::OffsetDateTime::now_utc(),
+        time::Duration::ZERO,
+        time::Duration::minutes(16),
+    )
+    .unwrap();
+    assert_ne!(new_kid, old_kid);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches(".pem")
+            == old_kid
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    assert_eq!(edge.app.app_tokens.reload_keys().unwrap(), new_kid);
+
+    let r = until_status(&edge.envoy, &forged_long, 401).await;
+    assert_eq!(r.status, 401);
+    let r = edge.api(&genuine, &[]).await;
+    assert_eq!(r.status, 401, "the genuine token of the removed key: {r:?}");
+    let after = token(&edge.login("ivy", false).await);
+    let r = edge.api(&after, &[]).await;
+    assert_eq!(r.status, 200, "a token of the remaining key: {r:?}");
+}
+
 /// Fail closed and keep the last map: an Envoy started while auth-service
 /// is down accepts no connection (its listener warms until the first map);
 /// once auth-service is up it serves. When auth-service goes away again,
@@ -412,8 +469,8 @@ async fn an_envoy_that_refuses_the_deny_map_serves_no_api_call_and_the_nack_is_c
     }
     assert_eq!(
         app.metric("edge_ecds_acks_total").await,
-        0.0,
-        "nothing was accepted"
+        1.0,
+        "nothing but jwt_authn's configuration was accepted"
     );
     envoy.wait_ready().await;
     app.sign_up("erin").await;
@@ -729,6 +786,10 @@ async fn fetch_maps_when_ready(grpc: std::net::SocketAddr) -> ServedMaps {
     let response = loop {
         let request = DiscoveryRequest {
             type_url: auth_service::edge::ecds::TYPE_URL.into(),
+            resource_names: vec![
+                auth_service::edge::RESOURCE_NAME.into(),
+                auth_service::edge::RECENT_NAME.into(),
+            ],
             ..Default::default()
         };
         match client.fetch_extension_configs(request).await {
@@ -851,6 +912,7 @@ async fn the_deny_maps_are_served_only_to_gateways_and_only_as_ecds() {
         discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest},
         extension::v3::extension_config_discovery_service_client::ExtensionConfigDiscoveryServiceClient,
     };
+    use prost::Message;
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let app = TestApp::spawn_with(Backend::Embedded, mesh_tls).await;
     let pki = crate::support::mesh_pki();
@@ -904,7 +966,26 @@ async fn the_deny_maps_are_served_only_to_gateways_and_only_as_ecds() {
             Err(s) => panic!("{s:?}"),
         }
     };
-    assert_eq!(served.resources.len(), 2, "base and recent");
+    let names: Vec<String> = served
+        .resources
+        .iter()
+        .map(|any| {
+            envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig::decode(
+                any.value.as_slice(),
+            )
+            .unwrap()
+            .name
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            auth_service::edge::RESOURCE_NAME,
+            auth_service::edge::RECENT_NAME,
+            auth_service::edge::JWT_NAME
+        ],
+        "base, recent and jwt_authn's configuration"
+    );
     let wrong_type = gateway
         .fetch_extension_configs(DiscoveryRequest {
             type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),

@@ -62,18 +62,31 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::revocation::feed::{FeedError, LoggedRevocation, RevocationFeed, Revoked};
+use crate::tokens;
 
 /// The ECDS resource name of the revocation filter's configuration
 /// (`config_discovery` in `envoy/edge.yaml`).
 pub const RESOURCE_NAME: &str = "immersiverse.auth.revocations";
 /// The ECDS resource name of the recent map's filter ([`DenyList`]).
 pub const RECENT_NAME: &str = "immersiverse.auth.revocations.recent";
+/// The ECDS resource of the edge's jwt_authn filter: the issuer, audience
+/// and **keys** tokens are verified with. Pushed whenever the keys change,
+/// so a key removed from auth-service (the answer to a leaked key) stops
+/// verifying at the edge within [`KEYS_POLL`], and the tokens jwt_authn had
+/// verified with it go too: its cache of verified tokens belongs to the
+/// filter's configuration, and a new configuration starts with an empty one.
+/// A JWKS fetched by Envoy itself would keep a removed key for its cache
+/// duration and every token verified with it until its own `exp`.
+pub const JWT_NAME: &str = "immersiverse.auth.jwt";
+/// How often the keys are compared with those last pushed.
+const KEYS_POLL: Duration = Duration::from_secs(1);
 /// The request headers `jwt_authn` writes the verified claims into
 /// (`claim_to_headers`), named as ext_authz names them for the upstream;
 /// the edge strips client-sent ones first.
 pub const SID_HEADER: &str = "x-session-id";
 pub const SUB_HEADER: &str = "x-user-id";
 pub const JTI_HEADER: &str = "x-token-id";
+pub const ROLES_HEADER: &str = "x-user-roles";
 /// Revocations are kept this much longer than an access token lives:
 /// `envoy/edge.yaml` lets jwt_authn accept a token 30 s past `exp` (its
 /// `clock_skew_seconds`, auth-service's `tokens.leeway_secs`), and 60 s is
@@ -145,28 +158,113 @@ pub struct Snapshot {
     pub entries: usize,
 }
 
-/// The two maps of one moment.
+/// The two maps of one moment, and the keys to verify with.
 #[derive(Debug, Clone)]
 pub struct Maps {
     pub base: Arc<Snapshot>,
     pub recent: Arc<Snapshot>,
+    /// The jwt_authn configuration ([`JWT_NAME`]); its version is taken
+    /// from the keys' JWKS, so replicas with the same keys agree.
+    pub keys: Arc<Snapshot>,
 }
 
 impl Maps {
-    /// The maps a discovery request names, in its order (unknown names
-    /// skipped); none named asks for all there are (xDS wildcard).
+    /// The resources a discovery request names, in its order (unknown
+    /// names skipped); none named asks for all there are (xDS wildcard).
     pub fn wanted(&self, names: &[String]) -> Vec<&Arc<Snapshot>> {
         if names.is_empty() {
-            return vec![&self.base, &self.recent];
+            return vec![&self.base, &self.recent, &self.keys];
         }
         names
             .iter()
             .filter_map(|name| match name.as_str() {
                 RESOURCE_NAME => Some(&self.base),
                 RECENT_NAME => Some(&self.recent),
+                JWT_NAME => Some(&self.keys),
                 _ => None,
             })
             .collect()
+    }
+}
+
+/// The edge's jwt_authn configuration for the keys in `jwks`: tokens read
+/// from `authorization: Bearer` only, verified against the issuer,
+/// audience and clock skew auth-service itself verifies with, an `exp`
+/// required, the identity copied into the headers ext_authz would set
+/// (client-sent ones are stripped before, `envoy/edge.yaml`), verified
+/// tokens cached (100,000 per worker), on every path under `/api/`.
+pub fn jwt_snapshot(config: &tokens::config::TokenConfig, jwks: &str) -> Snapshot {
+    use envoy_types::pb::envoy::{
+        config::core::v3::{DataSource, data_source},
+        config::route::v3::{RouteMatch, route_match::PathSpecifier},
+        extensions::filters::http::jwt_authn::v3::{
+            JwtAuthentication, JwtCacheConfig, JwtClaimToHeader, JwtHeader, JwtProvider,
+            JwtRequirement, RequirementRule, jwt_provider::JwksSourceSpecifier,
+            jwt_requirement::RequiresType, requirement_rule::RequirementType,
+        },
+    };
+    use sha2::Digest;
+    const PROVIDER: &str = "immersiverse";
+    let provider = JwtProvider {
+        issuer: config.issuer.clone(),
+        audiences: vec![config.audience.clone()],
+        require_expiration: true,
+        forward: true,
+        from_headers: vec![JwtHeader {
+            name: "authorization".to_owned(),
+            value_prefix: "Bearer ".to_owned(),
+        }],
+        clock_skew_seconds: u32::try_from(config.leeway_secs).unwrap_or(u32::MAX),
+        jwt_cache_config: Some(JwtCacheConfig {
+            jwt_cache_size: 100_000,
+            ..Default::default()
+        }),
+        claim_to_headers: [
+            (SUB_HEADER, "sub"),
+            (SID_HEADER, "sid"),
+            (JTI_HEADER, "jti"),
+            (ROLES_HEADER, "roles_csv"),
+        ]
+        .into_iter()
+        .map(|(header, claim)| JwtClaimToHeader {
+            header_name: header.to_owned(),
+            claim_name: claim.to_owned(),
+            ..Default::default()
+        })
+        .collect(),
+        jwks_source_specifier: Some(JwksSourceSpecifier::LocalJwks(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(jwks.to_owned())),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let jwt = JwtAuthentication {
+        providers: [(PROVIDER.to_owned(), provider)].into_iter().collect(),
+        rules: vec![RequirementRule {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix(format!("/{}/", policy::EDGE_SEGMENT))),
+                ..Default::default()
+            }),
+            requirement_type: Some(RequirementType::Requires(JwtRequirement {
+                requires_type: Some(RequiresType::ProviderName(PROVIDER.to_owned())),
+            })),
+        }],
+        ..Default::default()
+    };
+    let resource = envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig {
+        name: JWT_NAME.to_owned(),
+        typed_config: Some(any(&jwt)),
+    };
+    let digest = sha2::Sha256::digest(jwks.as_bytes());
+    let mut version = [0u8; 8];
+    version.copy_from_slice(&digest[..8]);
+    Snapshot {
+        // Positive, so it reads like the maps' versions.
+        version: i64::from_be_bytes(version) & i64::MAX,
+        resource: any(&resource),
+        sessions: 0,
+        users: 0,
+        entries: 0,
     }
 }
 
@@ -575,17 +673,64 @@ pub struct ControlPlane {
     /// The route policy's share for the edge's paths, carried in front of
     /// the recent map.
     policy: Option<policy::EdgePolicy>,
+    /// Where the keys come from ([`Self::watch_keys`]).
+    tokens: Arc<tokens::TokenService>,
+    /// The jwt_authn configuration for the keys last seen.
+    keys: std::sync::Mutex<Arc<Snapshot>>,
     current: watch::Sender<Option<Maps>>,
 }
 
 impl ControlPlane {
-    pub fn new(access_ttl: Duration, policy: &crate::authz::policy::RoutePolicy) -> Arc<Self> {
+    pub fn new(
+        access_ttl: Duration,
+        policy: &crate::authz::policy::RoutePolicy,
+        tokens: Arc<tokens::TokenService>,
+    ) -> Arc<Self> {
         let (current, _) = watch::channel(None);
+        let keys = Arc::new(jwt_snapshot(tokens.config(), &tokens.jwks_json()));
         Arc::new(Self {
             access_ttl,
             policy: policy::EdgePolicy::from(policy),
+            tokens,
+            keys: std::sync::Mutex::new(keys),
             current,
         })
+    }
+
+    fn keys(&self) -> Arc<Snapshot> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Until `stop`: compares the keys auth-service verifies with (they
+    /// change on rotation, on a reload, and when one is removed) with those
+    /// last pushed, every [`KEYS_POLL`], and pushes jwt_authn's new
+    /// configuration when they differ.
+    pub async fn watch_keys(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(KEYS_POLL) => {}
+            }
+            let keys = jwt_snapshot(self.tokens.config(), &self.tokens.jwks_json());
+            if keys.version == self.keys().version {
+                continue;
+            }
+            tracing::info!(
+                version = keys.version,
+                "edge: the signing keys changed; pushing jwt_authn's configuration"
+            );
+            metrics::counter!("edge_jwt_key_updates_total").increment(1);
+            let keys = Arc::new(keys);
+            *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = keys.clone();
+            self.current.send_if_modified(|current| match current {
+                Some(maps) => {
+                    maps.keys = keys;
+                    true
+                }
+                // The first maps take the keys when they are published.
+                None => false,
+            });
+        }
     }
 
     /// The latest maps; `None` until the first are complete (an Envoy
@@ -614,12 +759,15 @@ impl ControlPlane {
         metrics::gauge!("edge_deny_map_entries", "map" => "recent").set(recent.entries as f64);
         metrics::gauge!("edge_deny_map_bytes", "map" => "recent")
             .set(recent.resource.value.len() as f64);
+        let keys = self.keys();
         self.current.send_if_modified(|current| {
-            let newer = current
-                .as_ref()
-                .is_none_or(|c| c.recent.version < recent.version || c.base.version < base.version);
+            let newer = current.as_ref().is_none_or(|c| {
+                c.recent.version < recent.version
+                    || c.base.version < base.version
+                    || c.keys.version != keys.version
+            });
             if newer {
-                *current = Some(Maps { base, recent });
+                *current = Some(Maps { base, recent, keys });
             }
             newer
         });
