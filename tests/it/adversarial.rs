@@ -966,6 +966,40 @@ mod service_secrets {
             assert_eq!(after - before, 5);
         }
 
+        /// Race: a rotation that commits between the read that decides a
+        /// token and the write it rests on refuses the token (an outside
+        /// review issued tokens racing rotations that the edge, and a
+        /// replica rebuilt from the log, accepted).
+        async fn a_service_token_whose_secret_was_rotated_after_the_read_is_refused(app) {
+            let admin = app.admin().await.access_token;
+            let (id, secret) = account(&mut app, &admin).await;
+            let mut held = auth_service::pause::hold("service_token.before_confirm");
+            let issuing = {
+                let (app_client, id, secret) = (app.client.clone(), id.clone(), secret.clone());
+                tokio::spawn(async move {
+                    let mut client = app_client;
+                    client
+                        .issue_service_token(pb::IssueServiceTokenRequest {
+                            client_id: id,
+                            client_secret: secret,
+                        })
+                        .await
+                        .map(|r| r.into_inner().access_token)
+                })
+            };
+            held.reached().await;
+            app.client
+                .rotate_service_account_secret(bearer(
+                    pb::RotateServiceAccountSecretRequest { id: id.clone() },
+                    &admin,
+                ))
+                .await
+                .unwrap();
+            held.release();
+            let refused = issuing.await.unwrap().expect_err("the secret changed before the write");
+            assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        }
+
         /// Race: a token issued for a secret read before a rotation that
         /// commits before the token is signed dies with the old secret.
         async fn a_service_token_racing_a_rotation_dies_with_the_old_secret(app) {

@@ -427,8 +427,7 @@ impl DenyList {
         let users_tree: BTreeMap<String, OnMatch> = users
             .iter()
             .map(|(user, epoch_ms)| {
-                let hi = u64::try_from(*epoch_ms).unwrap_or(0).saturating_sub(1);
-                let prefixes = jti_prefixes(hi.saturating_sub(window_ms), hi);
+                let prefixes = issued_by(*epoch_ms, window_ms);
                 entries += 1 + prefixes.len();
                 let issued_before = prefixes
                     .into_iter()
@@ -636,6 +635,15 @@ const TS_DIGITS: u32 = 12;
 /// digit) of exactly the tokens issued in `[lo, hi]` milliseconds, give or
 /// take below: `lo` is first rounded down to a multiple of 16⁴ ms (65.5 s),
 /// which only adds tokens that expired long ago and saves most prefixes.
+/// The jti prefixes of the tokens a user-wide revocation at `epoch_ms`
+/// ends: issued within `window_ms` before it, up to and in its own
+/// millisecond (ext_authz's epoch rule: a token of that millisecond may
+/// have been decided on the state the change replaced; fail closed).
+fn issued_by(epoch_ms: i64, window_ms: u64) -> Vec<String> {
+    let hi = u64::try_from(epoch_ms).unwrap_or(0);
+    jti_prefixes(hi.saturating_sub(window_ms), hi)
+}
+
 pub fn jti_prefixes(lo: u64, hi: u64) -> Vec<String> {
     let max = (1u64 << 48) - 1;
     let hi = hi.min(max);
@@ -895,6 +903,19 @@ mod tests {
         let uuid = format!("{ms:012x}");
         let text = format!("{}-{}-7abc-8def-0123456789ab", &uuid[..8], &uuid[8..]);
         prefixes.iter().any(|p| text.starts_with(p.as_str()))
+    }
+
+    /// The rule ext_authz's epoch follows: a token of the revocation's own
+    /// millisecond is refused, one of the next passes.
+    #[test]
+    fn a_user_wide_revocation_ends_the_tokens_of_its_own_millisecond() {
+        let epoch = 0x0193_a1b2_c3d4_i64;
+        let prefixes = issued_by(epoch, 960_000);
+        let ms = epoch as u64;
+        assert!(matches(&prefixes, ms), "its own millisecond");
+        assert!(matches(&prefixes, ms - 1));
+        assert!(matches(&prefixes, ms - 959_000));
+        assert!(!matches(&prefixes, ms + 1), "the next millisecond");
     }
 
     #[test]

@@ -69,6 +69,16 @@ pub trait ServiceAccountStore: Send + Sync + 'static {
         id: Uuid,
         event: &OutboxEvent,
     ) -> Result<bool, BackendError>;
+    /// The write a token issue rests on: true if the account still has
+    /// `secret_hash`, in a write ordered with rotations and deletions by
+    /// the account's row. A rotation that committed first makes it false;
+    /// one that commits after it takes its revocation's time later than
+    /// this write.
+    async fn confirm_service_secret(
+        &self,
+        id: Uuid,
+        secret_hash: &[u8; 32],
+    ) -> Result<bool, BackendError>;
 }
 
 /// A service token as IssueServiceToken returns it.
@@ -293,6 +303,20 @@ impl ServiceAccounts {
             return Err(AccountError::InvalidCredentials);
         };
         self.lockout.record_success(&subject, attempt).await?;
+        // The read above decided on a secret a rotation may be replacing
+        // right now: the token rests on a write conditional on it (as a
+        // login's session rests on the user's security version). Either
+        // the rotation committed first and this refuses, or it commits
+        // after and its revocation is logged later than `started`.
+        crate::pause::point("service_token.before_confirm").await;
+        if !self
+            .store
+            .confirm_service_secret(account.id, &stored)
+            .await?
+        {
+            metrics::counter!("service_tokens_total", "outcome" => "refused").increment(1);
+            return Err(AccountError::InvalidCredentials);
+        }
         crate::pause::point("service_token.before_sign").await;
         let (access_token, expires_in) =
             self.tokens

@@ -430,7 +430,7 @@ impl Revocations {
             known: Known::Epoch(Some(floor)),
             ..
         }) = self.floors.get(&Key::User(keys.user_id))
-            && token.issued_at_ms < floor
+            && token.issued_at_ms <= floor
         {
             return Ok(true);
         }
@@ -452,7 +452,7 @@ impl Revocations {
         // A known epoch past the token's issue time revokes it whatever the
         // other keys say: no store round trip (nor a store failure) needed.
         if let Some(Known::Epoch(Some(epoch))) = user
-            && token.issued_at_ms < epoch
+            && token.issued_at_ms <= epoch
         {
             return Ok(true);
         }
@@ -502,7 +502,10 @@ impl Revocations {
                 snapshot.user_epoch_ms
             }
         };
-        Ok(epoch.is_some_and(|epoch| token.issued_at_ms < epoch))
+        // Inclusive: a token of the epoch's own millisecond may have been
+        // decided on the state the change replaced (that resolution cannot
+        // tell it from one issued just after); it is refused, fail closed.
+        Ok(epoch.is_some_and(|epoch| token.issued_at_ms <= epoch))
     }
 
     /// Revokes one access token of `user_id` until it expires.
@@ -1040,6 +1043,9 @@ mod tests {
         let now = unix_now_ms();
         revocations.revoke_user_at_or_retry(user, now).await;
         assert!(revocations.is_revoked(&token(user, now - 1)).await.unwrap());
+        // The epoch's own millisecond: it may have been decided on the
+        // state the change replaced (inclusive, fail closed).
+        assert!(revocations.is_revoked(&token(user, now)).await.unwrap());
         assert!(revocations.is_revoked(&token(user, now + 1)).await.is_err());
 
         revocations.revoke_session_or_retry(user, session).await;

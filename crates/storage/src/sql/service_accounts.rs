@@ -129,6 +129,30 @@ impl ServiceAccountStore for SqlStore<DB> {
         .await
     }
 
+    async fn confirm_service_secret(
+        &self,
+        id: Uuid,
+        secret_hash: &[u8; 32],
+    ) -> Result<bool, BackendError> {
+        crate::in_db_span(DB::NAME, "confirm_service_secret", async move {
+            // A write, not a read: it waits on a rotation holding the row
+            // and then sees the committed secret (PostgreSQL re-checks the
+            // condition on the new row; SQLite has one writer at a time).
+            let confirmed = sqlx::query(
+                "UPDATE service_accounts SET secret_hash = secret_hash \
+                 WHERE id = $1 AND secret_hash = $2",
+            )
+            .bind(id)
+            .bind(&secret_hash[..])
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+            Ok(confirmed == 1)
+        })
+        .await
+    }
+
     async fn delete_service_account(
         &self,
         id: Uuid,
