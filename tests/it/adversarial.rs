@@ -947,6 +947,41 @@ mod service_secrets {
             .map(|r| r.into_inner().access_token)
     }
 
+    /// IssueServiceToken held at the pause point `at` while the account's
+    /// secret is rotated (committed), then let go: what it answered.
+    async fn issue_across_a_rotation(
+        app: &TestApp,
+        admin: &str,
+        id: &str,
+        secret: &str,
+        at: &'static str,
+    ) -> Result<String, tonic::Status> {
+        let mut held = auth_service::pause::hold(at);
+        let issuing = {
+            let (mut client, id, secret) = (app.client.clone(), id.to_owned(), secret.to_owned());
+            tokio::spawn(async move {
+                client
+                    .issue_service_token(pb::IssueServiceTokenRequest {
+                        client_id: id,
+                        client_secret: secret,
+                    })
+                    .await
+                    .map(|r| r.into_inner().access_token)
+            })
+        };
+        held.reached().await;
+        app.client
+            .clone()
+            .rotate_service_account_secret(bearer(
+                pb::RotateServiceAccountSecretRequest { id: id.to_owned() },
+                admin,
+            ))
+            .await
+            .unwrap();
+        held.release();
+        issuing.await.unwrap()
+    }
+
     on_both_backends! {
         /// Guessing a service account's secret is throttled like a login,
         /// and each wrong one is audited as a failed login.
@@ -973,30 +1008,8 @@ mod service_secrets {
         async fn a_service_token_whose_secret_was_rotated_after_the_read_is_refused(app) {
             let admin = app.admin().await.access_token;
             let (id, secret) = account(&mut app, &admin).await;
-            let mut held = auth_service::pause::hold("service_token.before_confirm");
-            let issuing = {
-                let (app_client, id, secret) = (app.client.clone(), id.clone(), secret.clone());
-                tokio::spawn(async move {
-                    let mut client = app_client;
-                    client
-                        .issue_service_token(pb::IssueServiceTokenRequest {
-                            client_id: id,
-                            client_secret: secret,
-                        })
-                        .await
-                        .map(|r| r.into_inner().access_token)
-                })
-            };
-            held.reached().await;
-            app.client
-                .rotate_service_account_secret(bearer(
-                    pb::RotateServiceAccountSecretRequest { id: id.clone() },
-                    &admin,
-                ))
-                .await
-                .unwrap();
-            held.release();
-            let refused = issuing.await.unwrap().expect_err("the secret changed before the write");
+            let issued = issue_across_a_rotation(&app, &admin, &id, &secret, "service_token.before_confirm").await;
+            let refused = issued.expect_err("the secret changed before the write");
             assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
         }
 
@@ -1005,30 +1018,8 @@ mod service_secrets {
         async fn a_service_token_racing_a_rotation_dies_with_the_old_secret(app) {
             let admin = app.admin().await.access_token;
             let (id, secret) = account(&mut app, &admin).await;
-            let mut held = auth_service::pause::hold("service_token.before_sign");
-            let issuing = {
-                let (app_client, id, secret) = (app.client.clone(), id.clone(), secret.clone());
-                tokio::spawn(async move {
-                    let mut client = app_client;
-                    client
-                        .issue_service_token(pb::IssueServiceTokenRequest {
-                            client_id: id,
-                            client_secret: secret,
-                        })
-                        .await
-                        .map(|r| r.into_inner().access_token)
-                })
-            };
-            held.reached().await;
-            app.client
-                .rotate_service_account_secret(bearer(
-                    pb::RotateServiceAccountSecretRequest { id: id.clone() },
-                    &admin,
-                ))
-                .await
-                .unwrap();
-            held.release();
-            let token = issuing.await.unwrap().expect("the secret was valid when read");
+            let issued = issue_across_a_rotation(&app, &admin, &id, &secret, "service_token.before_sign").await;
+            let token = issued.expect("the secret was valid when read");
             let valid = app.validate(&token).await;
             assert!(valid.is_err(), "a token of the rotated secret is still accepted: {valid:?}");
         }
