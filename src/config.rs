@@ -507,6 +507,7 @@ mod tests {
                 "tokens.refresh_idle_ttl_secs",
             ),
             (|c| c.tokens.device_ttl_secs = 0, "tokens.device_ttl_secs"),
+            (|c| c.tokens.leeway_secs = 61, "tokens.leeway_secs"),
             (
                 |c| c.tokens.refresh_absolute_ttl_secs = 1,
                 "tokens.refresh_absolute_ttl_secs",

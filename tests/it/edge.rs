@@ -634,10 +634,13 @@ async fn the_edge_never_allows_what_ext_authz_refuses_on_one_request_table() {
             rule(&[], "/api/reports/**", AccessKind::Roles, &["admin"]),
             rule(&["DELETE"], "/api/videos/*", AccessKind::Roles, &["admin"]),
             rule(&["GET"], "/api/public/**", AccessKind::Public, &[]),
+            // Allowed either way, but in one case only: ext_authz refuses
+            // the other cases (the rule would change with case).
+            rule(&[], "/api/Pub/**", AccessKind::Authenticated, &[]),
         ];
         routes.extend(default_rules());
         c.authz.routes = routes;
-        // Some 340 requests from one address and four tokens: the table
+        // Some 400 requests from one address and four tokens: the table
         // is about decisions, not limits.
         for class in c.authz.rate_limits.values_mut() {
             let plenty = auth_service::ratelimit::quota::Limit {
@@ -684,6 +687,9 @@ async fn the_edge_never_allows_what_ext_authz_refuses_on_one_request_table() {
         "/api/videos/7?_method=DELETE",
         "/api/videos/7?a=1&%5Fmethod=DELETE",
         "/api/videos/7?a=1;.METHOD=DELETE",
+        "/api/Pub/x",
+        "/api/pub/x",
+        "/api/PUB/x",
     ];
     let tokens = [
         ("none", None),

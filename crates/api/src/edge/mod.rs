@@ -87,11 +87,10 @@ pub const SID_HEADER: &str = "x-session-id";
 pub const SUB_HEADER: &str = "x-user-id";
 pub const JTI_HEADER: &str = "x-token-id";
 pub const ROLES_HEADER: &str = "x-user-roles";
-/// Revocations are kept this much longer than an access token lives:
-/// `envoy/edge.yaml` lets jwt_authn accept a token 30 s past `exp` (its
-/// `clock_skew_seconds`, auth-service's `tokens.leeway_secs`), and 60 s is
-/// jwt_authn's own default, should a config leave it out.
-const EDGE_CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// Revocations are kept this much longer than an access token lives: the
+/// edge's jwt_authn accepts a token `tokens.leeway_secs` past `exp` (its
+/// `clock_skew_seconds`, [`jwt_snapshot`]), which may not exceed this.
+const EDGE_CLOCK_SKEW: Duration = Duration::from_secs(tokens::config::MAX_LEEWAY_SECS);
 /// Rows arriving within this long of the first are pushed together: a
 /// revocation storm becomes a few pushes, not one per row.
 pub const COALESCE: Duration = Duration::from_millis(5);
@@ -729,14 +728,14 @@ impl ControlPlane {
             );
             metrics::counter!("edge_jwt_key_updates_total").increment(1);
             let keys = Arc::new(keys);
+            // Stored first: the first maps, published after this, read it.
             *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = keys.clone();
             self.current.send_if_modified(|current| match current {
-                Some(maps) => {
+                Some(maps) if maps.keys.version != keys.version => {
                     maps.keys = keys;
                     true
                 }
-                // The first maps take the keys when they are published.
-                None => false,
+                _ => false,
             });
         }
     }
@@ -767,14 +766,18 @@ impl ControlPlane {
         metrics::gauge!("edge_deny_map_entries", "map" => "recent").set(recent.entries as f64);
         metrics::gauge!("edge_deny_map_bytes", "map" => "recent")
             .set(recent.resource.value.len() as f64);
-        let keys = self.keys();
         self.current.send_if_modified(|current| {
-            let newer = current.as_ref().is_none_or(|c| {
-                c.recent.version < recent.version
-                    || c.base.version < base.version
-                    || c.keys.version != keys.version
-            });
+            let newer = current
+                .as_ref()
+                .is_none_or(|c| c.recent.version < recent.version || c.base.version < base.version);
             if newer {
+                // The keys are [`Self::watch_keys`]'s alone to change: the
+                // maps keep those they hold, read under the channel's lock
+                // (a set read before it could be older than one pushed
+                // meanwhile, and put a removed key back).
+                let keys = current
+                    .as_ref()
+                    .map_or_else(|| self.keys(), |c| c.keys.clone());
                 *current = Some(Maps { base, recent, keys });
             }
             newer

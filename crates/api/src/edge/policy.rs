@@ -10,7 +10,9 @@
 //! refused, as ext_authz refuses it. The edge is never more permissive than
 //! ext_authz, only stricter: it also wants a token for a `public` rule under
 //! its paths (jwt_authn requires one there), it matches a refusing rule's
-//! path in any case (a backend may route without case), and whenever the
+//! path in any case (a backend may route without case) and refuses a path
+//! an allowing rule matches only in another case (ext_authz refuses a path
+//! whose rule changes with case), and whenever the
 //! policy decides by path or method there, it refuses every request target
 //! ext_authz refuses as ambiguous ([`auth_domain::authz::target`]), in a
 //! stricter form Envoy can match: a path (after Envoy's normalisation) with
@@ -124,26 +126,35 @@ impl EdgePolicy {
             },
         ];
         for rule in &self.rules {
-            let path = match rule.verdict {
-                Verdict::Continue => path_matches(&rule.regex),
-                Verdict::NeedsExtAuthz => path_matches(&format!("(?i){}", rule.regex)),
-            };
-            let predicate = if rule.methods.is_empty() {
-                path
-            } else {
-                Predicate {
-                    match_type: Some(MatchType::AndMatcher(PredicateList {
-                        predicate: vec![method_in(&rule.methods), path],
-                    })),
+            let exact = path_matches(&rule.regex);
+            let any_case = path_matches(&format!("(?i){}", rule.regex));
+            let for_methods = |path: Predicate| {
+                if rule.methods.is_empty() {
+                    path
+                } else {
+                    all([method_in(&rule.methods), path])
                 }
             };
-            matchers.push(FieldMatcher {
-                predicate: Some(predicate),
-                on_match: Some(match rule.verdict {
-                    Verdict::Continue => nested(then.clone()),
-                    Verdict::NeedsExtAuthz => deny("needs-ext-authz"),
+            match rule.verdict {
+                Verdict::Continue => {
+                    // ext_authz refuses a path whose rule changes with case
+                    // (a backend may route without case): one this rule
+                    // matches only in another case is refused here, before
+                    // any later rule is tried, as ext_authz refuses it.
+                    matchers.push(FieldMatcher {
+                        predicate: Some(for_methods(all([any_case, not(exact.clone())]))),
+                        on_match: Some(deny("ambiguous-case")),
+                    });
+                    matchers.push(FieldMatcher {
+                        predicate: Some(for_methods(exact)),
+                        on_match: Some(nested(then.clone())),
+                    });
+                }
+                Verdict::NeedsExtAuthz => matchers.push(FieldMatcher {
+                    predicate: Some(for_methods(any_case)),
+                    on_match: Some(deny("needs-ext-authz")),
                 }),
-            });
+            }
         }
         Matcher {
             matcher_type: Some(MatcherType::MatcherList(MatcherList { matchers })),
@@ -196,6 +207,14 @@ fn re2(regex: &str) -> envoy_types::pb::xds::r#type::matcher::v3::RegexMatcher {
 
 fn path_matches(regex: &str) -> Predicate {
     single(":path", MatchPattern::SafeRegex(re2(regex)))
+}
+
+fn all<const N: usize>(predicates: [Predicate; N]) -> Predicate {
+    Predicate {
+        match_type: Some(MatchType::AndMatcher(PredicateList {
+            predicate: predicates.into(),
+        })),
+    }
 }
 
 fn not(predicate: Predicate) -> Predicate {

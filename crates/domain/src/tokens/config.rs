@@ -6,6 +6,9 @@ use crate::error::{ConfigError, require};
 
 use serde::{Deserialize, Serialize};
 
+/// The most clock skew `leeway_secs` may allow (see [`TokenConfig::validate`]).
+pub const MAX_LEEWAY_SECS: u64 = 60;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
@@ -59,6 +62,14 @@ impl TokenConfig {
             self.access_ttl_secs > 0,
             "access_ttl_secs",
             "must be positive",
+        )?;
+        // Revocations are kept an access-token lifetime plus 60 s (edge
+        // mode's deny maps, the revocation floors): a token accepted past
+        // its `exp` for longer would outlive its revocation.
+        require(
+            self.leeway_secs <= MAX_LEEWAY_SECS,
+            "leeway_secs",
+            "must be at most 60",
         )?;
         require(
             self.refresh_idle_ttl_secs > 0,
