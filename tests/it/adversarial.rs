@@ -1022,6 +1022,13 @@ mod service_secrets {
             let token = issued.expect("the secret was valid when read");
             let valid = app.validate(&token).await;
             assert!(valid.is_err(), "a token of the rotated secret is still accepted: {valid:?}");
+            // A replica that knows the rotation only from the log (as the
+            // edge's maps do) refuses it too: the log's time is later.
+            if app.backend == crate::support::Backend::Production {
+                let mut replica = app.replica().await;
+                let valid = replica.validate(&token).await;
+                assert!(valid.is_err(), "a replica that read the log accepts it: {valid:?}");
+            }
         }
     }
 }
