@@ -168,6 +168,27 @@ pub struct Maps {
 }
 
 impl Maps {
+    /// Puts newer maps in `current` (under the channel's lock); whether it
+    /// did. The keys are [`ControlPlane::watch_keys`]'s alone to change:
+    /// the maps keep the keys they hold, and only the first maps take
+    /// `first_keys` — a set read before the lock could be older than one
+    /// pushed meanwhile, and would put a removed key back.
+    fn advance(
+        current: &mut Option<Maps>,
+        base: Arc<Snapshot>,
+        recent: Arc<Snapshot>,
+        first_keys: impl FnOnce() -> Arc<Snapshot>,
+    ) -> bool {
+        let newer = current
+            .as_ref()
+            .is_none_or(|c| c.recent.version < recent.version || c.base.version < base.version);
+        if newer {
+            let keys = current.as_ref().map_or_else(first_keys, |c| c.keys.clone());
+            *current = Some(Maps { base, recent, keys });
+        }
+        newer
+    }
+
     /// The resources a discovery request names, in its order (unknown
     /// names skipped); none named asks for all there are (xDS wildcard).
     pub fn wanted(&self, names: &[String]) -> Vec<&Arc<Snapshot>> {
@@ -766,22 +787,8 @@ impl ControlPlane {
         metrics::gauge!("edge_deny_map_entries", "map" => "recent").set(recent.entries as f64);
         metrics::gauge!("edge_deny_map_bytes", "map" => "recent")
             .set(recent.resource.value.len() as f64);
-        self.current.send_if_modified(|current| {
-            let newer = current
-                .as_ref()
-                .is_none_or(|c| c.recent.version < recent.version || c.base.version < base.version);
-            if newer {
-                // The keys are [`Self::watch_keys`]'s alone to change: the
-                // maps keep those they hold, read under the channel's lock
-                // (a set read before it could be older than one pushed
-                // meanwhile, and put a removed key back).
-                let keys = current
-                    .as_ref()
-                    .map_or_else(|| self.keys(), |c| c.keys.clone());
-                *current = Some(Maps { base, recent, keys });
-            }
-            newer
-        });
+        self.current
+            .send_if_modified(|current| Maps::advance(current, base, recent, || self.keys()));
     }
 
     /// Follows the revocation log until `stop`: replays the last lifetime's
@@ -906,6 +913,48 @@ mod tests {
         let uuid = format!("{ms:012x}");
         let text = format!("{}-{}-7abc-8def-0123456789ab", &uuid[..8], &uuid[8..]);
         prefixes.iter().any(|p| text.starts_with(p.as_str()))
+    }
+
+    /// A new version of the maps keeps the keys the maps hold, whatever
+    /// set the publisher read before (a review found an older set written
+    /// back: a removed key verified again until the next revocation).
+    #[test]
+    fn newer_maps_keep_the_keys_they_hold() {
+        let snapshot = |version| {
+            Arc::new(Snapshot {
+                version,
+                resource: Any::default(),
+                sessions: 0,
+                users: 0,
+                entries: 0,
+            })
+        };
+        let mut current = None;
+        assert!(Maps::advance(
+            &mut current,
+            snapshot(1),
+            snapshot(1),
+            || snapshot(100)
+        ));
+        assert_eq!(
+            current.as_ref().unwrap().keys.version,
+            100,
+            "the first maps take them"
+        );
+        // watch_keys pushed a newer set (200); the publisher had read 100.
+        current.as_mut().unwrap().keys = snapshot(200);
+        assert!(Maps::advance(
+            &mut current,
+            snapshot(1),
+            snapshot(2),
+            || snapshot(100)
+        ));
+        let maps = current.as_ref().unwrap();
+        assert_eq!((maps.recent.version, maps.keys.version), (2, 200));
+        assert!(
+            !Maps::advance(&mut current, snapshot(1), snapshot(2), || snapshot(100)),
+            "not newer"
+        );
     }
 
     /// The rule ext_authz's epoch follows: a token of the revocation's own
