@@ -1,6 +1,7 @@
 //! `envoy.service.extension.v3.ExtensionConfigDiscoveryService`: serves
 //! the deny maps ([`super::ControlPlane`]: base and recent) to Envoys as the
-//! configurations of their two revocation RBAC filters (state of the world over a stream; the
+//! configurations of their two revocation RBAC filters, and jwt_authn's
+//! configuration with the keys ([`super::JWT_NAME`]) (state of the world over a stream; the
 //! delta variant is not offered, and Envoy falls back to nothing: the
 //! shipped configs ask for the state-of-the-world stream).
 //!
@@ -137,7 +138,7 @@ impl ExtensionConfigDiscoveryService for Ecds {
                             }
                             if let Some(error) = &request.error_detail {
                                 metrics::counter!("edge_ecds_nacks_total").increment(1);
-                                tracing::error!(node = %node, version = %request.version_info, nonce = %request.response_nonce, reason = %error.message, "ECDS: Envoy refused the deny map (NACK); it keeps its previous one");
+                                tracing::error!(node = %node, version = %request.version_info, nonce = %request.response_nonce, reason = %error.message, "ECDS: Envoy refused a configuration (NACK); it keeps its previous one");
                             } else if !request.response_nonce.is_empty() {
                                 metrics::counter!("edge_ecds_acks_total").increment(1);
                                 tracing::debug!(node = %node, version = %request.version_info, "ECDS: applied");

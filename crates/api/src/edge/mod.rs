@@ -223,7 +223,6 @@ pub fn jwt_snapshot(config: &tokens::config::TokenConfig, jwks: &str) -> Snapsho
             jwt_requirement::RequiresType, requirement_rule::RequirementType,
         },
     };
-    use sha2::Digest;
     const PROVIDER: &str = "immersiverse";
     let provider = JwtProvider {
         issuer: config.issuer.clone(),
@@ -275,17 +274,24 @@ pub fn jwt_snapshot(config: &tokens::config::TokenConfig, jwks: &str) -> Snapsho
         name: JWT_NAME.to_owned(),
         typed_config: Some(any(&jwt)),
     };
-    let digest = sha2::Sha256::digest(jwks.as_bytes());
-    let mut version = [0u8; 8];
-    version.copy_from_slice(&digest[..8]);
     Snapshot {
-        // Positive, so it reads like the maps' versions.
-        version: i64::from_be_bytes(version) & i64::MAX,
+        version: jwks_version(jwks),
         resource: any(&resource),
         sessions: 0,
         users: 0,
         entries: 0,
     }
+}
+
+/// The version of [`jwt_snapshot`]'s resource: the first 64 bits of the
+/// JWKS's SHA-256, positive so it reads like the maps' versions. A function
+/// of the keys alone: replicas with the same keys agree.
+fn jwks_version(jwks: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(jwks.as_bytes());
+    let mut version = [0u8; 8];
+    version.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(version) & i64::MAX
 }
 
 fn period_of(at: OffsetDateTime) -> i64 {
@@ -651,10 +657,6 @@ fn several(header: &str) -> Predicate {
 /// Hex digits of a UUIDv7's timestamp (48 bits).
 const TS_DIGITS: u32 = 12;
 
-/// The jti prefixes (UUIDv7 text, lowercase, the hyphen after the eighth
-/// digit) of exactly the tokens issued in `[lo, hi]` milliseconds, give or
-/// take below: `lo` is first rounded down to a multiple of 16⁴ ms (65.5 s),
-/// which only adds tokens that expired long ago and saves most prefixes.
 /// The jti prefixes of the tokens a user-wide revocation at `epoch_ms`
 /// ends: issued within `window_ms` before it, up to and in its own
 /// millisecond (ext_authz's epoch rule: a token of that millisecond may
@@ -664,6 +666,10 @@ fn issued_by(epoch_ms: i64, window_ms: u64) -> Vec<String> {
     jti_prefixes(hi.saturating_sub(window_ms), hi)
 }
 
+/// The jti prefixes (UUIDv7 text, lowercase, the hyphen after the eighth
+/// digit) of exactly the tokens issued in `[lo, hi]` milliseconds, give or
+/// take below: `lo` is first rounded down to a multiple of 16⁴ ms (65.5 s),
+/// which only adds tokens that expired long ago and saves most prefixes.
 pub fn jti_prefixes(lo: u64, hi: u64) -> Vec<String> {
     let max = (1u64 << 48) - 1;
     let hi = hi.min(max);
@@ -739,16 +745,16 @@ impl ControlPlane {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(KEYS_POLL) => {}
             }
-            let keys = jwt_snapshot(self.tokens.config(), &self.tokens.jwks_json());
-            if keys.version == self.keys().version {
+            let jwks = self.tokens.jwks_json();
+            if jwks_version(&jwks) == self.keys().version {
                 continue;
             }
+            let keys = Arc::new(jwt_snapshot(self.tokens.config(), &jwks));
             tracing::info!(
                 version = keys.version,
                 "edge: the signing keys changed; pushing jwt_authn's configuration"
             );
             metrics::counter!("edge_jwt_key_updates_total").increment(1);
-            let keys = Arc::new(keys);
             // Stored first: the first maps, published after this, read it.
             *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = keys.clone();
             self.current.send_if_modified(|current| match current {

@@ -35,7 +35,7 @@ use envoy_types::pb::xds::r#type::matcher::v3::{
     string_matcher::MatchPattern,
 };
 
-use auth_domain::authz::target::METHOD_OVERRIDE_HEADERS;
+use auth_domain::authz::target::{METHOD_OVERRIDE_HEADERS, PLAIN_PUNCTUATION};
 
 use crate::authz::policy::{Access, RoutePolicy};
 
@@ -102,7 +102,7 @@ impl EdgePolicy {
     pub fn wrap(&self, then: Matcher) -> Matcher {
         let mut matchers = vec![
             FieldMatcher {
-                predicate: Some(not(path_matches(PLAIN_TARGET))),
+                predicate: Some(not(path_matches(&plain_target()))),
                 on_match: Some(deny("ambiguous-path")),
             },
             FieldMatcher {
@@ -176,12 +176,17 @@ fn single(header: &str, pattern: MatchPattern) -> Predicate {
 }
 
 /// The request targets the edge lets on to the rules (Envoy matches a
-/// whole `:path`): segments of RFC 3986's plain path characters (no `%`,
-/// no `;`), none empty or ending in `.`, an optional trailing `/`, any
-/// query. Everything ext_authz resolves to another path than it reads, or
+/// whole `:path`): segments of the characters ext_authz's rule reads as
+/// themselves ([`PLAIN_PUNCTUATION`], letters, digits: no `%`, no `;`),
+/// none empty or ending in `.`, an optional trailing `/`, any query.
+/// Everything ext_authz resolves to another path than it reads, or
 /// refuses, falls outside ([`auth_domain::authz::target::canonical_path`]).
-pub(crate) const PLAIN_TARGET: &str =
-    r"^(/[A-Za-z0-9._~!$&'()*+,=:@-]*[A-Za-z0-9_~!$&'()*+,=:@-])*/?([?].*)?$";
+fn plain_target() -> String {
+    // In an RE2 class these stand for themselves; `-` goes last.
+    let punctuation: String = PLAIN_PUNCTUATION.chars().filter(|c| *c != '-').collect();
+    let last: String = punctuation.chars().filter(|c| *c != '.').collect();
+    format!("^(/[A-Za-z0-9{punctuation}-]*[A-Za-z0-9{last}-])*/?([?].*)?$")
+}
 
 /// A method ext_authz decides on: an upper-case token
 /// ([`auth_domain::authz::target::canonical_method`]).
@@ -243,6 +248,15 @@ mod tests {
 
     fn rule(methods: &[&str], path: &str, access: AccessKind, roles: &[&str]) -> RouteRule {
         RouteRule::new(methods, path, access, roles, "default")
+    }
+
+    /// The path allowlist, built from ext_authz's set of plain characters.
+    #[test]
+    fn the_plain_target_is_ext_authzs_set_of_plain_characters() {
+        assert_eq!(
+            plain_target(),
+            r"^(/[A-Za-z0-9._~!$&'()*+,=:@-]*[A-Za-z0-9_~!$&'()*+,=:@-])*/?([?].*)?$"
+        );
     }
 
     #[test]

@@ -233,10 +233,15 @@ pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, Malformed> {
     Ok(Cow::Owned(out))
 }
 
-/// RFC 3986 `pchar` without `%` and `;`: unreserved, sub-delims but `;`,
-/// `:` and `@` — a byte that means itself in a path segment.
+/// The punctuation of RFC 3986's `pchar` without `%` and `;`: unreserved,
+/// sub-delims but `;`, `:` and `@`. With the ASCII letters and digits,
+/// the bytes that mean themselves in a path segment (edge mode matches the
+/// same set in Envoy).
+pub const PLAIN_PUNCTUATION: &str = "-._~!$&'()*+,=:@";
+
+/// A byte that means itself in a path segment.
 fn is_plain(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&b)
+    b.is_ascii_alphanumeric() || PLAIN_PUNCTUATION.as_bytes().contains(&b)
 }
 
 /// The common case, in one pass without allocating: only plain path
